@@ -1,0 +1,62 @@
+"""Label recovery from the last layer's update, before any optimisation.
+
+With softmax cross-entropy the gradient of the last layer's bias for one example is p - onehot(y):
+negative only at the true class. So for one image (iDLG, Zhao et al. 2020) the label is the one
+negative entry, exactly. For a batch, the bias update summed over all steps is
+    -delta_b / lr  =  sum_steps w_s * mean_batch(p - onehot(y)),
+so the count of class c among the K x B images is about K*B*(p_c - g_c / W) with W the sum of the
+step weights (Geng et al. 2021's estimator, extended to K steps): we estimate the model's mean
+softmax p from its outputs on random images, force every class with a negative entry to appear at
+least once, and fill the remaining slots greedily by the largest estimated count.
+
+It fails when p is not the same for all examples: a trained model that is confident on some images
+and not on others, many steps with a large learning rate that move the model, or a last layer
+without a bias (then the weight rows' sums are used, which assumes non-negative features).
+"""
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .replay import functional_model, step_weights
+from .settings import TrainingSettings
+
+
+def find_last_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            last = (name, module)
+    if last is None:
+        raise ValueError(f"no linear layer with {num_classes} outputs: labels cannot be recovered")
+    return last
+
+
+def mean_softmax(model: nn.Module, params: dict, image_shape: tuple, samples: int = 64,
+                 seed: int = 0) -> torch.Tensor:
+    device = next(iter(params.values())).device
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand((samples, *image_shape), generator=generator).to(device)
+    with torch.no_grad():
+        logits = functional_call(functional_model(model), params, (noise,))
+    return logits.softmax(-1).mean(0)
+
+
+def recover_labels(model: nn.Module, global_params: dict, update: dict, settings: TrainingSettings,
+                   image_shape: tuple, num_classes: int) -> torch.Tensor:
+    """The labels of the K x B images behind `update`, as a sorted tensor (their order is unknown)."""
+    name, layer = find_last_layer(model, num_classes)
+    signal = update[f"{name}.bias"] if layer.bias is not None else update[f"{name}.weight"].sum(1)
+    signal = -signal.detach().double() / settings.lr  # the summed (weighted) gradient
+    count = settings.num_images
+    if layer.bias is not None:
+        p_mean = mean_softmax(model, global_params, image_shape).double().to(signal.device)
+        estimate = count * (p_mean - signal / sum(step_weights(settings)))
+    else:
+        estimate = -signal / signal.abs().max().clamp_min(1e-30)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for c in torch.argsort(signal)[: min(count, int((signal < 0).sum()))]:
+        counts[c] = 1
+    estimate = estimate.cpu()
+    while counts.sum() < count:
+        counts[torch.argmax(estimate - counts)] += 1
+    return torch.repeat_interleave(torch.arange(num_classes), counts)

@@ -1,0 +1,69 @@
+"""The client's local training, replayed as a differentiable function of its (dummy) data.
+
+The server knows the global weights and the settings it sent, so it can run the client's SGD on any
+candidate images and compare the weight change with the one it received. With torch.func the replay
+is a pure function of (images, labels), so it can be differentiated end to end (K unrolled steps)
+and vectorised over victims with vmap.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from .settings import TrainingSettings
+
+Params = dict[str, torch.Tensor]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against label distributions; equals F.cross_entropy for one-hot targets."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def functional_model(model: nn.Module) -> nn.Module:
+    """A copy whose batch-norm layers always use batch statistics, as the client's do in training.
+
+    Running statistics are buffers, not gradients, and updating them in place cannot be vmapped.
+    """
+    model = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(model)
+    return model.train()
+
+
+class LocalTraining:
+    """Replays `settings` on given data from the global weights and returns the weight change."""
+
+    def __init__(self, model: nn.Module, global_params: Params, settings: TrainingSettings):
+        self.model = functional_model(model)
+        self.params = {name: tensor.detach() for name, tensor in global_params.items()}
+        self.settings = settings
+        self._grad = grad(self._loss)
+
+    def _loss(self, params: Params, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(functional_call(self.model, params, (images,)), targets)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
+        """images (K*B, C, H, W) in step order, targets (K*B, classes) -> weight change per parameter."""
+        s = self.settings
+        images = images.reshape(s.local_steps, s.batch_size, *images.shape[1:])
+        targets = targets.reshape(s.local_steps, s.batch_size, *targets.shape[1:])
+        params, velocity = self.params, None
+        for _ in range(s.epochs):
+            for step in range(s.local_steps):
+                gradient = self._grad(params, images[step], targets[step])
+                if s.momentum:
+                    velocity = gradient if velocity is None else {
+                        name: s.momentum * velocity[name] + gradient[name] for name in gradient}
+                    gradient = velocity
+                params = {name: params[name] - s.lr * gradient[name] for name in params}
+        return {name: params[name] - self.params[name] for name in params}
+
+
+def step_weights(settings: TrainingSettings) -> list[float]:
+    """How much each step's gradient counts in the total weight change (1 each without momentum)."""
+    total = settings.total_steps
+    if not settings.momentum:
+        return [1.0] * total
+    return [sum(settings.momentum ** j for j in range(total - s)) for s in range(total)]

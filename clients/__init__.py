@@ -1,0 +1,1 @@
+"""fl-sim's clients: local training and the Flower ClientApp."""

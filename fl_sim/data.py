@@ -1,0 +1,113 @@
+"""Datasets by name (`mnist`, `cifar10`, `imagefolder`), as [0, 1] float tensors.
+
+The data root comes from `--data-root`, else the FL_SIM_DATA environment variable, else `./data`.
+MNIST and CIFAR-10 use torchvision's own classes and download when the machine is online; offline,
+a root without the files gets one clear error that says what to do. For CIFAR-10, a root holding
+`cifar10-subset/{train,test}/<class>/*.png` (the layout of the shared offline sample) is read too.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+DATASETS = ("mnist", "cifar10", "imagefolder")
+DATA_ROOT_ENV = "FL_SIM_DATA"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is neither on disk nor downloadable."""
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    return Path(data_root or os.environ.get(DATA_ROOT_ENV) or "data").expanduser()
+
+
+@dataclass
+class ImageDataset:
+    """Images as uint8 on demand, converted to [0, 1] floats only for the indices asked for."""
+
+    name: str
+    labels: np.ndarray  # (N,) int64, the class of every example
+    num_classes: int
+    channels: int
+    image_size: int
+    _pixels: np.ndarray | None = None  # (N, H, W, C) uint8, when the whole split is in memory
+    _files: list[str] | None = None  # image paths, when it is read lazily
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tensors(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (n, C, H, W) in [0, 1], labels (n,)) for the given example indices."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._pixels is not None:
+            pixels = self._pixels[indices]
+        else:
+            pixels = np.stack([self._read(self._files[i]) for i in indices]) if len(indices) else (
+                np.zeros((0, self.image_size, self.image_size, self.channels), np.uint8))
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        return images.contiguous(), torch.from_numpy(self.labels[indices])
+
+    def _read(self, path: str) -> np.ndarray:
+        with Image.open(path) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            if image.size != (self.image_size, self.image_size):
+                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
+
+
+def load_dataset(name: str, data_root: str | os.PathLike | None = None, train: bool = True) -> ImageDataset:
+    """The train or test split of a data set by name; see the module docstring for where it looks."""
+    root = resolve_data_root(data_root)
+    if name == "mnist":
+        return _torchvision_dataset(torchvision.datasets.MNIST, "mnist", root, train)
+    if name == "cifar10":
+        subset = root / "cifar10-subset" / ("train" if train else "test")
+        if not (root / "cifar-10-batches-py").is_dir() and subset.is_dir():
+            return _image_folder(subset, "cifar10")
+        return _torchvision_dataset(torchvision.datasets.CIFAR10, "cifar10", root, train)
+    if name == "imagefolder":
+        split = root / ("train" if train else "test")
+        return _image_folder(split if split.is_dir() else root, "imagefolder")
+    raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def _torchvision_dataset(cls, name: str, root: Path, train: bool) -> ImageDataset:
+    try:
+        dataset = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        try:
+            dataset = cls(str(root), train=train, download=True)
+        except Exception as error:  # no network, or a mirror is down
+            raise DataNotFoundError(
+                f"{name} is not under {str(root)!r} and could not be downloaded ({error.__class__.__name__}). "
+                f"Point --data-root (or ${DATA_ROOT_ENV}) at a folder holding it, e.g. ../shared/data "
+                f"offline, or run once with internet to download it there."
+            ) from None
+    pixels = np.asarray(dataset.data)
+    if pixels.ndim == 3:
+        pixels = pixels[..., None]
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    return ImageDataset(name, labels, len(dataset.classes), pixels.shape[-1], pixels.shape[1], _pixels=pixels)
+
+
+def _image_folder(folder: Path, name: str) -> ImageDataset:
+    if not folder.is_dir():
+        raise DataNotFoundError(
+            f"{str(folder)!r} is not a folder of class sub-folders. Point --data-root (or ${DATA_ROOT_ENV}) "
+            f"at one (a train/ and test/ pair of them is used as the two splits)."
+        )
+    try:
+        dataset = torchvision.datasets.ImageFolder(str(folder))
+    except FileNotFoundError as error:
+        raise DataNotFoundError(f"no images in {str(folder)!r}: {error}") from None
+    with Image.open(dataset.samples[0][0]) as first:
+        channels = 1 if first.mode in ("L", "1", "I;16") else 3
+        size = first.size[0]
+    files = [path for path, _ in dataset.samples]
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    return ImageDataset(name, labels, len(dataset.classes), channels, size, _files=files)

@@ -1,0 +1,87 @@
+"""Writing results so that a run that stops keeps everything it finished.
+
+Files are written to a temporary name and renamed (atomic on POSIX); JSON-lines rows are appended
+with one write each and flushed, so a kill leaves no half-written image, file or row.
+"""
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_plain) + "\n").encode())
+
+
+def append_jsonl(path, row: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(row, default=_plain) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a JSON-lines file; a torn last line (from a kill mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def image_strip(images: torch.Tensor, scale: int = 2) -> Image.Image:
+    """(N, C, H, W) in [0, 1] -> one PNG-ready strip, N images side by side, upscaled for viewing."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    pixels = np.concatenate(list(pixels), axis=1)
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    image = Image.fromarray(pixels)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def save_images(path, images: torch.Tensor, scale: int = 2) -> None:
+    buffer = io.BytesIO()
+    image_strip(images, scale).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plain(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
