@@ -19,4 +19,5 @@ demo: setup
 	  --batch-size 1 --num-victims 8 --iterations 300 --lr 1 --seed 0 --out out/demo-attack
 
 test: setup
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PY) -m pytest -q

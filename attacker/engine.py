@@ -151,14 +151,14 @@ def invert(
     rows = [(v, r) for v in range(len(updates)) for r in range(attack.restarts)]
     chunk = max_rows or len(rows)
     results: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
-    updates = iterations * attack.updates_per_iteration
-    bar = tqdm(total=len(rows) * updates, desc=f"{attack.name} x{len(updates)}", unit="it",
+    budget = iterations * attack.updates_per_iteration
+    bar = tqdm(total=len(rows) * budget, desc=f"{attack.name} x{len(updates)}", unit="it",
                disable=not progress, leave=False)
     start = 0
     while start < len(rows):
         part = rows[start: start + chunk]
         try:
-            found = _optimise(problem, part, victim_ids, observed, targets, attack, updates, seed, device, bar)
+            found = _optimise(problem, part, victim_ids, observed, targets, attack, budget, seed, device, bar)
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -172,7 +172,7 @@ def invert(
     return [_best(problem, v, attack, results, targets[v]) for v in range(len(updates))]
 
 
-def _optimise(problem, rows, victim_ids, observed, targets, attack, updates, seed, device, bar):
+def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device, bar):
     """Runs one chunk of rows to the end; returns {(victim, restart): (z, loss, redraws)}."""
     victims = torch.tensor([v for v, _ in rows])
     row_targets = torch.stack([targets[v] for v, _ in rows]).to(device)
@@ -196,13 +196,13 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, updates, see
     everyone = torch.arange(len(rows), device=device)
     loss, gradient = evaluate(z, everyone)
     reference = loss.clone()
-    optimizer = make_optimizer(attack.optimizer, z, attack.lr, updates, attack.lr_decay)
+    optimizer = make_optimizer(attack.optimizer, z, attack.lr, budget, attack.lr_decay)
     steps = torch.zeros(len(rows), dtype=torch.long, device=device)
     alive = torch.ones(len(rows), dtype=torch.bool, device=device)
-    while (active := alive & (steps < updates) & ~optimizer.converged).any():
+    while (active := alive & (steps < budget) & ~optimizer.converged).any():
         z, loss, gradient = optimizer.step(z, loss, gradient, evaluate, active, problem.project)
         steps[active] += 1
-        bar.update(int(active.sum()) + int((updates - steps[active & optimizer.converged]).sum()))
+        bar.update(int(active.sum()) + int((budget - steps[active & optimizer.converged]).sum()))
         diverged = active & (~torch.isfinite(loss) | ~torch.isfinite(z).all(1)
                              | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12)))
         for i in diverged.nonzero().flatten().tolist():

@@ -2,12 +2,13 @@
 import argparse
 import sys
 
-from . import attack
+from . import attack, run
 from .config import ConfigError
 from .data import DataNotFoundError
 
 COMMANDS = {
     "attack": (attack, "invert victims' updates once, without Flower, and score the reconstructions"),
+    "run": (run, "a Flower simulation whose server inverts every client's update each round"),
 }
 
 

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from fl_sim.data import DataNotFoundError, load_dataset
+from fl_sim.models import MODELS, build_model, count_parameters
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels,size,classes", [(1, 28, 10), (3, 32, 10), (3, 8, 3)])
+def test_every_model_builds_for_any_shape(name, channels, size, classes):
+    model = build_model(name, channels, size, classes, seed=1)
+    assert model(torch.rand(2, channels, size, size)).shape == (2, classes)
+
+
+def test_paper_init_draws_from_uniform_half():
+    model = build_model("lenet", 3, 32, 10, init="paper")
+    values = torch.cat([p.flatten() for p in model.parameters()])
+    assert values.min() >= -0.5 and values.max() <= 0.5 and values.std() > 0.25  # U(-.5,.5) has std 0.289
+
+
+def test_models_are_seeded_and_sizes_are_ordered():
+    a, b = build_model("cnn", 3, 32, 10, seed=3), build_model("cnn", 3, 32, 10, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    sizes = {name: count_parameters(build_model(name, 3, 32, 10)) for name in MODELS}
+    assert sizes["resnet18"] > 10e6 > sizes["resnet20"] > 0.2e6
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    source = build_model("lenet", 1, 28, 10, seed=5)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    loaded = build_model("lenet", 1, 28, 10, init=str(tmp_path / "w.pt"), seed=9)
+    assert all(torch.equal(x, y) for x, y in zip(source.parameters(), loaded.parameters()))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model("lenet", 3, 32, 10, init=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", 3, 32, 10)
+
+
+def test_real_mnist_and_cifar_subset(shared_data):
+    mnist = load_dataset("mnist", shared_data, train=False)
+    images, labels = mnist.tensors([0, 1])
+    assert len(mnist) == 10000 and images.shape == (2, 1, 28, 28) and labels.tolist() == [7, 2]
+    assert 0 <= images.min() and images.max() <= 1 and images.max() > 0.9
+    cifar = load_dataset("cifar10", shared_data, train=True)
+    assert (cifar.channels, cifar.image_size, cifar.num_classes) == (3, 32, 10) and len(cifar) == 3728
+
+
+def test_image_folder_and_missing_data(tiny_image_folder, tmp_path):
+    data = load_dataset("imagefolder", tiny_image_folder)
+    images, labels = data.tensors(np.arange(len(data)))
+    assert images.shape == (18, 3, 8, 8) and sorted(set(labels.tolist())) == [0, 1, 2]
+    with pytest.raises(DataNotFoundError, match="--data-root"):
+        load_dataset("imagefolder", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("svhn", tmp_path)

@@ -1,0 +1,50 @@
+"""The attacker's replay of local training must reproduce a real client's weight change exactly."""
+import pytest
+import torch
+
+from attacker import LocalTraining, TrainingSettings
+from clients.training import local_train, weight_change, weights
+from fl_sim.models import build_model
+
+
+@pytest.mark.parametrize("model_name", ["lenet", "cnn", "resnet20"])
+@pytest.mark.parametrize("steps,batch,epochs,momentum", [(1, 2, 1, 0.0), (3, 2, 1, 0.0), (3, 1, 2, 0.9)])
+def test_replay_reproduces_the_client(model_name, steps, batch, epochs, momentum):
+    settings = TrainingSettings(lr=0.05, local_steps=steps, batch_size=batch, epochs=epochs, momentum=momentum)
+    model = build_model(model_name, 3, 16, 5, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(settings.num_images, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, 5, (settings.num_images,), generator=generator)
+    before = weights(model)
+    local_train(model, images, labels, settings)
+    observed = weight_change(before, weights(model))
+
+    params = {name: before[name] for name, _ in model.named_parameters()}
+    replayed = LocalTraining(model, params, settings)(images, torch.nn.functional.one_hot(labels, 5).float())
+    for name in params:  # float32 tolerance, relative to each tensor's size
+        error = (replayed[name] - observed[name]).norm() / (observed[name].norm() + 1e-12)
+        assert error < 1e-4, (name, float(error))
+    assert any(observed[name].abs().max() > 0 for name in params)
+
+
+def test_replay_with_wrong_data_differs():
+    settings = TrainingSettings(lr=0.1, local_steps=2, batch_size=1)
+    model = build_model("lenet", 1, 12, 4, seed=0)
+    images = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 3])
+    before = weights(model)
+    local_train(model, images, labels, settings)
+    observed = weight_change(before, weights(model))
+    params = {name: before[name] for name, _ in model.named_parameters()}
+    replayed = LocalTraining(model, params, settings)(images.flip(0), torch.nn.functional.one_hot(labels, 4).float())
+    assert not torch.allclose(replayed["classifier.weight"], observed["classifier.weight"], atol=1e-6)
+
+
+def test_naive_view_is_one_big_step():
+    settings = TrainingSettings(lr=0.1, local_steps=5, batch_size=2, epochs=2, momentum=0.9)
+    naive = settings.as_single_gradient()
+    assert (naive.lr, naive.local_steps, naive.batch_size, naive.epochs, naive.momentum) == (1.0, 1, 10, 1, 0.0)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        TrainingSettings(lr=0)
+    with pytest.raises(ValueError, match="batch-size"):
+        TrainingSettings(lr=0.1, batch_size=0)
