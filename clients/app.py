@@ -1,0 +1,83 @@
+"""The Flower ClientApp: an honest client per partition of the training set.
+
+Each round a client takes the global weights and the training settings the server sent, draws its
+K x B round examples from its partition (fl_sim/partition.py), trains with clients/training.py and
+replies as any Flower client does: its new weights and its example count (plus its training loss).
+
+One addition a real deployment would not need: the reply's MetricRecord carries the client's
+`partition-id`. In simulation the server sees only random node ids, and the evaluation path needs the
+partition to re-derive the truth it scores reconstructions against. The strategy removes the field
+before aggregation and the attack itself never uses it beyond naming the victim.
+
+`app` reads its settings from Flower's run config (`flwr run .`); `fl-sim run` builds one with
+`make_client_app(config)` because run_simulation passes no run config.
+"""
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_sim.federation import RunConfig, cached_dataset, evaluate_model, image_spec, settings_from_config
+from fl_sim.models import build_model
+from fl_sim.partition import partition_indices, round_examples
+
+from .training import local_train
+
+PARTITION_KEY = "partition-id"  # simulation-only routing field of the reply, see the module docstring
+
+
+def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
+    """A ClientApp whose run config is Flower's (if any) over `defaults`."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = RunConfig.from_flower(context.run_config, defaults)
+        partition_id, num_partitions = node_partition(context)
+        settings = settings_from_config(msg.content["config"])
+        server_round = int(msg.content["config"]["server-round"])
+        dataset = cached_dataset(config.dataset, config.data_root, True)
+        partition = partition_indices(dataset.labels, num_partitions, config.partition, config.alpha, config.seed)
+        examples = round_examples(partition[partition_id], settings.num_images, config.seed, partition_id, server_round)
+        images, labels = dataset.tensors(examples)
+        model = received_model(msg, config, dataset)
+        device = next(model.parameters()).device
+        loss = local_train(model, images.to(device), labels.to(device), settings)
+        metrics = {"train-loss": loss, "num-examples": len(examples), PARTITION_KEY: partition_id}
+        content = RecordDict({"arrays": ArrayRecord(_cpu(model.state_dict())), "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """The global model on this client's share of the test split (federated evaluation)."""
+        config = RunConfig.from_flower(context.run_config, defaults)
+        partition_id, num_partitions = node_partition(context)
+        test = cached_dataset(config.dataset, config.data_root, False)
+        share = partition_indices(test.labels, num_partitions, "iid", seed=config.seed)[partition_id]
+        metrics = evaluate_model(received_model(msg, config, test), test, share)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition id, partition count) from the node config, as Flower's simulation sets them."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(f"the node config lacks {missing}: run this ClientApp in a Flower simulation, "
+                         f"or give the SuperNode --node-config 'partition-id=0 num-partitions=N'") from None
+
+
+def received_model(msg: Message, config: RunConfig, dataset) -> torch.nn.Module:
+    """The configured architecture holding the weights the server sent; on the GPU if this worker has one."""
+    (channels, size, _), classes = image_spec(dataset)
+    model = build_model(config.model, channels, size, classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cpu(state: dict) -> dict:
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+
+app = make_client_app()

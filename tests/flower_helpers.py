@@ -1,0 +1,35 @@
+"""Hand-built Flower messages and contexts, to call the apps and the strategy without Ray or a SuperLink."""
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from attacker import TrainingSettings
+from fl_sim.federation import settings_to_config
+from fl_sim.models import build_model
+
+
+@pytest.fixture
+def server_identity():
+    """Messages are created by a task; in a real run the ServerApp process is that task."""
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def node_context(partition_id: int, num_partitions: int, run_config: dict | None = None) -> Context:
+    """A SuperNode's context as Flower's simulation builds it (node id = 100 + partition id)."""
+    return Context(run_id=1, node_id=100 + partition_id, state=RecordDict(), run_config=run_config or {},
+                   node_config={"partition-id": partition_id, "num-partitions": num_partitions})
+
+
+def train_message(weights: dict, settings: TrainingSettings, server_round: int, node_id: int = 100) -> Message:
+    config = ConfigRecord({**settings_to_config(settings), "server-round": server_round})
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "config": config}), dst_node_id=node_id,
+                   message_type=MessageType.TRAIN)
+
+
+def lenet():
+    """The global model of these tests: LeNet for MNIST, seeded."""
+    return build_model("lenet", 1, 28, 10, init="default", seed=0)
