@@ -1,0 +1,90 @@
+"""OUT/gallery.html: every attacked client's truth beside its reconstruction, round by round.
+
+Built only from what the run already wrote (run.json, global.jsonl, metrics.jsonl and the PNGs), so it
+can be rebuilt after every round, or at any time later. Every value from those files is escaped.
+"""
+import json
+import statistics
+from html import escape
+from pathlib import Path
+
+from .outputs import atomic_write_bytes, read_jsonl
+
+STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 2em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: center; vertical-align: middle; }
+img { image-rendering: pixelated; max-width: 60em; }
+.failed { color: #a00; }
+"""
+
+
+def client_folder(server_round: int, client: int) -> str:
+    """Where a client's images of a round lie, relative to the run's output folder."""
+    return f"round-{server_round:03d}/client-{client:03d}"
+
+
+def write_gallery(out: str | Path) -> Path:
+    """(Re)writes OUT/gallery.html from the run's files; returns its path."""
+    out = Path(out)
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    global_rows = {row["round"]: row for row in read_jsonl(out / "global.jsonl")}
+    attack_rows = read_jsonl(out / "metrics.jsonl")
+    rounds = sorted(set(global_rows) | {row["round"] for row in attack_rows})
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>fl-sim run {escape(out.name)}</title>"
+             f"<style>{STYLE}</style></head><body>", f"<h1>fl-sim run: {escape(out.name)}</h1>", _summary(run)]
+    if not rounds:
+        parts.append("<p>No round has finished yet.</p>")
+    for server_round in rounds:
+        parts.append(_round(out, server_round, global_rows.get(server_round),
+                            [row for row in attack_rows if row["round"] == server_round]))
+    parts.append("</body></html>\n")
+    path = out / "gallery.html"
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return path
+
+
+def _summary(run: dict) -> str:
+    config = run.get("config", {})
+    shown = ["dataset", "model", "init", "num-clients", "partition", "local-steps", "batch-size", "lr", "attack",
+             "iterations", "seed"]
+    items = "".join(f"<li>{escape(key)}: {escape(str(config[key]))}</li>" for key in shown if key in config)
+    return f"<ul>{items}</ul>" if items else ""
+
+
+def _round(out: Path, server_round: int, global_row: dict | None, rows: list[dict]) -> str:
+    title = f"Round {server_round}"
+    if global_row is not None:
+        title += f": global accuracy {_number(global_row.get('accuracy'), '.2%')}, loss {_number(global_row.get('loss'))}"
+    html = [f"<h2>{escape(title)}</h2>"]
+    if not rows:
+        html.append("<p>No client was attacked in this round.</p>")
+        return "\n".join(html)
+    psnrs = [row["psnr"] for row in rows if row.get("psnr") is not None]
+    median = statistics.median(psnrs) if psnrs else None
+    html.append(f"<p>{escape(str(len(rows)))} client(s) attacked, PSNR median {escape(_number(median, '.1f'))} dB</p>")
+    html.append("<table><tr><th>client</th><th>truth</th><th>reconstruction</th><th>PSNR (dB)</th><th>SSIM</th>"
+                "<th>MSE</th><th>labels right</th><th>status</th></tr>")
+    for row in sorted(rows, key=lambda r: r["client"]):
+        folder = client_folder(server_round, int(row["client"]))
+        status = str(row.get("status"))
+        html.append(
+            f"<tr><td>{escape(str(row['client']))}</td>"
+            f"<td>{_image(out, folder + '/truth.png', 'truth')}</td>"
+            f"<td>{_image(out, folder + '/reconstruction.png', 'reconstruction')}</td>"
+            f"<td>{escape(_number(row.get('psnr'), '.1f'))}</td><td>{escape(_number(row.get('ssim'), '.3f'))}</td>"
+            f"<td>{escape(_number(row.get('mse'), '.2e'))}</td><td>{escape(_number(row.get('label_acc'), '.0%'))}</td>"
+            f"<td class='{'' if status == 'ok' else 'failed'}'>{escape(status)}</td></tr>")
+    html.append("</table>")
+    return "\n".join(html)
+
+
+def _image(out: Path, relative: str, alt: str) -> str:
+    if not (out / relative).is_file():
+        return "\u2014"
+    return f"<img src='{escape(relative)}' alt='{escape(alt)}'>"
+
+
+def _number(value, spec: str = ".4f") -> str:
+    """Plain text, escaped where it is placed."""
+    return "\u2014" if value is None else format(value, spec)

@@ -1,0 +1,98 @@
+"""The gallery, opened in a real headless browser: the page loads, every image it shows decodes, names are escaped."""
+import json
+import shutil
+import subprocess
+from html import escape, unescape
+
+import pytest
+from PIL import Image
+
+from fl_sim.data import load_dataset
+from fl_sim.gallery import client_folder, write_gallery
+from fl_sim.outputs import append_jsonl, save_images, write_json
+
+HOSTILE_STATUS = "error: <script>document.title='hacked'</script> & <b>bold</b>"
+
+# Loads the gallery in a frame and, once everything has loaded, writes what the browser saw into this page.
+CHECKER = """<!DOCTYPE html><html><body><iframe id="gallery" src="{src}"></iframe><script>
+window.addEventListener("load", () => {{
+  const doc = document.getElementById("gallery").contentDocument;
+  const images = [...doc.images].map(i => ({{src: i.getAttribute("src"), width: i.naturalWidth}}));
+  const report = {{title: doc.title, images, scripts: doc.scripts.length, text: doc.body.innerText}};
+  const out = document.createElement("pre");
+  out.id = "report";
+  out.textContent = JSON.stringify(report);
+  document.body.appendChild(out);
+}});
+</script></body></html>"""
+
+
+def browser_report(page, profile) -> dict:
+    """What headless Chromium saw after loading `page` in a frame."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test installs it)", pytrace=False)
+    checker = page.parent / "checker.html"
+    checker.write_text(CHECKER.format(src=page.as_uri()))
+    done = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
+         "--allow-file-access-from-files", "--virtual-time-budget=5000", "--dump-dom", checker.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    start = done.stdout.find('<pre id="report">')
+    assert start >= 0, f"the browser produced no report (exit {done.returncode}): {done.stderr[-2000:]}"
+    text = done.stdout[start + len('<pre id="report">'): done.stdout.index("</pre>", start)]
+    return json.loads(unescape(text))
+
+
+@pytest.fixture
+def run_folder(tmp_path, shared_data):
+    """A finished two-round run as the ServerApp writes it, with real MNIST digits and one failed attack."""
+    out = tmp_path / "run <&> 'quoted'"
+    train = load_dataset("mnist", shared_data, train=True)
+    write_json(out / "run.json", {"config": {"dataset": "mnist", "model": "lenet", "attack": "idlg"}, "seed": 0})
+    for server_round in (1, 2):
+        append_jsonl(out / "global.jsonl", {"round": server_round, "accuracy": 0.5, "loss": 1.0})
+        for client in (0, 1):
+            images, labels = train.tensors([10 * server_round + client, 10 * server_round + client + 5])
+            folder = out / client_folder(server_round, client)
+            save_images(folder / "truth.png", images)
+            failed = server_round == 2 and client == 1
+            if not failed:
+                save_images(folder / "reconstruction.png", images.flip(-1))
+            append_jsonl(out / "metrics.jsonl", {
+                "round": server_round, "client": client, "status": HOSTILE_STATUS if failed else "ok",
+                "psnr": None if failed else 31.5, "ssim": None if failed else 0.9, "mse": None if failed else 1e-3,
+                "label_acc": 0.0 if failed else 1.0})
+    return out
+
+
+def test_the_gallery_loads_in_a_browser_with_every_image(run_folder, tmp_path):
+    page = write_gallery(run_folder)
+    report = browser_report(page, tmp_path / "profile")
+
+    assert report["title"] == f"fl-sim run {run_folder.name}"
+    expected = sorted(str(p.relative_to(run_folder)) for p in run_folder.rglob("*.png"))
+    assert len(expected) == 7  # 4 truths, 3 reconstructions (one attack failed)
+    assert sorted(image["src"] for image in report["images"]) == expected
+    for image in report["images"]:
+        with Image.open(run_folder / image["src"]) as png:
+            assert image["width"] == png.width, image
+    assert "Round 1" in report["text"] and "Round 2" in report["text"] and "31.5" in report["text"]
+
+
+def test_names_and_statuses_are_shown_as_text_not_run_as_html(run_folder, tmp_path):
+    page = write_gallery(run_folder)
+    html = page.read_text()
+    assert "<script>" not in html and escape(HOSTILE_STATUS) in html
+    report = browser_report(page, tmp_path / "profile")
+    assert report["scripts"] == 0
+    assert HOSTILE_STATUS in report["text"]
+
+
+def test_the_browser_check_notices_a_missing_image(run_folder, tmp_path):
+    page = write_gallery(run_folder)
+    (run_folder / client_folder(1, 0) / "reconstruction.png").unlink()
+    widths = {image["src"]: image["width"] for image in browser_report(page, tmp_path / "profile")["images"]}
+    assert widths[f"{client_folder(1, 0)}/reconstruction.png"] == 0
+    assert widths[f"{client_folder(1, 0)}/truth.png"] > 0

@@ -1,0 +1,174 @@
+"""`fl-sim run` end to end on a real (small) Flower simulation, its config in both forms, and bad input."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flwr
+import pytest
+from flwr.cli.config_utils import load_and_validate
+
+from fl_sim import cli
+from fl_sim.config import ConfigError
+from fl_sim.data import load_dataset
+from fl_sim.federation import RunConfig
+from fl_sim.outputs import read_jsonl
+from fl_sim.partition import partition_indices, round_examples
+from fl_sim.server_app import wait_for_clients
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_flags(shared_data, out, *extra):
+    return ["run", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet", "--num-clients", "2",
+            "--rounds", "2", "--local-steps", "1", "--batch-size", "1", "--attack", "idlg", "--restarts", "1",
+            "--iterations", "5", "--seed", "1", "--out", str(out), *extra]
+
+
+def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(run_flags(shared_data, out)) == 0
+    assert "2 round(s), 4 attacked update(s) (0 failed)" in capsys.readouterr().out
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["finished"] and run["seed"] == 1 and run["config"]["num-clients"] == 2
+    assert run["versions"]["flwr"] == flwr.__version__
+
+    global_rows = read_jsonl(out / "global.jsonl")
+    assert [row["round"] for row in global_rows] == [1, 2]
+    assert all(0 <= row["accuracy"] <= 1 and row["loss"] > 0 for row in global_rows)
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert sorted((row["round"], row["client"]) for row in rows) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    train = load_dataset("mnist", shared_data, train=True)
+    partitions = partition_indices(train.labels, 2, seed=1)
+    gallery = (out / "gallery.html").read_text()
+    for row in rows:
+        assert row["status"] == "ok" and row["psnr"] > 30 and row["label_acc"] == 1.0, row
+        _, labels = train.tensors(round_examples(partitions[row["client"]], 1, 1, row["client"], row["round"]))
+        assert row["true_labels"] == labels.tolist()
+        folder = f"round-{row['round']:03d}/client-{row['client']:03d}"
+        for image in ("truth.png", "reconstruction.png"):
+            assert (out / folder / image).stat().st_size > 0
+            assert f"{folder}/{image}" in gallery
+
+
+def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp_path, capsys):
+    cases = {
+        ("--attack-clients", "5"): "--attack-clients [5] are not clients 0..1",
+        ("--attack-every", "0"): "--attack-every must be at least 1",
+        ("--alpha", "0"): "--alpha must be positive",
+        ("--attack", "guess"): "unknown attack 'guess'",
+    }
+    for extra, message in cases.items():
+        assert cli.main(run_flags(shared_data, tmp_path / "bad", *extra)) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_partitions_too_small_for_a_round_are_refused(shared_data, tmp_path, capsys):
+    flags = run_flags(shared_data, tmp_path / "bad")
+    flags[flags.index("--batch-size") + 1] = "500"
+    flags[flags.index("--num-clients") + 1] = "40"
+    assert cli.main(flags) == 2
+    assert "hold fewer examples than a round's K x B = 500" in capsys.readouterr().err
+    assert cli.main(flags + ["--partition", "dirichlet", "--alpha", "0.001"]) == 2
+    assert "raise alpha or use fewer clients" in capsys.readouterr().err
+
+
+def test_an_output_folder_holding_a_run_is_not_mixed_with_a_new_one(shared_data, tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "run.json").write_text("{}")
+    assert cli.main(run_flags(shared_data, tmp_path / "used")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_missing_data_is_said_before_the_simulation(tmp_path, capsys):
+    flags = run_flags(tmp_path / "nowhere", tmp_path / "out")
+    assert cli.main(flags) == 2
+    assert "mnist is not under" in capsys.readouterr().err
+
+
+def test_the_flower_app_config_in_pyproject_is_valid_and_names_every_setting():
+    config, _ = load_and_validate(ROOT / "pyproject.toml")
+    table = config["tool"]["flwr"]["app"]["config"]
+    assert set(table) == set(RunConfig().to_flower())
+    parsed = RunConfig.from_flower(table)
+    assert parsed.to_flower() == table
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "fl_sim.server_app:app",
+                                                           "clientapp": "clients.app:app"}
+
+
+def test_run_config_round_trips_and_rejects_unknown_keys():
+    config = RunConfig(rounds=3, attack_clients=(0, 2), restarts=None, data_root=None, no_replay=True)
+    assert RunConfig.from_flower(config.to_flower()) == config
+    assert RunConfig.from_flower({"attack-clients": "2,0", "num-server-rounds": 7}).attack_clients == (0, 2)
+    with pytest.raises(ConfigError, match="unknown run-config key"):
+        RunConfig.from_flower({"num-rounds": 3})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def superlinks_of(flwr_home: Path) -> list[int]:
+    """Pids of the local SuperLinks `flwr run` started for this FLWR_HOME (it leaves them running)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if "flower-superlink" in command and f"{flwr_home}/local-superlink/" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_flwr_run_runs_the_same_apps_and_writes_the_same_outputs(shared_data, tmp_path):
+    pyproject = (ROOT / "pyproject.toml").read_bytes()
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    overrides = f"num-server-rounds=1 out-dir='{out}' data-root='{shared_data}' iterations=3 restarts=1 seed=2"
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream", "-c", overrides],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        for pid in superlinks_of(home):
+            os.kill(pid, signal.SIGTERM)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (ROOT / "pyproject.toml").read_bytes() == pyproject, "flwr run rewrote pyproject.toml"
+
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 2
+    assert [row["round"] for row in read_jsonl(out / "global.jsonl")] == [1]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert sorted(row["client"] for row in rows) == [0, 1] and all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        assert (out / f"round-001/client-{row['client']:03d}/reconstruction.png").is_file()
+    assert (out / "gallery.html").is_file()
+    deadline = time.monotonic() + 10
+    while superlinks_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not superlinks_of(home), "the local SuperLink survived SIGTERM"
+
+
+class Nodes:
+    def __init__(self, count):
+        self.count = count
+
+    def get_node_ids(self):
+        return list(range(self.count))
+
+
+def test_a_federation_whose_size_differs_from_num_clients_is_refused():
+    wait_for_clients(Nodes(3), 3)
+    with pytest.raises(ConfigError, match="has 3 client node.*num-supernodes=2"):
+        wait_for_clients(Nodes(3), 2)
