@@ -129,7 +129,8 @@ def invert(
 
     `victim_ids` name the victims for seeding (default 0..V-1): the same id, seed and update give the
     same reconstruction whatever else is in the call. `max_rows` caps victim-restarts optimised at once;
-    on out-of-memory the engine halves it and goes on.
+    on out-of-memory the engine halves it and goes on. A victim whose update cannot be attacked (it
+    does not fit the model, or its attack raises) gets status "error: ..." and the others go on.
     """
     if not updates:
         return []
@@ -139,44 +140,66 @@ def invert(
         raise ValueError("victim_ids and updates differ in length")
     names = [name for name, _ in model.named_parameters()]
     params = {name: global_params[name].detach().to(device, torch.float32) for name in names}
-    observed = [{name: update[name].detach().to(device, torch.float32) for name in names} for update in updates]
     problem = _Problem(model.to(device), params, settings, attack, image_shape, num_classes)
-    targets = []
-    for update in observed:
-        if attack.labels == "analytic":
-            labels = recover_labels(model, params, update, settings, image_shape, num_classes)
-            targets.append(nn.functional.one_hot(labels, num_classes).float())
-        else:
-            targets.append(torch.zeros(problem.count, num_classes))
-    rows = [(v, r) for v in range(len(updates)) for r in range(attack.restarts)]
-    chunk = max_rows or len(rows)
-    results: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
-    budget = iterations * attack.updates_per_iteration
-    bar = tqdm(total=len(rows) * budget, desc=f"{attack.name} x{len(updates)}", unit="it",
-               disable=not progress, leave=False)
-    start = 0
-    while start < len(rows):
-        part = rows[start: start + chunk]
+    errors: dict[int, str] = {}
+    observed, targets = {}, {}
+    for v, update in enumerate(updates):
         try:
-            found = _optimise(problem, part, victim_ids, observed, targets, attack, budget, seed, device, bar)
-        except torch.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
+            observed[v], targets[v] = _prepare(problem, model, params, update, names)
+        except Exception as error:  # a malformed update must not stop the other victims
+            errors[v] = _describe(error)
+    budget = iterations * attack.updates_per_iteration
+    bar = tqdm(total=len(observed) * attack.restarts * budget, desc=f"{attack.name} x{len(updates)}",
+               unit="it", disable=not progress, leave=False)
+    results: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
+    pending = list(observed)
+    per_chunk = max(1, (max_rows or len(pending) * attack.restarts) // attack.restarts)  # whole victims
+    while pending:
+        part = pending[:per_chunk]
+        rows = [(v, r) for v in part for r in range(attack.restarts)]
+        try:
+            results.update(_optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device, bar))
+        except Exception as error:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            continue
-        results.update(found)
-        start += len(part)
+            if len(part) > 1:  # out of memory: halve the chunk; any other error: isolate the victim
+                per_chunk = max(1, per_chunk // 2) if isinstance(error, torch.OutOfMemoryError) else 1
+                continue
+            errors[part[0]] = _describe(error)
+        pending = pending[len(part):]
     bar.close()
-    return [_best(problem, v, attack, results, targets[v]) for v in range(len(updates))]
+    return [Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), errors[v])
+            if v in errors else _best(problem, v, attack, results, targets[v]) for v in range(len(updates))]
+
+
+def _prepare(problem: _Problem, model, params, update, names):
+    """A victim's observed update on the device, checked against the model, and its label targets."""
+    observed = {}
+    for name in names:
+        if name not in update:
+            raise ValueError(f"update has no {name!r}")
+        tensor = update[name].detach().to(params[name].device, torch.float32)
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"{name!r} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name!r} is not finite")
+        observed[name] = tensor
+    if problem.attack.labels == "analytic":
+        labels = recover_labels(model, params, observed, problem.settings, problem.image_shape, problem.num_classes)
+        return observed, nn.functional.one_hot(labels, problem.num_classes).float()
+    return observed, torch.zeros(problem.count, problem.num_classes)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "error: out of memory even for one victim"
+    return f"error: {error.__class__.__name__}: {error}"
 
 
 def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device, bar):
     """Runs one chunk of rows to the end; returns {(victim, restart): (z, loss, redraws)}."""
-    victims = torch.tensor([v for v, _ in rows])
     row_targets = torch.stack([targets[v] for v, _ in rows]).to(device)
-    row_observed = {name: torch.stack([observed[v][name] for v, _ in rows]) for name in observed[0]}
+    row_observed = {name: torch.stack([observed[v][name] for v, _ in rows]) for name in observed[rows[0][0]]}
     redraws = [0] * len(rows)
 
     def draw(i: int) -> torch.Tensor:
@@ -187,9 +210,8 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
         if len(which) == len(rows):
             gradient, loss = problem.batched(z_rows, row_targets, row_observed)
         else:
-            which_cpu = which.cpu()
-            sub = {name: t[which_cpu.to(t.device)] for name, t in row_observed.items()}
-            gradient, loss = problem.batched(z_rows, row_targets[which_cpu.to(device)], sub)
+            subset = {name: tensor[which] for name, tensor in row_observed.items()}
+            gradient, loss = problem.batched(z_rows, row_targets[which], subset)
         return loss.detach(), gradient.detach()
 
     z = problem.project(torch.stack([draw(i) for i in range(len(rows))]))

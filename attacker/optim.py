@@ -64,21 +64,32 @@ class LBFGS:
     two-loop recursion runs over plain strided slices with no per-row gathering.
     """
 
-    def __init__(self, z: torch.Tensor, lr: float = 1.0, history: int = 100, max_line_search: int = 25):
+    def __init__(self, z: torch.Tensor, lr: float = 1.0, history: int = 100, max_line_search: int = 10,
+                 patience: int = 200, progress: float = 1e-4):
         rows, dims = z.shape
         self.lr, self.history, self.max_line_search = lr, history, max_line_search
+        self.patience, self.progress = patience, progress
         self.s = torch.zeros(history, rows, dims, device=z.device, dtype=z.dtype)
         self.y = torch.zeros_like(self.s)
         self.rho = torch.zeros(history, rows, device=z.device, dtype=z.dtype)  # 0 marks an empty slot
         self.gamma = torch.zeros(rows, device=z.device, dtype=z.dtype)  # 0: no curvature known yet
         self.updates = 0
-        # a row where even a gradient step cannot lower the loss is at its minimum (to float precision)
+        # a row stops when even a gradient step cannot lower its loss, or when `patience` updates
+        # have not lowered it by a fraction `progress`: it sits at its minimum to float precision
         self.converged = torch.zeros(rows, device=z.device, dtype=torch.bool)
+        self.best = torch.full((rows,), float("inf"), device=z.device, dtype=z.dtype)
+        self.stalled = torch.zeros(rows, device=z.device, dtype=torch.long)
 
     def reset(self, rows: torch.Tensor) -> None:
+        """Forget everything about these rows (their restart was re-drawn)."""
+        self._forget_curvature(rows)
+        self.converged[rows] = False
+        self.best[rows] = float("inf")
+        self.stalled[rows] = 0
+
+    def _forget_curvature(self, rows: torch.Tensor) -> None:
         self.rho[:, rows] = 0
         self.gamma[rows] = 0
-        self.converged[rows] = False
 
     def _direction(self, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """-H g by the two-loop recursion, each row over its own stored pairs."""
@@ -102,7 +113,7 @@ class LBFGS:
         d = self._direction(g, rows)
         slope = (g * d).sum(1)
         bad = ~torch.isfinite(slope) | (slope >= 0)  # not a descent direction: forget, and use -g
-        self.reset(rows[bad])
+        self._forget_curvature(rows[bad])
         d[bad] = -g[bad]
         fresh = self.gamma[rows] == 0  # no curvature yet (d = -g): scale the first step as torch does
         t = torch.where(fresh, self.lr * torch.clamp(1.0 / g.abs().sum(1).clamp_min(1e-30), max=1.0),
@@ -127,8 +138,12 @@ class LBFGS:
         self.s[slot, rows], self.y[slot, rows] = s, y
         self.rho[slot, rows] = torch.where(keep, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
         self.gamma[rows] = torch.where(keep, sy / (y * y).sum(1).clamp_min(1e-30), self.gamma[rows])
-        self.converged[rows[pending & fresh]] = True
-        self.reset(rows[pending & ~fresh])  # no acceptable step: forget the curvature, try -g next time
+        self._forget_curvature(rows[pending & ~fresh])  # no acceptable step: try -g next time
+        best = self.best[rows]
+        improved = torch.isinf(best) | (new_f < best - self.progress * best.abs())
+        self.best[rows] = torch.where(improved, new_f, best)
+        self.stalled[rows] = torch.where(improved, 0, self.stalled[rows] + 1)
+        self.converged[rows] = (pending & fresh) | (self.stalled[rows] >= self.patience)
         self.updates += 1
         z, loss, gradient = z.clone(), loss.clone(), gradient.clone()
         z[rows], loss[rows], gradient[rows] = new_x, new_f, new_g

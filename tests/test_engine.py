@@ -92,3 +92,17 @@ def test_idlg_recovers_real_mnist_digits(mnist):
     scores = [score(r.images, r.labels, images[i:i + 1], labels[i:i + 1]) for i, r in enumerate(results)]
     assert all(s["label_acc"] == 1.0 for s in scores)
     assert min(s["psnr"] for s in scores) > 30, [s["psnr"] for s in scores]
+
+
+def test_a_malformed_update_fails_alone_and_the_others_go_on(mnist):
+    images, labels = mnist.tensors(range(3))
+    images = images[:, :, ::2, ::2].contiguous()
+    settings = TrainingSettings(lr=0.1)
+    model, before, updates = _victims("lenet", images, labels, settings)
+    updates[0] = {name: tensor[..., :1] for name, tensor in updates[0].items()}  # wrong shapes
+    updates[2] = {name: tensor * float("nan") for name, tensor in updates[2].items()}
+    results = invert(model, before, updates, settings, get_attack("ig"), image_shape=(1, 14, 14), num_classes=10,
+                     iterations=3, device="cpu")
+    assert results[0].status.startswith("error:") and "shape" in results[0].status
+    assert results[2].status.startswith("error:") and "not finite" in results[2].status
+    assert results[1].ok and results[1].images.shape == (1, 1, 14, 14)
