@@ -2,13 +2,14 @@
 import argparse
 import sys
 
-from . import attack, run
+from . import attack, deploy, run
 from .config import ConfigError
 from .data import DataNotFoundError
 
 COMMANDS = {
     "attack": (attack, "invert victims' updates once, without Flower, and score the reconstructions"),
     "run": (run, "a Flower simulation whose server inverts every client's update each round"),
+    "deploy": (deploy, "the same federation as real Flower processes: locally, or as docker-compose services"),
 }
 
 
