@@ -4,10 +4,15 @@ Each round a client takes the global weights and the training settings the serve
 K x B round examples from its partition (fl_sim/partition.py), trains with clients/training.py and
 replies as any Flower client does: its new weights and its example count (plus its training loss).
 
-One addition a real deployment would not need: the reply's MetricRecord carries the client's
-`partition-id`. In simulation the server sees only random node ids, and the evaluation path needs the
-partition to re-derive the truth it scores reconstructions against. The strategy removes the field
-before aggregation and the attack itself never uses it beyond naming the victim.
+One addition a real deployment would not need: the client says its `partition-id`, once when the
+server asks (a query message, before round 1) and in every train reply's MetricRecord. In simulation
+the server sees only random node ids, and the evaluation path needs the partition to re-derive the
+truth it scores reconstructions against; the answer to the query also names the sender of an error
+reply, which carries nothing else. The strategy checks the reply's field against the node's answer,
+removes it before aggregation, and the attack never uses it beyond naming the victim.
+
+A client named in the run's `inject-faults` spoils its reply (or raises) on purpose, every round:
+see fl_sim/faults.py.
 
 `app` reads its settings from Flower's run config (`flwr run .`); `fl-sim run` builds one with
 `make_client_app(config)` because run_simulation passes no run config.
@@ -16,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_sim.faults import InjectedCrash, spoil_reply
 from fl_sim.federation import RunConfig, cached_dataset, evaluate_model, image_spec, settings_from_config
 from fl_sim.models import build_model
 from fl_sim.partition import partition_indices, round_examples
@@ -23,6 +29,7 @@ from fl_sim.partition import partition_indices, round_examples
 from .training import local_train
 
 PARTITION_KEY = "partition-id"  # simulation-only routing field of the reply, see the module docstring
+LOSS_KEY = "train-loss"
 
 
 def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
@@ -33,6 +40,9 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         config = RunConfig.from_flower(context.run_config, defaults)
         partition_id, num_partitions = node_partition(context)
+        fault = config.inject_faults.get(partition_id)
+        if fault == "crash":
+            raise InjectedCrash(f"client {partition_id}: injected crash (inject-faults)")
         settings = settings_from_config(msg.content["config"])
         server_round = int(msg.content["config"]["server-round"])
         dataset = cached_dataset(config.dataset, config.data_root, True)
@@ -42,9 +52,18 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         model = received_model(msg, config, dataset)
         device = next(model.parameters()).device
         loss = local_train(model, images.to(device), labels.to(device), settings)
-        metrics = {"train-loss": loss, "num-examples": len(examples), PARTITION_KEY: partition_id}
-        content = RecordDict({"arrays": ArrayRecord(_cpu(model.state_dict())), "metrics": MetricRecord(metrics)})
+        arrays = _cpu(model.state_dict())
+        metrics = {LOSS_KEY: loss, "num-examples": len(examples), PARTITION_KEY: partition_id}
+        if fault:
+            arrays, metrics = spoil_reply(fault, arrays, metrics)
+        content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which partition this node holds: the server asks once, to name the senders of error replies."""
+        partition_id, _ = node_partition(context)
+        return Message(RecordDict({"metrics": MetricRecord({PARTITION_KEY: partition_id})}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

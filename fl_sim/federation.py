@@ -6,7 +6,7 @@ both forms; its field names are the argparse names of `fl-sim run`, so fl_sim/co
 """
 import dataclasses
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from attacker.settings import TrainingSettings
 
 from . import config as flags
 from .data import ImageDataset, load_dataset
+from .faults import format_faults, parse_faults
 from .partition import PARTITIONS
 
 # The training settings the server sends with every round, under these ConfigRecord keys.
@@ -52,6 +53,7 @@ class RunConfig:
     client_eval: bool = False
     device: str = "auto"
     seed: int = 0
+    inject_faults: dict[int, str] = field(default_factory=dict)  # partition id -> fault kind (fl_sim/faults.py)
 
     @classmethod
     def from_args(cls, args) -> "RunConfig":
@@ -59,6 +61,8 @@ class RunConfig:
         values = {name: getattr(args, name) for name in names if hasattr(args, name)}
         if isinstance(values.get("attack_clients"), str):
             values["attack_clients"] = parse_client_list(values["attack_clients"])
+        if isinstance(values.get("inject_faults"), str):
+            values["inject_faults"] = parse_faults(values["inject_faults"])
         return cls(**values)
 
     @classmethod
@@ -74,6 +78,8 @@ class RunConfig:
             name = by_key[key]
             if name == "attack_clients":
                 value = parse_client_list(str(value))
+            elif name == "inject_faults":
+                value = parse_faults(str(value))
             elif name in ("data_root", "restarts"):  # TOML has no null: "" and 0 stand for "the default"
                 value = value or None
             values[name] = value
@@ -86,6 +92,8 @@ class RunConfig:
             value = getattr(self, f.name)
             if f.name == "attack_clients":
                 value = ",".join(map(str, value)) if value is not None else ""
+            elif f.name == "inject_faults":
+                value = format_faults(value)
             elif value is None:
                 value = 0 if f.name == "restarts" else ""
             values[flower_key(f.name)] = value
@@ -109,6 +117,9 @@ class RunConfig:
         outside = [c for c in self.attack_clients or () if not 0 <= c < self.num_clients]
         if outside:
             raise flags.ConfigError(f"--attack-clients {outside} are not clients 0..{self.num_clients - 1}")
+        outside = sorted(c for c in self.inject_faults if not 0 <= c < self.num_clients)
+        if outside:
+            raise flags.ConfigError(f"--inject-faults names {outside}, not clients 0..{self.num_clients - 1}")
 
     @property
     def settings(self) -> TrainingSettings:
