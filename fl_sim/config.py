@@ -4,7 +4,7 @@ Every check runs before any work starts and fails with one sentence (ConfigError
 never costs a half-finished run.
 """
 import argparse
-import os
+import tempfile
 from pathlib import Path
 
 from attacker.settings import PRESETS, TrainingSettings, get_attack
@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 
 
-def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
     """The data, model, training and attack flags every command shares."""
     data = parser.add_argument_group("data and model")
     data.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default mnist)")
@@ -41,15 +41,15 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
                         help="treat the weight change / (steps x lr) as one gradient instead of replaying K steps")
     attack.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=out_required, help="output folder")
 
 
 def training_settings(args) -> TrainingSettings:
     try:
         return TrainingSettings(lr=args.lr, local_steps=args.local_steps, batch_size=args.batch_size,
                                 epochs=args.epochs, momentum=args.momentum)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    except ValueError as error:  # its messages start with the setting's name: the flag's, without "--"
+        raise ConfigError(f"--{error}") from None
 
 
 def check_task_arguments(args) -> None:
@@ -77,9 +77,16 @@ def attack_config(args):
 
 
 def check_writable(folder) -> None:
+    """Tries a file in the nearest existing folder on the way (permissions, read-only disks), leaving nothing."""
     path = Path(folder)
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise ConfigError(f"output folder {str(path)!r} cannot be written ({str(probe)!r} is not a writable folder)")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(probe)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise ConfigError(f"output folder {str(path)!r} cannot be written ({str(probe)!r} is not a writable folder)") \
+            from None

@@ -1,11 +1,15 @@
 """OUT/gallery.html: every attacked client's truth beside its reconstruction, round by round.
 
 Built only from what the run already wrote (run.json, global.jsonl, metrics.jsonl and the PNGs), so it
-can be rebuilt after every round, or at any time later. Every value from those files is escaped.
+can be rebuilt after every round, or at any time later. Every value from those files is escaped, and
+only rows whose round and client are non-negative integers name an image (so no path leaves OUT).
 """
 import json
+import math
+import operator
 import statistics
 from html import escape
+from numbers import Real
 from pathlib import Path
 
 from .outputs import atomic_write_bytes, read_jsonl
@@ -21,6 +25,9 @@ img { image-rendering: pixelated; max-width: 60em; }
 
 def client_folder(server_round: int, client: int) -> str:
     """Where a client's images of a round lie, relative to the run's output folder."""
+    server_round, client = operator.index(server_round), operator.index(client)  # ints only, never text
+    if server_round < 0 or client < 0:
+        raise ValueError(f"round {server_round} and client {client} must be non-negative")
     return f"round-{server_round:03d}/client-{client:03d}"
 
 
@@ -28,8 +35,8 @@ def write_gallery(out: str | Path) -> Path:
     """(Re)writes OUT/gallery.html from the run's files; returns its path."""
     out = Path(out)
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    global_rows = {row["round"]: row for row in read_jsonl(out / "global.jsonl")}
-    attack_rows = read_jsonl(out / "metrics.jsonl")
+    global_rows = {row["round"]: row for row in read_jsonl(out / "global.jsonl") if _count(row.get("round"))}
+    attack_rows = [row for row in read_jsonl(out / "metrics.jsonl") if _count(row.get("round"))]
     rounds = sorted(set(global_rows) | {row["round"] for row in attack_rows})
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>fl-sim run {escape(out.name)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>fl-sim run: {escape(out.name)}</h1>", _summary(run)]
@@ -60,31 +67,39 @@ def _round(out: Path, server_round: int, global_row: dict | None, rows: list[dic
     if not rows:
         html.append("<p>No client was attacked in this round.</p>")
         return "\n".join(html)
-    psnrs = [row["psnr"] for row in rows if row.get("psnr") is not None]
+    psnrs = [row["psnr"] for row in rows if isinstance(row.get("psnr"), Real)]
     median = statistics.median(psnrs) if psnrs else None
-    html.append(f"<p>{escape(str(len(rows)))} client(s) attacked, PSNR median {escape(_number(median, '.1f'))} dB</p>")
+    html.append(f"<p>{escape(str(len(rows)))} client(s), PSNR median {escape(_number(median, '.1f'))} dB</p>")
     html.append("<table><tr><th>client</th><th>truth</th><th>reconstruction</th><th>PSNR (dB)</th><th>SSIM</th>"
-                "<th>MSE</th><th>labels right</th><th>status</th></tr>")
-    for row in sorted(rows, key=lambda r: r["client"]):
-        folder = client_folder(server_round, int(row["client"]))
+                "<th>MSE</th><th>labels right</th><th>status</th><th>reason</th></tr>")
+    for row in sorted(rows, key=lambda r: r["client"] if _count(r.get("client")) else math.inf):
+        folder = client_folder(server_round, row["client"]) if _count(row.get("client")) else None
         status = str(row.get("status"))
         html.append(
-            f"<tr><td>{escape(str(row['client']))}</td>"
-            f"<td>{_image(out, folder + '/truth.png', 'truth')}</td>"
-            f"<td>{_image(out, folder + '/reconstruction.png', 'reconstruction')}</td>"
+            f"<tr><td>{escape(str(row.get('client')))}</td>"
+            f"<td>{_image(out, folder, 'truth')}</td><td>{_image(out, folder, 'reconstruction')}</td>"
             f"<td>{escape(_number(row.get('psnr'), '.1f'))}</td><td>{escape(_number(row.get('ssim'), '.3f'))}</td>"
             f"<td>{escape(_number(row.get('mse'), '.2e'))}</td><td>{escape(_number(row.get('label_acc'), '.0%'))}</td>"
-            f"<td class='{'' if status == 'ok' else 'failed'}'>{escape(status)}</td></tr>")
+            f"<td class='{'' if status == 'ok' else 'failed'}'>{escape(status)}</td>"
+            f"<td>{escape(str(row.get('reason', '')))}</td></tr>")
     html.append("</table>")
     return "\n".join(html)
 
 
-def _image(out: Path, relative: str, alt: str) -> str:
-    if not (out / relative).is_file():
+def _image(out: Path, folder: str | None, name: str) -> str:
+    relative = f"{folder}/{name}.png"
+    if folder is None or not (out / relative).is_file():
         return "\u2014"
-    return f"<img src='{escape(relative)}' alt='{escape(alt)}'>"
+    return f"<img src='{escape(relative)}' alt='{escape(name)}'>"
+
+
+def _count(value) -> bool:
+    """A non-negative int, as rounds and client ids are (JSON floats, text and booleans are not)."""
+    return type(value) is int and value >= 0
 
 
 def _number(value, spec: str = ".4f") -> str:
-    """Plain text, escaped where it is placed."""
-    return "\u2014" if value is None else format(value, spec)
+    """Plain text, escaped where it is placed; what is not a number is shown as it is."""
+    if value is None:
+        return "\u2014"
+    return format(value, spec) if isinstance(value, Real) and not isinstance(value, bool) else str(value)

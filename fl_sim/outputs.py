@@ -1,7 +1,8 @@
 """Writing results so that a run that stops keeps everything it finished.
 
 Files are written to a temporary name and renamed (atomic on POSIX); JSON-lines rows are appended
-with one write each and flushed, so a kill leaves no half-written image, file or row.
+with one write each and flushed, so a kill leaves no half-written image or file, and at most a torn
+last row, which readers skip and the next append does not run into.
 """
 import io
 import json
@@ -36,24 +37,45 @@ def write_json(path, obj) -> None:
 def append_jsonl(path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(row, default=_plain) + "\n")
+    with open(path, "a+b") as file:
+        line = (json.dumps(row, default=_plain) + "\n").encode()
+        if file.tell() > 0:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":  # a torn row from a kill: end it, or this row would be glued to it
+                line = b"\n" + line
+        file.write(line)
         file.flush()
         os.fsync(file.fileno())
 
 
+def rewrite_jsonl(path, rows: list[dict]) -> None:
+    """Replaces a JSON-lines file with `rows`, atomically."""
+    atomic_write_bytes(path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
+
+
 def read_jsonl(path) -> list[dict]:
-    """Rows of a JSON-lines file; a torn last line (from a kill mid-write) is ignored."""
+    """The rows (JSON objects) of a JSON-lines file; a torn line (from a kill mid-write) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def inside(out, relative) -> Path:
+    """OUT/relative, refused when it would resolve outside OUT (names built from config or replies)."""
+    root = Path(out).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{str(relative)!r} would lie outside the output folder {str(root)!r}")
+    return path
 
 
 def image_strip(images: torch.Tensor, scale: int = 2) -> Image.Image:

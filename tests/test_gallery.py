@@ -1,5 +1,6 @@
 """The gallery, opened in a real headless browser: the page loads, every image it shows decodes, names are escaped."""
 import json
+import re
 import shutil
 import subprocess
 from html import escape, unescape
@@ -9,7 +10,7 @@ from PIL import Image
 
 from fl_sim.data import load_dataset
 from fl_sim.gallery import client_folder, write_gallery
-from fl_sim.outputs import append_jsonl, save_images, write_json
+from fl_sim.outputs import append_jsonl, inside, save_images, write_json
 
 HOSTILE_STATUS = "error: <script>document.title='hacked'</script> & <b>bold</b>"
 
@@ -96,3 +97,21 @@ def test_the_browser_check_notices_a_missing_image(run_folder, tmp_path):
     widths = {image["src"]: image["width"] for image in browser_report(page, tmp_path / "profile")["images"]}
     assert widths[f"{client_folder(1, 0)}/reconstruction.png"] == 0
     assert widths[f"{client_folder(1, 0)}/truth.png"] > 0
+
+
+def test_rows_from_a_tampered_metrics_file_name_no_path_outside_the_run(run_folder):
+    """Only rows whose round and client are non-negative ints point at images; anything else is shown as text."""
+    for row in ({"round": 1, "client": "../../../etc/passwd", "status": "ok", "psnr": "<b>loud</b>"},
+                {"round": "1/../..", "client": 0, "status": "ok"},
+                {"round": 1, "client": 1.5, "status": "ok", "reason": "<i>why</i>"}):
+        append_jsonl(run_folder / "metrics.jsonl", row)
+    html = write_gallery(run_folder).read_text()
+    sources = re.findall(r"src='([^']*)'", html)
+    assert len(sources) == 7 and all(re.fullmatch(r"round-\d{3}/client-\d{3}/(truth|reconstruction)\.png", s)
+                                      for s in sources)
+    assert escape("../../../etc/passwd") in html and escape("<b>loud</b>") in html and escape("<i>why</i>") in html
+    for client in ("../x", -1, 1.5):
+        with pytest.raises((TypeError, ValueError)):
+            client_folder(1, client)
+    with pytest.raises(ValueError, match="outside the output folder"):
+        inside(run_folder, "round-001/../../elsewhere")

@@ -63,11 +63,22 @@ def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp
         ("--attack-every", "0"): "--attack-every must be at least 1",
         ("--alpha", "0"): "--alpha must be positive",
         ("--attack", "guess"): "unknown attack 'guess'",
+        ("--model", "vgg"): "unknown model 'vgg'",
+        ("--dataset", "svhn"): "unknown dataset 'svhn'",
+        ("--lr", "0"): "--lr must be positive, got 0.0",
+        ("--lr", "nan"): "--lr must be positive, got nan",
+        ("--local-steps", "0"): "--local-steps must be at least 1, got 0",
+        ("--iterations", "0"): "--iterations must be at least 1, got 0",
+        ("--inject-faults", "0=melt"): "unknown fault 'melt'",
+        ("--inject-faults", "2=nan"): "--inject-faults names [2], not clients 0..1",
     }
     for extra, message in cases.items():
         assert cli.main(run_flags(shared_data, tmp_path / "bad", *extra)) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(run_flags(shared_data, tmp_path / "a-file" / "run")) == 2
+    assert "output folder" in capsys.readouterr().err
 
 
 def test_partitions_too_small_for_a_round_are_refused(shared_data, tmp_path, capsys):
