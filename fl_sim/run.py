@@ -2,24 +2,32 @@
 
 Runs the ServerApp and the ClientApp of this project with Flower's simulation engine (Ray) in this
 process, the same apps `flwr run .` runs, and writes the same outputs: OUT/run.json, global.jsonl,
-metrics.jsonl, round-RRR/client-CCC/{truth,reconstruction}.png and gallery.html.
+metrics.jsonl, round-RRR/client-CCC/{truth,reconstruction}.png and gallery.html. `--resume OUT`
+continues a run that was stopped, with the config it was started with (OUT/run.json).
 """
 import argparse
+import dataclasses
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from . import config
-from .federation import RunConfig, cached_dataset
+from .faults import FAULTS
+from .federation import RunConfig, cached_dataset, flower_key
 from .outputs import read_jsonl
 from .partition import PARTITIONS
+from .strategy import REPLY_FAULTS
 
 DEFAULTS = RunConfig()
+# Where and with what a run computes, not what it computes: a resumed run may change these.
+RESUMABLE_ELSEWHERE = ("data_root", "device")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    config.add_task_arguments(parser)
+    config.add_task_arguments(parser, out_required=False)
     fed = parser.add_argument_group("federation")
     fed.add_argument("--num-clients", type=int, default=DEFAULTS.num_clients, help="clients, one per partition")
     fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")
@@ -34,17 +42,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also have clients evaluate the global model on their share of the test split")
     fed.add_argument("--client-cpus", type=float, default=1.0, help="CPU cores Ray reserves per client")
     fed.add_argument("--client-gpus", type=float, default=0.0, help="GPU share Ray reserves per client")
+    reliability = parser.add_argument_group("faults and interruptions")
+    reliability.add_argument("--inject-faults", default="", metavar="CLIENT=KIND,...",
+                             help=f"clients that send bad replies every round, e.g. 0=nan,2=crash; kinds: "
+                                  f"{', '.join(FAULTS)}")
+    reliability.add_argument("--resume", metavar="OUT",
+                             help="continue the stopped run in OUT after its last finished round, with its config "
+                                  "(OUT/run.json); other flags must agree with it, except --data-root, --device, "
+                                  "--client-cpus and --client-gpus")
 
 
 def check(args) -> RunConfig:
     """The run's config, checked with its data before Ray starts (bad flags cost no simulation)."""
-    run_config = RunConfig.from_args(args)
+    if (args.out is None) == (args.resume is None):
+        raise config.ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
+    run_config = resumed_config(args) if args.resume else RunConfig.from_args(args)
     run_config.check()
     if not args.client_cpus > 0 or args.client_gpus < 0:
         raise config.ConfigError("--client-cpus must be positive and --client-gpus non-negative")
     for train in (True, False):
         cached_dataset(run_config.dataset, run_config.data_root, train)  # DataNotFoundError says what to do
     return run_config
+
+
+def resumed_config(args) -> RunConfig:
+    """The config OUT/run.json holds, writing to OUT; a flag given that differs from it is an error."""
+    out = Path(args.resume)
+    try:
+        stored = json.loads((out / "run.json").read_text())["config"]
+    except FileNotFoundError:
+        raise config.ConfigError(f"--resume {str(out)!r}: no run.json there, so no run to continue") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise config.ConfigError(f"--resume {str(out)!r}: run.json cannot be read ({error})") from None
+    run_config = RunConfig.from_flower({key: value for key, value in stored.items() if key != "out-dir"})
+    given, defaults = RunConfig.from_args(args), RunConfig.from_args(default_arguments())
+    changes = {}
+    for name in (setting.name for setting in dataclasses.fields(RunConfig)):
+        value = getattr(given, name)
+        if name == "out" or value == getattr(defaults, name):
+            continue  # not given (or given as the default): the run's own value holds
+        if name in RESUMABLE_ELSEWHERE:
+            changes[name] = value
+        elif value != getattr(run_config, name):
+            key = flower_key(name)
+            raise config.ConfigError(f"--resume: --{name.replace('_', '-')} {given.to_flower()[key]!r} conflicts "
+                                     f"with the run's {run_config.to_flower()[key]!r} (run.json); leave it out "
+                                     f"to continue the run, or start a new one with --out")
+    return dataclasses.replace(run_config, out=str(out), **changes)
+
+
+def default_arguments() -> argparse.Namespace:
+    """What `fl-sim run` would get with no flags."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([])
 
 
 def run(args) -> dict:
@@ -56,9 +107,10 @@ def run(args) -> dict:
 
     from .server_app import make_server_app, preflight
 
-    preflight(run_config)
+    resume = args.resume is not None
+    preflight(run_config, resume)
     started = time.perf_counter()
-    run_simulation(server_app=make_server_app(run_config), client_app=make_client_app(run_config),
+    run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
                    num_supernodes=run_config.num_clients,
                    backend_config={"client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus}})
     return summary(run_config.out, time.perf_counter() - started)
@@ -66,13 +118,15 @@ def run(args) -> dict:
 
 def summary(out, seconds: float) -> dict:
     """What a finished run wrote, in a few numbers."""
-    attack_rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    attack_rows = [row for row in rows if row.get("status") not in REPLY_FAULTS]
     global_rows = read_jsonl(os.path.join(out, "global.jsonl"))
     psnrs = [row["psnr"] for row in attack_rows if row.get("psnr") is not None]
     return {
         "rounds": len(global_rows),
         "attacked": len(attack_rows),
         "failed": sum(row.get("status") != "ok" for row in attack_rows),
+        "left_out": len(rows) - len(attack_rows),
         "psnr_median": float(np.median(psnrs)) if psnrs else None,
         "accuracy": global_rows[-1]["accuracy"] if global_rows else None,
         "seconds": seconds,
@@ -84,6 +138,7 @@ def main(args) -> int:
     psnr = "n/a" if result["psnr_median"] is None else f"{result['psnr_median']:.1f} dB"
     accuracy = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.2%}"
     print(f"fl-sim run: {result['rounds']} round(s), {result['attacked']} attacked update(s) "
-          f"({result['failed']} failed), PSNR median {psnr}, final global accuracy {accuracy}, "
-          f"{result['seconds']:.1f} s -> {args.out}")
+          f"({result['failed']} failed), {result['left_out']} faulty client-round(s) left out, "
+          f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
+          f"-> {args.out or args.resume}")
     return 0

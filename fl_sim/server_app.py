@@ -5,12 +5,14 @@ FedAvg and inverts the updates. The global evaluation scores the model on the te
 round (OUT/global.jsonl), so users see it learn. The evaluation path (`Scoreboard`) re-derives each
 attacked client's round examples from the seed, scores the reconstruction against them and keeps
 the images (OUT/metrics.jsonl, OUT/round-RRR/client-CCC/). A real server would not have that truth;
-only the scoreboard reads it, never the strategy or the engine. OUT/gallery.html is rebuilt after
-every round, so a run that stops keeps every round it finished.
+only the scoreboard reads it, never the strategy or the engine. Replies the strategy left out get a
+row too, with their status and reason. Each round ends with OUT/checkpoint.pt, its commit point
+(fl_sim/resume.py): a killed run resumes after the last round it finished, with nothing doubled.
 
 `app` reads its settings from Flower's run config (`flwr run .`); `fl-sim run` builds one with
 `make_server_app(config)` because run_simulation passes no run config.
 """
+import json
 import platform
 import time
 from datetime import datetime, timezone
@@ -20,20 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
+from clients.app import PARTITION_KEY
 
 from . import config as flags
 from .evaluation import score_and_save, summarise
 from .federation import RunConfig, cached_dataset, evaluate_model, image_spec, settings_to_config
 from .gallery import client_folder, write_gallery
 from .models import build_model
-from .outputs import append_jsonl, write_json
+from .outputs import append_jsonl, inside, write_json
 from .partition import partition_indices, round_examples
-from .strategy import AttackPlan, InvertingFedAvg
+from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
+from .strategy import AttackPlan, InvertingFedAvg, ReplyFault
 
 
 class Scoreboard:
@@ -65,13 +69,15 @@ class Scoreboard:
                                   server_round)
         return self.train.tensors(examples)
 
-    def __call__(self, server_round: int, clients: list[int], results: list[Reconstruction], seconds: float):
+    def record_attack(self, server_round: int, clients: list[int], results: list[Reconstruction], seconds: float):
         rows = []
         for client, result in zip(clients, results):
             images, labels = self.truth(server_round, client)
             row = {"round": server_round, "client": client,
-                   **score_and_save(result, images, labels, self.out / client_folder(server_round, client)),
+                   **score_and_save(result, images, labels, inside(self.out, client_folder(server_round, client))),
                    "seconds": seconds / len(clients), "round_attack_seconds": seconds}
+            if not result.ok:
+                row["status"], row["reason"] = attack_failure(result.status)
             append_jsonl(self.out / "metrics.jsonl", row)
             rows.append(row)
         summary = summarise(rows)
@@ -80,67 +86,130 @@ class Scoreboard:
             server_round, len(rows), seconds, "n/a" if psnr is None else f"{psnr:.1f}",
             100 * (summary["label_acc"] or 0), summary["failed"])
 
+    def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
+        """A row per client-round the strategy left out: neither attacked nor averaged."""
+        for fault in faults:
+            append_jsonl(self.out / "metrics.jsonl", {
+                "round": server_round, "client": fault.client, "status": fault.status, "reason": fault.reason,
+                "psnr": None, "ssim": None, "mse": None, "label_acc": None})
 
-class GlobalEvaluation:
-    """The strategy's evaluate_fn: the global model on the whole test split after every round."""
 
-    def __init__(self, out: Path, config: RunConfig, device: torch.device):
+def attack_failure(status: str) -> tuple[str, str]:
+    """The engine's status of a failed victim as a row's (status, reason)."""
+    if status.startswith("error: "):
+        return "attack-error", status.removeprefix("error: ")
+    if status == "diverged":
+        return "diverged", "every restart of the attack diverged"
+    return status, status
+
+
+class RoundEnd:
+    """The strategy's evaluate_fn, run as each round ends: the global model scored on the whole test
+    split (OUT/global.jsonl), the gallery rebuilt, then the round committed with OUT/checkpoint.pt."""
+
+    def __init__(self, out: Path, config: RunConfig, device: torch.device, elapsed_before: float = 0.0):
         self.out, self.config, self.device = out, config, device
         self.test = cached_dataset(config.dataset, config.data_root, False)
         (channels, size, _), classes = image_spec(self.test)
         self.model = build_model(config.model, channels, size, classes).to(device)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - elapsed_before
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        weights = arrays.to_torch_state_dict()
+        self.model.load_state_dict(weights)
         scores = evaluate_model(self.model, self.test, np.arange(len(self.test)))
         if server_round > 0:  # round 0 (the initial model) is logged by Flower, not a row of the run
+            elapsed = time.perf_counter() - self.started
             append_jsonl(self.out / "global.jsonl", {"round": server_round, "accuracy": scores["accuracy"],
-                                                     "loss": scores["loss"],
-                                                     "elapsed_seconds": time.perf_counter() - self.started})
+                                                     "loss": scores["loss"], "elapsed_seconds": elapsed})
             write_gallery(self.out)
+            save_checkpoint(self.out, Checkpoint(server_round, weights, elapsed))
             log(INFO, "round %s/%s: global accuracy %.2f%%, loss %.4f", server_round, self.config.rounds,
                 100 * scores["accuracy"], scores["loss"])
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
 
-def preflight(config: RunConfig) -> Scoreboard:
+def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
     """Every check of the config and its data that can fail before a round runs."""
     config.check()
-    if (Path(config.out) / "run.json").exists():  # appending to another run's rows would mix the two
-        raise flags.ConfigError(f"{config.out!r} already holds a run (run.json): choose another output folder")
+    holds_run = (Path(config.out) / "run.json").exists()
+    if holds_run and not resume:  # appending to another run's rows would mix the two
+        raise flags.ConfigError(f"{config.out!r} already holds a run (run.json): choose another output folder, "
+                                "or continue it with --resume")
+    if resume and not holds_run:
+        raise flags.ConfigError(f"{config.out!r} holds no run to resume (no run.json)")
+    if resume:
+        load_checkpoint(config.out)  # one that cannot be read is said now
     scoreboard = Scoreboard(config)
     scoreboard.check_partitions()
     return scoreboard
 
 
-def run_federation(grid: Grid, config: RunConfig) -> None:
-    """The whole run: check, set up, train `config.rounds` rounds, and record everything under config.out."""
-    scoreboard = preflight(config)
+def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
+    """The whole run: check, set up, train `config.rounds` rounds, and record everything under config.out.
+
+    With `resume`, config.out holds a run that was stopped: it goes on after its last checkpoint.
+    """
+    scoreboard = preflight(config, resume)
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = config.settings
     device = resolve_device(config.device)
-    global_evaluation = GlobalEvaluation(out, config, device)
-    (channels, size, _), classes = image_spec(global_evaluation.test)  # the server's own data, not the truth
+    checkpoint = load_checkpoint(out) if resume else None
+    done = checkpoint.server_round if checkpoint else 0
+    round_end = RoundEnd(out, config, device, checkpoint.elapsed_seconds if checkpoint else 0.0)
+    (channels, size, _), classes = image_spec(round_end.test)  # the server's own data, not the truth
     model = build_model(config.model, channels, size, classes, init=config.init, seed=config.seed)
-    record = {"config": config.to_flower(), "seed": config.seed, "device": str(device),
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+    if resume:
+        rewind(out, done)
+        write_gallery(out)
+        record = json.loads((out / "run.json").read_text())
+        record.pop("finished", None)
+        record["resumed"] = [*record.get("resumed", []), {"after_round": done, "at": now()}]
+        log(INFO, "resuming %s after round %s of %s", out, done, config.rounds)
+    else:
+        record = {"config": config.to_flower(), "seed": config.seed, "device": str(device), "started": now(),
+                  "versions": versions()}
     write_json(out / "run.json", record)
-    wait_for_clients(grid, config.num_clients)
-    attack = flags.attack_config(config) if config.attack != "none" else None
-    strategy = InvertingFedAvg(
-        model, attack, scoreboard, image_shape=(channels, size, size), num_classes=classes,
-        iterations=config.iterations, seed=config.seed, replay=not config.no_replay, device=device, progress=True,
-        plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None),
-        fraction_train=1.0, min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
-        fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
-    strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=config.rounds,
-                   train_config=ConfigRecord(settings_to_config(settings)),
-                   evaluate_fn=global_evaluation)
+    if done < config.rounds:
+        partitions = identify_clients(grid, config.num_clients)
+        attack = flags.attack_config(config) if config.attack != "none" else None
+        strategy = InvertingFedAvg(
+            model, attack, scoreboard, partitions=partitions, image_shape=(channels, size, size),
+            num_classes=classes, iterations=config.iterations, seed=config.seed, replay=not config.no_replay,
+            device=device, progress=True,
+            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None),
+            fraction_train=1.0, min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
+            fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
+        initial = checkpoint.weights if checkpoint else model.state_dict()
+        strategy.start(grid, ArrayRecord(initial), num_rounds=config.rounds, first_round=done + 1,
+                       train_config=ConfigRecord(settings_to_config(settings)), evaluate_fn=round_end)
     write_json(out / "run.json", {**record, "finished": True, "seconds": time.perf_counter() - started})
     write_gallery(out)
+
+
+def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
+    """node id -> partition id of every client, as each node says (error replies name no client).
+
+    Fails with one sentence, before any round, when a node does not answer or two claim one partition.
+    """
+    wait_for_clients(grid, expected)
+    asks = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+    partitions = {}
+    for reply in grid.send_and_receive(asks, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise flags.ConfigError(f"node {node} did not say its partition: {reply.error.reason.strip()}")
+        metrics = reply.content.metric_records.get("metrics") or {}
+        partition = metrics.get(PARTITION_KEY)
+        if type(partition) is not int or not 0 <= partition < expected:
+            raise flags.ConfigError(f"node {node} says it holds partition {partition!r}, not one of 0..{expected - 1}")
+        partitions[node] = partition
+    if sorted(partitions.values()) != list(range(expected)):
+        raise flags.ConfigError(f"the nodes hold partitions {sorted(partitions.values())}, not each of "
+                                f"0..{expected - 1} once: give every SuperNode its own partition-id")
+    return partitions
 
 
 def wait_for_clients(grid: Grid, expected: int, timeout: float = 120.0) -> None:
@@ -159,6 +228,10 @@ def wait_for_clients(grid: Grid, expected: int, timeout: float = 120.0) -> None:
             f"(fl-sim run --num-clients, or flwr run --federation-config 'num-supernodes={expected}')")
 
 
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in ("fl-sim", "flwr", "torch", "numpy", "ray"):
@@ -169,13 +242,13 @@ def versions() -> dict:
     return found
 
 
-def make_server_app(defaults: RunConfig | None = None) -> ServerApp:
-    """A ServerApp whose run config is Flower's (if any) over `defaults`."""
+def make_server_app(defaults: RunConfig | None = None, resume: bool = False) -> ServerApp:
+    """A ServerApp whose run config is Flower's (if any) over `defaults`; `resume` goes on with a stopped run."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, RunConfig.from_flower(context.run_config, defaults))
+        run_federation(grid, RunConfig.from_flower(context.run_config, defaults), resume)
 
     return app
 

@@ -1,6 +1,7 @@
 """Hand-built Flower messages and contexts, to call the apps and the strategy without Ray or a SuperLink."""
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -33,3 +34,40 @@ def train_message(weights: dict, settings: TrainingSettings, server_round: int, 
 def lenet():
     """The global model of these tests: LeNet for MNIST, seeded."""
     return build_model("lenet", 1, 28, 10, init="default", seed=0)
+
+
+class LocalGrid:
+    """A Grid whose nodes 100, 101, ... run the ClientApp in this process: a federation without Ray.
+
+    A ClientApp that raises gets an error reply, as Flower's simulation sends one.
+    """
+
+    def __init__(self, client_app, num_clients: int):
+        self.client_app, self.num_clients = client_app, num_clients
+
+    def get_node_ids(self):
+        return [100 + partition_id for partition_id in range(self.num_clients)]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.reply(msg) for msg in messages]
+
+    def reply(self, msg: Message) -> Message:
+        try:
+            return self.client_app(msg, node_context(msg.metadata.dst_node_id - 100, self.num_clients))
+        except Exception as error:
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error)}:<'{error}'>"),
+                           reply_to=msg)
+
+
+class Recorder(list):
+    """Collects what the strategy reports: (round, victims, results) per attack, (round, fault) in .faults."""
+
+    def __init__(self):
+        super().__init__()
+        self.faults = []
+
+    def record_attack(self, server_round, victims, results, seconds):
+        self.append((server_round, victims, results))
+
+    def record_faults(self, server_round, faults):
+        self.faults.extend((server_round, fault) for fault in faults)

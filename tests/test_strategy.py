@@ -1,9 +1,9 @@
 """The inverting strategy, driven round by round with real ClientApp replies (no Ray): it attacks as planned,
-hands the engine the true updates, and still aggregates exactly as FedAvg."""
+hands the engine the true updates, still aggregates exactly as FedAvg, and leaves out (and records) bad replies."""
 import numpy as np
 import pytest
 import torch
-from flower_helpers import lenet, node_context, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid, Recorder, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 
 from attacker import TrainingSettings, get_attack
@@ -12,25 +12,11 @@ from fl_sim.data import load_dataset
 from fl_sim.federation import RunConfig, settings_to_config
 from fl_sim.metrics import psnr
 from fl_sim.partition import partition_indices, round_examples
-from fl_sim.strategy import AttackPlan, InvertingFedAvg
+from fl_sim.strategy import CLIENT_ERROR, NO_REPLY, REJECTED, AttackPlan, InvertingFedAvg, ReplyFault
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
 CLIENTS = 2
 pytestmark = pytest.mark.usefixtures("server_identity")
-
-
-class NodeIds:
-    """The one Grid call FedAvg's node sampling makes."""
-
-    def get_node_ids(self):
-        return [100 + partition_id for partition_id in range(CLIENTS)]
-
-
-class Sink(list):
-    """Collects what the strategy hands to the evaluation path."""
-
-    def __call__(self, server_round, victims, results, seconds):
-        self.append((server_round, victims, results))
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +32,19 @@ def client_app(config):
 def strategy_with(sink, attack="idlg", iterations=1, **options):
     options.setdefault("image_shape", (1, 28, 28))
     return InvertingFedAvg(lenet(), get_attack(attack, restarts=1) if attack else None, sink, num_classes=10,
-                           iterations=iterations, device="cpu", min_train_nodes=CLIENTS,
+                           partitions={100 + p: p for p in range(CLIENTS)}, iterations=iterations, device="cpu",
+                           min_train_nodes=CLIENTS,
                            min_available_nodes=CLIENTS, fraction_evaluate=0.0, **options)
 
 
 def replies_of(strategy, client_app, weights, server_round):
-    messages = strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord(settings_to_config(SETTINGS)),
-                                        NodeIds())
-    return [client_app(msg, node_context(msg.metadata.dst_node_id - 100, CLIENTS)) for msg in messages]
+    grid = LocalGrid(client_app, CLIENTS)
+    return grid.send_and_receive(strategy.configure_train(server_round, ArrayRecord(weights),
+                                                          ConfigRecord(settings_to_config(SETTINGS)), grid))
 
 
 def test_a_round_inverts_every_client_then_aggregates_as_fedavg(config, client_app, shared_data):
-    sink = Sink()
+    sink = Recorder()
     strategy = strategy_with(sink, iterations=5)
     weights = lenet().state_dict()
     replies = replies_of(strategy, client_app, weights, server_round=1)
@@ -80,7 +67,7 @@ def test_a_round_inverts_every_client_then_aggregates_as_fedavg(config, client_a
 
 
 def test_the_plan_picks_rounds_and_clients(client_app):
-    sink = Sink()
+    sink = Recorder()
     strategy = strategy_with(sink, plan=AttackPlan(every=2, clients=frozenset({1})))
     weights = lenet().state_dict()
     for server_round in (1, 2, 3):
@@ -90,14 +77,14 @@ def test_the_plan_picks_rounds_and_clients(client_app):
 
 
 def test_with_the_attack_off_it_is_plain_fedavg(client_app):
-    sink = Sink()
+    sink = Recorder()
     strategy = strategy_with(sink, attack=None)
     arrays, _ = strategy.aggregate_train(1, replies_of(strategy, client_app, lenet().state_dict(), 1))
     assert sink == [] and arrays is not None
 
 
 def test_a_failed_attack_is_reported_per_client_and_training_goes_on(client_app):
-    sink = Sink()
+    sink = Recorder()
     strategy = strategy_with(sink, image_shape=(1, 9, 9))  # not what the model takes: the engine raises
     arrays, _ = strategy.aggregate_train(1, replies_of(strategy, client_app, lenet().state_dict(), 1))
     [(_, victims, results)] = sink
@@ -107,7 +94,7 @@ def test_a_failed_attack_is_reported_per_client_and_training_goes_on(client_app)
 
 
 def test_clients_that_failed_are_neither_attacked_nor_averaged(client_app):
-    sink = Sink()
+    sink = Recorder()
     strategy = strategy_with(sink)
     replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
     failed = next(r for r in replies if r.content["metrics"][PARTITION_KEY] == 0)
@@ -115,17 +102,50 @@ def test_clients_that_failed_are_neither_attacked_nor_averaged(client_app):
     broken = Message(Error(code=0, reason="client crashed"), reply_to=_request_of(failed))
     arrays, _ = strategy.aggregate_train(1, [broken, kept])
     assert [victims for _, victims, _ in sink] == [[1]]
+    assert sink.faults == [(1, ReplyFault(0, CLIENT_ERROR, "error reply: client crashed"))]
     expected = kept.content["arrays"].to_torch_state_dict()
     for name, tensor in arrays.to_torch_state_dict().items():
         np.testing.assert_allclose(tensor.numpy(), expected[name].numpy())
 
 
-def test_a_reply_without_its_partition_is_refused(client_app):
-    strategy = strategy_with(Sink())
+def test_a_client_that_does_not_reply_is_recorded_and_the_round_goes_on(client_app):
+    sink = Recorder()
+    strategy = strategy_with(sink, attack=None)
     replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
-    del replies[0].content["metrics"][PARTITION_KEY]
-    with pytest.raises(ValueError, match="has no 'partition-id'"):
-        strategy.aggregate_train(1, replies)
+    kept = [r for r in replies if r.content["metrics"][PARTITION_KEY] == 1]
+    arrays, _ = strategy.aggregate_train(1, kept)
+    assert [(r, fault.client, fault.status) for r, fault in sink.faults] == [(1, 0, NO_REPLY)]
+    assert arrays is not None
+
+
+def test_a_reply_claiming_another_clients_partition_is_left_out(client_app):
+    sink = Recorder()
+    strategy = strategy_with(sink)
+    replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
+    liar = next(r for r in replies if r.content["metrics"][PARTITION_KEY] == 0)
+    liar.content["metrics"][PARTITION_KEY] = 1
+    strategy.aggregate_train(1, replies)
+    [(_, fault)] = sink.faults
+    assert (fault.client, fault.status) == (0, REJECTED) and "partition-id is 1, the round asked for 0" in fault.reason
+    assert [victims for _, victims, _ in sink] == [[1]]
+
+
+def test_a_resumed_run_goes_on_with_the_runs_own_round_numbers(config, client_app, shared_data):
+    """Flower counts rounds from 1 in every start(); after a resume, clients, attack and evaluation must
+    all see the run's round (3 here), or clients would train on round 1's examples again."""
+    sink, evaluated = Recorder(), []
+    strategy = strategy_with(sink)
+    strategy.start(LocalGrid(client_app, CLIENTS), ArrayRecord(lenet().state_dict()), num_rounds=3, first_round=3,
+                   train_config=ConfigRecord(settings_to_config(SETTINGS)),
+                   evaluate_fn=lambda server_round, arrays: evaluated.append(server_round))
+    assert evaluated == [0, 3]
+    [(server_round, victims, results)] = sink
+    assert server_round == 3 and victims == [0, 1]
+    train = load_dataset("mnist", shared_data, train=True)
+    partitions = partition_indices(train.labels, CLIENTS, seed=config.seed)
+    for partition_id, result in zip(victims, results):
+        _, labels = train.tensors(round_examples(partitions[partition_id], 1, config.seed, partition_id, 3))
+        assert torch.equal(result.labels, labels)  # iDLG reads the label of the example trained on
 
 
 def test_attack_every_must_be_positive():

@@ -1,0 +1,69 @@
+"""Continuing a killed run (`fl-sim run --resume OUT`) from the last round it finished.
+
+A round is committed in this order: its metrics.jsonl rows and images, then its global.jsonl row and
+the gallery, and last OUT/checkpoint.pt (the new global model and the round's number), written to a
+temporary name and renamed. The checkpoint is the commit point: a kill before its rename loses the
+round as a whole (on resume `rewind` drops its rows and images and the round runs again), a kill
+after it loses nothing. So a resumed run has every round once, whenever the kill came.
+"""
+import io
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .outputs import atomic_write_bytes, read_jsonl, rewrite_jsonl
+
+CHECKPOINT = "checkpoint.pt"
+ROUND_FILES = ("metrics.jsonl", "global.jsonl")
+ROUND_FOLDER = re.compile(r"round-(\d+)")
+
+
+@dataclass
+class Checkpoint:
+    server_round: int  # the last round finished
+    weights: dict[str, torch.Tensor]  # the global model after it
+    elapsed_seconds: float  # run time up to it, so a resumed run's clock goes on
+
+
+def save_checkpoint(out, checkpoint: Checkpoint) -> None:
+    buffer = io.BytesIO()
+    torch.save({"round": checkpoint.server_round, "model": checkpoint.weights,
+                "elapsed_seconds": checkpoint.elapsed_seconds}, buffer)
+    atomic_write_bytes(Path(out) / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(out) -> Checkpoint | None:
+    """OUT's checkpoint (tensors and numbers only: weights_only), or None before round 1 finished."""
+    path = Path(out) / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        server_round, weights = state["round"], state["model"]
+        if type(server_round) is not int or server_round < 1 or not all(
+                isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in weights.items()):
+            raise ValueError("unexpected contents")
+        return Checkpoint(server_round, dict(weights), float(state.get("elapsed_seconds", 0.0)))
+    except Exception as error:
+        raise ConfigError(f"{str(path)!r} is not a checkpoint fl-sim run wrote ({type(error).__name__}: {error})") \
+            from None
+
+
+def rewind(out, last_round: int) -> None:
+    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go."""
+    out = Path(out)
+    for name in ROUND_FILES:
+        if (out / name).exists():
+            rows = read_jsonl(out / name)
+            rewrite_jsonl(out / name, [row for row in rows
+                                       if type(row.get("round")) is int and 1 <= row["round"] <= last_round])
+    for folder in out.iterdir():
+        match = ROUND_FOLDER.fullmatch(folder.name)
+        if match and int(match.group(1)) > last_round and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+    for leftover in out.rglob(".*.tmp"):  # atomic_write_bytes's temporary names, left by a kill
+        leftover.unlink()
