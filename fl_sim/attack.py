@@ -43,6 +43,11 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
     return rng.choice(dataset_size, size=victims * per_victim, replace=False).reshape(victims, per_victim)
 
 
+def update_norm(update: dict, names, lr: float) -> float:
+    """The size of what the client sent, as a gradient: ||change of the parameters|| / lr."""
+    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names))) / lr
+
+
 def run(args) -> dict:
     started = time.perf_counter()
     check(args)
@@ -71,13 +76,16 @@ def run(args) -> dict:
         torch.cuda.synchronize()
     attack_seconds = time.perf_counter() - attack_started
     out = Path(args.out)
+    parameter_names = [name for name, _ in model.named_parameters()]
     rows = []
     for victim, (result, (images, labels)) in enumerate(zip(results, truth)):
-        row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}")}
+        row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
+               "update_norm": update_norm(updates[victim], parameter_names, settings.lr)}
         rows.append(row)
     (out / "metrics.jsonl").write_text("".join(_json_line(row) for row in rows))
     summary = {
         **summarise(rows),
+        "update_norm_median": float(np.median([row["update_norm"] for row in rows])),
         "iterations": args.iterations,
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - started,
