@@ -10,6 +10,7 @@ Every reply is checked first (fl_sim/validation.py): an error reply, no reply, o
 poison the average is neither attacked nor averaged, and the recorder gets its client and reason.
 """
 
+import re
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,9 @@ from .validation import ExpectedReply, reply_problem
 # A client-round left out of the average, and why; the statuses its metrics.jsonl row carries.
 REJECTED, CLIENT_ERROR, NO_REPLY = "rejected", "client-error", "no-reply"
 REPLY_FAULTS = (REJECTED, CLIENT_ERROR, NO_REPLY)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
+MAX_REASON_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,7 @@ class InvertingFedAvg(FedAvg):
                 continue
             answered.add(node)
             if reply.has_error():
-                reason = " ".join(reply.error.reason.split())  # Flower's reasons span lines
-                faults.append(ReplyFault(client, CLIENT_ERROR, f"error reply: {reason}"))
+                faults.append(ReplyFault(client, CLIENT_ERROR, f"error reply: {short_error(reply.error.reason)}"))
                 continue
             expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_KEY: client})
             problem = reply_problem(reply.content, expected)
@@ -198,6 +201,15 @@ class InvertingFedAvg(FedAvg):
             log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
             results = [failed(f"error: {type(error).__name__}: {error}") for _ in victims]
         self.recorder.record_attack(sent.server_round, victims, results, time.perf_counter() - started)
+
+
+def short_error(reason: str) -> str:
+    """Flower's error reason in one line: the ClientApp's own message where the simulation wraps it in a
+    Ray traceback ("... ClientAppException occurred. Message: <it>'>"), else the whole reason, cut short."""
+    text = " ".join(ANSI_ESCAPE.sub("", reason).split())
+    _, wrapped, message = text.rpartition(CLIENT_APP_MESSAGE)
+    text = message.removesuffix("'>") if wrapped else text
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 def round_seed(seed: int, server_round: int) -> int:

@@ -12,7 +12,7 @@ from fl_sim.data import load_dataset
 from fl_sim.federation import RunConfig, settings_to_config
 from fl_sim.metrics import psnr
 from fl_sim.partition import partition_indices, round_examples
-from fl_sim.strategy import CLIENT_ERROR, NO_REPLY, REJECTED, AttackPlan, InvertingFedAvg, ReplyFault
+from fl_sim.strategy import CLIENT_ERROR, NO_REPLY, REJECTED, AttackPlan, InvertingFedAvg, ReplyFault, short_error
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
 CLIENTS = 2
@@ -146,6 +146,16 @@ def test_a_resumed_run_goes_on_with_the_runs_own_round_numbers(config, client_ap
     for partition_id, result in zip(victims, results):
         _, labels = train.tensors(round_examples(partitions[partition_id], 1, config.seed, partition_id, 3))
         assert torch.equal(result.labels, labels)  # iDLG reads the label of the example trained on
+
+
+def test_error_reasons_are_cut_to_the_client_apps_own_message():
+    simulated = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
+                 "\x1b[39m (pid=1)\n  File \"clients/app.py\", line 45, in train\n    raise InjectedCrash(...)\n"
+                 "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+                 "Message: client 2: injected crash'>")
+    assert short_error(simulated) == "client 2: injected crash"
+    assert short_error("<class 'KeyError'>:<'x'>") == "<class 'KeyError'>:<'x'>"  # a SuperNode's, unwrapped
+    assert short_error("y" * 1000) == "y" * 300 + "..."
 
 
 def test_attack_every_must_be_positive():
