@@ -2,13 +2,16 @@
 import argparse
 import sys
 
-from . import attack, deploy, run
+from . import attack, deploy, pretrain, report, run, sweep
 from .config import ConfigError
 from .data import DataNotFoundError
 
 COMMANDS = {
     "attack": (attack, "invert victims' updates once, without Flower, and score the reconstructions"),
     "run": (run, "a Flower simulation whose server inverts every client's update each round"),
+    "sweep": (sweep, "every point of a grid of settings (fl-sim attack or run at each), with results.csv and plots"),
+    "pretrain": (pretrain, "train a model centrally for a few epochs and save it for --init ckpt.pt"),
+    "report": (report, "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, plots)"),
     "deploy": (deploy, "the same federation as real Flower processes: locally, or as docker-compose services"),
 }
 

@@ -1,0 +1,75 @@
+"""Plots of a sweep's metrics against each swept key (matplotlib, Agg: no display needed)."""
+import itertools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+# (column, axis label): drawn when at least one row has a number there.
+PANELS = [
+    ("psnr_median", "PSNR median (dB)"),
+    ("ssim_mean", "SSIM mean"),
+    ("label_acc", "label accuracy"),
+    ("update_norm_median", "update L2 norm (median)"),
+    ("accuracy", "global test accuracy"),
+]
+
+FRACTIONS = {"ssim_mean", "label_acc", "accuracy"}
+
+
+def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: Path) -> Path:
+    """One figure, a panel per metric, `key`'s values on x (in grid order); one line per setting of the other keys.
+
+    Values are drawn as categories, so names (models, checkpoints) and numbers are handled alike.
+    """
+    panels = [(column, label) for column, label in PANELS if any(_number(row.get(column)) is not None for row in rows)]
+    others = [other for other in grid if other != key]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    positions = {value: index for index, value in enumerate(grid[key])}
+    for combination in itertools.product(*(grid[other] for other in others)):
+        fixed = dict(zip(others, combination))
+        line = sorted((row for row in rows if all(row.get(k) == v for k, v in fixed.items())),
+                      key=lambda row: positions.get(row.get(key), len(positions)))
+        if not line:
+            continue
+        legend = ", ".join(f"{k}={v}" for k, v in fixed.items()) or None
+        for axis, (column, _) in zip(axes[0], panels):
+            points = [(positions[row[key]], _number(row.get(column))) for row in line if row.get(key) in positions]
+            points = [(x, y) for x, y in points if y is not None]
+            if column == "psnr_median":
+                _psnr_range(axis, line, positions, key)
+            axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=legend)
+    for axis, (column, label) in zip(axes[0], panels):
+        axis.set_xticks(range(len(grid[key])), grid[key], rotation=30 if len(grid[key]) > 4 else 0)
+        axis.set_xlabel(key)
+        axis.set_ylabel(label)
+        if column in FRACTIONS:
+            axis.set_ylim(-0.05, 1.05)
+        axis.grid(alpha=0.3)
+    if others:
+        axes[0][0].legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _psnr_range(axis, line: list[dict], positions: dict, key: str) -> None:
+    """The spread over victims (min to max PSNR) behind the median."""
+    spread = [(positions[row[key]], _number(row.get("psnr_min")), _number(row.get("psnr_max"))) for row in line
+              if row.get(key) in positions]
+    spread = [point for point in spread if None not in point]
+    if spread:
+        axis.fill_between([x for x, _, _ in spread], [low for _, low, _ in spread], [high for _, _, high in spread],
+                          alpha=0.15)
+
+
+def _number(value) -> float | None:
+    """CSV cells are text: a number, or None for blanks and anything else."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

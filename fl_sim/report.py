@@ -1,0 +1,98 @@
+"""`fl-sim report OUT`: rebuilds the HTML page of a run (gallery.html) or a sweep (results.csv, plots, index.html).
+
+Everything is rebuilt from the files the run or sweep wrote, so a page can be remade after a crash,
+after more points finish, or after the page code changes. Every value shown is HTML-escaped.
+"""
+import argparse
+import csv
+import io
+import json
+from html import escape
+from numbers import Real
+from pathlib import Path
+
+from . import plots
+from .config import ConfigError
+from .gallery import write_gallery
+from .outputs import atomic_write_bytes
+
+# Summary figures, in the order results.csv lists them after the swept settings.
+METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "label_acc", "update_norm_median",
+           "accuracy", "parameters", "victims", "failed", "attack_seconds", "seconds"]
+# Summary entries that echo a point's settings (already columns when swept) or are not figures.
+NOT_FIGURES = {"iterations", "batch_size", "local_steps", "epochs", "lr", "momentum", "replay", "restarts", "seed",
+               "rounds"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="the output folder of an fl-sim run or fl-sim sweep")
+
+
+def build_sweep(out: str | Path) -> list[dict]:
+    """Writes OUT/results.csv, OUT/<key>.png per swept key and OUT/index.html; returns the finished points' rows."""
+    out = Path(out)
+    record = json.loads((out / "sweep.json").read_text())
+    grid, rows = record["grid"], []
+    for point in record["points"]:
+        summary_path = out / "points" / point["folder"] / "summary.json"
+        if summary_path.exists():
+            rows.append({**point["settings"], **_figures(json.loads(summary_path.read_text())),
+                         "folder": point["folder"]})
+    columns = list(grid) + [c for c in METRICS if any(c in row for row in rows)]
+    columns += sorted({c for row in rows for c in row} - set(columns) - {"folder"})
+    text_rows = [{column: _cell(row.get(column)) for column in columns} for row in rows]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(text_rows)
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
+    figures = [plots.plot_against(text_rows, grid, key, out / f"{_file_name(key)}.png") for key in grid] if rows else []
+    _write_index(out, record, columns, text_rows, [row["folder"] for row in rows], figures)
+    return text_rows
+
+
+def _figures(summary: dict) -> dict:
+    return {key: value for key, value in summary.items()
+            if key not in NOT_FIGURES and (value is None or (isinstance(value, Real) and not isinstance(value, bool)))}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _file_name(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+
+
+def _write_index(out: Path, record: dict, columns: list[str], rows: list[dict], folders: list[str],
+                 figures: list[Path]) -> None:
+    grid = " ".join(f"{key}={','.join(values)}" for key, values in record["grid"].items())
+    head = "".join(f"<th>{escape(column)}</th>" for column in columns) + "<th>point</th>"
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(row[column])}</td>" for column in columns)
+        + f"<td><a href='points/{escape(folder)}/'>{escape(folder)}</a></td></tr>"
+        for row, folder in zip(rows, folders))
+    images = "".join(f"<p><img src='{escape(figure.name)}' alt='{escape(figure.stem)}'></p>" for figure in figures)
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>fl-sim sweep {escape(out.name)}</title>"
+            "<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse} "
+            "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
+            f"<h1>fl-sim sweep: {escape(out.name)}</h1><p>mode {escape(str(record.get('mode')))}, grid "
+            f"<code>{escape(grid)}</code>, {len(rows)} of {len(record['points'])} point(s) finished</p>"
+            f"<table><tr>{head}</tr>{body}</table>{images}</body></html>\n")
+    atomic_write_bytes(out / "index.html", page.encode("utf-8"))
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    if (out / "sweep.json").is_file():
+        rows = build_sweep(out)
+        print(f"fl-sim report: {len(rows)} point(s) -> {out / 'index.html'}, {out / 'results.csv'}")
+    elif (out / "run.json").is_file() or (out / "global.jsonl").is_file():
+        print(f"fl-sim report: {write_gallery(out)}")
+    else:
+        raise ConfigError(f"{str(out)!r} holds neither a sweep (sweep.json) nor a run (run.json, global.jsonl)")
+    return 0

@@ -1,0 +1,241 @@
+"""`fl-sim sweep`: every point of a grid of settings, each an `fl-sim attack` (or `fl-sim run`), resumable.
+
+Each point writes into OUT/points/<key=value,...>/ and is finished once its summary.json exists, so a
+sweep that stops is continued by running the same command again. OUT/sweep.json records the grid;
+OUT/results.csv, the plots and OUT/index.html are rebuilt from the points' summaries (fl_sim/report.py).
+"""
+import argparse
+import copy
+import itertools
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clients.training import local_train, weight_change, weights
+
+from . import attack, config, report, run
+from .data import load_dataset
+from .evaluation import summarise
+from .federation import RunConfig
+from .models import build_model, count_parameters
+from .outputs import read_jsonl, write_json
+from .strategy import REPLY_FAULTS
+
+MODES = {"attack": attack, "run": run}
+# Flags a grid cannot vary: where the sweep writes, and how it runs.
+NOT_SWEPT = {"out", "resume", "grid", "mode", "help"}
+TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    run.add_arguments(parser)  # the task and federation flags; attack mode ignores the federation ones
+    parser.add_argument("--num-victims", type=int, default=4, help="attack mode: clients attacked at each point")
+    parser.add_argument("--grid", required=True, metavar='"KEY=v1,v2 [KEY2=...]"',
+                        help="flags (without dashes) and the values to try; every combination is one point, "
+                             "e.g. \"batch-size=1,2,4 no-replay=true,false\"")
+    parser.add_argument("--mode", choices=tuple(MODES), default="attack",
+                        help="attack: fl-sim attack at each point (default); run: a full Flower simulation")
+
+
+def parse_grid(text: str, parser: argparse.ArgumentParser, mode: str) -> dict[str, list]:
+    """{flag dest: [typed values]} from "KEY=v1,v2 KEY2=..."; one ConfigError names the first bad key or value."""
+    options = {action.option_strings[0][2:]: action for action in _actions(parser)}
+    target = {action.dest for action in _actions(_parser_of(MODES[mode]))}
+    grid = {}
+    for item in text.split():
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise config.ConfigError(f"--grid item {item!r} is not KEY=v1,v2,...")
+        action = options.get(key)
+        if action is None or action.dest in NOT_SWEPT:
+            raise config.ConfigError(f"--grid key {key!r} is not a flag a sweep can vary "
+                                     f"(try: {', '.join(k for k, a in options.items() if a.dest not in NOT_SWEPT)})")
+        if action.dest not in target:
+            raise config.ConfigError(f"--grid key {key!r} means nothing to fl-sim {mode}; use the other --mode")
+        if action.dest in grid:
+            raise config.ConfigError(f"--grid key {key!r} is given twice")
+        grid[action.dest] = [_typed(key, action, value) for value in values.split(",")]
+    if not grid:
+        raise config.ConfigError("--grid names no KEY=values")
+    return grid
+
+
+def _typed(key: str, action: argparse.Action, value: str):
+    if isinstance(action, argparse._StoreTrueAction):
+        if value.lower() in TRUE_WORDS | FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
+        raise config.ConfigError(f"--grid {key}: {value!r} is neither true nor false")
+    try:
+        typed = action.type(value) if action.type else value
+    except ValueError:
+        raise config.ConfigError(f"--grid {key}: {value!r} is not a valid {action.type.__name__}") from None
+    if action.choices is not None and typed not in action.choices:
+        raise config.ConfigError(f"--grid {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return typed
+
+
+def points(grid: dict[str, list]) -> list[dict]:
+    """Every combination, the first key varying slowest."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(settings: dict) -> str:
+    """The point's folder name, key=value joined by commas; characters unsafe in a file name become '_'."""
+    text = ",".join(f"{dest.replace('_', '-')}={_text(value)}" for dest, value in settings.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def point_arguments(args, mode: str, settings: dict, folder: Path) -> argparse.Namespace:
+    """The target command's namespace: its defaults, the sweep's flags, the point's settings, its own folder."""
+    target = _parser_of(MODES[mode]).parse_args(["--out", str(folder)] if mode == "attack" else [])
+    for dest in vars(target):
+        if hasattr(args, dest) and dest not in NOT_SWEPT:
+            setattr(target, dest, getattr(args, dest))
+    for dest, value in settings.items():
+        setattr(target, dest, value)
+    target.out = str(folder)
+    if mode == "run" and (folder / "run.json").exists():  # stopped mid-way: fl-sim run continues it
+        target.out, target.resume = None, str(folder)
+    return target
+
+
+def check(args) -> list[tuple[dict, Path, argparse.Namespace]]:
+    """Every point with its folder and arguments, each checked by its command before any point runs."""
+    if args.resume is not None:
+        raise config.ConfigError("fl-sim sweep continues by itself: run the same command again with the same --out")
+    if args.out is None:
+        raise config.ConfigError("fl-sim sweep needs --out")
+    grid = parse_grid(args.grid, sweep_parser(), args.mode)
+    planned, names = [], {}
+    for settings in points(grid):
+        name = point_name(settings)
+        if name in names:
+            raise config.ConfigError(f"grid points {names[name]} and {settings} would share the folder {name!r}")
+        names[name] = settings
+        folder = Path(args.out) / "points" / name
+        point_args = point_arguments(args, args.mode, settings, folder)
+        if args.mode == "attack":
+            attack.check(point_args)
+        elif point_args.resume is None:  # a stopped run is checked by fl-sim run --resume itself
+            RunConfig.from_args(point_args).check()
+        planned.append((settings, folder, point_args))
+    _check_sweep_record(Path(args.out), args.mode, grid)
+    return planned
+
+
+def _check_sweep_record(out: Path, mode: str, grid: dict) -> None:
+    """A folder holding another mode's sweep would mix incomparable points: refused."""
+    record = out / "sweep.json"
+    if record.exists():
+        previous = json.loads(record.read_text()).get("mode")
+        if previous != mode:
+            raise config.ConfigError(f"{str(out)!r} holds a --mode {previous} sweep; use another --out")
+
+
+def run_sweep(args) -> list[dict]:
+    planned = check(args)
+    out = Path(args.out)
+    grid = {dest: [_text(v) for v in values] for dest, values in parse_grid(args.grid, sweep_parser(), args.mode).items()}
+    record = _merged_record(out, args.mode, grid, [settings for settings, _, _ in planned])
+    write_json(out / "sweep.json", record)
+    for number, (settings, folder, point_args) in enumerate(planned, 1):
+        label = f"[{number}/{len(planned)}] {point_name(settings)}"
+        if (folder / "summary.json").exists():
+            print(f"{label}: done before, skipped", flush=True)
+            continue
+        print(f"{label}: running", flush=True)
+        summary = run_point(args.mode, point_args, folder)
+        print(f"{label}: PSNR median {_number(summary.get('psnr_median'))} dB, "
+              f"{summary['seconds']:.1f} s", flush=True)
+    return report.build_sweep(out)
+
+
+def _merged_record(out: Path, mode: str, grid: dict, planned: list[dict]) -> dict:
+    """sweep.json: this grid joined with an earlier one in OUT, so widening a grid keeps the points already run."""
+    path = out / "sweep.json"
+    record = json.loads(path.read_text()) if path.exists() else {"mode": mode, "grid": {}, "points": []}
+    for dest, values in grid.items():
+        known = record["grid"].setdefault(dest.replace("_", "-"), [])
+        known.extend(value for value in values if value not in known)
+    folders = {point["folder"] for point in record["points"]}
+    for settings in planned:
+        if point_name(settings) not in folders:
+            record["points"].append({"folder": point_name(settings),
+                                     "settings": {dest.replace("_", "-"): _text(v) for dest, v in settings.items()}})
+    return record
+
+
+def run_point(mode: str, point_args, folder: Path) -> dict:
+    """Runs one point and writes its summary.json (last, so a point that stops is run again)."""
+    started = time.perf_counter()
+    if mode == "attack":
+        summary = attack.run(point_args)
+        summary.setdefault("update_norm_median", update_norm_median(point_args))
+    else:
+        run.run(point_args)
+        rows = [row for row in read_jsonl(folder / "metrics.jsonl") if row.get("status") not in REPLY_FAULTS]
+        global_rows = read_jsonl(folder / "global.jsonl")
+        summary = {**summarise(rows), "rounds": len(global_rows),
+                   "accuracy": global_rows[-1].get("accuracy") if global_rows else None}
+    summary["parameters"] = count_parameters(_global_model(point_args)[1])
+    summary["seconds"] = time.perf_counter() - started
+    write_json(folder / "summary.json", summary)
+    return summary
+
+
+def update_norm_median(args) -> float:
+    """Median L2 norm of the victims' parameter changes, re-derived as fl-sim attack derives them (same seed).
+
+    Lets the sweep put the update's size beside the PSNR until fl-sim attack's summary reports it.
+    """
+    settings = config.training_settings(args)
+    dataset, model = _global_model(args)
+    parameters = [name for name, _ in model.named_parameters()]  # not BatchNorm's running statistics
+    norms = []
+    for victim in attack.victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed):
+        images, labels = dataset.tensors(victim)
+        client = copy.deepcopy(model)
+        local_train(client, images, labels, settings)
+        change = weight_change(weights(model), weights(client))
+        norms.append(float(torch.sqrt(sum(change[name].pow(2).sum() for name in parameters))))
+    return float(np.median(norms))
+
+
+def _global_model(args):
+    """The data set and the model the server sends, as fl-sim attack builds them."""
+    dataset = load_dataset(args.dataset, args.data_root, train=True)
+    return dataset, build_model(args.model, dataset.channels, dataset.image_size, dataset.num_classes,
+                                init=args.init, seed=args.seed)
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    return _parser_of(sys.modules[__name__])
+
+
+def _actions(parser: argparse.ArgumentParser):
+    return [action for action in parser._actions if action.option_strings and action.option_strings[0].startswith("--")]
+
+
+def _parser_of(module) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    module.add_arguments(parser)
+    return parser
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def main(args) -> int:
+    rows = run_sweep(args)
+    print(f"fl-sim sweep: {len(rows)} point(s) in {args.out}/results.csv, plots and index.html")
+    return 0
