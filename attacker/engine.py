@@ -10,7 +10,6 @@ The engine sees only what a server has: the model and global weights, the observ
 training settings it sent, the input shape and the class count. Never the clients' data.
 """
 import hashlib
-import time
 from dataclasses import dataclass, field
 
 import torch

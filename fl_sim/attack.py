@@ -23,7 +23,9 @@ from .outputs import write_json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_task_arguments(parser)
-    parser.add_argument("--num-victims", type=int, default=8, help="clients attacked at once")
+    parser.add_argument("--num-victims", type=int, default=8, help="victims (clients) to attack")
+    parser.add_argument("--victims-at-once", type=int, default=None,
+                        help="cap on victims optimised together (default all; 1 = one at a time, as other tools do)")
 
 
 def check(args) -> None:
@@ -32,6 +34,8 @@ def check(args) -> None:
         raise config.ConfigError("fl-sim attack needs an attack: choose one of dlg, idlg, ig")
     if args.num_victims < 1:
         raise config.ConfigError(f"--num-victims must be at least 1, got {args.num_victims}")
+    if args.victims_at_once is not None and args.victims_at_once < 1:
+        raise config.ConfigError(f"--victims-at-once must be at least 1, got {args.victims_at_once}")
 
 
 def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) -> np.ndarray:
@@ -43,9 +47,9 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
     return rng.choice(dataset_size, size=victims * per_victim, replace=False).reshape(victims, per_victim)
 
 
-def update_norm(update: dict, names, lr: float) -> float:
-    """The size of what the client sent, as a gradient: ||change of the parameters|| / lr."""
-    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names))) / lr
+def update_norm(update: dict, names) -> float:
+    """The size of what the client sent: the L2 norm of its parameters' change (not BatchNorm statistics)."""
+    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names)))
 
 
 def run(args) -> dict:
@@ -71,7 +75,8 @@ def run(args) -> dict:
     attack_started = time.perf_counter()
     results = invert(model, global_weights, updates, assumed, attack, image_shape=shape,
                      num_classes=dataset.num_classes, iterations=args.iterations, seed=args.seed,
-                     device=device, progress=True)
+                     device=device, progress=True,
+                     max_rows=args.victims_at_once and args.victims_at_once * attack.restarts)
     if device.type == "cuda":
         torch.cuda.synchronize()
     attack_seconds = time.perf_counter() - attack_started
@@ -80,7 +85,7 @@ def run(args) -> dict:
     rows = []
     for victim, (result, (images, labels)) in enumerate(zip(results, truth)):
         row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
-               "update_norm": update_norm(updates[victim], parameter_names, settings.lr)}
+               "update_norm": update_norm(updates[victim], parameter_names)}
         rows.append(row)
     (out / "metrics.jsonl").write_text("".join(_json_line(row) for row in rows))
     summary = {
@@ -93,6 +98,7 @@ def run(args) -> dict:
         "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
         "lr": settings.lr, "momentum": settings.momentum, "replay": not args.no_replay,
         "restarts": attack.restarts, "seed": args.seed, "device": str(device),
+        "victims_at_once": args.victims_at_once or args.num_victims,
     }
     write_json(out / "summary.json", summary)
     return summary

@@ -5,7 +5,6 @@ sweep that stops is continued by running the same command again. OUT/sweep.json 
 OUT/results.csv, the plots and OUT/index.html are rebuilt from the points' summaries (fl_sim/report.py).
 """
 import argparse
-import copy
 import itertools
 import json
 import re
@@ -13,10 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from clients.training import local_train, weight_change, weights
 
 from . import attack, config, report, run
 from .data import load_dataset
@@ -179,7 +175,6 @@ def run_point(mode: str, point_args, folder: Path) -> dict:
     started = time.perf_counter()
     if mode == "attack":
         summary = attack.run(point_args)
-        summary.setdefault("update_norm_median", update_norm_median(point_args))
     else:
         run.run(point_args)
         rows = [row for row in read_jsonl(folder / "metrics.jsonl") if row.get("status") not in REPLY_FAULTS]
@@ -190,24 +185,6 @@ def run_point(mode: str, point_args, folder: Path) -> dict:
     summary["seconds"] = time.perf_counter() - started
     write_json(folder / "summary.json", summary)
     return summary
-
-
-def update_norm_median(args) -> float:
-    """Median L2 norm of the victims' parameter changes, re-derived as fl-sim attack derives them (same seed).
-
-    Lets the sweep put the update's size beside the PSNR until fl-sim attack's summary reports it.
-    """
-    settings = config.training_settings(args)
-    dataset, model = _global_model(args)
-    parameters = [name for name, _ in model.named_parameters()]  # not BatchNorm's running statistics
-    norms = []
-    for victim in attack.victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed):
-        images, labels = dataset.tensors(victim)
-        client = copy.deepcopy(model)
-        local_train(client, images, labels, settings)
-        change = weight_change(weights(model), weights(client))
-        norms.append(float(torch.sqrt(sum(change[name].pow(2).sum() for name in parameters))))
-    return float(np.median(norms))
 
 
 def _global_model(args):

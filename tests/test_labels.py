@@ -1,6 +1,5 @@
 """Label recovery from the last layer's update, on real MNIST images."""
 import pytest
-import torch
 
 from attacker import TrainingSettings, recover_labels
 from clients.training import local_train, weight_change, weights
