@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/fl-sim attack --dataset cifar10 --model lenet --init paper --attack idlg \
-	  --batch-size 1 --num-victims 8 --iterations 300 --lr 1 --seed 0 --out out/demo-attack
+	rm -rf out/demo
+	$(VENV)/bin/fl-sim run --dataset mnist --model lenet --num-clients 4 --rounds 2 --local-steps 1 \
+	  --batch-size 1 --attack idlg --iterations 200 --seed 0 --out out/demo
+	@echo "open out/demo/gallery.html to see what the server reconstructed"
 
 test: setup
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
