@@ -30,7 +30,7 @@ from . import config, topology
 from .data import resolve_data_root
 from .federation import RunConfig, cached_dataset
 from .partition import PARTITIONS
-from .run import summary
+from .run import headline, summary
 
 ROOT = Path(__file__).resolve().parents[1]  # the Flower app `flwr run` submits: this project's checkout
 CERTS_SCRIPT = ROOT / "docker" / "certs.sh"
@@ -87,8 +87,7 @@ def main(args) -> int:
     except KeyboardInterrupt:
         print("fl-sim deploy: interrupted; every process was stopped", file=sys.stderr)
         return 130
-    psnr = "n/a" if result["psnr_median"] is None else f"{result['psnr_median']:.1f} dB"
-    accuracy = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.2%}"
+    psnr, accuracy = headline(result)
     print(f"fl-sim deploy local: {args.supernodes} SuperNode(s), {result['rounds']} round(s), "
           f"{result['attacked']} attacked update(s) ({result['failed']} failed), PSNR median {psnr}, "
           f"final global accuracy {accuracy}, {result['seconds']:.1f} s -> {args.out}; "

@@ -133,10 +133,16 @@ def summary(out, seconds: float) -> dict:
     }
 
 
-def main(args) -> int:
-    result = run(args)
+def headline(result: dict) -> tuple[str, str]:
+    """The run's PSNR median and final global accuracy, as printed at the end of a run."""
     psnr = "n/a" if result["psnr_median"] is None else f"{result['psnr_median']:.1f} dB"
     accuracy = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.2%}"
+    return psnr, accuracy
+
+
+def main(args) -> int:
+    result = run(args)
+    psnr, accuracy = headline(result)
     print(f"fl-sim run: {result['rounds']} round(s), {result['attacked']} attacked update(s) "
           f"({result['failed']} failed), {result['left_out']} faulty client-round(s) left out, "
           f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
