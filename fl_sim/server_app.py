@@ -212,16 +212,21 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[
     return partitions
 
 
-def wait_for_clients(grid: Grid, expected: int, timeout: float = 120.0) -> None:
+def wait_for_clients(grid: Grid, expected: int, timeout: float = 120.0, settle: float = 10.0) -> None:
     """Fails fast when the federation's node count and num-clients disagree (Flower would wait forever).
 
-    A simulation registers all its nodes at once, so the count is read once the first ones appear.
+    A simulation registers all its nodes at once; deployed SuperNodes join one by one. So the count is
+    read until it reaches num-clients, or has not grown for `settle` seconds, or `timeout` passes.
     """
     deadline = time.monotonic() + timeout
-    while not (nodes := list(grid.get_node_ids())) and time.monotonic() < deadline:
+    found, changed = 0, time.monotonic()
+    while time.monotonic() < deadline:
+        count = len(list(grid.get_node_ids()))
+        if count != found:
+            found, changed = count, time.monotonic()
+        if found >= expected or (found and time.monotonic() - changed > settle):
+            break
         time.sleep(0.2)
-    time.sleep(0.5)
-    found = len(list(grid.get_node_ids())) if nodes else 0
     if found != expected:
         raise flags.ConfigError(
             f"the federation has {found} client node(s) but num-clients is {expected}: make them agree "

@@ -179,6 +179,23 @@ class Nodes:
         return list(range(self.count))
 
 
+class JoiningNodes:
+    """SuperNodes that join one by one, as in a deployment: one more every third look."""
+
+    def __init__(self, final):
+        self.final, self.looks = final, 0
+
+    def get_node_ids(self):
+        self.looks += 1
+        return list(range(min(self.final, 1 + self.looks // 3)))
+
+
+def test_nodes_that_join_one_by_one_are_waited_for():
+    wait_for_clients(JoiningNodes(3), 3)
+    with pytest.raises(ConfigError, match="has 2 client node.*num-clients is 3"):
+        wait_for_clients(JoiningNodes(2), 3, settle=0.5)
+
+
 def test_a_federation_whose_size_differs_from_num_clients_is_refused():
     wait_for_clients(Nodes(3), 3)
     with pytest.raises(ConfigError, match="has 3 client node.*num-supernodes=2"):
