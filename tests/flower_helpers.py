@@ -1,4 +1,6 @@
 """Hand-built Flower messages and contexts, to call the apps and the strategy without Ray or a SuperLink."""
+from pathlib import Path
+
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -71,3 +73,16 @@ class Recorder(list):
 
     def record_faults(self, server_round, faults):
         self.faults.extend((server_round, fault) for fault in faults)
+
+
+def live_commands() -> list[tuple[int, str]]:
+    """(pid, command line) of every live process, read from /proc (zombies have no command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and command:
+            found.append((int(entry.name), command))
+    return found

@@ -16,6 +16,7 @@ from packaging.specifiers import SpecifierSet
 from flwr.supercore.cli.flower_superexec import _parse_args as superexec_flags
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_flags
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_flags
+from flower_helpers import live_commands
 
 from fl_sim import cli, deploy, topology
 from fl_sim.config import ConfigError
@@ -164,15 +165,8 @@ def test_bad_input_is_refused_before_any_process_starts(shared_data, tmp_path, c
 def processes_on(ports: range) -> list[str]:
     """Command lines of live processes that listen on or dial one of `ports` (zombies have none)."""
     pattern = re.compile("|".join(rf"(:|--port ){port}\b" for port in ports))
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-        if ("flower-" in command or "flwr-" in command) and pattern.search(command):
-            found.append(command)
-    return found
+    return [command for _, command in live_commands()
+            if ("flower-" in command or "flwr-" in command) and pattern.search(command)]
 
 
 def launch(flags: list[str]) -> subprocess.Popen:

@@ -11,6 +11,7 @@ from pathlib import Path
 import flwr
 import pytest
 from flwr.cli.config_utils import load_and_validate
+from flower_helpers import live_commands
 
 from fl_sim import cli
 from fl_sim.config import ConfigError
@@ -130,15 +131,8 @@ def free_port() -> int:
 
 def superlinks_of(flwr_home: Path) -> list[int]:
     """Pids of the local SuperLinks `flwr run` started for this FLWR_HOME (it leaves them running)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-        if "flower-superlink" in command and f"{flwr_home}/local-superlink/" in command:
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, command in live_commands()
+            if "flower-superlink" in command and f"{flwr_home}/local-superlink/" in command]
 
 
 def test_flwr_run_runs_the_same_apps_and_writes_the_same_outputs(shared_data, tmp_path):
