@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from .labels import recover_labels
+from .labels import mean_softmax, recover_labels
 from .objectives import OBJECTIVES, total_variation
 from .optim import make_optimizer
 from .replay import LocalTraining
@@ -74,6 +74,9 @@ class _Problem:
         self.image_dims = self.count * int(torch.Size(image_shape).numel())
         self.dims = self.image_dims + (self.count * num_classes if attack.labels == "joint" else 0)
         self.batched = vmap(grad_and_value(self._row_loss))
+        self.model = model
+        # the global model's mean prediction, shared by every victim's label recovery
+        self.p_mean = mean_softmax(model, params, image_shape) if attack.labels == "analytic" else None
 
     def split(self, z_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         images = z_row[..., : self.image_dims].reshape(*z_row.shape[:-1], self.count, *self.image_shape)
@@ -139,12 +142,12 @@ def invert(
         raise ValueError("victim_ids and updates differ in length")
     names = [name for name, _ in model.named_parameters()]
     params = {name: global_params[name].detach().to(device, torch.float32) for name in names}
-    problem = _Problem(model.to(device), params, settings, attack, image_shape, num_classes)
+    problem = _Problem(model, params, settings, attack, image_shape, num_classes)
     errors: dict[int, str] = {}
     observed, targets = {}, {}
     for v, update in enumerate(updates):
         try:
-            observed[v], targets[v] = _prepare(problem, model, params, update, names)
+            observed[v], targets[v] = _prepare(problem, params, update, names)
         except Exception as error:  # a malformed update must not stop the other victims
             errors[v] = _describe(error)
     budget = iterations * attack.updates_per_iteration
@@ -171,7 +174,7 @@ def invert(
             if v in errors else _best(problem, v, attack, results, targets[v]) for v in range(len(updates))]
 
 
-def _prepare(problem: _Problem, model, params, update, names):
+def _prepare(problem: _Problem, params, update, names):
     """A victim's observed update on the device, checked against the model, and its label targets."""
     observed = {}
     for name in names:
@@ -184,7 +187,8 @@ def _prepare(problem: _Problem, model, params, update, names):
             raise ValueError(f"{name!r} is not finite")
         observed[name] = tensor
     if problem.attack.labels == "analytic":
-        labels = recover_labels(model, params, observed, problem.settings, problem.image_shape, problem.num_classes)
+        labels = recover_labels(problem.model, params, observed, problem.settings, problem.image_shape,
+                                problem.num_classes, problem.p_mean)
         return observed, nn.functional.one_hot(labels, problem.num_classes).float()
     return observed, torch.zeros(problem.count, problem.num_classes)
 

@@ -36,21 +36,28 @@ def find_last_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]
 
 def mean_softmax(model: nn.Module, params: dict, image_shape: tuple, samples: int = 64) -> torch.Tensor:
     """The model's mean prediction on uniform random images: a stand-in for its mean on real ones."""
+    device = next(iter(params.values())).device
     generator = torch.Generator().manual_seed(0)
-    noise = torch.rand((samples, *image_shape), generator=generator).to(next(iter(params.values())).device)
+    noise = torch.rand((samples, *image_shape), generator=generator).to(device)
     with torch.no_grad():
-        return functional_call(functional_model(model), params, (noise,)).softmax(-1).mean(0)
+        return functional_call(functional_model(model, device), params, (noise,)).softmax(-1).mean(0)
 
 
 def recover_labels(model: nn.Module, global_params: dict, update: dict, settings: TrainingSettings,
-                   image_shape: tuple, num_classes: int) -> torch.Tensor:
-    """The labels of the K x B images behind `update`, as a sorted tensor (their order is unknown)."""
+                   image_shape: tuple, num_classes: int, p_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """The labels of the K x B images behind `update`, as a sorted tensor (their order is unknown).
+
+    `p_mean` is `mean_softmax` at the global weights; it is the same for every victim of a round, so
+    callers that recover many victims' labels pass it once computed.
+    """
     name, layer = find_last_layer(model, num_classes)
     signal = update[f"{name}.bias"] if layer.bias is not None else update[f"{name}.weight"].sum(1)
     signal = -signal.detach().double() / settings.lr  # the summed (weighted) gradient
     if layer.bias is None:
         return _fill(signal, -signal / signal.abs().max().clamp_min(1e-30), settings.num_images)
-    p_mean = mean_softmax(model, global_params, image_shape).double().to(signal.device)
+    if p_mean is None:
+        p_mean = mean_softmax(model, global_params, image_shape)
+    p_mean = p_mean.double().to(signal.device)
     estimate = settings.num_images * (p_mean - signal / sum(step_weights(settings)))
     return _fill(signal, estimate, settings.num_images)
 

@@ -22,22 +22,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def functional_model(model: nn.Module) -> nn.Module:
-    """A copy whose batch-norm layers always use batch statistics, as the client's do in training.
-
-    Running statistics are buffers, not gradients, and updating them in place cannot be vmapped.
+def functional_model(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """A copy (on `device`) whose batch-norm layers always use batch statistics, as the client's do in
+    training. Running statistics are buffers, not gradients, and updating them in place cannot be vmapped.
+    The caller's model is left as it was.
     """
     model = copy.deepcopy(model)
     torch.func.replace_all_batch_norm_modules_(model)
-    return model.train()
+    return model.to(device).train()
 
 
 class LocalTraining:
     """Replays `settings` on given data from the global weights and returns the weight change."""
 
     def __init__(self, model: nn.Module, global_params: Params, settings: TrainingSettings):
-        self.model = functional_model(model)
         self.params = {name: tensor.detach() for name, tensor in global_params.items()}
+        self.model = functional_model(model, next(iter(self.params.values())).device)
         self.settings = settings
         self._grad = grad(self._loss)
 
