@@ -4,7 +4,6 @@ Each victim trains locally on its own images with the real client code (clients/
 engine inverts the weight changes, and the evaluation path scores them against the truth.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from . import config
 from .data import load_dataset
 from .evaluation import score_and_save, summarise
 from .models import build_model
-from .outputs import write_json
+from .outputs import rewrite_jsonl, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +86,7 @@ def run(args) -> dict:
         row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
                "update_norm": update_norm(updates[victim], parameter_names)}
         rows.append(row)
-    (out / "metrics.jsonl").write_text("".join(_json_line(row) for row in rows))
+    rewrite_jsonl(out / "metrics.jsonl", rows)
     summary = {
         **summarise(rows),
         "update_norm_median": float(np.median([row["update_norm"] for row in rows])),
@@ -102,10 +101,6 @@ def run(args) -> dict:
     }
     write_json(out / "summary.json", summary)
     return summary
-
-
-def _json_line(row: dict) -> str:
-    return json.dumps(row) + "\n"
 
 
 def main(args) -> int:
