@@ -11,6 +11,9 @@ truth it scores reconstructions against; the answer to the query also names the 
 reply, which carries nothing else. The strategy checks the reply's field against the node's answer,
 removes it before aggregation, and the attack never uses it beyond naming the victim.
 
+The run's `defense` (clients/defenses.py) is applied to what the client sends: the server sees the
+defended update, never the trained one.
+
 A client named in the run's `inject-faults` spoils its reply (or raises) on purpose, every round:
 see fl_sim/faults.py.
 
@@ -26,6 +29,7 @@ from fl_sim.federation import RunConfig, cached_dataset, evaluate_model, image_s
 from fl_sim.models import build_model
 from fl_sim.partition import partition_indices, round_examples
 
+from .defenses import defense_seed, parse_defense
 from .training import local_train
 
 PARTITION_KEY = "partition-id"  # simulation-only routing field of the reply, see the module docstring
@@ -52,7 +56,9 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         model = received_model(msg, config, dataset)
         device = next(model.parameters()).device
         loss = local_train(model, images.to(device), labels.to(device), settings)
-        arrays = _cpu(model.state_dict())
+        arrays = parse_defense(config.defense).sent_weights(
+            msg.content["arrays"].to_torch_state_dict(), _cpu(model.state_dict()),
+            [name for name, _ in model.named_parameters()], defense_seed(config.seed, partition_id, server_round))
         metrics = {LOSS_KEY: loss, "num-examples": len(examples), PARTITION_KEY: partition_id}
         if fault:
             arrays, metrics = spoil_reply(fault, arrays, metrics)

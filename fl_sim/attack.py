@@ -1,7 +1,9 @@
 """`fl-sim attack`: one round of the attack without Flower, on victims drawn from a data set.
 
-Each victim trains locally on its own images with the real client code (clients/training.py), the
-engine inverts the weight changes, and the evaluation path scores them against the truth.
+Each victim trains locally on its own images with the real client code (clients/training.py) and
+applies the --defense as a client of `fl-sim run` would (clients/defenses.py), the engine inverts the
+weight changes, and the evaluation path scores them against the truth. With `secagg` the engine gets
+only the victims' mean update, attacked as one victim holding all their images.
 """
 import argparse
 import time
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from attacker import invert, resolve_device
+from clients.defenses import aggregate_settings, defense_seed
 from clients.training import local_train, weight_change, weights
 
 from . import config
@@ -55,22 +58,30 @@ def run(args) -> dict:
     started = time.perf_counter()
     check(args)
     settings = config.training_settings(args)
+    defense = config.defense(args)
     attack = config.attack_config(args)
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed)
     global_weights = weights(model)
+    parameter_names = [name for name, _ in model.named_parameters()]
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
     updates, truth = [], []
-    for victim in indices:
-        images, labels = dataset.tensors(victim)
+    for victim, examples in enumerate(indices):
+        images, labels = dataset.tensors(examples)
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default")
         client.load_state_dict(global_weights)
         local_train(client, images, labels, settings)
-        updates.append(weight_change(global_weights, weights(client)))
+        sent = defense.sent_weights(global_weights, weights(client), parameter_names, defense_seed(args.seed, victim))
+        updates.append(weight_change(global_weights, sent))
         truth.append((images, labels))
-    assumed = settings.as_single_gradient() if args.no_replay else settings
+    seen = settings
+    if defense.secure_aggregation:  # the server learns only the mean update: one victim with every image
+        updates = [{name: torch.stack([update[name] for update in updates]).mean(0) for name in updates[0]}]
+        truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
+        seen = aggregate_settings(settings, args.num_victims)
+    assumed = seen.as_single_gradient() if args.no_replay else seen
     attack_started = time.perf_counter()
     results = invert(model, global_weights, updates, assumed, attack, image_shape=shape,
                      num_classes=dataset.num_classes, iterations=args.iterations, seed=args.seed,
@@ -80,7 +91,6 @@ def run(args) -> dict:
         torch.cuda.synchronize()
     attack_seconds = time.perf_counter() - attack_started
     out = Path(args.out)
-    parameter_names = [name for name, _ in model.named_parameters()]
     rows = []
     for victim, (result, (images, labels)) in enumerate(zip(results, truth)):
         row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
@@ -95,7 +105,7 @@ def run(args) -> dict:
         "seconds": time.perf_counter() - started,
         "attack": attack.name, "model": args.model, "init": args.init, "dataset": args.dataset,
         "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
-        "lr": settings.lr, "momentum": settings.momentum, "replay": not args.no_replay,
+        "lr": settings.lr, "momentum": settings.momentum, "defense": args.defense, "replay": not args.no_replay,
         "restarts": attack.restarts, "seed": args.seed, "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,
     }

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from attacker.settings import PRESETS, TrainingSettings, get_attack
+from clients.defenses import KINDS, Defense, parse_defense
 
 from .data import DATASETS
 from .models import MODELS
@@ -32,6 +33,9 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
     train.add_argument("--epochs", type=int, default=1, help="passes over the K x B round examples")
     train.add_argument("--lr", type=float, default=0.1, help="client learning rate")
     train.add_argument("--momentum", type=float, default=0.0, help="client SGD momentum")
+    train.add_argument("--defense", default="none", metavar="SPEC",
+                       help=f"what clients do to their update before sending it: {', '.join(KINDS)}, or steps "
+                            "joined by '+', e.g. clip:4+noise:0.01 (see clients/defenses.py)")
     attack = parser.add_argument_group("attack")
     attack.add_argument("--attack", default="idlg", help=f"one of {', '.join(PRESETS)}, or 'none'")
     attack.add_argument("--iterations", type=int, default=300,
@@ -69,7 +73,15 @@ def check_task_arguments(args) -> None:
     if args.device not in ("auto", "cpu", "cuda") and not str(args.device).startswith("cuda:"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     training_settings(args)
+    defense(args)
     check_writable(args.out)
+
+
+def defense(args) -> Defense:
+    try:
+        return parse_defense(args.defense)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def attack_config(args):

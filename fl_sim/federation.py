@@ -44,6 +44,7 @@ class RunConfig:
     epochs: int = 1
     lr: float = 0.1
     momentum: float = 0.0
+    defense: str = "none"  # clients/defenses.py
     attack: str = "idlg"
     iterations: int = 300
     restarts: int | None = None  # None: the attack preset's
@@ -120,6 +121,9 @@ class RunConfig:
         outside = sorted(c for c in self.inject_faults if not 0 <= c < self.num_clients)
         if outside:
             raise flags.ConfigError(f"--inject-faults names {outside}, not clients 0..{self.num_clients - 1}")
+        if self.attack_clients is not None and flags.defense(self).secure_aggregation:
+            raise flags.ConfigError("--attack-clients cannot pick clients under secure aggregation: the server "
+                                    "sees only their sum, so leave it out")
 
     @property
     def settings(self) -> TrainingSettings:

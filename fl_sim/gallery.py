@@ -2,7 +2,8 @@
 
 Built only from what the run already wrote (run.json, global.jsonl, metrics.jsonl and the PNGs), so it
 can be rebuilt after every round, or at any time later. Every value from those files is escaped, and
-only rows whose round and client are non-negative integers name an image (so no path leaves OUT).
+only rows whose round is a non-negative integer and whose client is one too (or the secure aggregate)
+name an image (so no path leaves OUT).
 """
 import json
 import math
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from .outputs import atomic_write_bytes, read_jsonl
 
+AGGREGATE = "aggregate"  # the client of a row that attacked a secure aggregate (--defense secagg)
+
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 2em; }
@@ -23,9 +26,13 @@ img { image-rendering: pixelated; max-width: 60em; }
 """
 
 
-def client_folder(server_round: int, client: int) -> str:
-    """Where a client's images of a round lie, relative to the run's output folder."""
-    server_round, client = operator.index(server_round), operator.index(client)  # ints only, never text
+def client_folder(server_round: int, client: int | str) -> str:
+    """Where a client's images of a round lie, relative to the run's output folder (AGGREGATE: the
+    secure aggregate's)."""
+    server_round = operator.index(server_round)  # ints only, never other text
+    if client == AGGREGATE and server_round >= 0:
+        return f"round-{server_round:03d}/{AGGREGATE}"
+    client = operator.index(client)
     if server_round < 0 or client < 0:
         raise ValueError(f"round {server_round} and client {client} must be non-negative")
     return f"round-{server_round:03d}/client-{client:03d}"
@@ -73,7 +80,8 @@ def _round(out: Path, server_round: int, global_row: dict | None, rows: list[dic
     html.append("<table><tr><th>client</th><th>truth</th><th>reconstruction</th><th>PSNR (dB)</th><th>SSIM</th>"
                 "<th>MSE</th><th>labels right</th><th>status</th><th>reason</th></tr>")
     for row in sorted(rows, key=lambda r: r["client"] if _count(r.get("client")) else math.inf):
-        folder = client_folder(server_round, row["client"]) if _count(row.get("client")) else None
+        named = _count(row.get("client")) or row.get("client") == AGGREGATE
+        folder = client_folder(server_round, row["client"]) if named else None
         status = str(row.get("status"))
         html.append(
             f"<tr><td>{escape(str(row.get('client')))}</td>"

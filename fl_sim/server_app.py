@@ -32,12 +32,12 @@ from clients.app import PARTITION_KEY
 from . import config as flags
 from .evaluation import score_and_save, summarise
 from .federation import RunConfig, cached_dataset, evaluate_model, image_spec, settings_to_config
-from .gallery import client_folder, write_gallery
+from .gallery import AGGREGATE, client_folder, write_gallery
 from .models import build_model
 from .outputs import append_jsonl, inside, write_json
 from .partition import partition_indices, round_examples
 from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
-from .strategy import AttackPlan, InvertingFedAvg, ReplyFault
+from .strategy import AttackPlan, InvertingFedAvg, ReplyFault, Victim
 
 
 class Scoreboard:
@@ -64,18 +64,21 @@ class Scoreboard:
             raise flags.ConfigError(f"partitions {small} hold fewer examples than a round's K x B = {need}: "
                                     "use fewer clients, a larger --alpha or smaller K, B")
 
-    def truth(self, server_round: int, client: int):
-        examples = round_examples(self.partitions[client], self.settings.num_images, self.config.seed, client,
-                                  server_round)
-        return self.train.tensors(examples)
+    def truth(self, server_round: int, victim: Victim):
+        """A client's round examples; for a secure aggregate, all its clients' examples one after another."""
+        clients = victim if isinstance(victim, tuple) else (victim,)
+        parts = [self.train.tensors(round_examples(self.partitions[client], self.settings.num_images,
+                                                   self.config.seed, client, server_round)) for client in clients]
+        return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
-    def record_attack(self, server_round: int, clients: list[int], results: list[Reconstruction], seconds: float):
+    def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction], seconds: float):
         rows = []
-        for client, result in zip(clients, results):
-            images, labels = self.truth(server_round, client)
-            row = {"round": server_round, "client": client,
-                   **score_and_save(result, images, labels, inside(self.out, client_folder(server_round, client))),
-                   "seconds": seconds / len(clients), "round_attack_seconds": seconds}
+        for victim, result in zip(victims, results):
+            images, labels = self.truth(server_round, victim)
+            named = {"client": AGGREGATE, "clients": list(victim)} if isinstance(victim, tuple) else {"client": victim}
+            folder = inside(self.out, client_folder(server_round, named["client"]))
+            row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
+                   "seconds": seconds / len(victims), "round_attack_seconds": seconds}
             if not result.ok:
                 row["status"], row["reason"] = attack_failure(result.status)
             append_jsonl(self.out / "metrics.jsonl", row)
@@ -178,7 +181,7 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
         strategy = InvertingFedAvg(
             model, attack, scoreboard, partitions=partitions, image_shape=(channels, size, size),
             num_classes=classes, iterations=config.iterations, seed=config.seed, replay=not config.no_replay,
-            device=device, progress=True,
+            secure_aggregation=flags.defense(config).secure_aggregation, device=device, progress=True,
             plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None),
             fraction_train=1.0, min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
             fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)

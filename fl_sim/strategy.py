@@ -8,6 +8,12 @@ engine in one call. It sees only what a Flower server sees; the reconstructions 
 
 Every reply is checked first (fl_sim/validation.py): an error reply, no reply, or a reply that would
 poison the average is neither attacked nor averaged, and the recorder gets its client and reason.
+
+With `secure_aggregation` (`--defense secagg`) the server learns only the average of the replies, as
+Flower's SecAgg+ would hand it to a strategy. SecAgg+ itself is not used: in flwr 1.41 its workflow
+needs the legacy strategies and FitRes-shaped replies, not the Message API this project uses. So the
+sum is simulated: the checked replies are averaged first, and the attack targets that average as one
+victim, the tuple of the clients in it, whose batches hold all their examples.
 """
 
 import re
@@ -28,6 +34,7 @@ from torch import nn
 
 from attacker import AttackConfig, Reconstruction, TrainingSettings, invert
 from clients.app import LOSS_KEY, PARTITION_KEY
+from clients.defenses import aggregate_settings
 from clients.training import weight_change
 
 from .federation import settings_from_config
@@ -39,6 +46,7 @@ REPLY_FAULTS = (REJECTED, CLIENT_ERROR, NO_REPLY)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
 MAX_REASON_CHARS = 300
+Victim = int | tuple[int, ...]  # a client, or the clients in a secure aggregate
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class RoundRecorder(Protocol):
 
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None: ...
 
-    def record_attack(self, server_round: int, victims: list[int], results: list[Reconstruction],
+    def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
                       seconds: float) -> None: ...
 
 
@@ -94,15 +102,18 @@ class InvertingFedAvg(FedAvg):
     `partitions` maps each node id to its client (partition) id, as the nodes said when asked
     (server_app.identify_clients): error replies carry nothing else to name their sender.
     `attack=None` makes it plain FedAvg. `replay=False` attacks as if the update were one gradient
-    (TrainingSettings.as_single_gradient) instead of replaying the K local steps.
+    (TrainingSettings.as_single_gradient) instead of replaying the K local steps. `secure_aggregation`
+    attacks only the round's average (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, attack: AttackConfig | None, recorder: RoundRecorder, *,
                  partitions: Mapping[int, int], image_shape: tuple[int, int, int], num_classes: int,
                  iterations: int, seed: int = 0, plan: AttackPlan = AttackPlan(), replay: bool = True,
-                 device: str | torch.device = "auto", progress: bool = False, **fedavg_options):
+                 secure_aggregation: bool = False, device: str | torch.device = "auto", progress: bool = False,
+                 **fedavg_options):
         super().__init__(**fedavg_options)
         self.model, self.attack, self.recorder, self.plan = model, attack, recorder, plan
+        self.secure_aggregation = secure_aggregation
         self.partitions = dict(partitions)
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         self.iterations, self.seed, self.replay = iterations, seed, replay
@@ -156,10 +167,20 @@ class InvertingFedAvg(FedAvg):
                 log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
                     fault.reason)
             self.recorder.record_faults(server_round, faults)
+        if self.secure_aggregation:
+            return self._aggregate_securely(sent, accepted)
         victims = self.plan.victims(server_round, accepted) if self.attack else []
         if victims:
-            self._attack(sent, victims, [accepted[p].content["arrays"] for p in victims])
+            self._attack(sent, victims, [accepted[p].content["arrays"] for p in victims], sent.settings)
         return super().aggregate_train(server_round, list(accepted.values()))
+
+    def _aggregate_securely(self, sent: SentRound,
+                            accepted: dict[int, Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's average of the accepted replies, then the attack on it: all the server learns under SecAgg."""
+        arrays, metrics = super().aggregate_train(sent.server_round, list(accepted.values()))
+        if arrays is not None and self.attack and self.plan.round_attacked(sent.server_round):
+            self._attack(sent, [tuple(sorted(accepted))], [arrays], aggregate_settings(sent.settings, len(accepted)))
+        return arrays, metrics
 
     def _screen(self, sent: SentRound, replies: list[Message]) -> tuple[dict[int, Message], list[ReplyFault]]:
         """The usable replies by client, and a fault for every client whose reply is unusable or missing."""
@@ -186,9 +207,10 @@ class InvertingFedAvg(FedAvg):
                 faults.append(ReplyFault(self.partitions[node], NO_REPLY, "no reply before the round's timeout"))
         return accepted, sorted(faults, key=lambda fault: fault.client)
 
-    def _attack(self, sent: SentRound, victims: list[int], replies: list[ArrayRecord]) -> None:
+    def _attack(self, sent: SentRound, victims: list[Victim], replies: list[ArrayRecord],
+                settings: TrainingSettings) -> None:
         updates = [weight_change(sent.global_weights, reply.to_torch_state_dict()) for reply in replies]
-        assumed = sent.settings if self.replay else sent.settings.as_single_gradient()
+        assumed = settings if self.replay else settings.as_single_gradient()
         log(INFO, "attack round %s: inverting %s client(s) %s with %s", sent.server_round, len(victims), victims,
             self.attack.name)
         started = time.perf_counter()

@@ -32,6 +32,14 @@ def test_attack_writes_the_contract_and_is_reproducible(tiny_image_folder, tmp_p
     assert [row["psnr"] for row in again] == [row["psnr"] for row in rows]
 
 
+def test_secagg_attacks_the_victims_mean_update_as_one_batch(tiny_image_folder, tmp_path):
+    assert _attack(tiny_image_folder, tmp_path / "a", "--defense", "secagg") == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["victims"] == 1 and summary["defense"] == "secagg"
+    [row] = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(row["true_labels"]) == len(row["psnr_images"]) == 3  # the three victims' images, in one batch
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--model", "vgg"], "unknown model"),
     (["--attack", "magic"], "unknown attack"),
@@ -39,6 +47,7 @@ def test_attack_writes_the_contract_and_is_reproducible(tiny_image_folder, tmp_p
     (["--local-steps", "0"], "local-steps must be at least 1"),
     (["--num-victims", "100"], "need 100 examples"),
     (["--init", "missing.pt"], "neither 'default', 'paper' nor"),
+    (["--defense", "noise:abc"], "noise needs SIGMA, a positive number, got 'abc'"),
 ])
 def test_bad_input_gets_one_clear_sentence(tiny_image_folder, tmp_path, capsys, flags, message):
     assert _attack(tiny_image_folder, tmp_path / "out", *flags) == 2

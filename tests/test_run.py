@@ -72,6 +72,8 @@ def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp
         ("--iterations", "0"): "--iterations must be at least 1, got 0",
         ("--inject-faults", "0=melt"): "unknown fault 'melt'",
         ("--inject-faults", "2=nan"): "--inject-faults names [2], not clients 0..1",
+        ("--defense", "prune:1.5"): "prune needs P, a fraction in [0, 1)",
+        ("--defense", "secagg", "--attack-clients", "0"): "--attack-clients cannot pick clients under secure",
     }
     for extra, message in cases.items():
         assert cli.main(run_flags(shared_data, tmp_path / "bad", *extra)) == 2

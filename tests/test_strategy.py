@@ -6,12 +6,13 @@ import torch
 from flower_helpers import LocalGrid, Recorder, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 
-from attacker import TrainingSettings, get_attack
+from attacker import TrainingSettings, get_attack, invert
 from clients.app import PARTITION_KEY, make_client_app
 from fl_sim.data import load_dataset
 from fl_sim.federation import RunConfig, settings_to_config
 from fl_sim.metrics import psnr
 from fl_sim.partition import partition_indices, round_examples
+from fl_sim import strategy as strategy_module
 from fl_sim.strategy import CLIENT_ERROR, NO_REPLY, REJECTED, AttackPlan, InvertingFedAvg, ReplyFault, short_error
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
@@ -64,6 +65,37 @@ def test_a_round_inverts_every_client_then_aggregates_as_fedavg(config, client_a
     for name in weights:
         torch.testing.assert_close(average[name], (sent_back[0][name] + sent_back[1][name]) / 2)
     assert set(metrics.keys()) == {"train-loss"}  # the routing field is not aggregated as a metric
+
+
+def test_with_secure_aggregation_the_attack_sees_only_the_mean_update(client_app, shared_data, config, monkeypatch):
+    """The engine gets one update, the clients' mean, with a batch of both clients' examples; FedAvg is unchanged."""
+    seen = []
+
+    def spy(model, global_params, updates, settings, attack, **options):
+        seen.append((updates, settings, options["victim_ids"]))
+        return invert(model, global_params, updates, settings, attack, **options)
+
+    monkeypatch.setattr(strategy_module, "invert", spy)
+    sink = Recorder()
+    strategy = strategy_with(sink, iterations=5, secure_aggregation=True)
+    weights = lenet().state_dict()
+    replies = replies_of(strategy, client_app, weights, server_round=1)
+    sent_back = [r.content["arrays"].to_torch_state_dict() for r in replies]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    [(updates, settings, victim_ids)] = seen
+    assert victim_ids == [(0, 1)] and settings == TrainingSettings(lr=0.1, local_steps=1, batch_size=2)
+    [update] = updates
+    for name in update:
+        torch.testing.assert_close(update[name], (sent_back[0][name] + sent_back[1][name]) / 2 - weights[name])
+        torch.testing.assert_close(arrays.to_torch_state_dict()[name], (sent_back[0][name] + sent_back[1][name]) / 2)
+    [(server_round, victims, [result])] = sink
+    assert (server_round, victims) == (1, [(0, 1)]) and result.images.shape == (2, 1, 28, 28)
+    train = load_dataset("mnist", shared_data, train=True)
+    partitions = partition_indices(train.labels, CLIENTS, seed=config.seed)
+    labels = [int(train.tensors(round_examples(partitions[p], 1, config.seed, p, 1))[1]) for p in (0, 1)]
+    assert sorted(result.labels.tolist()) == sorted(labels)  # the aggregate still gives the labels away
 
 
 def test_the_plan_picks_rounds_and_clients(client_app):

@@ -49,6 +49,7 @@ def test_tiny_sweep_writes_results_and_plot_and_resumes(shared_data, tmp_path, c
     ("model=lenet,vgg", "unknown model 'vgg'"),
     ("local-steps=1,0", "local-steps must be at least 1"),
     ("partition=iid,ring", "'ring' is not one of"),
+    ("defense=none,noise:abc", "noise needs SIGMA, a positive number, got 'abc'"),
 ])
 def test_bad_grids_fail_before_any_work(shared_data, tmp_path, capsys, grid, message):
     extra = ["--mode", "run"] if grid.startswith("partition") else []
