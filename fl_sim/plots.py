@@ -1,4 +1,5 @@
-"""Plots of a sweep's metrics against each swept key (matplotlib, Agg: no display needed)."""
+"""Plots of a sweep's metrics against each swept key, and of leakage against accuracy for run sweeps
+(matplotlib, Agg: no display needed)."""
 import itertools
 from pathlib import Path
 
@@ -50,6 +51,32 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
         axis.grid(alpha=0.3)
     if others:
         axes[0][0].legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], path: Path) -> Path | None:
+    """Each point of a run sweep at (global accuracy, attack PSNR median), its bar the victims' PSNR range,
+    named in the legend by its settings: what a defense costs against what it protects. None without such points.
+    """
+    points = [(row, _number(row.get("accuracy")), _number(row.get("psnr_median"))) for row in rows]
+    points = [(row, x, y) for row, x, y in points if x is not None and y is not None]
+    if not points:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for (row, x, y), marker in zip(points, itertools.cycle("osD^v<>ph*")):
+        low, high = _number(row.get("psnr_min")), _number(row.get("psnr_max"))
+        spread = [[y - low], [high - y]] if low is not None and high is not None else None
+        axis.errorbar([x], [y], yerr=spread, marker=marker, markersize=8, capsize=4, alpha=0.8,
+                      label=", ".join(f"{key}={row.get(key)}" for key in grid))
+    axis.set_xlabel("global test accuracy after the last round")
+    axis.set_ylabel("attack PSNR median (dB), bar: min to max")
+    axis.margins(x=0.25, y=0.1)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

@@ -19,6 +19,7 @@ from .outputs import atomic_write_bytes
 # Summary figures, in the order results.csv lists them after the swept settings.
 METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "label_acc", "update_norm_median",
            "accuracy", "parameters", "victims", "failed", "attack_seconds", "seconds"]
+LEAKAGE_PLOT = "leakage-vs-accuracy.png"  # run sweeps: attack PSNR against the global model's accuracy
 # Summary entries that echo a point's settings (already columns when swept) or are not figures.
 NOT_FIGURES = {"iterations", "batch_size", "local_steps", "epochs", "lr", "momentum", "replay", "restarts", "seed",
                "rounds"}
@@ -29,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_sweep(out: str | Path) -> list[dict]:
-    """Writes OUT/results.csv, OUT/<key>.png per swept key and OUT/index.html; returns the finished points' rows."""
+    """Writes OUT/results.csv, OUT/<key>.png per swept key (and OUT/leakage-vs-accuracy.png for a run sweep)
+    and OUT/index.html; returns the finished points' rows."""
     out = Path(out)
     record = json.loads((out / "sweep.json").read_text())
     grid, rows = record["grid"], []
@@ -47,6 +49,10 @@ def build_sweep(out: str | Path) -> list[dict]:
     writer.writerows(text_rows)
     atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
     figures = [plots.plot_against(text_rows, grid, key, out / f"{_file_name(key)}.png") for key in grid] if rows else []
+    leakage = plots.plot_leakage_against_accuracy(text_rows, grid, out / LEAKAGE_PLOT) \
+        if record.get("mode") == "run" else None
+    if leakage:
+        figures.append(leakage)
     _write_index(out, record, columns, text_rows, [row["folder"] for row in rows], figures)
     return text_rows
 

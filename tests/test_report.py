@@ -29,6 +29,26 @@ def test_sweep_page_is_rebuilt_from_the_points_and_escaped(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "2 of 3 point(s) finished" in page and "<img src='model.png'" in page
     assert (out / "model.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "leakage-vs-accuracy.png").exists()  # an attack sweep has no global model to score
+
+
+def test_a_run_sweep_plots_leakage_against_accuracy(tmp_path):
+    out = tmp_path / "sweep"
+    points = [{"folder": f"defense={name}", "settings": {"defense": name}} for name in ("none", "prune:0.9")]
+    (out / "sweep.json").parent.mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"mode": "run", "grid": {"defense": ["none", "prune:0.9"]},
+                                                "points": points}))
+    for point, (psnr, accuracy) in zip(points, [(70.0, 0.4), (4.0, 0.3)]):
+        (out / "points" / point["folder"]).mkdir(parents=True)
+        (out / "points" / point["folder"] / "summary.json").write_text(json.dumps(
+            {"psnr_median": psnr, "psnr_min": psnr - 1, "psnr_max": psnr + 1, "label_acc": 1.0,
+             "accuracy": accuracy}))
+    assert main(["report", str(out)]) == 0
+    with open(out / "results.csv") as file:
+        assert [(row["defense"], row["accuracy"]) for row in csv.DictReader(file)] == [("none", "0.4"),
+                                                                                      ("prune:0.9", "0.3")]
+    assert (out / "leakage-vs-accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<img src='leakage-vs-accuracy.png'" in (out / "index.html").read_text()
 
 
 def test_run_page_is_the_gallery(tmp_path):
