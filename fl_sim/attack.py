@@ -18,7 +18,7 @@ from clients.training import local_train, weight_change, weights
 
 from . import config
 from .data import load_dataset
-from .evaluation import score_and_save, summarise
+from .evaluation import score_and_save, summarise, update_norm
 from .models import build_model
 from .outputs import rewrite_jsonl, write_json
 
@@ -47,11 +47,6 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
             f"{victims} victims x {per_victim} images need {victims * per_victim} examples; the data set has {dataset_size}")
     rng = np.random.default_rng(seed)
     return rng.choice(dataset_size, size=victims * per_victim, replace=False).reshape(victims, per_victim)
-
-
-def update_norm(update: dict, names) -> float:
-    """The size of what the client sent: the L2 norm of its parameters' change (not BatchNorm statistics)."""
-    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names)))
 
 
 def run(args) -> dict:

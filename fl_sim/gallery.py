@@ -14,8 +14,10 @@ from numbers import Real
 from pathlib import Path
 
 from .outputs import atomic_write_bytes, read_jsonl
+from .plots import plot_rounds
 
 AGGREGATE = "aggregate"  # the client of a row that attacked a secure aggregate (--defense secagg)
+ROUNDS_PLOT = "leakage-by-round.png"  # PSNR, update norm and accuracy against the round
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -49,6 +51,9 @@ def write_gallery(out: str | Path) -> Path:
              f"<style>{STYLE}</style></head><body>", f"<h1>fl-sim run: {escape(out.name)}</h1>", _summary(run)]
     if not rounds:
         parts.append("<p>No round has finished yet.</p>")
+    accuracy = {r: row["accuracy"] for r, row in global_rows.items() if isinstance(row.get("accuracy"), Real)}
+    if len(rounds) > 1 and plot_rounds(attack_rows, accuracy, out / ROUNDS_PLOT):
+        parts.append(f"<p><img src='{ROUNDS_PLOT}' alt='leakage by round'></p>")
     for server_round in rounds:
         parts.append(_round(out, server_round, global_rows.get(server_round),
                             [row for row in attack_rows if row["round"] == server_round]))
@@ -78,7 +83,7 @@ def _round(out: Path, server_round: int, global_row: dict | None, rows: list[dic
     median = statistics.median(psnrs) if psnrs else None
     html.append(f"<p>{escape(str(len(rows)))} client(s), PSNR median {escape(_number(median, '.1f'))} dB</p>")
     html.append("<table><tr><th>client</th><th>truth</th><th>reconstruction</th><th>PSNR (dB)</th><th>SSIM</th>"
-                "<th>MSE</th><th>labels right</th><th>status</th><th>reason</th></tr>")
+                "<th>MSE</th><th>labels right</th><th>update norm</th><th>status</th><th>reason</th></tr>")
     for row in sorted(rows, key=lambda r: r["client"] if _count(r.get("client")) else math.inf):
         named = _count(row.get("client")) or row.get("client") == AGGREGATE
         folder = client_folder(server_round, row["client"]) if named else None
@@ -88,6 +93,7 @@ def _round(out: Path, server_round: int, global_row: dict | None, rows: list[dic
             f"<td>{_image(out, folder, 'truth')}</td><td>{_image(out, folder, 'reconstruction')}</td>"
             f"<td>{escape(_number(row.get('psnr'), '.1f'))}</td><td>{escape(_number(row.get('ssim'), '.3f'))}</td>"
             f"<td>{escape(_number(row.get('mse'), '.2e'))}</td><td>{escape(_number(row.get('label_acc'), '.0%'))}</td>"
+            f"<td>{escape(_number(row.get('update_norm'), '.3g'))}</td>"
             f"<td class='{'' if status == 'ok' else 'failed'}'>{escape(status)}</td>"
             f"<td>{escape(str(row.get('reason', '')))}</td></tr>")
     html.append("</table>")

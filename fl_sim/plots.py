@@ -1,6 +1,7 @@
-"""Plots of a sweep's metrics against each swept key, and of leakage against accuracy for run sweeps
-(matplotlib, Agg: no display needed)."""
+"""Plots of a sweep's metrics against each swept key, of leakage against accuracy for run sweeps, and of
+a run's leakage round by round (matplotlib, Agg: no display needed)."""
 import itertools
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -77,6 +78,41 @@ def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], 
     axis.margins(x=0.25, y=0.1)
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_rounds(attack_rows: list[dict], accuracy_by_round: dict[int, float], path: Path) -> Path | None:
+    """A run's attack over its rounds: PSNR (median, band min to max), the update norm (median) and the
+    global model's accuracy, side by side: does the attack weaken as the model trains? None before any
+    round has an attacked update."""
+    by_round: dict[int, list[dict]] = {}
+    for row in attack_rows:
+        by_round.setdefault(row["round"], []).append(row)
+    rounds = sorted(by_round)
+    if not rounds:
+        return None
+    psnrs = {r: [p for p in (_number(row.get("psnr")) for row in by_round[r]) if p is not None] for r in rounds}
+    norms = {r: [n for n in (_number(row.get("update_norm")) for row in by_round[r]) if n is not None] for r in rounds}
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    scored = [r for r in rounds if psnrs[r]]
+    axes[0].fill_between(scored, [min(psnrs[r]) for r in scored], [max(psnrs[r]) for r in scored], alpha=0.15)
+    axes[0].plot(scored, [statistics.median(psnrs[r]) for r in scored], marker="o")
+    axes[0].set_ylabel("attack PSNR median (dB), band: min to max")
+    measured = [r for r in rounds if norms[r]]
+    axes[1].plot(measured, [statistics.median(norms[r]) for r in measured], marker="o")
+    axes[1].set_ylabel("update L2 norm (median)")
+    axes[1].set_yscale("log")
+    evaluated = sorted(accuracy_by_round)
+    axes[2].plot(evaluated, [accuracy_by_round[r] for r in evaluated], marker="o")
+    axes[2].set_ylabel("global test accuracy")
+    axes[2].set_ylim(-0.05, 1.05)
+    for axis in axes:
+        axis.set_xlabel("round")
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

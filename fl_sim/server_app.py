@@ -71,14 +71,15 @@ class Scoreboard:
                                                    self.config.seed, client, server_round)) for client in clients]
         return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
-    def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction], seconds: float):
+    def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
+                      update_norms: list[float], seconds: float):
         rows = []
-        for victim, result in zip(victims, results):
+        for victim, result, norm in zip(victims, results, update_norms):
             images, labels = self.truth(server_round, victim)
             named = {"client": AGGREGATE, "clients": list(victim)} if isinstance(victim, tuple) else {"client": victim}
             folder = inside(self.out, client_folder(server_round, named["client"]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
-                   "seconds": seconds / len(victims), "round_attack_seconds": seconds}
+                   "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
             if not result.ok:
                 row["status"], row["reason"] = attack_failure(result.status)
             append_jsonl(self.out / "metrics.jsonl", row)

@@ -37,6 +37,7 @@ from clients.app import LOSS_KEY, PARTITION_KEY
 from clients.defenses import aggregate_settings
 from clients.training import weight_change
 
+from .evaluation import update_norm
 from .federation import settings_from_config
 from .validation import ExpectedReply, reply_problem
 
@@ -62,7 +63,7 @@ class RoundRecorder(Protocol):
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None: ...
 
     def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
-                      seconds: float) -> None: ...
+                      update_norms: list[float], seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,9 @@ class InvertingFedAvg(FedAvg):
         except Exception as error:  # a failed attack must not stop the federation: report it per victim
             log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
             results = [failed(f"error: {type(error).__name__}: {error}") for _ in victims]
-        self.recorder.record_attack(sent.server_round, victims, results, time.perf_counter() - started)
+        names = [name for name, _ in self.model.named_parameters()]
+        self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in updates],
+                                    time.perf_counter() - started)
 
 
 def short_error(reason: str) -> str:

@@ -68,7 +68,7 @@ class Recorder(list):
         super().__init__()
         self.faults = []
 
-    def record_attack(self, server_round, victims, results, seconds):
+    def record_attack(self, server_round, victims, results, update_norms, seconds):
         self.append((server_round, victims, results))
 
     def record_faults(self, server_round, faults):

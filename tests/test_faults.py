@@ -104,10 +104,11 @@ def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons
     scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data)))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
     scoreboard.record_attack(2, [1, 2], [failed("error: ValueError: update has no 'fc.weight'"), failed("diverged")],
-                             seconds=1.0)
+                             update_norms=[0.5, 0.7], seconds=1.0)
     rows = {row["client"]: row for row in read_jsonl(tmp_path / "metrics.jsonl")}
     assert {client: (row["round"], row["status"], row["reason"]) for client, row in rows.items()} == {
         0: (2, CLIENT_ERROR, "error reply: boom"),
         1: (2, "attack-error", "ValueError: update has no 'fc.weight'"),
         2: (2, "diverged", "every restart of the attack diverged")}
+    assert rows[1]["update_norm"] == 0.5 and rows[2]["update_norm"] == 0.7
     assert all(row["psnr"] is None for row in rows.values())

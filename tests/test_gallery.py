@@ -64,7 +64,7 @@ def run_folder(tmp_path, shared_data):
             append_jsonl(out / "metrics.jsonl", {
                 "round": server_round, "client": client, "status": HOSTILE_STATUS if failed else "ok",
                 "psnr": None if failed else 31.5, "ssim": None if failed else 0.9, "mse": None if failed else 1e-3,
-                "label_acc": 0.0 if failed else 1.0})
+                "label_acc": 0.0 if failed else 1.0, "update_norm": 2.5 * server_round})
     return out
 
 
@@ -74,12 +74,14 @@ def test_the_gallery_loads_in_a_browser_with_every_image(run_folder, tmp_path):
 
     assert report["title"] == f"fl-sim run {run_folder.name}"
     expected = sorted(str(p.relative_to(run_folder)) for p in run_folder.rglob("*.png"))
-    assert len(expected) == 7  # 4 truths, 3 reconstructions (one attack failed)
+    assert len(expected) == 8  # 4 truths, 3 reconstructions (one attack failed), the plot by round
+    assert "leakage-by-round.png" in expected
     assert sorted(image["src"] for image in report["images"]) == expected
     for image in report["images"]:
         with Image.open(run_folder / image["src"]) as png:
             assert image["width"] == png.width, image
     assert "Round 1" in report["text"] and "Round 2" in report["text"] and "31.5" in report["text"]
+    assert "update norm" in report["text"] and "\t5\t" in report["text"]  # round 2's update norm, 2.5 x 2
 
 
 def test_names_and_statuses_are_shown_as_text_not_run_as_html(run_folder, tmp_path):
@@ -107,6 +109,8 @@ def test_rows_from_a_tampered_metrics_file_name_no_path_outside_the_run(run_fold
         append_jsonl(run_folder / "metrics.jsonl", row)
     html = write_gallery(run_folder).read_text()
     sources = re.findall(r"src='([^']*)'", html)
+    assert sources[0] == "leakage-by-round.png"  # the plot by round survives the tampered rows too
+    sources = sources[1:]
     assert len(sources) == 7 and all(re.fullmatch(r"round-\d{3}/client-\d{3}/(truth|reconstruction)\.png", s)
                                       for s in sources)
     assert escape("../../../etc/passwd") in html and escape("<b>loud</b>") in html and escape("<i>why</i>") in html

@@ -50,12 +50,14 @@ def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
     gallery = (out / "gallery.html").read_text()
     for row in rows:
         assert row["status"] == "ok" and row["psnr"] > 30 and row["label_acc"] == 1.0, row
+        assert row["update_norm"] > 0, row
         _, labels = train.tensors(round_examples(partitions[row["client"]], 1, 1, row["client"], row["round"]))
         assert row["true_labels"] == labels.tolist()
         folder = f"round-{row['round']:03d}/client-{row['client']:03d}"
         for image in ("truth.png", "reconstruction.png"):
             assert (out / folder / image).stat().st_size > 0
             assert f"{folder}/{image}" in gallery
+    assert (out / "leakage-by-round.png").stat().st_size > 0 and "leakage-by-round.png" in gallery
 
 
 def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp_path, capsys):
