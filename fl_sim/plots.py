@@ -86,30 +86,34 @@ def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], 
 
 
 def plot_rounds(attack_rows: list[dict], accuracy_by_round: dict[int, float], path: Path) -> Path | None:
-    """A run's attack over its rounds: PSNR (median, band min to max), the update norm (median) and the
-    global model's accuracy, side by side: does the attack weaken as the model trains? None before any
-    round has an attacked update."""
+    """A run's attack over its rounds: PSNR (median, band min to max), labels right, the update norm
+    (median) and the global model's accuracy, side by side: does the attack weaken as the model trains?
+    None before any round has an attacked update."""
     by_round: dict[int, list[dict]] = {}
     for row in attack_rows:
         by_round.setdefault(row["round"], []).append(row)
-    rounds = sorted(by_round)
-    if not rounds:
+    if not by_round:
         return None
-    psnrs = {r: [p for p in (_number(row.get("psnr")) for row in by_round[r]) if p is not None] for r in rounds}
-    norms = {r: [n for n in (_number(row.get("update_norm")) for row in by_round[r]) if n is not None] for r in rounds}
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    scored = [r for r in rounds if psnrs[r]]
-    axes[0].fill_between(scored, [min(psnrs[r]) for r in scored], [max(psnrs[r]) for r in scored], alpha=0.15)
-    axes[0].plot(scored, [statistics.median(psnrs[r]) for r in scored], marker="o")
-    axes[0].set_ylabel("attack PSNR median (dB), band: min to max")
-    measured = [r for r in rounds if norms[r]]
-    axes[1].plot(measured, [statistics.median(norms[r]) for r in measured], marker="o")
-    axes[1].set_ylabel("update L2 norm (median)")
-    axes[1].set_yscale("log")
+
+    def per_round(column: str) -> dict[int, list[float]]:
+        values = {r: [_number(row.get(column)) for row in rows] for r, rows in sorted(by_round.items())}
+        return {r: [v for v in vs if v is not None] for r, vs in values.items() if any(v is not None for v in vs)}
+
+    psnrs, labels, norms = per_round("psnr"), per_round("label_acc"), per_round("update_norm")
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    axes[0].fill_between(list(psnrs), [min(v) for v in psnrs.values()], [max(v) for v in psnrs.values()], alpha=0.15)
+    axes[0].plot(list(psnrs), [statistics.median(v) for v in psnrs.values()], marker="o")
+    axes[0].set_ylabel("PSNR (dB): median, min-max band")
+    axes[1].plot(list(labels), [statistics.mean(v) for v in labels.values()], marker="o")
+    axes[1].set_ylabel("label accuracy")
+    axes[2].plot(list(norms), [statistics.median(v) for v in norms.values()], marker="o")
+    axes[2].set_ylabel("update L2 norm (median)")
+    axes[2].set_yscale("log")
     evaluated = sorted(accuracy_by_round)
-    axes[2].plot(evaluated, [accuracy_by_round[r] for r in evaluated], marker="o")
-    axes[2].set_ylabel("global test accuracy")
-    axes[2].set_ylim(-0.05, 1.05)
+    axes[3].plot(evaluated, [accuracy_by_round[r] for r in evaluated], marker="o")
+    axes[3].set_ylabel("global test accuracy")
+    for axis in axes[1::2]:
+        axis.set_ylim(-0.05, 1.05)
     for axis in axes:
         axis.set_xlabel("round")
         axis.grid(alpha=0.3)
