@@ -65,8 +65,8 @@ def _row_seed(seed: int, victim: int, restart: int, redraw: int) -> int:
 class _Problem:
     """The rows' shared loss: replay on candidate data, distance to the observed update, prior."""
 
-    def __init__(self, model, params, settings, attack, image_shape, num_classes):
-        self.replay = LocalTraining(model, params, settings)
+    def __init__(self, model, params, buffers, settings, attack, image_shape, num_classes):
+        self.replay = LocalTraining(model, params, settings, buffers)
         self.objective = OBJECTIVES[attack.objective]
         self.attack, self.settings = attack, settings
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
@@ -76,7 +76,8 @@ class _Problem:
         self.batched = vmap(grad_and_value(self._row_loss))
         self.model = model
         # the global model's mean prediction, shared by every victim's label recovery
-        self.p_mean = mean_softmax(model, params, image_shape) if attack.labels == "analytic" else None
+        self.p_mean = mean_softmax(model, {**params, **buffers}, image_shape, settings.batchnorm) \
+            if attack.labels == "analytic" else None
 
     def split(self, z_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         images = z_row[..., : self.image_dims].reshape(*z_row.shape[:-1], self.count, *self.image_shape)
@@ -142,7 +143,9 @@ def invert(
         raise ValueError("victim_ids and updates differ in length")
     names = [name for name, _ in model.named_parameters()]
     params = {name: global_params[name].detach().to(device, torch.float32) for name in names}
-    problem = _Problem(model, params, settings, attack, image_shape, num_classes)
+    buffers = {name: global_params[name].detach().to(device)
+               for name, _ in model.named_buffers() if name in global_params}
+    problem = _Problem(model, params, buffers, settings, attack, image_shape, num_classes)
     errors: dict[int, str] = {}
     observed, targets = {}, {}
     for v, update in enumerate(updates):

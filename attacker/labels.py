@@ -34,13 +34,15 @@ def find_last_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]
     return last
 
 
-def mean_softmax(model: nn.Module, params: dict, image_shape: tuple, samples: int = 64) -> torch.Tensor:
-    """The model's mean prediction on uniform random images: a stand-in for its mean on real ones."""
-    device = next(iter(params.values())).device
+def mean_softmax(model: nn.Module, state: dict, image_shape: tuple, batchnorm: str = "train",
+                 samples: int = 64) -> torch.Tensor:
+    """The model's mean prediction on uniform random images: a stand-in for its mean on real ones.
+    `state`: the global parameters, and the buffers that frozen batch-norm layers use."""
+    device = next(iter(state.values())).device
     generator = torch.Generator().manual_seed(0)
     noise = torch.rand((samples, *image_shape), generator=generator).to(device)
     with torch.no_grad():
-        return functional_call(functional_model(model, device), params, (noise,)).softmax(-1).mean(0)
+        return functional_call(functional_model(model, device, batchnorm), state, (noise,)).softmax(-1).mean(0)
 
 
 def recover_labels(model: nn.Module, global_params: dict, update: dict, settings: TrainingSettings,
@@ -56,7 +58,7 @@ def recover_labels(model: nn.Module, global_params: dict, update: dict, settings
     if layer.bias is None:
         return _fill(signal, -signal / signal.abs().max().clamp_min(1e-30), settings.num_images)
     if p_mean is None:
-        p_mean = mean_softmax(model, global_params, image_shape)
+        p_mean = mean_softmax(model, global_params, image_shape, settings.batchnorm)
     p_mean = p_mean.double().to(signal.device)
     estimate = settings.num_images * (p_mean - signal / sum(step_weights(settings)))
     return _fill(signal, estimate, settings.num_images)

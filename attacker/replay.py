@@ -22,27 +22,41 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def functional_model(model: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """A copy (on `device`) whose batch-norm layers always use batch statistics, as the client's do in
-    training. Running statistics are buffers, not gradients, and updating them in place cannot be vmapped.
-    The caller's model is left as it was.
+def functional_model(model: nn.Module, device: torch.device | None = None, batchnorm: str = "train") -> nn.Module:
+    """A copy (on `device`) whose batch-norm layers behave as the client's do in training: with
+    batchnorm "train" they always use batch statistics (running statistics are buffers, not gradients,
+    and updating them in place cannot be vmapped); "frozen", they use the running statistics the caller
+    passes to functional_call. The caller's model is left as it was.
     """
-    model = copy.deepcopy(model)
-    torch.func.replace_all_batch_norm_modules_(model)
-    return model.to(device).train()
+    model = copy.deepcopy(model).to(device).train()
+    if batchnorm == "train":
+        torch.func.replace_all_batch_norm_modules_(model)
+    else:
+        freeze_batchnorm(model)
+    return model
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Batch-norm layers to eval mode (running statistics, none updated); the rest stays as it is."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 class LocalTraining:
     """Replays `settings` on given data from the global weights and returns the weight change."""
 
-    def __init__(self, model: nn.Module, global_params: Params, settings: TrainingSettings):
+    def __init__(self, model: nn.Module, global_params: Params, settings: TrainingSettings,
+                 buffers: Params | None = None):
+        """`buffers`: the global model's running statistics, which frozen batch-norm layers use."""
         self.params = {name: tensor.detach() for name, tensor in global_params.items()}
-        self.model = functional_model(model, next(iter(self.params.values())).device)
+        self.buffers = {name: tensor.detach() for name, tensor in (buffers or {}).items()}
+        self.model = functional_model(model, next(iter(self.params.values())).device, settings.batchnorm)
         self.settings = settings
         self._grad = grad(self._loss)
 
     def _loss(self, params: Params, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return soft_cross_entropy(functional_call(self.model, params, (images,)), targets)
+        return soft_cross_entropy(functional_call(self.model, {**params, **self.buffers}, (images,)), targets)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
         """images (K*B, C, H, W) in step order, targets (K*B, classes) -> weight change per parameter."""

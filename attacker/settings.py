@@ -1,6 +1,8 @@
 """What the server knows about a client's training: the settings it sent, and the attack it runs."""
 from dataclasses import dataclass, replace
 
+BATCHNORM_MODES = ("train", "frozen")
+
 
 @dataclass(frozen=True)
 class TrainingSettings:
@@ -9,6 +11,10 @@ class TrainingSettings:
     A client runs `epochs` passes over its K x B round examples, `local_steps` (K) SGD steps per pass,
     each on its own batch of `batch_size` (B) examples in a fixed order, with learning rate `lr` and
     optional heavy-ball `momentum` (torch.optim.SGD semantics). K = 1, epochs = 1 is FedSGD.
+    `batchnorm` says how batch-norm layers behave in local training: "train" normalises each batch by
+    its own statistics (PyTorch's train mode), "frozen" uses the model's running statistics and leaves
+    them as they are (eval mode for those layers only; their weights still train), as when fine-tuning,
+    and as the Inverting Gradients paper computes its target gradients.
     """
 
     lr: float
@@ -16,6 +22,7 @@ class TrainingSettings:
     batch_size: int = 1
     epochs: int = 1
     momentum: float = 0.0
+    batchnorm: str = "train"
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -25,6 +32,8 @@ class TrainingSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
 
     @property
     def num_images(self) -> int:

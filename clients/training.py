@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacker.replay import freeze_batchnorm
 from attacker.settings import TrainingSettings
 
 
@@ -16,6 +17,8 @@ def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, se
         raise ValueError(f"local training needs {settings.num_images} examples (K x B), got {len(images)}")
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     model.train()
+    if settings.batchnorm == "frozen":
+        freeze_batchnorm(model)
     losses = []
     for _ in range(settings.epochs):
         for step in range(settings.local_steps):

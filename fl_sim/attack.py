@@ -100,7 +100,8 @@ def run(args) -> dict:
         "seconds": time.perf_counter() - started,
         "attack": attack.name, "model": args.model, "init": args.init, "dataset": args.dataset,
         "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
-        "lr": settings.lr, "momentum": settings.momentum, "defense": args.defense, "replay": not args.no_replay,
+        "lr": settings.lr, "momentum": settings.momentum, "batchnorm": settings.batchnorm, "defense": args.defense,
+        "replay": not args.no_replay,
         "restarts": attack.restarts, "seed": args.seed, "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,
     }

@@ -7,7 +7,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from attacker.settings import PRESETS, TrainingSettings, get_attack
+from attacker.settings import BATCHNORM_MODES, PRESETS, TrainingSettings, get_attack
 from clients.defenses import KINDS, Defense, parse_defense
 
 from .data import DATASETS
@@ -33,6 +33,9 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
     train.add_argument("--epochs", type=int, default=1, help="passes over the K x B round examples")
     train.add_argument("--lr", type=float, default=0.1, help="client learning rate")
     train.add_argument("--momentum", type=float, default=0.0, help="client SGD momentum")
+    train.add_argument("--batchnorm", default="train", choices=BATCHNORM_MODES,
+                       help="batch-norm layers in local training: batch statistics (train, default) or the "
+                            "model's running ones, not updated (frozen)")
     train.add_argument("--defense", default="none", metavar="SPEC",
                        help=f"what clients do to their update before sending it: {', '.join(KINDS)}, or steps "
                             "joined by '+', e.g. clip:4+noise:0.01 (see clients/defenses.py)")
@@ -51,7 +54,7 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
 def training_settings(args) -> TrainingSettings:
     try:
         return TrainingSettings(lr=args.lr, local_steps=args.local_steps, batch_size=args.batch_size,
-                                epochs=args.epochs, momentum=args.momentum)
+                                epochs=args.epochs, momentum=args.momentum, batchnorm=args.batchnorm)
     except ValueError as error:  # its messages start with the setting's name: the flag's, without "--"
         raise ConfigError(f"--{error}") from None
 

@@ -21,7 +21,7 @@ from .partition import PARTITIONS
 
 # The training settings the server sends with every round, under these ConfigRecord keys.
 TRAINING_KEYS = {"local-steps": "local_steps", "batch-size": "batch_size", "epochs": "epochs", "lr": "lr",
-                 "momentum": "momentum"}
+                 "momentum": "momentum", "batchnorm": "batchnorm"}
 # Flower keys whose field is named differently (the flag is --rounds / --out; Flower's usual keys are these).
 FLOWER_NAMES = {"rounds": "num-server-rounds", "out": "out-dir"}
 
@@ -44,6 +44,7 @@ class RunConfig:
     epochs: int = 1
     lr: float = 0.1
     momentum: float = 0.0
+    batchnorm: str = "train"  # or "frozen": see attacker.settings.TrainingSettings
     defense: str = "none"  # clients/defenses.py
     attack: str = "idlg"
     iterations: int = 300

@@ -40,6 +40,20 @@ def test_secagg_attacks_the_victims_mean_update_as_one_batch(tiny_image_folder, 
     assert len(row["true_labels"]) == len(row["psnr_images"]) == 3  # the three victims' images, in one batch
 
 
+def test_frozen_batchnorm_is_what_the_clients_train_with_and_the_attack_replays(tiny_image_folder, tmp_path):
+    assert _attack(tiny_image_folder, tmp_path / "a", "--model", "resnet20", "--init", "default",
+                   "--batchnorm", "frozen") == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["batchnorm"] == "frozen" and summary["failed"] == 0 and summary["victims"] == 3
+
+
+def test_an_unknown_batchnorm_mode_is_refused(tiny_image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _attack(tiny_image_folder, tmp_path / "out", "--batchnorm", "eval")
+    assert exit_.value.code == 2 and "invalid choice: 'eval'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--model", "vgg"], "unknown model"),
     (["--attack", "magic"], "unknown attack"),

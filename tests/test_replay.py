@@ -1,4 +1,6 @@
 """The attacker's replay of local training must reproduce a real client's weight change exactly."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -25,6 +27,37 @@ def test_replay_reproduces_the_client(model_name, steps, batch, epochs, momentum
         error = (replayed[name] - observed[name]).norm() / (observed[name].norm() + 1e-12)
         assert error < 1e-4, (name, float(error))
     assert any(observed[name].abs().max() > 0 for name in params)
+
+
+def test_frozen_batchnorm_is_replayed_with_the_global_running_statistics():
+    """A client that freezes batch norm uses (and keeps) the global running statistics; the replay, given
+    them, matches it, even on a model object whose own statistics are different."""
+    settings = TrainingSettings(lr=0.05, local_steps=2, batch_size=2, batchnorm="frozen")
+    model = build_model("resnet20", 3, 16, 5, seed=0)
+    generator = torch.Generator().manual_seed(2)
+    for module in model.modules():  # statistics of a trained global model, far from the initial 0 and 1
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    images = torch.rand(settings.num_images, 3, 16, 16, generator=generator)
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 3, 1, 4]), 5).float()
+    before = weights(model)
+    local_train(model, images, targets.argmax(1), settings)
+    after = weights(model)
+    buffers = {name: before[name] for name, _ in model.named_buffers()}
+    assert all(torch.equal(after[name], tensor) for name, tensor in buffers.items())
+    observed = weight_change(before, after)
+
+    fresh = build_model("resnet20", 3, 16, 5, seed=0)  # running statistics 0 and 1: not the global ones
+    params = {name: before[name] for name, _ in fresh.named_parameters()}
+    replayed = LocalTraining(fresh, params, settings, buffers)(images, targets)
+    as_if_trained = LocalTraining(fresh, params, replace(settings, batchnorm="train"), buffers)(images, targets)
+    for name in params:
+        error = (replayed[name] - observed[name]).norm() / (observed[name].norm() + 1e-12)
+        assert error < 1e-4, (name, float(error))
+    assert (as_if_trained["conv1.weight"] - observed["conv1.weight"]).norm() > 0.1 * observed["conv1.weight"].norm()
+    with pytest.raises(ValueError, match="batchnorm must be one of train, frozen"):
+        TrainingSettings(lr=0.1, batchnorm="eval")
 
 
 def test_replay_with_wrong_data_differs():
