@@ -28,6 +28,8 @@ import torch
 
 from attacker.settings import TrainingSettings
 
+from .training import update_norm
+
 Change = dict[str, torch.Tensor]
 SECURE_AGGREGATION = "secagg"
 NO_DEFENSE = "none"
@@ -40,7 +42,7 @@ def add_noise(change: Change, sigma: float, generator: torch.Generator) -> Chang
 
 
 def clip(change: Change, max_norm: float, generator: torch.Generator) -> Change:
-    norm = math.sqrt(sum(float((tensor.double() ** 2).sum()) for tensor in change.values()))
+    norm = update_norm(change, change)
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     return {name: tensor * scale for name, tensor in change.items()}
 

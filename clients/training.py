@@ -39,3 +39,8 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """after - before for every floating-point entry (the update the server computes)."""
     return {name: after[name] - before[name] for name in before if before[name].is_floating_point()}
+
+
+def update_norm(update: dict[str, torch.Tensor], names) -> float:
+    """The size of an update: the L2 norm of its `names` entries (its parameters, not BatchNorm statistics)."""
+    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names)))

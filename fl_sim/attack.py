@@ -14,11 +14,11 @@ import torch
 
 from attacker import invert, resolve_device
 from clients.defenses import aggregate_settings, defense_seed
-from clients.training import local_train, weight_change, weights
+from clients.training import local_train, update_norm, weight_change, weights
 
 from . import config
 from .data import load_dataset
-from .evaluation import score_and_save, summarise, update_norm
+from .evaluation import score_and_save, summarise
 from .models import build_model
 from .outputs import rewrite_jsonl, write_json
 

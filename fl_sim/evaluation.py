@@ -5,7 +5,6 @@ Only this side ever holds ground truth; the engine never does.
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from attacker import Reconstruction
 
@@ -26,11 +25,6 @@ def score_and_save(result: Reconstruction, true_images, true_labels, folder: Pat
         if result.ok:
             save_images(folder / "reconstruction.png", result.images[row["order"]])
     return row
-
-
-def update_norm(update: dict, names) -> float:
-    """The size of what the client sent: the L2 norm of its parameters' change (not BatchNorm statistics)."""
-    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names)))
 
 
 def summarise(rows: list[dict]) -> dict:

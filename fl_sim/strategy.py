@@ -35,9 +35,8 @@ from torch import nn
 from attacker import AttackConfig, Reconstruction, TrainingSettings, invert
 from clients.app import LOSS_KEY, PARTITION_KEY
 from clients.defenses import aggregate_settings
-from clients.training import weight_change
+from clients.training import update_norm, weight_change
 
-from .evaluation import update_norm
 from .federation import settings_from_config
 from .validation import ExpectedReply, reply_problem
 
