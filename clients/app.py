@@ -53,12 +53,13 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         partition = partition_indices(dataset.labels, num_partitions, config.partition, config.alpha, config.seed)
         examples = round_examples(partition[partition_id], settings.num_images, config.seed, partition_id, server_round)
         images, labels = dataset.tensors(examples)
-        model = received_model(msg, config, dataset)
+        global_weights = msg.content["arrays"].to_torch_state_dict()
+        model = received_model(global_weights, config, dataset)
         device = next(model.parameters()).device
         loss = local_train(model, images.to(device), labels.to(device), settings)
         arrays = parse_defense(config.defense).sent_weights(
-            msg.content["arrays"].to_torch_state_dict(), _cpu(model.state_dict()),
-            [name for name, _ in model.named_parameters()], defense_seed(config.seed, partition_id, server_round))
+            global_weights, _cpu(model.state_dict()), [name for name, _ in model.named_parameters()],
+            defense_seed(config.seed, partition_id, server_round))
         metrics = {LOSS_KEY: loss, "num-examples": len(examples), PARTITION_KEY: partition_id}
         if fault:
             arrays, metrics = spoil_reply(fault, arrays, metrics)
@@ -78,7 +79,7 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         partition_id, num_partitions = node_partition(context)
         test = cached_dataset(config.dataset, config.data_root, False)
         share = partition_indices(test.labels, num_partitions, "iid", seed=config.seed)[partition_id]
-        metrics = evaluate_model(received_model(msg, config, test), test, share)
+        metrics = evaluate_model(received_model(msg.content["arrays"].to_torch_state_dict(), config, test), test, share)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
@@ -93,11 +94,11 @@ def node_partition(context: Context) -> tuple[int, int]:
                          f"or give the SuperNode --node-config 'partition-id=0 num-partitions=N'") from None
 
 
-def received_model(msg: Message, config: RunConfig, dataset) -> torch.nn.Module:
+def received_model(global_weights: dict, config: RunConfig, dataset) -> torch.nn.Module:
     """The configured architecture holding the weights the server sent; on the GPU if this worker has one."""
     (channels, size, _), classes = image_spec(dataset)
     model = build_model(config.model, channels, size, classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(global_weights)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
