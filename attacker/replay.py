@@ -67,6 +67,9 @@ class LocalTraining:
         for _ in range(s.epochs):
             for step in range(s.local_steps):
                 gradient = self._grad(params, images[step], targets[step])
+                if s.proximal_mu:  # FedProx: the gradient of mu/2 ||w - w_global||^2 joins the loss's
+                    gradient = {name: gradient[name] + s.proximal_mu * (params[name] - self.params[name])
+                                for name in gradient}
                 if s.momentum:
                     velocity = gradient if velocity is None else {
                         name: s.momentum * velocity[name] + gradient[name] for name in gradient}

@@ -1,56 +1,28 @@
-"""What the server knows about a client's training: the settings it sent, and the attack it runs."""
+"""What the server knows about a client's training (the settings it sent, from the shared contract
+fl_sim/protocol.py, which imports nothing but the standard library), and the attack it runs."""
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
-BATCHNORM_MODES = ("train", "frozen")
+from fl_sim.protocol import BatchNormMode, TrainingSettings
+
+__all__ = ["AttackConfig", "BatchNormMode", "LabelStrategy", "Objective", "Optimizer", "PRESETS", "TrainingSettings",
+           "get_attack"]
 
 
-@dataclass(frozen=True)
-class TrainingSettings:
-    """The local training the server configured, which it therefore knows.
+class Objective(StrEnum):
+    L2 = "l2"  # squared distance of updates
+    COSINE = "cosine"  # 1 - cosine similarity
 
-    A client runs `epochs` passes over its K x B round examples, `local_steps` (K) SGD steps per pass,
-    each on its own batch of `batch_size` (B) examples in a fixed order, with learning rate `lr` and
-    optional heavy-ball `momentum` (torch.optim.SGD semantics). K = 1, epochs = 1 is FedSGD.
-    `batchnorm` says how batch-norm layers behave in local training: "train" normalises each batch by
-    its own statistics (PyTorch's train mode), "frozen" uses the model's running statistics and leaves
-    them as they are (eval mode for those layers only; their weights still train), as when fine-tuning,
-    and as the Inverting Gradients paper computes its target gradients.
-    """
 
-    lr: float
-    local_steps: int = 1
-    batch_size: int = 1
-    epochs: int = 1
-    momentum: float = 0.0
-    batchnorm: str = "train"
+class Optimizer(StrEnum):
+    LBFGS = "lbfgs"
+    ADAM = "adam"
+    SIGNED_ADAM = "signed-adam"  # Adam fed the sign of the gradient
 
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("local_steps", "batch_size", "epochs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
 
-    @property
-    def num_images(self) -> int:
-        """How many distinct images stand behind one update."""
-        return self.local_steps * self.batch_size
-
-    @property
-    def total_steps(self) -> int:
-        return self.local_steps * self.epochs
-
-    def as_single_gradient(self) -> "TrainingSettings":
-        """The naive view (`--no-replay`): the update divided by (steps x lr) as one gradient of all images.
-
-        One step with learning rate steps x lr on one batch of all K x B images yields exactly that.
-        """
-        return replace(self, lr=self.lr * self.total_steps, local_steps=1, epochs=1,
-                       batch_size=self.num_images, momentum=0.0)
+class LabelStrategy(StrEnum):
+    JOINT = "joint"  # soft labels optimised with the images
+    ANALYTIC = "analytic"  # recovered from the update first, then fixed
 
 
 @dataclass(frozen=True)
@@ -58,9 +30,9 @@ class AttackConfig:
     """An attack is a preset of (objective, optimizer, label strategy, prior); see PRESETS."""
 
     name: str
-    objective: str  # "l2": squared distance of updates | "cosine": 1 - cosine similarity
-    optimizer: str  # "lbfgs" | "adam" | "signed-adam" (Adam fed the sign of the gradient)
-    labels: str  # "joint": soft labels optimised with the images | "analytic": recovered first, then fixed
+    objective: Objective
+    optimizer: Optimizer
+    labels: LabelStrategy
     tv_weight: float = 0.0  # total-variation prior on the images
     box: bool = False  # project pixels onto [0, 1] after every step
     lr: float = 1.0  # step size of the optimizer
@@ -70,24 +42,24 @@ class AttackConfig:
     max_redraws: int = 4  # re-drawn restarts per diverged restart before it is given up
 
     def __post_init__(self):
-        checks = {"objective": ("l2", "cosine"), "optimizer": ("lbfgs", "adam", "signed-adam"),
-                  "labels": ("joint", "analytic")}
-        for field, allowed in checks.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field, kind in (("objective", Objective), ("optimizer", Optimizer), ("labels", LabelStrategy)):
+            try:
+                object.__setattr__(self, field, kind(getattr(self, field)))
+            except ValueError:
+                raise ValueError(f"{field} must be one of {', '.join(kind)}, got {getattr(self, field)!r}") from None
         if self.restarts < 1:
             raise ValueError("restarts must be at least 1")
 
 
 PRESETS: dict[str, AttackConfig] = {
     # Zhu et al. 2019: squared gradient distance, L-BFGS, labels learnt jointly as soft labels.
-    "dlg": AttackConfig("dlg", objective="l2", optimizer="lbfgs", labels="joint", updates_per_iteration=20,
+    "dlg": AttackConfig("dlg", Objective.L2, Optimizer.LBFGS, LabelStrategy.JOINT, updates_per_iteration=20,
                         restarts=2),
     # Zhao et al. 2020: the label read off the last layer's gradient, then DLG's optimisation.
-    "idlg": AttackConfig("idlg", objective="l2", optimizer="lbfgs", labels="analytic", updates_per_iteration=20,
+    "idlg": AttackConfig("idlg", Objective.L2, Optimizer.LBFGS, LabelStrategy.ANALYTIC, updates_per_iteration=20,
                          restarts=2),
     # Geiping et al. 2020: cosine distance, TV prior, signed Adam with step decay, pixels boxed to [0, 1].
-    "ig": AttackConfig("ig", objective="cosine", optimizer="signed-adam", labels="analytic", tv_weight=1e-2,
+    "ig": AttackConfig("ig", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2,
                        box=True, lr=0.1, lr_decay=True, restarts=1),
 }
 

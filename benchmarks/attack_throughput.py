@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from attacker import TrainingSettings, get_attack, invert, resolve_device
-from clients.training import local_train, weight_change, weights
+from clients.training import local_train
+from fl_sim.updates import weight_change, weights
 from fl_sim.models import build_model
 
 

@@ -23,7 +23,7 @@ from clients.training import local_train
 from fl_sim import cli
 from fl_sim import run as fl_sim_run
 from fl_sim.data import load_dataset
-from fl_sim.federation import evaluate_model
+from fl_sim.accuracy import evaluate_model
 from fl_sim.models import build_model
 from fl_sim.partition import partition_indices, round_examples
 

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 
 from attacker import invert, resolve_device
-from clients.defenses import aggregate_settings, defense_seed
-from clients.training import local_train, update_norm, weight_change, weights
+from clients.defenses import defense_seed, sent_weights
+from clients.training import local_train
 
 from . import config
 from .data import load_dataset
 from .evaluation import score_and_save, summarise
 from .models import build_model
 from .outputs import rewrite_jsonl, write_json
+from .updates import mean_update, parameter_names, update_norm, weight_change, weights
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def run(args) -> dict:
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed)
     global_weights = weights(model)
-    parameter_names = [name for name, _ in model.named_parameters()]
+    parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
     updates, truth = [], []
     for victim, examples in enumerate(indices):
@@ -68,14 +69,14 @@ def run(args) -> dict:
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default")
         client.load_state_dict(global_weights)
         local_train(client, images, labels, settings)
-        sent = defense.sent_weights(global_weights, weights(client), parameter_names, defense_seed(args.seed, victim))
+        sent = sent_weights(defense, global_weights, weights(client), parameters, defense_seed(args.seed, victim))
         updates.append(weight_change(global_weights, sent))
         truth.append((images, labels))
     seen = settings
     if defense.secure_aggregation:  # the server learns only the mean update: one victim with every image
-        updates = [{name: torch.stack([update[name] for update in updates]).mean(0) for name in updates[0]}]
+        updates = [mean_update(updates)]
         truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
-        seen = aggregate_settings(settings, args.num_victims)
+        seen = settings.for_mean_of(args.num_victims)
     assumed = seen.as_single_gradient() if args.no_replay else seen
     attack_started = time.perf_counter()
     results = invert(model, global_weights, updates, assumed, attack, image_shape=shape,
@@ -89,7 +90,7 @@ def run(args) -> dict:
     rows = []
     for victim, (result, (images, labels)) in enumerate(zip(results, truth)):
         row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
-               "update_norm": update_norm(updates[victim], parameter_names)}
+               "update_norm": update_norm(updates[victim], parameters)}
         rows.append(row)
     rewrite_jsonl(out / "metrics.jsonl", rows)
     summary = {
@@ -100,7 +101,7 @@ def run(args) -> dict:
         "seconds": time.perf_counter() - started,
         "attack": attack.name, "model": args.model, "init": args.init, "dataset": args.dataset,
         "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
-        "lr": settings.lr, "momentum": settings.momentum, "batchnorm": settings.batchnorm, "defense": args.defense,
+        "lr": settings.lr, "momentum": settings.momentum, "batchnorm": str(settings.batchnorm), "defense": args.defense,
         "replay": not args.no_replay,
         "restarts": attack.restarts, "seed": args.seed, "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,

@@ -1,35 +1,68 @@
-"""The `fl-sim` command line: one sub-command per task, each in its own module."""
+"""The `fl-sim` command line: one sub-command per task, each in its own module, imported only when chosen.
+
+`fl-sim --help`, `fl-sim report` and `fl-sim deploy compose` need neither torch nor Flower, so they start
+at once; the modules of the other commands import them when they run.
+"""
 import argparse
+import importlib
 import sys
 
-from . import attack, deploy, pretrain, report, run, sweep
-from .config import ConfigError
-from .data import DataNotFoundError
+from .run_config import ConfigError
 
 COMMANDS = {
-    "attack": (attack, "invert victims' updates once, without Flower, and score the reconstructions"),
-    "run": (run, "a Flower simulation whose server inverts every client's update each round"),
-    "sweep": (sweep, "every point of a grid of settings (fl-sim attack or run at each), with results.csv and plots"),
-    "pretrain": (pretrain, "train a model centrally for a few epochs and save it for --init ckpt.pt"),
-    "report": (report, "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, plots)"),
-    "deploy": (deploy, "the same federation as real Flower processes: locally, or as docker-compose services"),
+    "attack": ("fl_sim.attack", "invert victims' updates once, without Flower, and score the reconstructions"),
+    "run": ("fl_sim.run", "a Flower simulation whose server inverts every client's update each round"),
+    "sweep": ("fl_sim.sweep", "every point of a grid of settings (fl-sim attack or run at each), with results.csv "
+                              "and plots"),
+    "pretrain": ("fl_sim.pretrain", "train a model centrally for a few epochs and save it for --init ckpt.pt"),
+    "report": ("fl_sim.report", "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, "
+                                "plots)"),
+    "deploy": ("fl_sim.deploy", "the same federation as real Flower processes: locally, or as docker-compose services"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command named in `argv` (all of them when None) gets its module imported."""
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="fl-sim", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        module.add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if argv is None or name == chosen:
+            importlib.import_module(module).add_arguments(sub)
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line, with `given_flags`: the settings the user typed (not left at their default)."""
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    suppress_defaults(parser)
+    args.given_flags = frozenset(vars(parser.parse_args(argv))) - {"command"}
+    return args
+
+
+def suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every default of `parser` and its sub-parsers set to SUPPRESS, so parsing yields only what was typed."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                suppress_defaults(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module = COMMANDS[args.command][0]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return module.main(args)
-    except (ConfigError, DataNotFoundError) as error:
+    except ConfigError as error:
+        print(f"fl-sim {args.command}: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        if type(error).__name__ != "DataNotFoundError":  # fl_sim.data's, not imported here: it needs torch
+            raise
         print(f"fl-sim {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -1,21 +1,19 @@
 """Command-line flags shared by `fl-sim attack`, `fl-sim run` and the sweeps, and their checks.
 
-Every check runs before any work starts and fails with one sentence (ConfigError), so a bad flag
-never costs a half-finished run.
+Every check runs before any work starts and fails with one sentence (ConfigError), so a bad flag never
+costs a half-finished run. Light on purpose (no torch, no Flower): the names it offers come from the run
+config's contract (fl_sim/run_config.py).
 """
 import argparse
 import tempfile
 from pathlib import Path
 
-from attacker.settings import BATCHNORM_MODES, PRESETS, TrainingSettings, get_attack
-from clients.defenses import KINDS, Defense, parse_defense
+from .protocol import BatchNormMode, TrainingSettings
+from .run_config import ATTACKS, DATASETS, DEFENSE_KINDS, DEVICES, MODELS, NO_ATTACK, ConfigError, DefenseSpec, \
+    RunConfig
 
-from .data import DATASETS
-from .models import MODELS
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says which and why."""
+__all__ = ["ConfigError", "add_task_arguments", "attack_config", "check_run", "check_task_arguments",
+           "check_writable", "defense", "training_settings"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
@@ -33,20 +31,20 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
     train.add_argument("--epochs", type=int, default=1, help="passes over the K x B round examples")
     train.add_argument("--lr", type=float, default=0.1, help="client learning rate")
     train.add_argument("--momentum", type=float, default=0.0, help="client SGD momentum")
-    train.add_argument("--batchnorm", default="train", choices=BATCHNORM_MODES,
+    train.add_argument("--batchnorm", default=BatchNormMode.TRAIN, choices=list(BatchNormMode),
                        help="batch-norm layers in local training: batch statistics (train, default) or the "
                             "model's running ones, not updated (frozen)")
     train.add_argument("--defense", default="none", metavar="SPEC",
-                       help=f"what clients do to their update before sending it: {', '.join(KINDS)}, or steps "
-                            "joined by '+', e.g. clip:4+noise:0.01 (see clients/defenses.py)")
+                       help=f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or "
+                            "steps joined by '+', e.g. clip:4+noise:0.01 (see clients/defenses.py)")
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--attack", default="idlg", help=f"one of {', '.join(PRESETS)}, or 'none'")
+    attack.add_argument("--attack", default="idlg", help=f"one of {', '.join(ATTACKS)}, or '{NO_ATTACK}'")
     attack.add_argument("--iterations", type=int, default=300,
                         help="optimiser iterations per victim (an L-BFGS iteration is up to 20 updates, as in DLG)")
     attack.add_argument("--restarts", type=int, default=None, help="random restarts per victim (default: the preset's)")
     attack.add_argument("--no-replay", action="store_true",
                         help="treat the weight change / (steps x lr) as one gradient instead of replaying K steps")
-    attack.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    attack.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=out_required, help="output folder")
 
@@ -60,34 +58,29 @@ def training_settings(args) -> TrainingSettings:
 
 
 def check_task_arguments(args) -> None:
-    """Everything that can be checked without loading data, in one pass."""
-    if args.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
-    if args.model not in MODELS:
-        raise ConfigError(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
-    if args.attack != "none" and args.attack not in PRESETS:
-        raise ConfigError(f"unknown attack {args.attack!r}: choose one of {', '.join(PRESETS)} or none")
-    if args.init not in ("default", "paper") and not Path(args.init).is_file():
-        raise ConfigError(f"--init {args.init!r} is neither 'default', 'paper' nor an existing checkpoint file")
-    if args.iterations < 1:
-        raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
-    if args.restarts is not None and args.restarts < 1:
-        raise ConfigError(f"--restarts must be at least 1, got {args.restarts}")
-    if args.device not in ("auto", "cpu", "cuda") and not str(args.device).startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {args.device!r}")
-    training_settings(args)
-    defense(args)
-    check_writable(args.out)
+    """Everything the task flags of `fl-sim attack` allow checking without loading data, in one pass."""
+    values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
+                                                     "device", "seed", "defense", "local_steps", "batch_size",
+                                                     "epochs", "lr", "momentum", "batchnorm")}
+    check_run(RunConfig.from_values(values, RunConfig(out=args.out, init=args.init)))
 
 
-def defense(args) -> Defense:
-    try:
-        return parse_defense(args.defense)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+def check_run(config: RunConfig) -> None:
+    """RunConfig.check, plus what it leaves to the file system: the --init checkpoint and the output folder."""
+    config.check()
+    if config.init not in ("default", "paper") and not Path(config.init).is_file():
+        raise ConfigError(f"--init {config.init!r} is neither 'default', 'paper' nor an existing checkpoint file")
+    check_writable(config.out)
+
+
+def defense(args) -> DefenseSpec:
+    return DefenseSpec.parse(args.defense)
 
 
 def attack_config(args):
+    """The attack preset `args.attack` (flags or a RunConfig) with its `--restarts`."""
+    from attacker import get_attack  # imported late: torch is slow to import, and only an attack needs it
+
     return get_attack(args.attack, restarts=args.restarts)
 
 

@@ -5,6 +5,7 @@ MNIST and CIFAR-10 use torchvision's own classes and download when the machine i
 a root without the files gets one clear error that says what to do. For CIFAR-10, a root holding
 `cifar10-subset/{train,test}/<class>/*.png` (the layout of the shared offline sample) is read too.
 """
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
-DATASETS = ("mnist", "cifar10", "imagefolder")
+from .run_config import DATASETS
 DATA_ROOT_ENV = "FL_SIM_DATA"
 
 
@@ -111,3 +112,14 @@ def _image_folder(folder: Path, name: str) -> ImageDataset:
     files = [path for path, _ in dataset.samples]
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return ImageDataset(name, labels, len(dataset.classes), channels, size, _files=files)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_dataset(name: str, data_root: str | None, train: bool) -> ImageDataset:
+    """A split loaded once per process: clients run many rounds in one long-lived worker."""
+    return load_dataset(name, data_root, train=train)
+
+
+def image_spec(dataset: ImageDataset) -> tuple[tuple[int, int, int], int]:
+    """((C, H, W), classes) of a data set: all the attacker knows about its inputs."""
+    return (dataset.channels, dataset.image_size, dataset.image_size), dataset.num_classes

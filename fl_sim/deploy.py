@@ -27,10 +27,8 @@ from pathlib import Path
 import tomli_w
 
 from . import config, topology
-from .data import resolve_data_root
-from .federation import RunConfig, cached_dataset
-from .partition import PARTITIONS
-from .run import headline, summary
+from .run import config_from_flags, headline, summary
+from .run_config import PARTITIONS, ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the Flower app `flwr run` submits: this project's checkout
 CERTS_SCRIPT = ROOT / "docker" / "certs.sh"
@@ -76,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     if args.mode == "compose":
         if args.supernodes < 1:
-            raise config.ConfigError(f"--supernodes must be at least 1, got {args.supernodes}")
+            raise ConfigError(f"--supernodes must be at least 1, got {args.supernodes}")
         sys.stdout.write(topology.compose_text(args.supernodes, args.variant))
         return 0
     try:
@@ -97,11 +95,12 @@ def main(args) -> int:
 
 def checked_config(args) -> RunConfig:
     """The run config the app gets, with absolute paths (the apps run elsewhere), checked with its data."""
-    from .server_app import preflight  # imported late: torch and flwr are slow to import
+    from .data import cached_dataset, resolve_data_root  # imported late: torch and flwr are slow to import
+    from .server_app import preflight
 
     if args.supernodes < 1:
-        raise config.ConfigError(f"--supernodes must be at least 1, got {args.supernodes}")
-    run_config = RunConfig.from_args(args)
+        raise ConfigError(f"--supernodes must be at least 1, got {args.supernodes}")
+    run_config = config_from_flags(args)
     run_config = dataclasses.replace(run_config, num_clients=args.supernodes, out=str(Path(args.out).resolve()),
                                      data_root=str(resolve_data_root(args.data_root).resolve()))
     preflight(run_config)  # config, data, partition sizes, and an OUT that holds no other run
@@ -114,7 +113,7 @@ def find_executables(search_path: str) -> dict[str, str]:
     found = {name: shutil.which(name, path=search_path) for name in EXECUTABLES}
     missing = [name for name, path in found.items() if path is None]
     if missing:
-        raise config.ConfigError(f"Flower's {', '.join(missing)} not found beside {sys.executable} nor on PATH: "
+        raise ConfigError(f"Flower's {', '.join(missing)} not found beside {sys.executable} nor on PATH: "
                                  "install this project (pip install -e .), which brings flwr")
     return found
 
@@ -122,14 +121,14 @@ def find_executables(search_path: str) -> dict[str, str]:
 def check_ports(endpoints: dict[str, topology.Endpoint]) -> None:
     for name, endpoint in endpoints.items():
         if not 0 < endpoint.port < 65536:
-            raise config.ConfigError(f"{name} would listen on port {endpoint.port}: --port must be from 1 to "
+            raise ConfigError(f"{name} would listen on port {endpoint.port}: --port must be from 1 to "
                                      f"{65535 - (len(endpoints) - 1)}")
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
             try:
                 probe.bind((endpoint.bind_host, endpoint.port))
             except OSError:
-                raise config.ConfigError(f"port {endpoint.port} ({name}) is already in use: choose another --port "
+                raise ConfigError(f"port {endpoint.port} ({name}) is already in use: choose another --port "
                                          "(the SuperLink's; SuperNode k takes port + k)") from None
 
 
@@ -137,7 +136,7 @@ def check_project() -> None:
     """`flwr run` bundles the app from its source folder, so fl-sim must run from its checkout."""
     pyproject = ROOT / "pyproject.toml"
     if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text(errors="replace"):
-        raise config.ConfigError(f"{ROOT} is not this project's checkout (no pyproject.toml with [tool.flwr.app]): "
+        raise ConfigError(f"{ROOT} is not this project's checkout (no pyproject.toml with [tool.flwr.app]): "
                                  "fl-sim deploy local submits the app from its source; pip install -e . it")
 
 
@@ -288,7 +287,7 @@ def deploy_local(args) -> dict:
     endpoints = topology.local_endpoints(args.supernodes, args.port)
     check_ports(endpoints)
     if args.tls and not shutil.which("openssl"):
-        raise config.ConfigError("--tls needs openssl to make the certificates, and it is not on PATH")
+        raise ConfigError("--tls needs openssl to make the certificates, and it is not on PATH")
 
     out = Path(run_config.out)
     log_dir = out / "deploy-logs"

@@ -9,10 +9,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is slow to import, and readers of finished runs (fl-sim report) need none of it
+    import torch
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -78,7 +81,7 @@ def inside(out, relative) -> Path:
     return path
 
 
-def image_strip(images: torch.Tensor, scale: int = 2) -> Image.Image:
+def image_strip(images: "torch.Tensor", scale: int = 2) -> Image.Image:
     """(N, C, H, W) in [0, 1] -> one PNG-ready strip, N images side by side, upscaled for viewing."""
     images = images.detach().float().cpu().clamp(0, 1)
     if images.dim() == 3:
@@ -91,7 +94,7 @@ def image_strip(images: torch.Tensor, scale: int = 2) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
-def save_images(path, images: torch.Tensor, scale: int = 2) -> None:
+def save_images(path, images: "torch.Tensor", scale: int = 2) -> None:
     buffer = io.BytesIO()
     image_strip(images, scale).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
@@ -102,7 +105,7 @@ def _plain(value):
         return int(value)
     if isinstance(value, (np.floating,)):
         return float(value)
-    if isinstance(value, (torch.Tensor, np.ndarray)):
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":  # torch is not imported here
         return value.tolist()
     if isinstance(value, Path):
         return str(value)

@@ -7,7 +7,7 @@ never the attack.
 """
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet")
+from .run_config import PARTITIONS
 _IID_STREAM, _DIRICHLET_STREAM = 1, 2  # keep the two schemes' random streams apart
 MAX_DIRICHLET_DRAWS = 100
 

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from . import config
-from .faults import FAULTS
-from .federation import RunConfig, cached_dataset, flower_key
 from .outputs import read_jsonl
-from .partition import PARTITIONS
-from .strategy import REPLY_FAULTS
+from .records import REPLY_FAULTS
+from .run_config import FAULT_HELP, PARTITIONS, ConfigError, RunConfig, StrategyName, flower_key
 
 DEFAULTS = RunConfig()
 # Where and with what a run computes, not what it computes: a resumed run may change these.
 RESUMABLE_ELSEWHERE = ("data_root", "device")
+SETTINGS = frozenset(field.name for field in dataclasses.fields(RunConfig))
+NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anything or no attack succeeded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="how the training set is split: iid, or dirichlet (label skew, see --alpha)")
     fed.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
                      help="Dirichlet concentration: small = each client sees few classes")
+    fed.add_argument("--strategy", default=DEFAULTS.strategy, choices=list(StrategyName),
+                     help="the Flower strategy the malicious server wraps (default fedavg)")
+    fed.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu,
+                     help="FedProx's proximal weight mu (with --strategy fedprox)")
+    fed.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr,
+                     help="the server optimiser's learning rate eta (with --strategy fedadam or fedyogi)")
     fed.add_argument("--attack-every", type=int, default=DEFAULTS.attack_every,
                      help="attack rounds 1, 1+N, 1+2N, ... (default every round)")
     fed.add_argument("--attack-clients", default="all", help="partition ids to attack, e.g. 0,2 (default all)")
@@ -45,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reliability = parser.add_argument_group("faults and interruptions")
     reliability.add_argument("--inject-faults", default="", metavar="CLIENT=KIND,...",
                              help=f"clients that send bad replies every round, e.g. 0=nan,2=crash; kinds: "
-                                  f"{', '.join(FAULTS)}")
+                                  f"{', '.join(FAULT_HELP)}")
     reliability.add_argument("--resume", metavar="OUT",
                              help="continue the stopped run in OUT after its last finished round, with its config "
                                   "(OUT/run.json); other flags must agree with it, except --data-root, --device, "
@@ -54,41 +60,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args) -> RunConfig:
     """The run's config, checked with its data before Ray starts (bad flags cost no simulation)."""
+    from .data import cached_dataset  # imported late: torch is slow to import
+
     if (args.out is None) == (args.resume is None):
-        raise config.ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
-    run_config = resumed_config(args) if args.resume else RunConfig.from_args(args)
-    run_config.check()
+        raise ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
+    run_config = resumed_config(args) if args.resume else config_from_flags(args)
+    config.check_run(run_config)
     if not args.client_cpus > 0 or args.client_gpus < 0:
-        raise config.ConfigError("--client-cpus must be positive and --client-gpus non-negative")
+        raise ConfigError("--client-cpus must be positive and --client-gpus non-negative")
     for train in (True, False):
         cached_dataset(run_config.dataset, run_config.data_root, train)  # DataNotFoundError says what to do
     return run_config
 
 
+def config_from_flags(args, names=None) -> RunConfig:
+    """The RunConfig the flags `names` (default: every run setting among them) of a parsed command line give."""
+    values = {name: value for name, value in vars(args).items() if name in SETTINGS}
+    return RunConfig.from_values({name: values[name] for name in (values if names is None else names)})
+
+
 def resumed_config(args) -> RunConfig:
-    """The config OUT/run.json holds, writing to OUT; a flag given that differs from it is an error."""
+    """The config OUT/run.json holds, writing to OUT; a flag given that differs from it is an error.
+
+    Only the flags the user typed count (`given_flags`, set by fl_sim.cli): a flag typed with its default
+    value still has to agree with the run.
+    """
     out = Path(args.resume)
     try:
         stored = json.loads((out / "run.json").read_text())["config"]
     except FileNotFoundError:
-        raise config.ConfigError(f"--resume {str(out)!r}: no run.json there, so no run to continue") from None
+        raise ConfigError(f"--resume {str(out)!r}: no run.json there, so no run to continue") from None
     except (ValueError, KeyError, TypeError) as error:
-        raise config.ConfigError(f"--resume {str(out)!r}: run.json cannot be read ({error})") from None
+        raise ConfigError(f"--resume {str(out)!r}: run.json cannot be read ({error})") from None
     run_config = RunConfig.from_flower({key: value for key, value in stored.items() if key != "out-dir"})
-    given, defaults = RunConfig.from_args(args), RunConfig.from_args(default_arguments())
+    typed = set(args.given_flags if hasattr(args, "given_flags") else changed_from_defaults(args))
+    typed = (typed & SETTINGS) - {"out"}
+    given = config_from_flags(args, typed)
     changes = {}
-    for name in (setting.name for setting in dataclasses.fields(RunConfig)):
+    for name in sorted(typed):
         value = getattr(given, name)
-        if name == "out" or value == getattr(defaults, name):
-            continue  # not given (or given as the default): the run's own value holds
         if name in RESUMABLE_ELSEWHERE:
             changes[name] = value
         elif value != getattr(run_config, name):
             key = flower_key(name)
-            raise config.ConfigError(f"--resume: --{name.replace('_', '-')} {given.to_flower()[key]!r} conflicts "
-                                     f"with the run's {run_config.to_flower()[key]!r} (run.json); leave it out "
-                                     f"to continue the run, or start a new one with --out")
+            raise ConfigError(f"--resume: --{name.replace('_', '-')} {given.to_flower()[key]!r} conflicts "
+                              f"with the run's {run_config.to_flower()[key]!r} (run.json); leave it out "
+                              f"to continue the run, or start a new one with --out")
     return dataclasses.replace(run_config, out=str(out), **changes)
+
+
+def changed_from_defaults(args) -> set[str]:
+    """The flags whose value differs from the default: the best guess when the command line is unknown."""
+    defaults = vars(default_arguments())
+    return {name for name, value in vars(args).items() if name in defaults and value != defaults[name]}
 
 
 def default_arguments() -> argparse.Namespace:
@@ -103,7 +127,7 @@ def run(args) -> dict:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline by default; set it to 1 to allow Flower's
     from flwr.simulation import run_simulation  # imported late: it is slow, and flags are checked first
 
-    from clients.app import make_client_app
+    from clients.app import make_client_app  # the one place fl_sim imports clients: a simulation runs both sides
 
     from .server_app import make_server_app, preflight
 
@@ -124,6 +148,7 @@ def summary(out, seconds: float) -> dict:
     psnrs = [row["psnr"] for row in attack_rows if row.get("psnr") is not None]
     return {
         "rounds": len(global_rows),
+        "rounds_aggregated": sum(bool(row.get("model_changed", True)) for row in global_rows),
         "attacked": len(attack_rows),
         "failed": sum(row.get("status") != "ok" for row in attack_rows),
         "left_out": len(rows) - len(attack_rows),
@@ -140,6 +165,15 @@ def headline(result: dict) -> tuple[str, str]:
     return psnr, accuracy
 
 
+def failure(result: dict, attack: str) -> str | None:
+    """Why a finished run counts as a failure (exit code NOTHING_WORKED), or None when something worked."""
+    if result["rounds"] and not result["rounds_aggregated"]:
+        return "no round aggregated any reply: the global model never changed"
+    if attack != "none" and result["attacked"] == result["failed"]:
+        return "no attack succeeded" if result["attacked"] else "no update was attacked (every reply was left out)"
+    return None
+
+
 def main(args) -> int:
     result = run(args)
     psnr, accuracy = headline(result)
@@ -147,4 +181,9 @@ def main(args) -> int:
           f"({result['failed']} failed), {result['left_out']} faulty client-round(s) left out, "
           f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
           f"-> {args.out or args.resume}")
+    attack = json.loads((Path(args.out or args.resume) / "run.json").read_text())["config"]["attack"]
+    problem = failure(result, attack)
+    if problem:
+        print(f"fl-sim run: FAILED: {problem} (exit code {NOTHING_WORKED})")
+        return NOTHING_WORKED
     return 0

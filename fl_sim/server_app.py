@@ -1,7 +1,7 @@
-"""The Flower ServerApp: FedAvg run by a server that inverts every client's update.
+"""The Flower ServerApp: a Flower strategy (FedAvg by default) run by a server that inverts every update.
 
-`run_federation` wires three parts. The strategy (fl_sim/strategy.py) trains the federation as
-FedAvg and inverts the updates. The global evaluation scores the model on the test split after each
+`run_federation` wires three parts. The strategy (fl_sim/strategy.py) wraps the Flower strategy the run
+names, which trains the federation, and inverts the updates before it aggregates them. The global evaluation scores the model on the test split after each
 round (OUT/global.jsonl), so users see it learn. The evaluation path (`Scoreboard`) re-derives each
 attacked client's round examples from the seed, scores the reconstruction against them and keeps
 the images (OUT/metrics.jsonl, OUT/round-RRR/client-CCC/). A real server would not have that truth;
@@ -27,17 +27,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
-from clients.app import PARTITION_KEY
 
-from . import config as flags
+from .accuracy import evaluate_model
+from .config import attack_config, check_run
+from .data import cached_dataset, image_spec
 from .evaluation import score_and_save, summarise
-from .federation import RunConfig, cached_dataset, evaluate_model, image_spec, settings_to_config
 from .gallery import AGGREGATE, client_folder, write_gallery
 from .models import build_model
 from .outputs import append_jsonl, inside, write_json
 from .partition import partition_indices, round_examples
+from .protocol import METRICS, PARTITION_ID
 from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
-from .strategy import AttackPlan, InvertingFedAvg, ReplyFault, Victim
+from .run_config import NO_ATTACK, ConfigError, RunConfig
+from .strategy import AttackPlan, InvertingStrategy, ReplyFault, RoundOffset, ServerAttack, Victim, flower_strategy
 
 
 class Scoreboard:
@@ -54,21 +56,21 @@ class Scoreboard:
             self.partitions = partition_indices(self.train.labels, config.num_clients, config.partition,
                                                 config.alpha, config.seed)
         except ValueError as error:
-            raise flags.ConfigError(str(error)) from None
+            raise ConfigError(str(error)) from None
 
     def check_partitions(self) -> None:
         """Every partition must hold a round's K x B examples; said before any round runs."""
         need = self.settings.num_images
         small = {p: len(part) for p, part in enumerate(self.partitions) if len(part) < need}
         if small:
-            raise flags.ConfigError(f"partitions {small} hold fewer examples than a round's K x B = {need}: "
+            raise ConfigError(f"partitions {small} hold fewer examples than a round's K x B = {need}: "
                                     "use fewer clients, a larger --alpha or smaller K, B")
 
     def truth(self, server_round: int, victim: Victim):
         """A client's round examples; for a secure aggregate, all its clients' examples one after another."""
-        clients = victim if isinstance(victim, tuple) else (victim,)
         parts = [self.train.tensors(round_examples(self.partitions[client], self.settings.num_images,
-                                                   self.config.seed, client, server_round)) for client in clients]
+                                                   self.config.seed, client, server_round))
+                 for client in victim.clients]
         return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
     def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
@@ -76,7 +78,8 @@ class Scoreboard:
         rows = []
         for victim, result, norm in zip(victims, results, update_norms):
             images, labels = self.truth(server_round, victim)
-            named = {"client": AGGREGATE, "clients": list(victim)} if isinstance(victim, tuple) else {"client": victim}
+            named = {"client": AGGREGATE, "clients": list(victim.clients)} if victim.secure_aggregate \
+                else {"client": victim.clients[0]}
             folder = inside(self.out, client_folder(server_round, named["client"]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
@@ -117,15 +120,19 @@ class RoundEnd:
         (channels, size, _), classes = image_spec(self.test)
         self.model = build_model(config.model, channels, size, classes).to(device)
         self.started = time.perf_counter() - elapsed_before
+        self.previous = None  # the weights of the round before, to tell whether a round aggregated anything
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         weights = arrays.to_torch_state_dict()
         self.model.load_state_dict(weights)
         scores = evaluate_model(self.model, self.test, np.arange(len(self.test)))
+        changed = self.previous is None or any(not torch.equal(weights[name], self.previous[name]) for name in weights)
+        self.previous = weights
         if server_round > 0:  # round 0 (the initial model) is logged by Flower, not a row of the run
             elapsed = time.perf_counter() - self.started
             append_jsonl(self.out / "global.jsonl", {"round": server_round, "accuracy": scores["accuracy"],
-                                                     "loss": scores["loss"], "elapsed_seconds": elapsed})
+                                                     "loss": scores["loss"], "elapsed_seconds": elapsed,
+                                                     "model_changed": changed})
             write_gallery(self.out)
             save_checkpoint(self.out, Checkpoint(server_round, weights, elapsed))
             log(INFO, "round %s/%s: global accuracy %.2f%%, loss %.4f", server_round, self.config.rounds,
@@ -135,13 +142,13 @@ class RoundEnd:
 
 def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
     """Every check of the config and its data that can fail before a round runs."""
-    config.check()
+    check_run(config)
     holds_run = (Path(config.out) / "run.json").exists()
     if holds_run and not resume:  # appending to another run's rows would mix the two
-        raise flags.ConfigError(f"{config.out!r} already holds a run (run.json): choose another output folder, "
+        raise ConfigError(f"{config.out!r} already holds a run (run.json): choose another output folder, "
                                 "or continue it with --resume")
     if resume and not holds_run:
-        raise flags.ConfigError(f"{config.out!r} holds no run to resume (no run.json)")
+        raise ConfigError(f"{config.out!r} holds no run to resume (no run.json)")
     if resume:
         load_checkpoint(config.out)  # one that cannot be read is said now
     scoreboard = Scoreboard(config)
@@ -178,17 +185,15 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     write_json(out / "run.json", record)
     if done < config.rounds:
         partitions = identify_clients(grid, config.num_clients)
-        attack = flags.attack_config(config) if config.attack != "none" else None
-        strategy = InvertingFedAvg(
-            model, attack, scoreboard, partitions=partitions, image_shape=(channels, size, size),
-            num_classes=classes, iterations=config.iterations, seed=config.seed, replay=not config.no_replay,
-            secure_aggregation=flags.defense(config).secure_aggregation, device=device, progress=True,
-            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None),
-            fraction_train=1.0, min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
-            fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
+        attack = None if config.attack == NO_ATTACK else ServerAttack(
+            model, attack_config(config), image_shape=(channels, size, size), num_classes=classes,
+            iterations=config.iterations, seed=config.seed, replay=not config.no_replay, device=device, progress=True,
+            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None))
+        strategy = InvertingStrategy(flower_strategy(config), attack, scoreboard, partitions=partitions,
+                                     secure_aggregation=config.defense.secure_aggregation)
         initial = checkpoint.weights if checkpoint else model.state_dict()
-        strategy.start(grid, ArrayRecord(initial), num_rounds=config.rounds, first_round=done + 1,
-                       train_config=ConfigRecord(settings_to_config(settings)), evaluate_fn=round_end)
+        RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
+                                          train_config=ConfigRecord(settings.to_config()), evaluate_fn=round_end)
     write_json(out / "run.json", {**record, "finished": True, "seconds": time.perf_counter() - started})
     write_gallery(out)
 
@@ -204,14 +209,14 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[
     for reply in grid.send_and_receive(asks, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise flags.ConfigError(f"node {node} did not say its partition: {reply.error.reason.strip()}")
-        metrics = reply.content.metric_records.get("metrics") or {}
-        partition = metrics.get(PARTITION_KEY)
+            raise ConfigError(f"node {node} did not say its partition: {reply.error.reason.strip()}")
+        metrics = reply.content.metric_records.get(METRICS) or {}
+        partition = metrics.get(PARTITION_ID)
         if type(partition) is not int or not 0 <= partition < expected:
-            raise flags.ConfigError(f"node {node} says it holds partition {partition!r}, not one of 0..{expected - 1}")
+            raise ConfigError(f"node {node} says it holds partition {partition!r}, not one of 0..{expected - 1}")
         partitions[node] = partition
     if sorted(partitions.values()) != list(range(expected)):
-        raise flags.ConfigError(f"the nodes hold partitions {sorted(partitions.values())}, not each of "
+        raise ConfigError(f"the nodes hold partitions {sorted(partitions.values())}, not each of "
                                 f"0..{expected - 1} once: give every SuperNode its own partition-id")
     return partitions
 
@@ -232,7 +237,7 @@ def wait_for_clients(grid: Grid, expected: int, timeout: float = 120.0, settle: 
             break
         time.sleep(0.2)
     if found != expected:
-        raise flags.ConfigError(
+        raise ConfigError(
             f"the federation has {found} client node(s) but num-clients is {expected}: make them agree "
             f"(fl-sim run --num-clients, or flwr run --federation-config 'num-supernodes={expected}')")
 

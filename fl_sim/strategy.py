@@ -1,21 +1,22 @@
-"""The malicious server's strategy: FedAvg that first inverts the updates it is about to average.
+"""The malicious server as a wrapper of any Flower strategy: `InvertingStrategy(FedAvg(...), attack=...)`.
 
-`InvertingFedAvg` is honest-but-curious: the federation trains exactly as with FedAvg, but before
-every aggregation the server computes each client's update (the weights it got back minus the global
-weights it sent) and hands all of them, with the training settings it configured, to the inversion
-engine in one call. It sees only what a Flower server sees; the reconstructions go to a recorder
-(the evaluation path, fl_sim/server_app.py), which alone may compare them with the truth.
+Like Flower's own DifferentialPrivacyServerSideFixedClipping, it holds the strategy it wraps and passes
+every hook through to it; before the wrapped strategy aggregates a round, it checks every reply
+(fl_sim/validation.py), computes each client's update (the weights it got back minus the global weights
+it sent), hands all of them with the training settings the wrapped strategy sent to the inversion engine
+in one call, and reports the reconstructions to a recorder (the evaluation path, fl_sim/server_app.py),
+which alone may compare them with the truth. The wrapped strategy (FedAvg, FedProx, FedAdam, FedYogi,
+Krum or a user's own) then aggregates the accepted replies exactly as it would without the wrapper, and
+its aggregate is cast back to the dtypes of the model it sent (`in_sent_dtypes`).
 
-Every reply is checked first (fl_sim/validation.py): an error reply, no reply, or a reply that would
-poison the average is neither attacked nor averaged, and the recorder gets its client and reason.
+A reply that is an error, missing, or would poison the average is neither attacked nor aggregated;
+the recorder gets its client and reason.
 
-With `secure_aggregation` (`--defense secagg`) the server learns only the average of the replies, as
-Flower's SecAgg+ would hand it to a strategy. SecAgg+ itself is not used: in flwr 1.41 its workflow
-needs the legacy strategies and FitRes-shaped replies, not the Message API this project uses. So the
-sum is simulated: the checked replies are averaged first, and the attack targets that average as one
-victim, the tuple of the clients in it, whose batches hold all their examples.
+With `secure_aggregation` (`--defense secagg`) the server learns only the clients' mean update, as
+Flower's SecAgg+ would hand it over. SecAgg+ itself is not used (in flwr 1.41 its workflow needs the
+legacy strategies, not the Message API), so the sum is simulated: the attack targets the mean of the
+accepted updates as one victim holding all their clients' examples.
 """
-
 import re
 import time
 import traceback
@@ -29,31 +30,40 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from torch import nn
 
-from attacker import AttackConfig, Reconstruction, TrainingSettings, invert
-from clients.app import LOSS_KEY, PARTITION_KEY
-from clients.defenses import aggregate_settings
-from clients.training import update_norm, weight_change
+from attacker import AttackConfig, Reconstruction, invert
 
-from .federation import settings_from_config
+from .records import ReplyStatus
+from .protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TrainingSettings
+from .run_config import RunConfig, StrategyName
+from .updates import mean_update, parameter_names, update_norm, weight_change
 from .validation import ExpectedReply, reply_problem
 
-# A client-round left out of the average, and why; the statuses its metrics.jsonl row carries.
-REJECTED, CLIENT_ERROR, NO_REPLY = "rejected", "client-error", "no-reply"
-REPLY_FAULTS = (REJECTED, CLIENT_ERROR, NO_REPLY)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
 MAX_REASON_CHARS = 300
-Victim = int | tuple[int, ...]  # a client, or the clients in a secure aggregate
 
 
 @dataclass(frozen=True)
 class ReplyFault:
     client: int
-    status: str  # one of REPLY_FAULTS
+    status: ReplyStatus
     reason: str
+
+
+@dataclass(frozen=True)
+class Victim:
+    """Whose update is attacked: one client, or the clients whose sum secure aggregation revealed."""
+
+    clients: tuple[int, ...]
+    secure_aggregate: bool = False
+
+    @property
+    def seed_key(self) -> int | tuple[int, ...]:
+        """What names the victim to the engine's per-victim seeding."""
+        return self.clients if self.secure_aggregate else self.clients[0]
 
 
 class RoundRecorder(Protocol):
@@ -79,10 +89,30 @@ class AttackPlan:
     def round_attacked(self, server_round: int) -> bool:
         return (server_round - 1) % self.every == 0
 
-    def victims(self, server_round: int, partition_ids: Iterable[int]) -> list[int]:
+    def victims(self, server_round: int, partition_ids: Iterable[int]) -> list[Victim]:
         if not self.round_attacked(server_round):
             return []
-        return sorted(p for p in partition_ids if self.clients is None or p in self.clients)
+        return [Victim((p,)) for p in sorted(partition_ids) if self.clients is None or p in self.clients]
+
+
+@dataclass(frozen=True)
+class ServerAttack:
+    """What the server attacks with: the architecture it sent, the attack and its budget, where it runs.
+
+    `replay=False` attacks as if the update were one gradient (TrainingSettings.as_single_gradient)
+    instead of replaying the client's local steps.
+    """
+
+    model: nn.Module
+    attack: AttackConfig
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    iterations: int
+    seed: int = 0
+    plan: AttackPlan = AttackPlan()
+    replay: bool = True
+    device: str | torch.device = "auto"
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,68 +126,40 @@ class SentRound:
     nodes: tuple[int, ...]
 
 
-class InvertingFedAvg(FedAvg):
-    """FedAvg whose server inverts every attacked client's update before aggregating it.
+class InvertingStrategy(Strategy):
+    """`strategy`, whose server inverts the attacked clients' updates before `strategy` aggregates them.
 
     `partitions` maps each node id to its client (partition) id, as the nodes said when asked
     (server_app.identify_clients): error replies carry nothing else to name their sender.
-    `attack=None` makes it plain FedAvg. `replay=False` attacks as if the update were one gradient
-    (TrainingSettings.as_single_gradient) instead of replaying the K local steps. `secure_aggregation`
-    attacks only the round's average (see the module docstring).
+    `attack=None` leaves only the reply checks. See the module docstring for `secure_aggregation`.
     """
 
-    def __init__(self, model: nn.Module, attack: AttackConfig | None, recorder: RoundRecorder, *,
-                 partitions: Mapping[int, int], image_shape: tuple[int, int, int], num_classes: int,
-                 iterations: int, seed: int = 0, plan: AttackPlan = AttackPlan(), replay: bool = True,
-                 secure_aggregation: bool = False, device: str | torch.device = "auto", progress: bool = False,
-                 **fedavg_options):
-        super().__init__(**fedavg_options)
-        self.model, self.attack, self.recorder, self.plan = model, attack, recorder, plan
-        self.secure_aggregation = secure_aggregation
-        self.partitions = dict(partitions)
-        self.image_shape, self.num_classes = tuple(image_shape), num_classes
-        self.iterations, self.seed, self.replay = iterations, seed, replay
-        self.device, self.progress = device, progress
-        self.rounds_done_before = 0  # rounds a resumed run finished before this start()
+    def __init__(self, strategy: Strategy, attack: ServerAttack | None, recorder: RoundRecorder, *,
+                 partitions: Mapping[int, int], secure_aggregation: bool = False):
+        self.strategy, self.attack, self.recorder = strategy, attack, recorder
+        self.partitions, self.secure_aggregation = dict(partitions), secure_aggregation
+        self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self._sent: SentRound | None = None
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *, first_round: int = 1,
-              evaluate_fn=None, **options):
-        """Flower's round loop over rounds `first_round`..`num_rounds` (a resumed run skips the ones it has).
-
-        Flower counts its rounds from 1; every hook adds the rounds done before, so clients, the attack
-        and `evaluate_fn` see the run's true round numbers (evaluate_fn's 0 stays the initial model).
-        """
-        self.rounds_done_before = first_round - 1
-
-        def evaluate_in_run_rounds(flower_round: int, arrays: ArrayRecord):
-            return evaluate_fn(flower_round + self.rounds_done_before if flower_round else 0, arrays)
-
-        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.rounds_done_before,
-                             evaluate_fn=evaluate_fn and evaluate_in_run_rounds, **options)
+    def summary(self) -> None:
+        log(INFO, "\t├── InvertingStrategy: %s, secure aggregation %s, around:",
+            self.attack.attack.name if self.attack else "no attack", self.secure_aggregation)
+        self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sends the round as FedAvg does, keeping what it sent to check and attack the replies."""
-        server_round += self.rounds_done_before
-        settings = settings_from_config(config)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        expected = ExpectedReply.like(arrays, {LOSS_KEY: None, self.weighted_by_key: settings.num_images})
+        """Sends the round as the wrapped strategy does, keeping what it sent to check and attack the replies."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        sent_config = messages[0].content[CONFIG] if messages else config  # with what the strategy added (FedProx)
+        settings = TrainingSettings.from_config(sent_config)
+        expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: settings.num_images})
         self._sent = SentRound(server_round, arrays.to_torch_state_dict(), settings, expected,
                                tuple(msg.metadata.dst_node_id for msg in messages))
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.rounds_done_before, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round + self.rounds_done_before, replies)
-
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Attacks and averages the replies that pass the checks; records the others with their reason."""
-        server_round += self.rounds_done_before
+        """Attacks the replies that pass the checks, records the others, then lets the strategy aggregate."""
         sent = self._sent
         if sent is None or sent.server_round != server_round:
             raise RuntimeError(f"replies of round {server_round} arrived, but that round was not configured")
@@ -167,20 +169,25 @@ class InvertingFedAvg(FedAvg):
                 log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
                     fault.reason)
             self.recorder.record_faults(server_round, faults)
-        if self.secure_aggregation:
-            return self._aggregate_securely(sent, accepted)
-        victims = self.plan.victims(server_round, accepted) if self.attack else []
-        if victims:
-            self._attack(sent, victims, [accepted[p].content["arrays"] for p in victims], sent.settings)
-        return super().aggregate_train(server_round, list(accepted.values()))
+        if self.attack and accepted and self.attack.plan.round_attacked(server_round):
+            updates = {client: weight_change(sent.global_weights, reply.content[ARRAYS].to_torch_state_dict())
+                       for client, reply in accepted.items()}
+            if self.secure_aggregation:
+                self._attack(sent, [Victim(tuple(sorted(updates)), secure_aggregate=True)],
+                             [mean_update(list(updates.values()))], sent.settings.for_mean_of(len(updates)))
+            else:
+                victims = self.attack.plan.victims(server_round, accepted)
+                if victims:
+                    self._attack(sent, victims, [updates[victim.clients[0]] for victim in victims], sent.settings)
+        arrays, metrics = self.strategy.aggregate_train(server_round, list(accepted.values()))
+        return (arrays if arrays is None else in_sent_dtypes(arrays, sent.global_weights)), metrics
 
-    def _aggregate_securely(self, sent: SentRound,
-                            accepted: dict[int, Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg's average of the accepted replies, then the attack on it: all the server learns under SecAgg."""
-        arrays, metrics = super().aggregate_train(sent.server_round, list(accepted.values()))
-        if arrays is not None and self.attack and self.plan.round_attacked(sent.server_round):
-            self._attack(sent, [tuple(sorted(accepted))], [arrays], aggregate_settings(sent.settings, len(accepted)))
-        return arrays, metrics
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def _screen(self, sent: SentRound, replies: list[Message]) -> tuple[dict[int, Message], list[ReplyFault]]:
         """The usable replies by client, and a fault for every client whose reply is unusable or missing."""
@@ -193,38 +200,101 @@ class InvertingFedAvg(FedAvg):
                 continue
             answered.add(node)
             if reply.has_error():
-                faults.append(ReplyFault(client, CLIENT_ERROR, f"error reply: {short_error(reply.error.reason)}"))
+                faults.append(ReplyFault(client, ReplyStatus.CLIENT_ERROR,
+                                         f"error reply: {short_error(reply.error.reason)}"))
                 continue
-            expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_KEY: client})
+            expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_ID: client})
             problem = reply_problem(reply.content, expected)
             if problem:
-                faults.append(ReplyFault(client, REJECTED, problem))
+                faults.append(ReplyFault(client, ReplyStatus.REJECTED, problem))
                 continue
-            del reply.content["metrics"][PARTITION_KEY]  # aggregate exactly what a real client would have sent
+            del reply.content[METRICS][PARTITION_ID]  # aggregate exactly what a real client would have sent
             accepted[client] = reply
         for node in sorted(set(sent.nodes) - answered):
             if node in self.partitions:  # a node that joined after the clients were identified names no client
-                faults.append(ReplyFault(self.partitions[node], NO_REPLY, "no reply before the round's timeout"))
+                faults.append(ReplyFault(self.partitions[node], ReplyStatus.NO_REPLY,
+                                         "no reply before the round's timeout"))
         return accepted, sorted(faults, key=lambda fault: fault.client)
 
-    def _attack(self, sent: SentRound, victims: list[Victim], replies: list[ArrayRecord],
+    def _attack(self, sent: SentRound, victims: list[Victim], updates: list[dict[str, torch.Tensor]],
                 settings: TrainingSettings) -> None:
-        updates = [weight_change(sent.global_weights, reply.to_torch_state_dict()) for reply in replies]
-        assumed = settings if self.replay else settings.as_single_gradient()
-        log(INFO, "attack round %s: inverting %s client(s) %s with %s", sent.server_round, len(victims), victims,
-            self.attack.name)
+        attack = self.attack
+        assumed = settings if attack.replay else settings.as_single_gradient()
+        log(INFO, "attack round %s: inverting %s update(s) with %s", sent.server_round, len(victims),
+            attack.attack.name)
         started = time.perf_counter()
         try:
-            results = invert(self.model, sent.global_weights, updates, assumed, self.attack,
-                             image_shape=self.image_shape, num_classes=self.num_classes, iterations=self.iterations,
-                             seed=round_seed(self.seed, sent.server_round), victim_ids=victims, device=self.device,
-                             progress=self.progress)
+            results = invert(attack.model, sent.global_weights, updates, assumed, attack.attack,
+                             image_shape=attack.image_shape, num_classes=attack.num_classes,
+                             iterations=attack.iterations, seed=round_seed(attack.seed, sent.server_round),
+                             victim_ids=[victim.seed_key for victim in victims], device=attack.device,
+                             progress=attack.progress)
         except Exception as error:  # a failed attack must not stop the federation: report it per victim
             log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
             results = [failed(f"error: {type(error).__name__}: {error}") for _ in victims]
-        names = [name for name, _ in self.model.named_parameters()]
+        names = parameter_names(attack.model)
         self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in updates],
                                     time.perf_counter() - started)
+
+
+class RoundOffset(Strategy):
+    """Runs `strategy` for rounds `done + 1 ..`: a resumed run goes on with the run's own round numbers.
+
+    Flower's `Strategy.start` counts its rounds from 1; this wrapper adds the rounds done before to the
+    round number of every hook and of `evaluate_fn` (whose round 0 stays the initial model), so clients,
+    the attack and the records see the run's true rounds. A server-side optimiser (FedAdam, FedYogi)
+    starts its moments afresh on resume.
+    """
+
+    def __init__(self, strategy: Strategy, done: int):
+        self.strategy, self.done = strategy, done
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *, evaluate_fn=None, **options):
+        def evaluate_in_run_rounds(flower_round: int, arrays: ArrayRecord):
+            return evaluate_fn(flower_round + self.done if flower_round else 0, arrays)
+
+        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.done,
+                             evaluate_fn=evaluate_fn and evaluate_in_run_rounds, **options)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.strategy.configure_train(server_round + self.done, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        return self.strategy.aggregate_train(server_round + self.done, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round + self.done, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round + self.done, replies)
+
+
+def flower_strategy(config: RunConfig) -> Strategy:
+    """The Flower strategy a run names, sampling and waiting for all `num_clients` clients each round."""
+    options = dict(fraction_train=1.0, min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
+                   fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
+    if config.strategy == StrategyName.FEDPROX:
+        return FedProx(proximal_mu=config.proximal_mu, **options)
+    if config.strategy == StrategyName.FEDADAM:
+        return FedAdam(eta=config.server_lr, **options)
+    if config.strategy == StrategyName.FEDYOGI:
+        return FedYogi(eta=config.server_lr, **options)
+    return FedAvg(**options)
+
+
+def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The aggregate in the dtypes of the model that was sent: Flower's aggregation returns float64 for
+    integer buffers (FedAvg's weighted mean of `num_batches_tracked`) and for everything under FedAdam or
+    FedYogi, which every client's float32 reply would then contradict. Integers are rounded back."""
+    weights = arrays.to_torch_state_dict()
+    for name, tensor in weights.items():
+        dtype = sent[name].dtype
+        if tensor.dtype != dtype:
+            weights[name] = (tensor if dtype.is_floating_point else tensor.round()).to(dtype)
+    return ArrayRecord(weights)
 
 
 def short_error(reason: str) -> str:

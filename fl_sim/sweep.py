@@ -17,10 +17,9 @@ from pathlib import Path
 from . import attack, config, report, run
 from .data import load_dataset
 from .evaluation import summarise
-from .federation import RunConfig
 from .models import build_model, count_parameters
 from .outputs import read_jsonl, write_json
-from .strategy import REPLY_FAULTS
+from .records import REPLY_FAULTS
 
 MODES = {"attack": attack, "run": run}
 # Flags a grid cannot vary: where the sweep writes, and how it runs.
@@ -122,7 +121,7 @@ def check(args) -> list[tuple[dict, Path, argparse.Namespace]]:
         if args.mode == "attack":
             attack.check(point_args)
         elif point_args.resume is None:  # a stopped run is checked by fl-sim run --resume itself
-            RunConfig.from_args(point_args).check()
+            config.check_run(run.config_from_flags(point_args))
         planned.append((settings, folder, point_args))
     _check_sweep_record(Path(args.out), args.mode, grid)
     return planned

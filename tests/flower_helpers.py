@@ -7,9 +7,11 @@ from flwr.common.constant import ErrorCode
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from attacker import TrainingSettings
-from fl_sim.federation import settings_to_config
+from flwr.serverapp.strategy import FedAvg
+
+from attacker import TrainingSettings, get_attack
 from fl_sim.models import build_model
+from fl_sim.strategy import InvertingStrategy, ServerAttack
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def node_context(partition_id: int, num_partitions: int, run_config: dict | None
 
 
 def train_message(weights: dict, settings: TrainingSettings, server_round: int, node_id: int = 100) -> Message:
-    config = ConfigRecord({**settings_to_config(settings), "server-round": server_round})
+    config = ConfigRecord({**settings.to_config(), "server-round": server_round})
     return Message(RecordDict({"arrays": ArrayRecord(weights), "config": config}), dst_node_id=node_id,
                    message_type=MessageType.TRAIN)
 
@@ -36,6 +38,18 @@ def train_message(weights: dict, settings: TrainingSettings, server_round: int, 
 def lenet():
     """The global model of these tests: LeNet for MNIST, seeded."""
     return build_model("lenet", 1, 28, 10, init="default", seed=0)
+
+
+def inverting_fedavg(recorder, clients: int = 2, attack: str | None = "idlg", iterations: int = 1,
+                     secure_aggregation: bool = False, wrapped=None, **attack_options) -> InvertingStrategy:
+    """The malicious server of these tests: FedAvg over `clients` nodes (100, 101, ...) wrapped, attacking LeNet
+    on MNIST with `attack` (None: no attack) on the CPU."""
+    wrapped = wrapped or FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_evaluate=0.0)
+    attack_options.setdefault("image_shape", (1, 28, 28))
+    server_attack = attack and ServerAttack(lenet(), get_attack(attack, restarts=1), num_classes=10,
+                                            iterations=iterations, device="cpu", **attack_options)
+    return InvertingStrategy(wrapped, server_attack or None, recorder,
+                             partitions={100 + p: p for p in range(clients)}, secure_aggregation=secure_aggregation)
 
 
 class LocalGrid:

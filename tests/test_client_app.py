@@ -5,10 +5,11 @@ from flower_helpers import lenet, node_context, server_identity, train_message  
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from attacker import TrainingSettings
-from clients.app import PARTITION_KEY, make_client_app
+from clients.app import make_client_app
+from fl_sim.protocol import PARTITION_ID
 from clients.training import local_train
 from fl_sim.data import load_dataset
-from fl_sim.federation import RunConfig
+from fl_sim.run_config import RunConfig
 from fl_sim.partition import partition_indices, round_examples
 
 SETTINGS = TrainingSettings(lr=0.05, local_steps=2, batch_size=3)
@@ -42,9 +43,9 @@ def test_the_reply_holds_what_a_flower_client_sends_plus_the_partition(config):
     assert reply.metadata.dst_node_id == message.metadata.src_node_id
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     metrics = reply.content["metrics"]
-    assert set(metrics.keys()) == {"train-loss", "num-examples", PARTITION_KEY}
+    assert set(metrics.keys()) == {"train-loss", "num-examples", PARTITION_ID}
     assert metrics["num-examples"] == SETTINGS.num_images
-    assert metrics[PARTITION_KEY] == 2
+    assert metrics[PARTITION_ID] == 2
     assert metrics["train-loss"] > 0
 
 

@@ -11,10 +11,10 @@ from flwr.clientapp.mod import LocalDpMod
 
 from attacker import TrainingSettings
 from clients.app import make_client_app
-from clients.defenses import Defense, aggregate_settings, defense_seed, parse_defense
+from clients.defenses import defend, defense_seed, sent_weights
 from fl_sim import cli
 from fl_sim.data import load_dataset
-from fl_sim.federation import RunConfig
+from fl_sim.run_config import ConfigError, DefenseKind, DefenseSpec, RunConfig
 from fl_sim.models import build_model
 from fl_sim.outputs import read_jsonl
 from fl_sim.partition import partition_indices, round_examples
@@ -32,7 +32,7 @@ def norm(change) -> float:
 
 def test_prune_zeroes_exactly_the_smallest_fraction_of_each_tensor():
     change = change_of((40, 25), (10,), (7,))
-    pruned = parse_defense("prune:0.9").defend(change, seed=0)
+    pruned = defend(DefenseSpec.parse("prune:0.9"), change, seed=0)
     for name, tensor in change.items():
         dropped = round(0.9 * tensor.numel())
         kept = pruned[name] != 0
@@ -45,22 +45,22 @@ def test_prune_zeroes_exactly_the_smallest_fraction_of_each_tensor():
 def test_clip_bounds_the_whole_updates_norm_and_keeps_its_direction():
     change = change_of((30, 30), (30,))
     assert norm(change) > 10
-    clipped = parse_defense("clip:2").defend(change, seed=0)
+    clipped = defend(DefenseSpec.parse("clip:2"), change, seed=0)
     assert norm(clipped) == pytest.approx(2, rel=1e-6)
     scale = clipped["layer0"][0, 0] / change["layer0"][0, 0]
     for name in change:
         torch.testing.assert_close(clipped[name], change[name] * scale)
     short = {name: tensor / 100 for name, tensor in change.items()}
-    assert all(torch.equal(a, b) for a, b in zip(parse_defense("clip:2").defend(short, 0).values(), short.values()))
+    assert all(torch.equal(a, b) for a, b in zip(defend(DefenseSpec.parse("clip:2"), short, 0).values(), short.values()))
 
 
 def test_noise_has_the_asked_std_and_is_fixed_by_the_seed():
     zeros = {"w": torch.zeros(400, 500), "b": torch.zeros(1000)}
-    noisy = parse_defense("noise:0.1").defend(zeros, seed=3)
+    noisy = defend(DefenseSpec.parse("noise:0.1"), zeros, seed=3)
     values = torch.cat([tensor.flatten() for tensor in noisy.values()])
     assert values.std().item() == pytest.approx(0.1, rel=0.01) and abs(values.mean().item()) < 1e-3
-    again = parse_defense("noise:0.1").defend(zeros, seed=3)
-    other = parse_defense("noise:0.1").defend(zeros, seed=4)
+    again = defend(DefenseSpec.parse("noise:0.1"), zeros, seed=3)
+    other = defend(DefenseSpec.parse("noise:0.1"), zeros, seed=4)
     assert torch.equal(noisy["w"], again["w"]) and not torch.equal(noisy["w"], other["w"])
     assert defense_seed(0, 1, 2) != defense_seed(0, 2, 1)  # clients and rounds draw their own noise
 
@@ -68,7 +68,7 @@ def test_noise_has_the_asked_std_and_is_fixed_by_the_seed():
 def test_fp16_sends_what_half_precision_keeps():
     change = change_of((50, 50))
     change["layer0"][0, :3] = torch.tensor([1e-9, 70000.0, 0.25])  # below fp16's range, above it, exact in fp16
-    sent = parse_defense("fp16").defend(change, seed=0)["layer0"]
+    sent = defend(DefenseSpec.parse("fp16"), change, seed=0)["layer0"]
     assert sent.dtype == torch.float32
     assert torch.equal(sent, change["layer0"].half().float())
     assert sent[0, 0] == 0 and sent[0, 1] == math.inf and sent[0, 2] == 0.25
@@ -78,15 +78,17 @@ def test_fp16_sends_what_half_precision_keeps():
 
 def test_steps_run_in_the_order_written():
     change = change_of((100, 100))
-    assert norm(parse_defense("noise:1+clip:3").defend(change, seed=0)) == pytest.approx(3, rel=1e-6)
-    assert norm(parse_defense("clip:3+noise:1").defend(change, seed=0)) > 50
+    assert norm(defend(DefenseSpec.parse("noise:1+clip:3"), change, seed=0)) == pytest.approx(3, rel=1e-6)
+    assert norm(defend(DefenseSpec.parse("clip:3+noise:1"), change, seed=0)) > 50
 
 
 def test_specs_parse_into_client_steps_and_secure_aggregation():
-    assert parse_defense("none") == Defense()
-    assert parse_defense("clip:4+noise:0.01") == Defense((("clip", 4.0), ("noise", 0.01)))
-    assert parse_defense("secagg") == Defense((), secure_aggregation=True)
-    assert parse_defense("prune:0+fp16+secagg") == Defense((("prune", 0.0), ("fp16", None)), True)
+    assert DefenseSpec.parse("none") == DefenseSpec()
+    assert DefenseSpec.parse("clip:4+noise:0.01") == DefenseSpec(((DefenseKind.CLIP, 4.0), (DefenseKind.NOISE, 0.01)))
+    assert DefenseSpec.parse("secagg") == DefenseSpec((), secure_aggregation=True)
+    spec = DefenseSpec.parse("prune:0+fp16+secagg")
+    assert spec == DefenseSpec(((DefenseKind.PRUNE, 0.0), (DefenseKind.FP16, None)), True)
+    assert DefenseSpec.parse(str(spec)) == spec and str(DefenseSpec.parse("clip:4+noise:0.01")) == "clip:4+noise:0.01"
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -106,8 +108,8 @@ def test_specs_parse_into_client_steps_and_secure_aggregation():
     ("", "'' is not a defense"),
 ])
 def test_bad_specs_are_refused_in_one_sentence(spec, message):
-    with pytest.raises(ValueError, match="--defense") as error:
-        parse_defense(spec)
+    with pytest.raises(ConfigError, match="--defense") as error:
+        DefenseSpec.parse(spec)
     assert message in str(error.value)
 
 
@@ -115,14 +117,14 @@ def test_only_parameters_change_and_without_client_steps_nothing_does():
     global_weights = {"w": torch.zeros(10), "running_mean": torch.zeros(3)}
     trained = {"w": torch.linspace(-1, 1, 10), "running_mean": torch.ones(3)}
     for spec in ("none", "secagg"):
-        assert parse_defense(spec).sent_weights(global_weights, trained, ["w"], seed=0) is trained
-    sent = parse_defense("prune:0.5").sent_weights(global_weights, trained, ["w"], seed=0)
+        assert sent_weights(DefenseSpec.parse(spec), global_weights, trained, ["w"], seed=0) is trained
+    sent = sent_weights(DefenseSpec.parse("prune:0.5"), global_weights, trained, ["w"], seed=0)
     assert int((sent["w"] == 0).sum()) == 5 and torch.equal(sent["running_mean"], trained["running_mean"])
 
 
 def test_a_secure_aggregate_is_attacked_as_one_client_with_every_batch():
     settings = TrainingSettings(lr=0.1, local_steps=2, batch_size=3)
-    assert aggregate_settings(settings, 4) == TrainingSettings(lr=0.1, local_steps=2, batch_size=12)
+    assert settings.for_mean_of(4) == TrainingSettings(lr=0.1, local_steps=2, batch_size=12)
 
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
@@ -180,3 +182,21 @@ def test_a_flower_run_carries_the_defense_to_the_server_and_secagg_shows_it_only
     assert (out / "round-001" / "aggregate" / "reconstruction.png").is_file()
     assert "round-001/aggregate/reconstruction.png" in (out / "gallery.html").read_text()
     assert json.loads((out / "run.json").read_text())["config"]["defense"] == "prune:0.9+secagg"
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(shared_data):
+    """`flwr run` loads clients.app:app, built before any run config exists: its mods read `defense` per message."""
+    from clients.app import app
+    from clients.mods import DefenseMod, FaultMod
+
+    assert [type(mod) for mod in app._mods] == [FaultMod, DefenseMod]
+    weights = lenet().state_dict()
+    base = {"data-root": str(shared_data), "num-clients": 2}
+    replies = {spec: app(train_message(weights, SETTINGS, server_round=1),
+                         node_context(1, 2, run_config={**base, "defense": spec})).content["arrays"]
+               for spec in ("none", "prune:0.9")}
+    plain, pruned = (replies[spec].to_torch_state_dict()["classifier.weight"] for spec in ("none", "prune:0.9"))
+    start = weights["classifier.weight"]
+    assert int((plain != start).sum()) > 0.5 * start.numel()
+    assert int((pruned != start).sum()) <= start.numel() - round(0.9 * start.numel())

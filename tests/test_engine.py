@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from attacker import AttackConfig, TrainingSettings, get_attack, invert
-from clients.training import local_train, weight_change, weights
+from clients.training import local_train
+from fl_sim.updates import weight_change, weights
 from fl_sim.data import load_dataset
 from fl_sim.metrics import psnr, score
 from fl_sim.models import build_model

@@ -2,19 +2,22 @@
 recorded with its reason; and a real 5-client simulation with three faulty clients finishes its rounds."""
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, lenet, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord
 
-from attacker import TrainingSettings, get_attack
-from clients.app import PARTITION_KEY, make_client_app
+from attacker import TrainingSettings
+from clients.app import make_client_app
+from fl_sim.protocol import PARTITION_ID
 from fl_sim import cli
 from fl_sim.config import ConfigError
-from fl_sim.faults import FAULTS, format_faults, parse_faults
-from fl_sim.federation import RunConfig, settings_to_config
+from fl_sim.run_config import Fault, RunConfig, format_faults, parse_faults
 from fl_sim.outputs import read_jsonl
 from fl_sim.resume import load_checkpoint
 from fl_sim.server_app import Scoreboard
-from fl_sim.strategy import CLIENT_ERROR, REJECTED, InvertingFedAvg, ReplyFault, failed
+from fl_sim.records import ReplyStatus
+from fl_sim.strategy import ReplyFault, Victim, failed
+
+REJECTED, CLIENT_ERROR = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
 # What the server says about each fault (client 0 has it, client 1 is healthy).
@@ -33,20 +36,18 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def test_every_fault_kind_has_a_test():
-    assert set(EXPECTED) == set(FAULTS)
+    assert set(EXPECTED) == set(Fault)
 
 
-@pytest.mark.parametrize("kind", sorted(FAULTS))
+@pytest.mark.parametrize("kind", sorted(Fault))
 def test_a_faulty_reply_is_neither_attacked_nor_averaged_and_is_recorded(kind, shared_data, tmp_path):
     config = RunConfig(out=str(tmp_path), num_clients=2, data_root=str(shared_data), inject_faults={0: kind})
     grid = LocalGrid(make_client_app(config), num_clients=2)
     recorder = Recorder()
-    strategy = InvertingFedAvg(lenet(), get_attack("idlg", restarts=1), recorder, partitions={100: 0, 101: 1},
-                               image_shape=(1, 28, 28), num_classes=10, iterations=1, device="cpu",
-                               min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+    strategy = inverting_fedavg(recorder)
     replies = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(lenet().state_dict()),
-                                                             ConfigRecord(settings_to_config(SETTINGS)), grid))
-    healthy = next(r for r in replies if not r.has_error() and r.content["metrics"].get(PARTITION_KEY) == 1)
+                                                             ConfigRecord(SETTINGS.to_config()), grid))
+    healthy = next(r for r in replies if not r.has_error() and r.content["metrics"].get(PARTITION_ID) == 1)
     healthy_weights = healthy.content["arrays"].to_torch_state_dict()
 
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -55,7 +56,7 @@ def test_a_faulty_reply_is_neither_attacked_nor_averaged_and_is_recorded(kind, s
     status, reason = EXPECTED[kind]
     assert (server_round, fault.client, fault.status) == (1, 0, status)
     assert reason in fault.reason
-    assert [victims for _, victims, _ in recorder] == [[1]]
+    assert [victims for _, victims, _ in recorder] == [[Victim((1,))]]
     for name, tensor in arrays.to_torch_state_dict().items():  # the average is the healthy client alone
         torch.testing.assert_close(tensor, healthy_weights[name])
 
@@ -103,7 +104,7 @@ def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(sh
 def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons(shared_data, tmp_path):
     scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data)))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
-    scoreboard.record_attack(2, [1, 2], [failed("error: ValueError: update has no 'fc.weight'"), failed("diverged")],
+    scoreboard.record_attack(2, [Victim((1,)), Victim((2,))], [failed("error: ValueError: update has no 'fc.weight'"), failed("diverged")],
                              update_norms=[0.5, 0.7], seconds=1.0)
     rows = {row["client"]: row for row in read_jsonl(tmp_path / "metrics.jsonl")}
     assert {client: (row["round"], row["status"], row["reason"]) for client, row in rows.items()} == {

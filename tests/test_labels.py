@@ -2,7 +2,8 @@
 import pytest
 
 from attacker import TrainingSettings, recover_labels
-from clients.training import local_train, weight_change, weights
+from clients.training import local_train
+from fl_sim.updates import weight_change, weights
 from fl_sim.data import load_dataset
 from fl_sim.models import build_model
 

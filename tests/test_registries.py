@@ -54,3 +54,16 @@ def test_image_folder_and_missing_data(tiny_image_folder, tmp_path):
         load_dataset("imagefolder", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("svhn", tmp_path)
+
+
+def test_the_run_configs_names_are_exactly_what_the_registries_offer():
+    """fl_sim/run_config.py lists names without importing the registries (it must stay light); they must agree."""
+    from attacker import PRESETS
+    from fl_sim import run_config
+
+    assert set(run_config.MODELS) == set(MODELS)
+    assert set(run_config.ATTACKS) == set(PRESETS)
+    for name in run_config.DATASETS:  # each has a loader: an unknown one would say "unknown dataset"
+        with pytest.raises(Exception) as error:
+            load_dataset(name, "/nonexistent-root-for-this-test")
+        assert "unknown dataset" not in str(error.value)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from attacker import LocalTraining, TrainingSettings
-from clients.training import local_train, weight_change, weights
+from clients.training import local_train
+from fl_sim.updates import weight_change, weights
 from fl_sim.models import build_model
 
 

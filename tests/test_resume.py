@@ -14,7 +14,7 @@ from PIL import Image
 
 from fl_sim import cli, run
 from fl_sim.config import ConfigError
-from fl_sim.federation import RunConfig
+from fl_sim.run_config import RunConfig
 from fl_sim.gallery import client_folder
 from fl_sim.outputs import append_jsonl, read_jsonl, write_json
 from fl_sim.resume import CHECKPOINT, Checkpoint, load_checkpoint, rewind, save_checkpoint
@@ -79,7 +79,7 @@ def stopped_run(tmp_path, shared_data):
 
 
 def parsed(*flags):
-    return cli.build_parser().parse_args(["run", *flags])
+    return cli.parse_args(["run", *flags])
 
 
 def test_resume_takes_the_runs_config_and_writes_only_into_its_folder(stopped_run, shared_data):
@@ -102,6 +102,16 @@ def test_resume_refuses_flags_that_contradict_the_run(stopped_run, capsys):
 
 def attack_rows(out: Path) -> list[dict]:
     return read_jsonl(out / "metrics.jsonl")
+
+
+def test_resume_refuses_a_typed_flag_even_when_it_is_the_default(tmp_path, shared_data, capsys):
+    """--lr 0.1 is the default, but typed against a run made with --lr 0.05 it contradicts the run."""
+    out = tmp_path / "slow"
+    config = RunConfig(out=str(out), rounds=3, num_clients=3, iterations=5, lr=0.05, data_root=str(shared_data))
+    write_json(out / "run.json", {"config": config.to_flower(), "seed": 0})
+    assert cli.main(["run", "--resume", str(out), "--lr", "0.1"]) == 2
+    assert "--lr 0.1 conflicts with the run's 0.05" in capsys.readouterr().err
+    assert run.check(parsed("--resume", str(out), "--lr", "0.05")).lr == 0.05  # agreeing is fine
 
 
 def test_a_run_killed_after_round_one_resumes_to_its_last_round(shared_data, tmp_path):

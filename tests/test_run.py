@@ -16,7 +16,8 @@ from flower_helpers import live_commands
 from fl_sim import cli
 from fl_sim.config import ConfigError
 from fl_sim.data import load_dataset
-from fl_sim.federation import RunConfig
+from fl_sim import run as run_module
+from fl_sim.run_config import DefenseKind, Fault, RunConfig, StrategyName
 from fl_sim.outputs import read_jsonl
 from fl_sim.partition import partition_indices, round_examples
 from fl_sim.server_app import wait_for_clients
@@ -60,6 +61,19 @@ def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
     assert (out / "leakage-by-round.png").stat().st_size > 0 and "leakage-by-round.png" in gallery
 
 
+def test_fedprox_runs_wrapped_and_a_run_that_aggregates_nothing_fails_with_code_3(shared_data, tmp_path, capsys):
+    out = tmp_path / "fedprox"
+    assert cli.main(run_flags(shared_data, out, "--strategy", "fedprox", "--proximal-mu", "0.1",
+                              "--local-steps", "2")) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["strategy"] == "fedprox"
+    assert all(row["status"] == "ok" for row in read_jsonl(out / "metrics.jsonl"))
+    assert all(row["model_changed"] for row in read_jsonl(out / "global.jsonl"))
+
+    broken = tmp_path / "broken"  # every client sends NaN: nothing is aggregated, the model never changes
+    assert cli.main(run_flags(shared_data, broken, "--inject-faults", "0=nan,1=nan")) == 3
+    assert "FAILED: no round aggregated any reply" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp_path, capsys):
     cases = {
         ("--attack-clients", "5"): "--attack-clients [5] are not clients 0..1",
@@ -76,6 +90,8 @@ def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp
         ("--inject-faults", "2=nan"): "--inject-faults names [2], not clients 0..1",
         ("--defense", "prune:1.5"): "prune needs P, a fraction in [0, 1)",
         ("--defense", "secagg", "--attack-clients", "0"): "--attack-clients cannot pick clients under secure",
+        ("--proximal-mu", "0.1"): "--proximal-mu is FedProx's: use it with --strategy fedprox, not fedavg",
+        ("--strategy", "fedadam", "--server-lr", "0"): "--server-lr must be positive",
     }
     for extra, message in cases.items():
         assert cli.main(run_flags(shared_data, tmp_path / "bad", *extra)) == 2
@@ -127,6 +143,34 @@ def test_run_config_round_trips_and_rejects_unknown_keys():
         RunConfig.from_flower({"num-rounds": 3})
 
 
+@pytest.mark.parametrize("values,message", [
+    ({"local-steps": 1.5}, "--local-steps must be an integer, got 1.5"),
+    ({"local-steps": True}, "--local-steps must be an integer, got True"),
+    ({"lr": "fast"}, "--lr must be a number, got 'fast'"),
+    ({"no-replay": "yes"}, "--no-replay must be true or false, got 'yes'"),
+    ({"strategy": "krum"}, "--strategy must be one of fedavg, fedprox, fedadam, fedyogi, got 'krum'"),
+    ({"batchnorm": "off"}, "--batchnorm must be one of train, frozen, got 'off'"),
+    ({"dataset": 3}, "--dataset must be text, got 3"),
+    ({"defense": "blur"}, "'blur' is not a defense"),
+])
+def test_flowers_run_config_is_parsed_into_types_with_one_sentence_for_a_wrong_one(values, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_flower(values)
+    assert message in str(error.value)
+
+
+def test_flags_and_flowers_run_config_give_the_same_typed_config():
+    from_flags = run_module.config_from_flags(cli.parse_args(
+        ["run", "--out", "o", "--local-steps", "3", "--lr", "0.5", "--defense", "clip:4+noise:0.01",
+         "--strategy", "fedprox", "--proximal-mu", "0.1", "--inject-faults", "1=nan", "--attack-clients", "0,1"]))
+    from_flower = RunConfig.from_flower({"out-dir": "o", "local-steps": 3, "lr": 0.5, "defense": "clip:4+noise:0.01",
+                                         "strategy": "fedprox", "proximal-mu": 0.1, "inject-faults": "1=nan",
+                                         "attack-clients": "0,1"})
+    assert from_flags == from_flower
+    assert from_flags.local_steps == 3 and from_flags.strategy == StrategyName.FEDPROX
+    assert from_flags.defense.steps[0] == (DefenseKind.CLIP, 4.0) and from_flags.inject_faults == {1: Fault.NAN}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -146,7 +190,8 @@ def test_flwr_run_runs_the_same_apps_and_writes_the_same_outputs(shared_data, tm
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    overrides = f"num-server-rounds=1 out-dir='{out}' data-root='{shared_data}' iterations=3 restarts=1 seed=2"
+    overrides = (f"num-server-rounds=2 out-dir='{out}' data-root='{shared_data}' iterations=3 restarts=1 seed=2 "
+                 "strategy='fedadam' server-lr=0.01")  # FedAdam wrapped: round 2 shows its float64 cast back
     try:
         done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream", "-c", overrides],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -156,12 +201,14 @@ def test_flwr_run_runs_the_same_apps_and_writes_the_same_outputs(shared_data, tm
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (ROOT / "pyproject.toml").read_bytes() == pyproject, "flwr run rewrote pyproject.toml"
 
-    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 2
-    assert [row["round"] for row in read_jsonl(out / "global.jsonl")] == [1]
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["seed"], config["strategy"]) == (2, "fedadam")
+    assert [(row["round"], row["model_changed"]) for row in read_jsonl(out / "global.jsonl")] == [(1, True), (2, True)]
     rows = read_jsonl(out / "metrics.jsonl")
-    assert sorted(row["client"] for row in rows) == [0, 1] and all(row["status"] == "ok" for row in rows)
+    assert sorted((row["round"], row["client"]) for row in rows) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(row["status"] == "ok" for row in rows)
     for row in rows:
-        assert (out / f"round-001/client-{row['client']:03d}/reconstruction.png").is_file()
+        assert (out / f"round-{row['round']:03d}/client-{row['client']:03d}/reconstruction.png").is_file()
     assert (out / "gallery.html").is_file()
     deadline = time.monotonic() + 10
     while superlinks_of(home) and time.monotonic() < deadline:

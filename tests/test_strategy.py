@@ -1,19 +1,25 @@
 """The inverting strategy, driven round by round with real ClientApp replies (no Ray): it attacks as planned,
-hands the engine the true updates, still aggregates exactly as FedAvg, and leaves out (and records) bad replies."""
+hands the engine the true updates, lets the strategy it wraps (FedAvg, FedAdam, ...) aggregate exactly as it
+would alone, and leaves out (and records) bad replies."""
 import numpy as np
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, lenet, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
-from attacker import TrainingSettings, get_attack, invert
-from clients.app import PARTITION_KEY, make_client_app
+from attacker import TrainingSettings, invert
+from clients.app import make_client_app
+from fl_sim.protocol import PARTITION_ID
 from fl_sim.data import load_dataset
-from fl_sim.federation import RunConfig, settings_to_config
+from fl_sim.run_config import RunConfig
 from fl_sim.metrics import psnr
 from fl_sim.partition import partition_indices, round_examples
 from fl_sim import strategy as strategy_module
-from fl_sim.strategy import CLIENT_ERROR, NO_REPLY, REJECTED, AttackPlan, InvertingFedAvg, ReplyFault, short_error
+from fl_sim.records import ReplyStatus
+from fl_sim.strategy import AttackPlan, ReplyFault, RoundOffset, Victim, short_error
+
+REJECTED, CLIENT_ERROR, NO_REPLY = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR, ReplyStatus.NO_REPLY
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
 CLIENTS = 2
@@ -31,17 +37,13 @@ def client_app(config):
 
 
 def strategy_with(sink, attack="idlg", iterations=1, **options):
-    options.setdefault("image_shape", (1, 28, 28))
-    return InvertingFedAvg(lenet(), get_attack(attack, restarts=1) if attack else None, sink, num_classes=10,
-                           partitions={100 + p: p for p in range(CLIENTS)}, iterations=iterations, device="cpu",
-                           min_train_nodes=CLIENTS,
-                           min_available_nodes=CLIENTS, fraction_evaluate=0.0, **options)
+    return inverting_fedavg(sink, CLIENTS, attack, iterations, **options)
 
 
 def replies_of(strategy, client_app, weights, server_round):
     grid = LocalGrid(client_app, CLIENTS)
     return grid.send_and_receive(strategy.configure_train(server_round, ArrayRecord(weights),
-                                                          ConfigRecord(settings_to_config(SETTINGS)), grid))
+                                                          ConfigRecord(SETTINGS.to_config()), grid))
 
 
 def test_a_round_inverts_every_client_then_aggregates_as_fedavg(config, client_app, shared_data):
@@ -49,12 +51,13 @@ def test_a_round_inverts_every_client_then_aggregates_as_fedavg(config, client_a
     strategy = strategy_with(sink, iterations=5)
     weights = lenet().state_dict()
     replies = replies_of(strategy, client_app, weights, server_round=1)
-    sent_back = {int(r.content["metrics"][PARTITION_KEY]): r.content["arrays"].to_torch_state_dict() for r in replies}
+    sent_back = {int(r.content["metrics"][PARTITION_ID]): r.content["arrays"].to_torch_state_dict() for r in replies}
 
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     [(server_round, victims, results)] = sink
-    assert server_round == 1 and victims == [0, 1]
+    assert server_round == 1 and victims == [Victim((0,)), Victim((1,))]
+    victims = [victim.clients[0] for victim in victims]
     train = load_dataset("mnist", shared_data, train=True)
     partitions = partition_indices(train.labels, CLIENTS, seed=config.seed)
     for partition_id, result in zip(victims, results):
@@ -91,7 +94,8 @@ def test_with_secure_aggregation_the_attack_sees_only_the_mean_update(client_app
         torch.testing.assert_close(update[name], (sent_back[0][name] + sent_back[1][name]) / 2 - weights[name])
         torch.testing.assert_close(arrays.to_torch_state_dict()[name], (sent_back[0][name] + sent_back[1][name]) / 2)
     [(server_round, victims, [result])] = sink
-    assert (server_round, victims) == (1, [(0, 1)]) and result.images.shape == (2, 1, 28, 28)
+    assert (server_round, victims) == (1, [Victim((0, 1), secure_aggregate=True)])
+    assert result.images.shape == (2, 1, 28, 28)
     train = load_dataset("mnist", shared_data, train=True)
     partitions = partition_indices(train.labels, CLIENTS, seed=config.seed)
     labels = [int(train.tensors(round_examples(partitions[p], 1, config.seed, p, 1))[1]) for p in (0, 1)]
@@ -105,14 +109,35 @@ def test_the_plan_picks_rounds_and_clients(client_app):
     for server_round in (1, 2, 3):
         arrays, _ = strategy.aggregate_train(server_round, replies_of(strategy, client_app, weights, server_round))
         weights = arrays.to_torch_state_dict()
-    assert [(server_round, victims) for server_round, victims, _ in sink] == [(1, [1]), (3, [1])]
+    assert [(server_round, victims) for server_round, victims, _ in sink] == [(1, [Victim((1,))]), (3, [Victim((1,))])]
 
 
-def test_with_the_attack_off_it_is_plain_fedavg(client_app):
-    sink = Recorder()
-    strategy = strategy_with(sink, attack=None)
-    arrays, _ = strategy.aggregate_train(1, replies_of(strategy, client_app, lenet().state_dict(), 1))
-    assert sink == [] and arrays is not None
+def flower_strategy(name):
+    options = dict(min_train_nodes=CLIENTS, min_available_nodes=CLIENTS, fraction_evaluate=0.0)
+    return {"fedavg": lambda: FedAvg(**options), "fedprox": lambda: FedProx(proximal_mu=0.5, **options),
+            "fedadam": lambda: FedAdam(eta=0.01, **options), "fedyogi": lambda: FedYogi(eta=0.01, **options)}[name]()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+def test_the_wrapped_strategy_trains_exactly_as_it_does_alone(client_app, name):
+    """Two rounds of `name` alone and wrapped (attacking every client): the same global model, to float tolerance."""
+    alone, wrapped = flower_strategy(name), strategy_with(Recorder(), iterations=2, wrapped=flower_strategy(name))
+    results = [strategy.start(LocalGrid(client_app, CLIENTS), ArrayRecord(lenet().state_dict()), num_rounds=2,
+                              train_config=ConfigRecord(SETTINGS.to_config())).arrays.to_torch_state_dict()
+               for strategy in (alone, wrapped)]
+    assert len(wrapped.recorder) == 2  # both rounds were attacked
+    initial = lenet().state_dict()
+    for key in initial:  # alone, FedAdam and FedYogi hand back float64; wrapped, the model's own float32
+        assert results[1][key].dtype == initial[key].dtype
+        torch.testing.assert_close(results[1][key].double(), results[0][key].double(), rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(results[0][key], initial[key]) for key in initial)  # and it did train
+
+
+def test_fedprox_clients_train_with_the_proximal_term_the_strategy_sends(client_app, config):
+    """FedProx puts proximal-mu in the config; the attack gets it in its TrainingSettings (and replays it)."""
+    strategy = strategy_with(Recorder(), wrapped=flower_strategy("fedprox"))
+    replies_of(strategy, client_app, lenet().state_dict(), 1)
+    assert strategy._sent.settings.proximal_mu == 0.5
 
 
 def test_a_failed_attack_is_reported_per_client_and_training_goes_on(client_app):
@@ -120,7 +145,7 @@ def test_a_failed_attack_is_reported_per_client_and_training_goes_on(client_app)
     strategy = strategy_with(sink, image_shape=(1, 9, 9))  # not what the model takes: the engine raises
     arrays, _ = strategy.aggregate_train(1, replies_of(strategy, client_app, lenet().state_dict(), 1))
     [(_, victims, results)] = sink
-    assert victims == [0, 1]
+    assert victims == [Victim((0,)), Victim((1,))]
     assert all(result.status.startswith("error: ") and not result.ok for result in results)
     assert arrays is not None
 
@@ -129,11 +154,11 @@ def test_clients_that_failed_are_neither_attacked_nor_averaged(client_app):
     sink = Recorder()
     strategy = strategy_with(sink)
     replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
-    failed = next(r for r in replies if r.content["metrics"][PARTITION_KEY] == 0)
-    kept = next(r for r in replies if r.content["metrics"][PARTITION_KEY] == 1)
+    failed = next(r for r in replies if r.content["metrics"][PARTITION_ID] == 0)
+    kept = next(r for r in replies if r.content["metrics"][PARTITION_ID] == 1)
     broken = Message(Error(code=0, reason="client crashed"), reply_to=_request_of(failed))
     arrays, _ = strategy.aggregate_train(1, [broken, kept])
-    assert [victims for _, victims, _ in sink] == [[1]]
+    assert [victims for _, victims, _ in sink] == [[Victim((1,))]]
     assert sink.faults == [(1, ReplyFault(0, CLIENT_ERROR, "error reply: client crashed"))]
     expected = kept.content["arrays"].to_torch_state_dict()
     for name, tensor in arrays.to_torch_state_dict().items():
@@ -144,7 +169,7 @@ def test_a_client_that_does_not_reply_is_recorded_and_the_round_goes_on(client_a
     sink = Recorder()
     strategy = strategy_with(sink, attack=None)
     replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
-    kept = [r for r in replies if r.content["metrics"][PARTITION_KEY] == 1]
+    kept = [r for r in replies if r.content["metrics"][PARTITION_ID] == 1]
     arrays, _ = strategy.aggregate_train(1, kept)
     assert [(r, fault.client, fault.status) for r, fault in sink.faults] == [(1, 0, NO_REPLY)]
     assert arrays is not None
@@ -154,25 +179,26 @@ def test_a_reply_claiming_another_clients_partition_is_left_out(client_app):
     sink = Recorder()
     strategy = strategy_with(sink)
     replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
-    liar = next(r for r in replies if r.content["metrics"][PARTITION_KEY] == 0)
-    liar.content["metrics"][PARTITION_KEY] = 1
+    liar = next(r for r in replies if r.content["metrics"][PARTITION_ID] == 0)
+    liar.content["metrics"][PARTITION_ID] = 1
     strategy.aggregate_train(1, replies)
     [(_, fault)] = sink.faults
     assert (fault.client, fault.status) == (0, REJECTED) and "partition-id is 1, the round asked for 0" in fault.reason
-    assert [victims for _, victims, _ in sink] == [[1]]
+    assert [victims for _, victims, _ in sink] == [[Victim((1,))]]
 
 
 def test_a_resumed_run_goes_on_with_the_runs_own_round_numbers(config, client_app, shared_data):
     """Flower counts rounds from 1 in every start(); after a resume, clients, attack and evaluation must
     all see the run's round (3 here), or clients would train on round 1's examples again."""
     sink, evaluated = Recorder(), []
-    strategy = strategy_with(sink)
-    strategy.start(LocalGrid(client_app, CLIENTS), ArrayRecord(lenet().state_dict()), num_rounds=3, first_round=3,
-                   train_config=ConfigRecord(settings_to_config(SETTINGS)),
+    strategy = RoundOffset(strategy_with(sink), done=2)
+    strategy.start(LocalGrid(client_app, CLIENTS), ArrayRecord(lenet().state_dict()), num_rounds=3,
+                   train_config=ConfigRecord(SETTINGS.to_config()),
                    evaluate_fn=lambda server_round, arrays: evaluated.append(server_round))
     assert evaluated == [0, 3]
     [(server_round, victims, results)] = sink
-    assert server_round == 3 and victims == [0, 1]
+    assert server_round == 3 and victims == [Victim((0,)), Victim((1,))]
+    victims = [victim.clients[0] for victim in victims]
     train = load_dataset("mnist", shared_data, train=True)
     partitions = partition_indices(train.labels, CLIENTS, seed=config.seed)
     for partition_id, result in zip(victims, results):
@@ -188,6 +214,15 @@ def test_error_reasons_are_cut_to_the_client_apps_own_message():
     assert short_error(simulated) == "client 2: injected crash"
     assert short_error("<class 'KeyError'>:<'x'>") == "<class 'KeyError'>:<'x'>"  # a SuperNode's, unwrapped
     assert short_error("y" * 1000) == "y" * 300 + "..."
+
+
+def test_the_strategy_a_run_names_is_the_one_wrapped():
+    from fl_sim.run_config import RunConfig
+    from fl_sim.strategy import flower_strategy as named
+
+    assert type(named(RunConfig(strategy="fedyogi"))) is FedYogi
+    assert named(RunConfig(strategy="fedprox", proximal_mu=0.3)).proximal_mu == 0.3
+    assert named(RunConfig(strategy="fedadam", server_lr=0.05)).eta == 0.05
 
 
 def test_attack_every_must_be_positive():

@@ -1,0 +1,87 @@
+"""The run's defense and fault injection as Flower client mods, around the honest ClientApp.
+
+A mod wraps the ClientApp's handling of a message (`mod(msg, context, call_next) -> reply`), as Flower's
+own LocalDpMod does; these act on train messages only and pass everything else through. `DefenseMod`
+changes the trained weights before they leave the client (clients/defenses.py); `FaultMod` spoils the
+reply, or raises, on purpose (clients/faults.py). Each reads its setting from the run config (Flower's,
+over the defaults `fl-sim run` gives) and passes the reply through unchanged when the setting is off.
+"""
+import functools
+
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from fl_sim.data import cached_dataset, image_spec
+from fl_sim.models import build_model
+from fl_sim.protocol import ARRAYS, CONFIG, METRICS, SERVER_ROUND
+from fl_sim.run_config import Fault, RunConfig
+from fl_sim.updates import parameter_names
+
+from .context import node_partition, run_config_of
+from .defenses import defense_seed, sent_weights
+from .faults import InjectedCrash, spoil_reply
+
+
+class DefenseMod:
+    """Applies the run's `--defense` client steps to the weights a train reply sends."""
+
+    def __init__(self, defaults: RunConfig | None = None):
+        self.defaults = defaults
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        config = run_config_of(context, self.defaults)
+        if not config.defense.steps:
+            return reply
+        partition_id, _ = node_partition(context)
+        server_round = int(msg.content[CONFIG][SERVER_ROUND])
+        arrays = sent_weights(config.defense, msg.content[ARRAYS].to_torch_state_dict(),
+                              reply.content[ARRAYS].to_torch_state_dict(), model_parameters(config),
+                              defense_seed(config.seed, partition_id, server_round))
+        return with_content(reply, arrays, dict(reply.content[METRICS]))
+
+
+class FaultMod:
+    """Makes the clients named in the run's `--inject-faults` crash or spoil their train reply, every round."""
+
+    def __init__(self, defaults: RunConfig | None = None):
+        self.defaults = defaults
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        partition_id, _ = node_partition(context)
+        fault = run_config_of(context, self.defaults).inject_faults.get(partition_id)
+        if fault == Fault.CRASH:
+            raise InjectedCrash(f"client {partition_id}: injected crash (inject-faults)")
+        reply = call_next(msg, context)
+        if fault is None or reply.has_error():
+            return reply
+        return with_content(reply, *spoil_reply(fault, reply.content[ARRAYS].to_torch_state_dict(),
+                                                dict(reply.content[METRICS])))
+
+
+def mods_for(config: RunConfig | None) -> list:
+    """The mods a ClientApp needs: for a known config only those it turns on; else both (they read it)."""
+    if config is None:
+        return [FaultMod(), DefenseMod()]
+    return [mod for mod, on in ((FaultMod(config), bool(config.inject_faults)),
+                                (DefenseMod(config), bool(config.defense.steps))) if on]
+
+
+def with_content(reply: Message, arrays: dict, metrics: dict) -> Message:
+    """The same reply with other arrays and metrics (a Message's content is replaced, not edited)."""
+    reply.content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+    return reply
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_names(model: str, dataset: str, data_root: str | None) -> tuple[str, ...]:
+    (channels, size, _), classes = image_spec(cached_dataset(dataset, data_root, True))
+    return tuple(parameter_names(build_model(model, channels, size, classes)))
+
+
+def model_parameters(config: RunConfig) -> list[str]:
+    """The names of the model's trained entries: the defense changes those, never batch-norm statistics."""
+    return list(_parameter_names(config.model, config.dataset, config.data_root))

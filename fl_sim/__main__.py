@@ -1,0 +1,6 @@
+"""`python -m fl_sim` is the `fl-sim` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,17 @@
+"""The vocabulary of metrics.jsonl rows that several modules read: the statuses of a client-round.
+
+Standard library only, so readers of finished runs (summaries, sweeps, `fl-sim report`) need neither
+Flower nor torch.
+"""
+from enum import StrEnum
+
+
+class ReplyStatus(StrEnum):
+    """Why a client-round was left out of both the attack and the average (its row's `status`)."""
+
+    REJECTED = "rejected"
+    CLIENT_ERROR = "client-error"
+    NO_REPLY = "no-reply"
+
+
+REPLY_FAULTS = frozenset(ReplyStatus)

@@ -1,0 +1,345 @@
+"""Every setting of a federated run, read once from CLI flags or Flower's run config into one typed value.
+
+`fl-sim run` flags and Flower's run config (`[tool.flwr.app.config]` of pyproject.toml, with `flwr run -c`
+overrides) are two spellings of the same settings: `RunConfig.from_flower` and `RunConfig.from_values`
+both go through `coerce`, which turns each value into its field's type or raises ConfigError with one
+sentence (`local-steps=1.5` is an error, not 1). Strings live only at those edges: inside the program a
+defense is a DefenseSpec, a fault a Fault, a strategy a StrategyName. Standard library only, so the
+server, the clients and every light sub-command (`fl-sim report`) can import it.
+"""
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+
+from .protocol import BatchNormMode, TrainingSettings
+
+# The names a run config may hold; the registries (fl_sim/data.py, fl_sim/models, attacker.PRESETS) must
+# offer exactly these (tests/test_registries.py checks), so a config is checked without importing them.
+DATASETS = ("mnist", "cifar10", "imagefolder")
+MODELS = ("lenet", "cnn", "mlp", "resnet20", "resnet18")
+ATTACKS = ("dlg", "idlg", "ig")
+NO_ATTACK = "none"
+PARTITIONS = ("iid", "dirichlet")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+class StrategyName(StrEnum):
+    """The Flower strategy the malicious server wraps (fl_sim/strategy.py builds it)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
+class Fault(StrEnum):
+    """What a faulty client does every round (`--inject-faults`, clients/mods.py)."""
+
+    NAN = "nan"
+    INF = "inf"
+    WRONG_SHAPE = "wrong-shape"
+    WRONG_DTYPE = "wrong-dtype"
+    MISSING_ARRAY = "missing-array"
+    EXTRA_ARRAY = "extra-array"
+    BAD_NUM_EXAMPLES = "bad-num-examples"
+    NO_NUM_EXAMPLES = "no-num-examples"
+    CRASH = "crash"
+
+
+FAULT_HELP = {
+    Fault.NAN: "a NaN in the first weight",
+    Fault.INF: "an infinity in the first weight",
+    Fault.WRONG_SHAPE: "the first weight one row longer than the model's",
+    Fault.WRONG_DTYPE: "the first weight as float64",
+    Fault.MISSING_ARRAY: "the last weight left out",
+    Fault.EXTRA_ARRAY: "an array the model does not have",
+    Fault.BAD_NUM_EXAMPLES: "num-examples 10^9 (it would outweigh every other client in FedAvg)",
+    Fault.NO_NUM_EXAMPLES: "no num-examples",
+    Fault.CRASH: "the client raises instead of training (an error reply)",
+}
+
+
+class DefenseKind(StrEnum):
+    NOISE = "noise"  # add N(0, SIGMA^2) to every entry of the change
+    CLIP = "clip"  # scale the change down to L2 norm C
+    PRUNE = "prune"  # zero the fraction P of each tensor's smallest-magnitude entries
+    FP16 = "fp16"  # round the change to half precision
+
+
+NO_DEFENSE, SECURE_AGGREGATION = "none", "secagg"
+DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION)
+# kind -> (what its number means, the check it must pass); None: the kind takes no number.
+DEFENSE_NUMBERS = {
+    DefenseKind.NOISE: ("SIGMA, a positive number", lambda value: 0 < value < math.inf),
+    DefenseKind.CLIP: ("C, a positive number", lambda value: 0 < value < math.inf),
+    DefenseKind.PRUNE: ("P, a fraction in [0, 1) (1 would send no update)", lambda value: 0 <= value < 1),
+    DefenseKind.FP16: None,
+}
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """A parsed --defense: the client's steps in order (clients/defenses.py), and whether the server
+    sees only the sum of the updates (secure aggregation)."""
+
+    steps: tuple[tuple[DefenseKind, float | None], ...] = ()
+    secure_aggregation: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "DefenseSpec":
+        """'clip:4+noise:0.01' -> DefenseSpec; anything else gets a ConfigError saying what is wrong."""
+        if text.strip() == NO_DEFENSE:
+            return cls()
+        steps, secure = [], False
+        for part in (part.strip() for part in text.split("+")):
+            kind, colon, number = part.partition(":")
+            if kind == SECURE_AGGREGATION:
+                if colon or secure:
+                    raise ConfigError(f"--defense {text!r}: secagg takes no number and comes once")
+                secure = True
+                continue
+            if kind not in set(DefenseKind):
+                raise ConfigError(f"--defense {text!r}: {part!r} is not a defense; write steps joined by '+', "
+                                  f"each one of {', '.join(DEFENSE_KINDS)} (none alone)")
+            kind = DefenseKind(kind)
+            number_rule = DEFENSE_NUMBERS[kind]
+            if number_rule is None:
+                if colon:
+                    raise ConfigError(f"--defense {text!r}: {kind} takes no number")
+                steps.append((kind, None))
+                continue
+            meaning, valid = number_rule
+            try:
+                value = float(number)
+            except ValueError:
+                value = math.nan
+            if not valid(value):
+                raise ConfigError(f"--defense {text!r}: {kind} needs {meaning}, got {number!r}")
+            steps.append((kind, value))
+        return cls(tuple(steps), secure)
+
+    def __str__(self) -> str:
+        parts = [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
+        parts += [SECURE_AGGREGATION] if self.secure_aggregation else []
+        return "+".join(parts) or NO_DEFENSE
+
+
+def parse_faults(text: str) -> dict[int, Fault]:
+    """'0=nan,2=crash' -> {0: Fault.NAN, 2: Fault.CRASH}; '' -> {}."""
+    faults = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        client, _, kind = item.partition("=")
+        try:
+            client_id = int(client)
+        except ValueError:
+            raise ConfigError(f"--inject-faults wants client=kind pairs like 0=nan,2=crash, got {item!r}") from None
+        if kind not in set(Fault):
+            raise ConfigError(f"--inject-faults: unknown fault {kind!r} for client {client_id}: "
+                              f"choose one of {', '.join(Fault)}")
+        if client_id in faults:
+            raise ConfigError(f"--inject-faults names client {client_id} twice")
+        faults[client_id] = Fault(kind)
+    return faults
+
+
+def format_faults(faults: Mapping[int, Fault]) -> str:
+    return ",".join(f"{client}={kind}" for client, kind in sorted(faults.items()))
+
+
+def parse_client_list(text: str) -> tuple[int, ...] | None:
+    """'0,2,5' -> (0, 2, 5); '' or 'all' -> None (every client)."""
+    text = text.strip()
+    if text in ("", "all"):
+        return None
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ConfigError(f"--attack-clients must be partition ids like 0,2,5 (or all), got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one federated run; see `fl-sim run --help` for what each means.
+
+    Field names are the argparse names of `fl-sim run`; Flower's keys are the same with hyphens
+    (FLOWER_NAMES lists the two that differ). Built directly, from flags or from Flower's run config,
+    every value is coerced to its field's type (__post_init__), so a RunConfig is always typed.
+    """
+
+    out: str = "out/run"
+    rounds: int = 2
+    num_clients: int = 4
+    dataset: str = "mnist"
+    data_root: str | None = None  # None: $FL_SIM_DATA, else ./data
+    model: str = "lenet"
+    init: str = "default"
+    partition: str = "iid"
+    alpha: float = 0.5
+    strategy: StrategyName = StrategyName.FEDAVG
+    proximal_mu: float = 0.0  # FedProx's mu (strategy fedprox only)
+    server_lr: float = 0.01  # FedAdam's / FedYogi's server learning rate (eta)
+    local_steps: int = 1
+    batch_size: int = 1
+    epochs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.0
+    batchnorm: BatchNormMode = BatchNormMode.TRAIN
+    defense: DefenseSpec = DefenseSpec()
+    attack: str = "idlg"
+    iterations: int = 300
+    restarts: int | None = None  # None: the attack preset's
+    no_replay: bool = False
+    attack_every: int = 1
+    attack_clients: tuple[int, ...] | None = None  # None: every client
+    client_eval: bool = False
+    device: str = "auto"
+    seed: int = 0
+    inject_faults: dict[int, Fault] = field(default_factory=dict)  # partition id -> fault
+
+    def __post_init__(self):
+        for spec in fields(self):
+            object.__setattr__(self, spec.name, coerce(spec.name, getattr(self, spec.name)))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object], defaults: "RunConfig | None" = None) -> "RunConfig":
+        """Field name -> value (e.g. the flags a user gave) over `defaults`; unknown names are errors."""
+        unknown = sorted(set(values) - {spec.name for spec in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+        return dataclasses.replace(defaults or cls(), **values)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, object], defaults: "RunConfig | None" = None) -> "RunConfig":
+        """Flower's run config (hyphenated keys) over `defaults`; an unknown key is an error, not ignored."""
+        by_key = {flower_key(spec.name): spec.name for spec in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}: known are {', '.join(by_key)}")
+        return cls.from_values({by_key[key]: value for key, value in run_config.items()}, defaults)
+
+    def to_flower(self) -> dict[str, object]:
+        """The run config as Flower keys and TOML-able values (the inverse of from_flower)."""
+        return {flower_key(spec.name): to_text(getattr(self, spec.name)) if spec.name != "restarts"
+                else (self.restarts or 0) for spec in fields(self)}
+
+    @property
+    def settings(self) -> TrainingSettings:
+        """The local training the server configures every round."""
+        try:
+            return TrainingSettings(lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size,
+                                    epochs=self.epochs, momentum=self.momentum, batchnorm=self.batchnorm,
+                                    proximal_mu=self.proximal_mu)
+        except ValueError as error:  # its messages start with the setting's name: the flag's, without "--"
+            raise ConfigError(f"--{error}") from None
+
+    def check(self) -> None:
+        """Every check that needs neither data nor torch, before any work starts (raises ConfigError)."""
+        for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("partition", PARTITIONS),
+                              ("attack", (*ATTACKS, NO_ATTACK))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        for name, least in (("rounds", 1), ("num_clients", 1), ("iterations", 1), ("attack_every", 1), ("seed", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        if self.restarts is not None and self.restarts < 1:
+            raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
+        for name in ("alpha", "server_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.proximal_mu and self.strategy != StrategyName.FEDPROX:
+            raise ConfigError(f"--proximal-mu is FedProx's: use it with --strategy fedprox, not {self.strategy}")
+        self.settings  # noqa: B018 (raises ConfigError for a bad training setting)
+        outside = [c for c in self.attack_clients or () if not 0 <= c < self.num_clients]
+        if outside:
+            raise ConfigError(f"--attack-clients {outside} are not clients 0..{self.num_clients - 1}")
+        outside = sorted(c for c in self.inject_faults if not 0 <= c < self.num_clients)
+        if outside:
+            raise ConfigError(f"--inject-faults names {outside}, not clients 0..{self.num_clients - 1}")
+        if self.attack_clients is not None and self.defense.secure_aggregation:
+            raise ConfigError("--attack-clients cannot pick clients under secure aggregation: the server "
+                              "sees only their sum, so leave it out")
+
+
+# Flower keys whose field is named differently (the flag is --rounds / --out; Flower's usual keys are these).
+FLOWER_NAMES = {"rounds": "num-server-rounds", "out": "out-dir"}
+FIELD_TYPES = typing.get_type_hints(RunConfig)
+
+
+def flower_key(name: str) -> str:
+    return FLOWER_NAMES.get(name, name.replace("_", "-"))
+
+
+def coerce(name: str, value: object) -> object:
+    """`value` as field `name`'s type, or a ConfigError naming the flag and what it must be."""
+    kind = FIELD_TYPES[name]
+    flag = f"--{name.replace('_', '-')}"
+    if name == "attack_clients":
+        return parse_client_list(value) if isinstance(value, str) else (
+            None if value is None else tuple(sorted({coerce_scalar(int, v, flag) for v in value})))
+    if name == "inject_faults":
+        return parse_faults(value) if isinstance(value, str) else \
+            parse_faults(",".join(f"{client}={fault}" for client, fault in value.items()))
+    if name == "defense":
+        return value if isinstance(value, DefenseSpec) else DefenseSpec.parse(coerce_scalar(str, value, flag))
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: TOML has no null, "" and 0 mean None
+        if value in (None, "", 0):
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    return coerce_scalar(kind, value, flag)
+
+
+def coerce_scalar(kind: type, value: object, flag: str) -> object:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{flag} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag} must be a number, got {value!r}")
+    if isinstance(kind, type) and issubclass(kind, StrEnum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{flag} must be one of {', '.join(kind)}, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{flag} must be text, got {value!r}")
+    raise TypeError(f"no coercion to {kind} for {flag}")
+
+
+def to_text(value: object) -> object:
+    """A field's value as Flower's run config holds it (TOML: no None, no tuples, no dicts)."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return format_faults(value)
+    if isinstance(value, (StrEnum, DefenseSpec)):
+        return str(value)
+    return value
