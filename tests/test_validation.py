@@ -2,11 +2,11 @@
 reply that would spoil FedAvg's average, and names what is wrong."""
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, validate_message_reply_consistency
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays as np_arrays
 
+from fl_sim.flower_private import aggregate_arrayrecords, validate_message_reply_consistency
 from fl_sim.validation import ExpectedReply, reply_problem
 
 MODEL = {"conv.weight": np.zeros((2, 1, 3, 3), np.float32), "conv.bias": np.zeros(2, np.float32),
