@@ -32,7 +32,8 @@ def browser_report(page, profile) -> dict:
     """What headless Chromium saw after loading `page` in a frame."""
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test installs it)", pytrace=False)
+        pytest.fail("chromium is not installed, and the gallery is checked in it: `sudo apt-get install chromium` "
+                    "(make test installs it by itself in CI or as root)", pytrace=False)
     checker = page.parent / "checker.html"
     checker.write_text(CHECKER.format(src=page.as_uri()))
     done = subprocess.run(
