@@ -28,7 +28,6 @@ from .models import build_model
 from .outputs import rewrite_jsonl, write_json
 from .summary import RECOVERED_DB, recovered_key
 
-
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
 EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
           f"{ALL_FAILED} when the attack failed for every victim (diverged or error; see metrics.jsonl).")
