@@ -4,8 +4,13 @@ Each victim trains locally on its own images with the real client code (clients/
 applies the --defense as a client of `fl-sim run` would (clients/defenses.py), the engine inverts the
 weight changes, and the evaluation path scores them against the truth. With `secagg` the engine gets
 only the victims' mean update, attacked as one victim holding all their images.
+
+--out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
+if it holds nothing but what fl-sim attack or a sweep point writes).
 """
 import argparse
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +27,13 @@ from .evaluation import score_and_save, summarise
 from .models import build_model
 from .outputs import rewrite_jsonl, write_json
 from .updates import mean_update, parameter_names, update_norm, weight_change, weights
+from .summary import RECOVERED_DB, recovered_key
+
+ALL_FAILED = 3  # exit status when no victim's attack succeeded
+EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
+          f"{ALL_FAILED} when the attack failed for every victim (diverged or error; see metrics.jsonl).")
+# What fl-sim attack (and a sweep point around it) writes into --out: all --force may delete.
+OWN_FILES = re.compile(r"(summary\.json|metrics\.jsonl|point\.json|victim-\d{3,}|\..+\.tmp)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-victims", type=int, default=8, help="victims (clients) to attack")
     parser.add_argument("--victims-at-once", type=int, default=None,
                         help="cap on victims optimised together (default all; 1 = one at a time, as other tools do)")
+    parser.add_argument("--force", action="store_true",
+                        help="clear a non-empty --out first (refused when it holds files fl-sim attack did not write)")
+    parser.epilog = EPILOG
 
 
 def check(args) -> None:
@@ -39,6 +54,34 @@ def check(args) -> None:
         raise config.ConfigError(f"--num-victims must be at least 1, got {args.num_victims}")
     if args.victims_at_once is not None and args.victims_at_once < 1:
         raise config.ConfigError(f"--victims-at-once must be at least 1, got {args.victims_at_once}")
+    check_out(Path(args.out), getattr(args, "force", False))
+
+
+def check_out(out: Path, force: bool) -> None:
+    """--out must be new or empty: an earlier run's victim folders would be taken for this run's.
+    With `force` it may hold fl-sim attack's own outputs (cleared by `clear_out`), nothing else."""
+    if out.exists() and not out.is_dir():
+        raise config.ConfigError(f"--out {str(out)!r} is a file, not a folder")
+    entries = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not force:
+        raise config.ConfigError(f"--out {str(out)!r} is not empty (it holds {', '.join(entries[:3])}"
+                                 f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or add --force to clear it")
+    foreign = [name for name in entries if not OWN_FILES.fullmatch(name)]
+    if foreign:
+        raise config.ConfigError(f"--out {str(out)!r} holds {', '.join(foreign[:3])}, which fl-sim attack did not "
+                                 "write: --force clears only its own outputs; choose a new folder")
+
+
+def clear_out(out: Path) -> None:
+    """Empties --out of fl-sim attack's own outputs (check_out has refused anything else)."""
+    for path in sorted(out.iterdir()) if out.is_dir() else []:
+        if OWN_FILES.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) -> np.ndarray:
@@ -53,6 +96,7 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
 def run(args) -> dict:
     started = time.perf_counter()
     check(args)
+    clear_out(Path(args.out))
     settings = config.training_settings(args)
     defense = config.defense(args)
     attack = config.attack_config(args)
@@ -112,9 +156,13 @@ def run(args) -> dict:
 
 def main(args) -> int:
     summary = run(args)
-    print(f"attack {summary['attack']}: {summary['victims']} victims, PSNR median {_fmt(summary['psnr_median'])} dB "
-          f"(min {_fmt(summary['psnr_min'])}), labels {_fmt(summary['label_acc'], '.0%')}, "
-          f"attack {summary['attack_seconds']:.1f} s -> {args.out}")
+    recovered = ", ".join(f"{_fmt(summary[recovered_key(db)], '.0%')} at {db} dB" for db in RECOVERED_DB)
+    print(f"attack {summary['attack']}: {summary['victims']} victims ({summary['failed']} failed), PSNR median "
+          f"{_fmt(summary['psnr_median'])} dB (min {_fmt(summary['psnr_min'])}), images recovered {recovered}, "
+          f"labels right {_fmt(summary['label_share'], '.0%')}, attack {summary['attack_seconds']:.1f} s -> {args.out}")
+    if summary["failed"] == summary["victims"]:
+        print(f"fl-sim attack: the attack failed for every victim (see {args.out}/metrics.jsonl): exit status {ALL_FAILED}")
+        return ALL_FAILED
     return 0
 
 

@@ -1,21 +1,28 @@
 """The evaluation path: scoring the engine's answers against the truth and keeping the evidence.
 
-Only this side ever holds ground truth; the engine never does.
+Only this side ever holds ground truth; the engine never does. Figures over victims are in
+fl_sim/summary.py (`summarise`, re-exported here), which counts failed attacks rather than skipping them.
 """
 from pathlib import Path
-
-import numpy as np
 
 from attacker import Reconstruction
 
 from . import metrics
 from .outputs import save_images
+from .summary import RECOVERED_DB, recovered_key, summarise
+
+__all__ = ["score_and_save", "summarise"]
 
 
 def score_and_save(result: Reconstruction, true_images, true_labels, folder: Path | None) -> dict:
-    """One victim's metrics row; with `folder`, its truth.png and (matched) reconstruction.png too."""
+    """One victim's metrics row; with `folder`, its truth.png and (matched) reconstruction.png too.
+
+    A failed attack's row has no PSNR, SSIM or MSE (None) and recovered nothing: none of its images,
+    none of its labels."""
     if not result.ok:
-        row = {"status": result.status, "psnr": None, "ssim": None, "mse": None, "label_acc": 0.0}
+        row = {"status": result.status, "psnr": None, "ssim": None, "mse": None,
+               **{recovered_key(db): 0.0 for db in RECOVERED_DB},
+               "label_share": 0.0, "label_exact": 0.0, "label_acc": 0.0}
     else:
         row = {"status": "ok", **metrics.score(result.images, result.labels, true_images, true_labels)}
         row["labels"] = result.labels[row["order"]].tolist()
@@ -25,23 +32,3 @@ def score_and_save(result: Reconstruction, true_images, true_labels, folder: Pat
         if result.ok:
             save_images(folder / "reconstruction.png", result.images[row["order"]])
     return row
-
-
-def summarise(rows: list[dict]) -> dict:
-    """Medians and worst cases over victims; failed victims count as wrong labels and are counted."""
-    psnrs = [row["psnr"] for row in rows if row.get("psnr") is not None]
-    ssims = [row["ssim"] for row in rows if row.get("ssim") is not None]
-
-    def stat(fn, values):
-        return float(fn(values)) if values else None
-
-    return {
-        "psnr_median": stat(np.median, psnrs),
-        "psnr_mean": stat(np.mean, psnrs),
-        "psnr_min": stat(np.min, psnrs),
-        "psnr_max": stat(np.max, psnrs),
-        "ssim_mean": stat(np.mean, ssims),
-        "label_acc": stat(np.mean, [row.get("label_acc", 0.0) for row in rows]),
-        "victims": len(rows),
-        "failed": sum(row.get("status") != "ok" for row in rows),
-    }

@@ -2,7 +2,8 @@
 
 Files are written to a temporary name and renamed (atomic on POSIX); JSON-lines rows are appended
 with one write each and flushed, so a kill leaves no half-written image or file, and at most a torn
-last row, which readers skip and the next append does not run into.
+last row, which readers skip and the next append does not run into. After a rename the folder itself
+is fsynced: the rename lives in the directory entry, and without that a power cut can undo it.
 """
 import io
 import json
@@ -31,6 +32,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(folder: str | os.PathLike) -> None:
+    """Makes a rename (or a new file) in `folder` durable: flushes the directory entry itself."""
+    handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_json(path, obj) -> None:
@@ -42,13 +53,16 @@ def append_jsonl(path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as file:
         line = (json.dumps(row, default=_plain) + "\n").encode()
-        if file.tell() > 0:
+        created = file.tell() == 0
+        if not created:
             file.seek(-1, os.SEEK_END)
             if file.read(1) != b"\n":  # a torn row from a kill: end it, or this row would be glued to it
                 line = b"\n" + line
         file.write(line)
         file.flush()
         os.fsync(file.fileno())
+    if created:  # a new file's name is in the folder, which needs its own fsync
+        fsync_directory(path.parent)
 
 
 def rewrite_jsonl(path, rows: list[dict]) -> None:

@@ -9,16 +9,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from .summary import RECOVERED_DB, psnr_of, recovered_key, summarise  # noqa: E402
+
 # (column, axis label): drawn when at least one row has a number there.
 PANELS = [
     ("psnr_median", "PSNR median (dB)"),
     ("ssim_mean", "SSIM mean"),
-    ("label_acc", "label accuracy"),
+    ("label_share", "labels right (share)"),
+    (recovered_key(RECOVERED_DB[0]), f"images recovered (\u2265 {RECOVERED_DB[0]} dB)"),
     ("update_norm_median", "update L2 norm (median)"),
     ("accuracy", "global test accuracy"),
 ]
 
-FRACTIONS = {"ssim_mean", "label_acc", "accuracy"}
+FRACTIONS = {"ssim_mean", "label_share", recovered_key(RECOVERED_DB[0]), "accuracy"}
 
 
 def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: Path) -> Path:
@@ -86,9 +89,9 @@ def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], 
 
 
 def plot_rounds(attack_rows: list[dict], accuracy_by_round: dict[int, float], path: Path) -> Path | None:
-    """A run's attack over its rounds: PSNR (median, band min to max), labels right, the update norm
-    (median) and the global model's accuracy, side by side: does the attack weaken as the model trains?
-    None before any round has an attacked update."""
+    """A run's attack over its rounds: PSNR (median, band min to max; a failed attack at 0 dB), labels
+    right, the update norm (median) and the global model's accuracy, side by side: does the attack weaken
+    as the model trains? `attack_rows` are attacked updates only. None before any round has one."""
     by_round: dict[int, list[dict]] = {}
     for row in attack_rows:
         by_round.setdefault(row["round"], []).append(row)
@@ -99,13 +102,15 @@ def plot_rounds(attack_rows: list[dict], accuracy_by_round: dict[int, float], pa
         values = {r: [_number(row.get(column)) for row in rows] for r, rows in sorted(by_round.items())}
         return {r: [v for v in vs if v is not None] for r, vs in values.items() if any(v is not None for v in vs)}
 
-    psnrs, labels, norms = per_round("psnr"), per_round("label_acc"), per_round("update_norm")
+    psnrs = {r: [psnr_of(row) for row in rows] for r, rows in sorted(by_round.items())}
+    labels = {r: [summarise(rows)["label_share"]] for r, rows in sorted(by_round.items())}
+    norms = per_round("update_norm")
     figure, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     axes[0].fill_between(list(psnrs), [min(v) for v in psnrs.values()], [max(v) for v in psnrs.values()], alpha=0.15)
     axes[0].plot(list(psnrs), [statistics.median(v) for v in psnrs.values()], marker="o")
     axes[0].set_ylabel("PSNR (dB): median, min-max band")
     axes[1].plot(list(labels), [statistics.mean(v) for v in labels.values()], marker="o")
-    axes[1].set_ylabel("label accuracy")
+    axes[1].set_ylabel("labels right (share)")
     axes[2].plot(list(norms), [statistics.median(v) for v in norms.values()], marker="o")
     axes[2].set_ylabel("update L2 norm (median)")
     axes[2].set_yscale("log")

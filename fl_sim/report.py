@@ -17,8 +17,9 @@ from .gallery import write_gallery
 from .outputs import atomic_write_bytes
 
 # Summary figures, in the order results.csv lists them after the swept settings.
-METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "label_acc", "update_norm_median",
-           "accuracy", "parameters", "victims", "failed", "attack_seconds", "seconds"]
+METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "recovered_at_30db", "recovered_at_40db",
+           "label_share", "label_exact", "label_acc", "update_norm_median", "accuracy", "parameters", "victims",
+           "failed", "images", "attack_seconds", "seconds"]
 LEAKAGE_PLOT = "leakage-vs-accuracy.png"  # run sweeps: attack PSNR against the global model's accuracy
 # Summary entries that echo a point's settings (already columns when swept) or are not figures.
 NOT_FIGURES = {"iterations", "batch_size", "local_steps", "epochs", "lr", "momentum", "replay", "restarts", "seed",

@@ -12,12 +12,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import config
 from .outputs import read_jsonl
 from .records import REPLY_FAULTS
 from .run_config import FAULT_HELP, PARTITIONS, ConfigError, RunConfig, StrategyName, flower_key
+from .summary import summarise
 
 DEFAULTS = RunConfig()
 # Where and with what a run computes, not what it computes: a resumed run may change these.
@@ -145,14 +144,13 @@ def summary(out, seconds: float) -> dict:
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     attack_rows = [row for row in rows if row.get("status") not in REPLY_FAULTS]
     global_rows = read_jsonl(os.path.join(out, "global.jsonl"))
-    psnrs = [row["psnr"] for row in attack_rows if row.get("psnr") is not None]
     return {
         "rounds": len(global_rows),
         "rounds_aggregated": sum(bool(row.get("model_changed", True)) for row in global_rows),
         "attacked": len(attack_rows),
         "failed": sum(row.get("status") != "ok" for row in attack_rows),
         "left_out": len(rows) - len(attack_rows),
-        "psnr_median": float(np.median(psnrs)) if psnrs else None,
+        "psnr_median": summarise(attack_rows)["psnr_median"],  # a failed attack counts as 0 dB
         "accuracy": global_rows[-1]["accuracy"] if global_rows else None,
         "seconds": seconds,
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
@@ -91,7 +91,7 @@ class Scoreboard:
         psnr = summary["psnr_median"]
         log(INFO, "attack round %s: %s client(s) in %.1f s, PSNR median %s dB, labels right %.0f%%, %s failed",
             server_round, len(rows), seconds, "n/a" if psnr is None else f"{psnr:.1f}",
-            100 * (summary["label_acc"] or 0), summary["failed"])
+            100 * (summary["label_share"] or 0), summary["failed"])
 
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
         """A row per client-round the strategy left out: neither attacked nor averaged."""

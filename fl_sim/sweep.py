@@ -1,18 +1,21 @@
 """`fl-sim sweep`: every point of a grid of settings, each an `fl-sim attack` (or `fl-sim run`), resumable.
 
 Each point writes into OUT/points/<key=value,...>/ and is finished once its summary.json exists, so a
-sweep that stops is continued by running the same command again. OUT/sweep.json records the grid;
-OUT/results.csv, the plots and OUT/index.html are rebuilt from the points' summaries (fl_sim/report.py).
+sweep that stops is continued by running the same command again. A finished point also keeps its whole
+config (point.json: the command and every flag that decides its result); it is reused only when that
+matches what this sweep asks for, so changing a flag that is not swept cannot mix settings in one
+table: the sweep stops and names the difference, or (--force) runs the point again. OUT/sweep.json
+records the grid; OUT/results.csv, the plots and OUT/index.html are rebuilt from the points' summaries
+(fl_sim/report.py).
 """
 import argparse
 import itertools
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
-
-
 
 from . import attack, config, report, run
 from .data import load_dataset
@@ -23,7 +26,10 @@ from .records import REPLY_FAULTS
 
 MODES = {"attack": attack, "run": run}
 # Flags a grid cannot vary: where the sweep writes, and how it runs.
-NOT_SWEPT = {"out", "resume", "grid", "mode", "help"}
+NOT_SWEPT = {"out", "resume", "grid", "mode", "help", "force"}
+POINT_CONFIG = "point.json"  # a finished point's config, compared before it is reused
+# Flags that do not change a point's result (as `fl-sim run --resume` allows them to change) or are the sweep's.
+NOT_COMPARED = {"out", "resume", "force", "help", "data_root", "device", "client_cpus", "client_gpus"}
 TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
 
 
@@ -35,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. \"batch-size=1,2,4 no-replay=true,false\"")
     parser.add_argument("--mode", choices=tuple(MODES), default="attack",
                         help="attack: fl-sim attack at each point (default); run: a full Flower simulation")
+    parser.add_argument("--force", action="store_true",
+                        help="run again the finished points whose recorded config differs from this sweep's "
+                             "(without it such a point stops the sweep)")
 
 
 def parse_grid(text: str, parser: argparse.ArgumentParser, mode: str) -> dict[str, list]:
@@ -89,8 +98,11 @@ def _text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def point_arguments(args, mode: str, settings: dict, folder: Path) -> argparse.Namespace:
-    """The target command's namespace: its defaults, the sweep's flags, the point's settings, its own folder."""
+def point_arguments(args, mode: str, settings: dict, folder: Path, fresh: bool = False) -> argparse.Namespace:
+    """The target command's namespace: its defaults, the sweep's flags, the point's settings, its own folder.
+
+    The folder is the sweep's: an attack point may clear what an unfinished try left there (`force`), a run
+    point stopped mid-way is continued, unless `fresh` (its folder is about to be emptied)."""
     target = _parser_of(MODES[mode]).parse_args(["--out", str(folder)] if mode == "attack" else [])
     for dest in vars(target):
         if hasattr(args, dest) and dest not in NOT_SWEPT:
@@ -98,13 +110,43 @@ def point_arguments(args, mode: str, settings: dict, folder: Path) -> argparse.N
     for dest, value in settings.items():
         setattr(target, dest, value)
     target.out = str(folder)
-    if mode == "run" and (folder / "run.json").exists():  # stopped mid-way: fl-sim run continues it
+    if mode == "attack":
+        target.force = True
+    if mode == "run" and (folder / "run.json").exists() and not fresh:  # stopped mid-way: fl-sim run continues it
         target.out, target.resume = None, str(folder)
     return target
 
 
-def check(args) -> list[tuple[dict, Path, argparse.Namespace]]:
-    """Every point with its folder and arguments, each checked by its command before any point runs."""
+def point_config(mode: str, point_args: argparse.Namespace) -> dict:
+    """What decides a point's result: its command and every flag of it (as JSON would store them)."""
+    flags = {dest.replace("_", "-"): value for dest, value in sorted(vars(point_args).items()) if dest not in NOT_COMPARED}
+    return json.loads(json.dumps({"mode": mode, "flags": flags}, default=str))
+
+
+def finished_and_same(folder: Path, wanted: dict, force: bool) -> bool:
+    """True when the point is finished with the config `wanted`, so it is reused; False when it must run
+    (unfinished, or finished otherwise and `force`). A finished point with another config is an error."""
+    if not (folder / "summary.json").exists():
+        return False
+    path = folder / POINT_CONFIG
+    stored = json.loads(path.read_text()) if path.exists() else None
+    if stored == wanted or force:
+        return stored == wanted
+    if stored is None:
+        raise config.ConfigError(f"point {folder.name!r} was run without a record of its config ({POINT_CONFIG}), so "
+                                 "it cannot be checked against this sweep: add --force to run it again, or use another --out")
+    before, now = stored.get("flags", {}), wanted["flags"]
+    differing = [f"--{key} {before.get(key, '(unset)')} (this sweep: {now.get(key, '(unset)')})"
+                 for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if stored.get("mode") != wanted["mode"]:
+        differing.insert(0, f"--mode {stored.get('mode')} (this sweep: {wanted['mode']})")
+    raise config.ConfigError(f"point {folder.name!r} was run with {', '.join(differing)}: run the sweep with the same "
+                             "flags, use another --out, or add --force to run the point again")
+
+
+def check(args) -> list[tuple[dict, Path, argparse.Namespace, bool]]:
+    """Every point with its folder, arguments and whether it is finished already (reused), each checked by
+    its command, and finished ones against their recorded config, before any point runs."""
     if args.resume is not None:
         raise config.ConfigError("fl-sim sweep continues by itself: run the same command again with the same --out")
     if args.out is None:
@@ -118,11 +160,14 @@ def check(args) -> list[tuple[dict, Path, argparse.Namespace]]:
         names[name] = settings
         folder = Path(args.out) / "points" / name
         point_args = point_arguments(args, args.mode, settings, folder)
+        done = finished_and_same(folder, point_config(args.mode, point_args), getattr(args, "force", False))
+        if not done and (folder / "summary.json").exists():  # finished with other settings, and --force: redo
+            point_args = point_arguments(args, args.mode, settings, folder, fresh=True)
         if args.mode == "attack":
             attack.check(point_args)
         elif point_args.resume is None:  # a stopped run is checked by fl-sim run --resume itself
             config.check_run(run.config_from_flags(point_args))
-        planned.append((settings, folder, point_args))
+        planned.append((settings, folder, point_args, done))
     _check_sweep_record(Path(args.out), args.mode, grid)
     return planned
 
@@ -140,14 +185,18 @@ def run_sweep(args) -> list[dict]:
     planned = check(args)
     out = Path(args.out)
     grid = {dest: [_text(v) for v in values] for dest, values in parse_grid(args.grid, sweep_parser(), args.mode).items()}
-    record = _merged_record(out, args.mode, grid, [settings for settings, _, _ in planned])
+    record = _merged_record(out, args.mode, grid, [settings for settings, _, _, _ in planned])
     write_json(out / "sweep.json", record)
-    for number, (settings, folder, point_args) in enumerate(planned, 1):
+    for number, (settings, folder, point_args, done) in enumerate(planned, 1):
         label = f"[{number}/{len(planned)}] {point_name(settings)}"
-        if (folder / "summary.json").exists():
-            print(f"{label}: done before, skipped", flush=True)
+        if done:
+            print(f"{label}: done before with the same config, skipped", flush=True)
             continue
-        print(f"{label}: running", flush=True)
+        if (folder / "summary.json").exists():  # finished with another config: --force asked to redo it
+            print(f"{label}: done before with another config, running again (--force)", flush=True)
+            shutil.rmtree(folder)
+        else:
+            print(f"{label}: running", flush=True)
         summary = run_point(args.mode, point_args, folder)
         print(f"{label}: PSNR median {_number(summary.get('psnr_median'))} dB, "
               f"{summary['seconds']:.1f} s", flush=True)
@@ -170,7 +219,8 @@ def _merged_record(out: Path, mode: str, grid: dict, planned: list[dict]) -> dic
 
 
 def run_point(mode: str, point_args, folder: Path) -> dict:
-    """Runs one point and writes its summary.json (last, so a point that stops is run again)."""
+    """Runs one point and writes its config (point.json), then its summary.json (last, so a point that
+    stops is run again)."""
     started = time.perf_counter()
     if mode == "attack":
         summary = attack.run(point_args)
@@ -182,6 +232,7 @@ def run_point(mode: str, point_args, folder: Path) -> dict:
                    "accuracy": global_rows[-1].get("accuracy") if global_rows else None}
     summary["parameters"] = count_parameters(_global_model(point_args)[1])
     summary["seconds"] = time.perf_counter() - started
+    write_json(folder / POINT_CONFIG, point_config(mode, point_args))
     write_json(folder / "summary.json", summary)
     return summary
 

@@ -3,13 +3,10 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
-
 from flwr.serverapp.strategy import FedAvg
 
 from attacker import TrainingSettings, get_attack
+from fl_sim.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
 from fl_sim.models import build_model
 from fl_sim.strategy import InvertingStrategy, ServerAttack
 

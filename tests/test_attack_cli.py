@@ -1,9 +1,13 @@
 """The `fl-sim attack` contract: flags, files and keys other tools rely on; same seed, same result."""
 import json
 
+import numpy as np
 import pytest
+import torch
 
-from fl_sim.cli import main
+from attacker import Reconstruction
+from fl_sim import attack as attack_module
+from fl_sim.cli import build_parser, main
 
 SUMMARY_KEYS = {"psnr_median", "psnr_mean", "psnr_min", "ssim_mean", "label_acc", "victims", "iterations",
                 "attack_seconds", "seconds"}
@@ -25,7 +29,14 @@ def test_attack_writes_the_contract_and_is_reproducible(tiny_image_folder, tmp_p
     for victim in range(3):
         for name in ("truth.png", "reconstruction.png"):
             assert (tmp_path / "a" / f"victim-{victim:03d}" / name).stat().st_size > 0
-    assert summary["psnr_min"] <= summary["psnr_median"] <= max(row["psnr"] for row in rows)
+    psnrs = [row["psnr"] for row in rows]  # every victim succeeded here
+    assert summary["failed"] == 0 and all(row["status"] == "ok" for row in rows)
+    assert summary["psnr_median"] == pytest.approx(float(np.median(psnrs)))
+    assert summary["psnr_min"] == pytest.approx(min(psnrs)) and summary["psnr_max"] == pytest.approx(max(psnrs))
+    pooled = sum(row["recovered_at_30db"] * len(row["psnr_images"]) for row in rows) / 3
+    assert summary["recovered_at_30db"] == pytest.approx(pooled)
+    assert all(len(row["psnr_images"]) == 1 and row["recovered_at_30db"] == float(row["psnr_images"][0] >= 30)
+               for row in rows)
 
     assert _attack(tiny_image_folder, tmp_path / "b") == 0
     again = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -72,3 +83,46 @@ def test_bad_input_gets_one_clear_sentence(tiny_image_folder, tmp_path, capsys, 
 def test_missing_data_says_what_to_do(tmp_path, capsys):
     code = main(["attack", "--dataset", "mnist", "--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert code == 2 and "--data-root" in capsys.readouterr().err
+
+
+def test_a_non_empty_out_is_refused_and_force_clears_it(tiny_image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _attack(tiny_image_folder, out, "--num-victims", "5") == 0
+    assert (out / "victim-004").is_dir()
+    summary = (out / "summary.json").read_bytes()
+
+    assert _attack(tiny_image_folder, out) == 2  # 3 victims into the folder of 5
+    assert "is not empty" in capsys.readouterr().err and (out / "summary.json").read_bytes() == summary
+
+    assert _attack(tiny_image_folder, out, "--force") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "summary.json", "victim-000", "victim-001",
+                                                     "victim-002"]  # victim-003 and -004 of the larger run: gone
+    assert json.loads((out / "summary.json").read_text())["victims"] == 3
+
+
+def test_force_deletes_only_what_fl_sim_attack_wrote(tiny_image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("not fl-sim's")
+    assert _attack(tiny_image_folder, out, "--force") == 2
+    assert "thesis.tex, which fl-sim attack did not write" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "not fl-sim's"
+
+
+def test_when_every_victim_fails_the_exit_status_is_3(tiny_image_folder, tmp_path, capsys, monkeypatch):
+    def failing_engine(model, global_weights, updates, *args, **kwargs):
+        return [Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), "diverged")
+                for _ in updates]
+
+    monkeypatch.setattr(attack_module, "invert", failing_engine)
+    assert _attack(tiny_image_folder, tmp_path / "out") == 3
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "failed for every victim" in last_line and "exit status 3" in last_line
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == summary["victims"] == 3
+    assert summary["psnr_median"] == 0.0 and summary["recovered_at_30db"] == 0.0 and summary["label_share"] == 0.0
+
+
+def test_the_exit_status_is_documented_in_help():
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "3 when the attack failed for every victim" in commands.choices["attack"].format_help()

@@ -13,18 +13,15 @@ import flwr
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
-from flwr.supercore.cli.flower_superexec import _parse_args as superexec_flags
-from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_flags
-from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_flags
 from flower_helpers import live_commands
 
 from fl_sim import cli, deploy, topology
 from fl_sim.config import ConfigError
+from fl_sim.flower_private import daemon_flag_parsers
 from fl_sim.outputs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS_OF = {"flower-superlink": superlink_flags, "flower-supernode": supernode_flags,
-            "flower-superexec": superexec_flags}
+FLAGS_OF = daemon_flag_parsers()
 
 
 def compose_file(variant: str) -> dict:

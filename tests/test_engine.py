@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacker import AttackConfig, TrainingSettings, get_attack, invert
+from attacker import AttackConfig, TrainingSettings, engine, get_attack, invert
 from clients.training import local_train
 from fl_sim.updates import weight_change, weights
 from fl_sim.data import load_dataset
@@ -55,15 +55,30 @@ def test_diverged_restarts_are_redrawn_and_never_reported():
     assert result.restart_losses == [float("inf")]
 
 
-def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist):
+def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist, monkeypatch):
+    """The images handed back are those of the restart with the lowest loss, not just its loss."""
     images, labels = mnist.tensors(range(1))
     settings = TrainingSettings(lr=0.1)
     model, before, updates = _victims("lenet", images, labels, settings, init="paper")
     attack = get_attack("ig", restarts=3)
+    finished = {}  # (victim, restart) -> (optimised variables, loss, redraws), as each chunk ends
+    optimise = engine._optimise
+
+    def spy(*args):
+        chunk = optimise(*args)
+        finished.update(chunk)
+        return chunk
+
+    monkeypatch.setattr(engine, "_optimise", spy)
     [result] = invert(model, before, updates, settings, attack, image_shape=(1, 28, 28), num_classes=10,
                       iterations=10, device="cpu")
-    assert len(result.restart_losses) == 3 and len(set(result.restart_losses)) == 3
-    assert result.loss == min(result.restart_losses)
+    losses = {restart: loss for (_, restart), (_, loss, _) in finished.items()}
+    candidates = {restart: z.view(1, 1, 28, 28).clamp(0, 1) for (_, restart), (z, _, _) in finished.items()}
+    best = min(losses, key=losses.get)
+    assert len(losses) == 3 and len(set(losses.values())) == 3
+    assert torch.equal(result.images, candidates[best])
+    assert not any(torch.equal(result.images, candidates[r]) for r in candidates if r != best)
+    assert result.loss == losses[best] and result.restart_losses == [losses[r] for r in range(3)]
 
 
 @pytest.mark.parametrize("attack_name,iterations", [("ig", 25), ("idlg", 2), ("dlg", 2)])

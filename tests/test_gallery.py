@@ -10,7 +10,7 @@ from PIL import Image
 
 from fl_sim.data import load_dataset
 from fl_sim.gallery import client_folder, write_gallery
-from fl_sim.outputs import append_jsonl, inside, save_images, write_json
+from fl_sim.outputs import append_jsonl, inside, read_jsonl, rewrite_jsonl, save_images, write_json
 
 HOSTILE_STATUS = "error: <script>document.title='hacked'</script> & <b>bold</b>"
 
@@ -32,7 +32,8 @@ def browser_report(page, profile) -> dict:
     """What headless Chromium saw after loading `page` in a frame."""
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test installs it)", pytrace=False)
+        pytest.fail("chromium is not installed, and the gallery is checked in it: `sudo apt-get install chromium` "
+                    "(make test installs it by itself in CI or as root)", pytrace=False)
     checker = page.parent / "checker.html"
     checker.write_text(CHECKER.format(src=page.as_uri()))
     done = subprocess.run(
@@ -119,3 +120,20 @@ def test_rows_from_a_tampered_metrics_file_name_no_path_outside_the_run(run_fold
             client_folder(1, client)
     with pytest.raises(ValueError, match="outside the output folder"):
         inside(run_folder, "round-001/../../elsewhere")
+
+
+def test_recovered_pairs_are_marked_and_failed_attacks_count_in_the_median(run_folder, tmp_path):
+    rows = read_jsonl(run_folder / "metrics.jsonl")
+    for row in rows:
+        if row["status"] == "ok":
+            row.update(psnr_images=[35.0, 12.0], recovered_at_30db=0.5, recovered_at_40db=0.0, label_share=0.5)
+    rewrite_jsonl(run_folder / "metrics.jsonl", rows)
+    html = write_gallery(run_folder).read_text()
+    assert html.count("<span class='recovered'></span>") == 3  # one green frame per batch: 3 reconstructions
+    assert html.count("<span class=''></span>") == 3
+    text = browser_report(run_folder / "gallery.html", tmp_path / "profile")["text"]
+    assert text.count("\u2713 35") == 3 and text.count("\u2717 12") == 3
+    # round 2: 31.5 dB and a failed attack (0 dB): median 15.8, and the failure counted
+    assert "2 attacked, 1 failed; PSNR median 15.8 dB" in text
+    assert "2 attacked, 0 failed; PSNR median 31.5 dB" in text
+    assert "images recovered: 50% at 30 dB" in text  # round 1: 2 of 4 images

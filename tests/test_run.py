@@ -10,7 +10,6 @@ from pathlib import Path
 
 import flwr
 import pytest
-from flwr.cli.config_utils import load_and_validate
 from flower_helpers import live_commands
 
 from fl_sim import cli
@@ -18,6 +17,7 @@ from fl_sim.config import ConfigError
 from fl_sim.data import load_dataset
 from fl_sim import run as run_module
 from fl_sim.run_config import DefenseKind, Fault, RunConfig, StrategyName
+from fl_sim.flower_private import load_and_validate
 from fl_sim.outputs import read_jsonl
 from fl_sim.partition import partition_indices, round_examples
 from fl_sim.server_app import wait_for_clients

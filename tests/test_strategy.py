@@ -140,14 +140,33 @@ def test_fedprox_clients_train_with_the_proximal_term_the_strategy_sends(client_
     assert strategy._sent.settings.proximal_mu == 0.5
 
 
+def assert_fedavg_of(arrays, replies):
+    """`arrays` is the plain mean of the replies' weights (every client trains on as many examples)."""
+    sent_back = [reply.content["arrays"].to_torch_state_dict() for reply in replies]
+    average = arrays.to_torch_state_dict()
+    assert set(average) == set(sent_back[0])
+    for name in average:
+        torch.testing.assert_close(average[name], sum(weights[name] for weights in sent_back) / len(sent_back))
+
+
+def test_with_the_attack_off_it_is_plain_fedavg(client_app):
+    sink = Recorder()
+    strategy = strategy_with(sink, attack=None)
+    replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert sink == []
+    assert_fedavg_of(arrays, replies)
+
+
 def test_a_failed_attack_is_reported_per_client_and_training_goes_on(client_app):
     sink = Recorder()
     strategy = strategy_with(sink, image_shape=(1, 9, 9))  # not what the model takes: the engine raises
-    arrays, _ = strategy.aggregate_train(1, replies_of(strategy, client_app, lenet().state_dict(), 1))
+    replies = replies_of(strategy, client_app, lenet().state_dict(), 1)
+    arrays, _ = strategy.aggregate_train(1, replies)
     [(_, victims, results)] = sink
     assert victims == [Victim((0,)), Victim((1,))]
     assert all(result.status.startswith("error: ") and not result.ok for result in results)
-    assert arrays is not None
+    assert_fedavg_of(arrays, replies)  # the round's average is untouched by the failed attack
 
 
 def test_clients_that_failed_are_neither_attacked_nor_averaged(client_app):

@@ -32,7 +32,7 @@ def test_tiny_sweep_writes_results_and_plot_and_resumes(shared_data, tmp_path, c
     capsys.readouterr()
 
     assert _sweep(shared_data, out, "batch-size=1,2") == 0  # everything done: nothing runs again
-    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert capsys.readouterr().out.count("done before with the same config, skipped") == 2
     assert {name: path.stat().st_mtime_ns for name, path in summaries.items()} == stamps
     index = (out / "index.html").read_text()
     assert "batch-size.png" in index and "points/batch-size=2/" in index
@@ -60,3 +60,39 @@ def test_bad_grids_fail_before_any_work(shared_data, tmp_path, capsys, grid, mes
 
 def test_point_folders_are_safe_names():
     assert point_name({"init": "out/ckpt/a b.pt", "no_replay": True}) == "init=out_ckpt_a_b.pt,no-replay=true"
+
+
+def _tiny_sweep(folder, out, *extra):
+    return main(["sweep", "--grid", "batch-size=1", "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--model", "lenet", "--init", "paper", "--attack", "idlg", "--iterations", "1", "--restarts", "1",
+                 "--num-victims", "1", "--device", "cpu", "--seed", "0", "--out", str(out), *extra])
+
+
+def test_a_finished_point_is_reused_only_with_the_same_flags(tiny_image_folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    point = out / "points" / "batch-size=1"
+    assert _tiny_sweep(tiny_image_folder, out, "--lr", "0.1") == 0
+    assert json.loads((point / "point.json").read_text())["flags"]["lr"] == 0.1
+    summary = (point / "summary.json").read_bytes()
+    capsys.readouterr()
+
+    assert _tiny_sweep(tiny_image_folder, out, "--lr", "0.05") == 2  # a flag the grid does not sweep changed
+    error = capsys.readouterr().err
+    assert "point 'batch-size=1' was run with --lr 0.1 (this sweep: 0.05)" in error and "--force" in error
+    assert (point / "summary.json").read_bytes() == summary
+
+    assert _tiny_sweep(tiny_image_folder, out, "--lr", "0.05", "--force") == 0
+    assert "running again (--force)" in capsys.readouterr().out
+    assert json.loads((point / "point.json").read_text())["flags"]["lr"] == 0.05
+    assert json.loads((point / "summary.json").read_text())["lr"] == 0.05
+
+    assert _tiny_sweep(tiny_image_folder, out, "--lr", "0.05", "--data-root", str(tiny_image_folder)) == 0
+    assert "done before with the same config, skipped" in capsys.readouterr().out
+
+
+def test_a_point_without_a_recorded_config_is_not_trusted(tiny_image_folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert _tiny_sweep(tiny_image_folder, out) == 0
+    (out / "points" / "batch-size=1" / "point.json").unlink()  # as a sweep of an older fl-sim left it
+    assert _tiny_sweep(tiny_image_folder, out) == 2
+    assert "without a record of its config" in capsys.readouterr().err

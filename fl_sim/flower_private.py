@@ -1,0 +1,28 @@
+"""Every use of flwr's private or internal modules, in one place.
+
+fl-sim pins flwr exactly (pyproject.toml: flwr[simulation]==1.41.0) because these names are not
+flwr's public API (`flwr.app`, `flwr.clientapp`, `flwr.serverapp`, `flwr.simulation`, `flwr.common`'s
+exports) and may move or change in any release. When upgrading flwr, this file is what to check:
+the tests that use it fail at import if a name moved.
+
+The daemons' flag parsers cost half a second to import, so they are loaded only when asked for.
+"""
+from flwr.cli.config_utils import load_and_validate  # flwr's own check of [tool.flwr.app] in pyproject.toml
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # what a real SuperLink stamps on messages
+from flwr.serverapp.strategy.strategy_utils import (  # FedAvg's own averaging and reply checks
+    aggregate_arrayrecords,
+    validate_message_reply_consistency,
+)
+from flwr.supercore.task_identity import TaskIdentity  # who creates a Message: set by the runtime's process
+
+__all__ = ["ErrorCode", "SUPERLINK_NODE_ID", "TaskIdentity", "aggregate_arrayrecords", "daemon_flag_parsers",
+           "load_and_validate", "validate_message_reply_consistency"]
+
+
+def daemon_flag_parsers() -> dict:
+    """{executable: its argparse parser builder}, to check the flags fl-sim deploy passes each daemon."""
+    from flwr.supercore.cli.flower_superexec import _parse_args as superexec
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode
+
+    return {"flower-superlink": superlink, "flower-supernode": supernode, "flower-superexec": superexec}

@@ -1,0 +1,112 @@
+"""Figures over victims, from metrics rows: what summary.json, sweeps and the gallery report.
+
+Plain Python and numpy (no torch), so the gallery and `fl-sim report` can use it cheaply. Conventions,
+the same everywhere (docs/attacks.md, "Scores"):
+
+- A failed attack (status other than "ok": diverged, attack-error, ...) is a victim with no
+  reconstruction: PSNR 0 dB and SSIM 0 in medians and means, none of its images recovered, none of
+  its labels right. `failed` says how many there were.
+- An image is recovered at T dB when its PSNR to its matched truth is at least T; shares of recovered
+  images and of right labels are pooled: recovered images / all images of all victims.
+- Rows of clients the server never attacked (a rejected, crashed or missing reply) are not victims.
+"""
+import math
+from numbers import Real
+
+import numpy as np
+
+from .records import REPLY_FAULTS
+
+FAILED_PSNR = 0.0  # dB: the field's "no reconstruction"
+FAILED_SSIM = 0.0
+RECOVERED_DB = (30, 40)  # thresholds of the recovered_at_<T>db figures
+NOT_ATTACKED = REPLY_FAULTS  # client-rounds left out before the attack: not victims
+
+
+def recovered_key(db: int) -> str:
+    return f"recovered_at_{db}db"
+
+
+def attacked(row: dict) -> bool:
+    """A row of an attacked update, successful or not (not a client-round left out before the attack)."""
+    return row.get("status") not in NOT_ATTACKED
+
+
+def succeeded(row: dict) -> bool:
+    return row.get("status") == "ok" and _number(row.get("psnr")) is not None
+
+
+def psnr_of(row: dict) -> float:
+    """The row's PSNR, FAILED_PSNR for a failed attack."""
+    return float(row["psnr"]) if succeeded(row) else FAILED_PSNR
+
+
+def image_psnrs(row: dict) -> list[float] | None:
+    """Per-image PSNRs of a successful row (matched order), None when the row has none."""
+    values = row.get("psnr_images")
+    if not succeeded(row) or not isinstance(values, list) or not all(_number(v) is not None for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def image_count(row: dict) -> int:
+    """How many images the victim held: its true labels (every attacked row has them), else its PSNRs."""
+    for key in ("true_labels", "psnr_images"):
+        if isinstance(row.get(key), list) and row[key]:
+            return len(row[key])
+    return 1
+
+
+def recovered_count(row: dict, db: float) -> int:
+    """The victim's images at `db` dB or more; 0 for a failed attack."""
+    psnrs = image_psnrs(row)
+    if psnrs is not None:
+        return sum(value >= db for value in psnrs)
+    share = _number(row.get(recovered_key(db))) if succeeded(row) else None
+    return round(share * image_count(row)) if share is not None else 0
+
+
+def labels_right(row: dict) -> float:
+    """The victim's labels right, as a count of images; 0 for a failed attack. Rows written before
+    label_share existed have only the all-or-nothing label_acc."""
+    if not succeeded(row):
+        return 0.0
+    share = _number(row.get("label_share"))
+    if share is None:
+        share = _number(row.get("label_acc")) or 0.0
+    return share * image_count(row)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Medians, extremes and pooled shares over the attacked victims, failures counted as above."""
+    rows = [row for row in rows if attacked(row)]
+    psnrs = [psnr_of(row) for row in rows]
+    ssims = [float(row["ssim"]) if succeeded(row) and _number(row.get("ssim")) is not None else FAILED_SSIM
+             for row in rows]
+    images = sum(image_count(row) for row in rows)
+    exact = [float(succeeded(row) and bool(_number(row.get("label_exact", row.get("label_acc"))))) for row in rows]
+
+    def stat(fn, values):
+        return float(fn(values)) if values else None
+
+    summary = {
+        "psnr_median": stat(np.median, psnrs),
+        "psnr_mean": stat(np.mean, psnrs),
+        "psnr_min": stat(np.min, psnrs),
+        "psnr_max": stat(np.max, psnrs),
+        "ssim_mean": stat(np.mean, ssims),
+        "label_share": sum(labels_right(row) for row in rows) / images if rows else None,
+        "label_exact": stat(np.mean, exact),
+        "label_acc": stat(np.mean, exact),  # the old name of label_exact, kept for existing readers
+    }
+    for db in RECOVERED_DB:
+        summary[recovered_key(db)] = sum(recovered_count(row, db) for row in rows) / images if rows else None
+    summary.update(victims=len(rows), failed=sum(not succeeded(row) for row in rows), images=images)
+    return summary
+
+
+def _number(value) -> float | None:
+    """A finite JSON number (not a boolean), else None."""
+    if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
