@@ -1,8 +1,10 @@
 """The Flower ClientApp: an honest client per partition of the training set.
 
-Each round a client takes the global weights and the training settings the server sent, draws its
-K x B round examples from its partition (fl_sim/partition.py), trains with clients/training.py and
-replies as any Flower client does: its new weights and its example count (plus its training loss).
+Each round a client takes the global weights and the training settings the server sent, takes its
+shard (fl_sim/partition.py): the whole shard in epochs mode, else the K x B examples drawn for the round,
+trains with clients/training.py and replies as any Flower client does: its new weights and its example
+count (plus its training loss). In epochs mode it shuffles with a seed of its own (`order_seed`), which
+the server never learns.
 The run's `--defense` and `--inject-faults` are Flower mods around it (clients/mods.py), not part of it.
 
 One addition a real deployment would not need: the client says its `partition-id`, once when the server
@@ -22,12 +24,13 @@ from flwr.clientapp import ClientApp
 from fl_sim.accuracy import evaluate_model
 from fl_sim.data import cached_dataset, image_spec
 from fl_sim.models import build_model
-from fl_sim.partition import partition_indices, round_examples
+from fl_sim.partition import client_shards, partition_indices, training_examples
 from fl_sim.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, TRAIN_LOSS, \
     TrainingSettings
 from fl_sim.run_config import RunConfig
 
 from .context import node_partition, run_config_of
+from .defenses import defense_seed
 from .mods import mods_for
 from .training import local_train
 
@@ -43,12 +46,14 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         settings = TrainingSettings.from_config(msg.content[CONFIG])
         server_round = int(msg.content[CONFIG][SERVER_ROUND])
         dataset = cached_dataset(config.dataset, config.data_root, True)
-        partition = partition_indices(dataset.labels, num_partitions, config.partition, config.alpha, config.seed)
-        examples = round_examples(partition[partition_id], settings.num_images, config.seed, partition_id, server_round)
+        shards = client_shards(dataset.labels, num_partitions, config.partition, config.alpha, config.seed,
+                               config.min_shard, config.max_shard)
+        examples = training_examples(shards[partition_id], settings, config.seed, partition_id, server_round)
         images, labels = dataset.tensors(examples)
         model = received_model(msg.content[ARRAYS].to_torch_state_dict(), config, dataset)
         device = next(model.parameters()).device
-        loss = local_train(model, images.to(device), labels.to(device), settings)
+        loss = local_train(model, images.to(device), labels.to(device), settings,
+                           order_seed=order_seed(config.seed, partition_id, server_round))
         arrays = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         metrics = {TRAIN_LOSS: loss, NUM_EXAMPLES: len(examples), PARTITION_ID: partition_id}
         return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -70,6 +75,15 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+def order_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """The client's private shuffle of its shard in a round (in a simulation derived from the run's seed so
+    runs repeat; the server's attack never uses it)."""
+    return defense_seed(seed, partition_id, server_round, ORDER_STREAM)
+
+
+ORDER_STREAM = 2  # keeps the shuffle's draws apart from the defense's
 
 
 def received_model(global_weights: dict, config: RunConfig, dataset) -> torch.nn.Module:

@@ -1,21 +1,32 @@
-"""A client's local training: plain SGD over its round examples, as the server configured it.
+"""A client's local training: plain SGD over its examples, as the server configured it.
 
-The K x B round examples are split into K batches of B, visited in order, `epochs` times; with FedProx
-the loss also holds mu/2 ||w - w_global||^2. This is the training the attacker replays
-(attacker/replay.py), so the two must agree (tests/test_replay.py checks they do, to float tolerance).
+In `steps` (and `fedsgd`) mode the K x B round examples are split into K batches of B, visited in order,
+`epochs` times. In `epochs` mode the examples are the client's whole shard, reshuffled every epoch by a
+generator only the client holds (`order_seed`), in batches of B with a smaller last one, as a PyTorch
+DataLoader with shuffle=True does. With FedProx the loss also holds mu/2 ||w - w_global||^2. This is the
+training the attacker replays (attacker/replay.py), with an order it must assume in epochs mode; the two
+agree to float tolerance when the order is the same (tests/test_replay.py).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_sim.protocol import BatchNormMode, TrainingSettings
+from fl_sim.protocol import BatchNormMode, TrainingSettings, TrainMode
 
 
-def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: TrainingSettings) -> float:
-    """Trains `model` in place on images (K*B, C, H, W) and labels (K*B,); returns the mean loss."""
+def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: TrainingSettings,
+                order_seed: int | None = None) -> float:
+    """Trains `model` in place on images (n, C, H, W) and labels (n,); returns the mean loss.
+
+    `order_seed` (epochs mode) seeds the client's private shuffle; None keeps the given order every epoch.
+    """
+    settings = settings.for_shard(len(images))
     if len(images) != settings.num_images:
         raise ValueError(f"local training needs {settings.num_images} examples (K x B), got {len(images)}")
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    shuffle = torch.Generator().manual_seed(order_seed) if settings.mode == TrainMode.EPOCHS and \
+        order_seed is not None else None
     start = [parameter.detach().clone() for parameter in model.parameters()]
     model.train()
     if settings.batchnorm == BatchNormMode.FROZEN:
@@ -24,10 +35,10 @@ def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, se
                 module.eval()
     losses = []
     for _ in range(settings.epochs):
-        for step in range(settings.local_steps):
-            batch = slice(step * settings.batch_size, (step + 1) * settings.batch_size)
+        order = torch.randperm(len(images), generator=shuffle) if shuffle else torch.arange(len(images))
+        for batch in settings.batch_slices():
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
+            loss = F.cross_entropy(model(images[order[batch]]), labels[order[batch]])
             losses.append(loss.item())
             if settings.proximal_mu:
                 loss = loss + settings.proximal_mu / 2 * sum(

@@ -39,6 +39,8 @@ OWN_FILES = re.compile(r"(summary\.json|metrics\.jsonl|point\.json|victim-\d{3,}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_task_arguments(parser)
     parser.add_argument("--num-victims", type=int, default=8, help="victims (clients) to attack")
+    parser.add_argument("--shard-size", type=int, default=32,
+                        help="--train-mode epochs: the examples each victim holds and trains on (default 32)")
     parser.add_argument("--victims-at-once", type=int, default=None,
                         help="cap on victims optimised together (default all; 1 = one at a time, as other tools do)")
     parser.add_argument("--force", action="store_true",
@@ -48,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args) -> None:
     config.check_task_arguments(args)
+    if args.shard_size < 1:
+        raise config.ConfigError(f"--shard-size must be at least 1, got {args.shard_size}")
+    if args.train_mode == "epochs" and config.defense(args).secure_aggregation:
+        raise config.ConfigError("--defense secagg is attacked in fedsgd or steps mode: the mean of epochs-mode "
+                                 "updates has no single training to replay")
     if args.attack == "none":
         raise config.ConfigError("fl-sim attack needs an attack: choose one of dlg, idlg, ig")
     if args.num_victims < 1:
@@ -112,7 +119,7 @@ def run(args) -> dict:
         images, labels = dataset.tensors(examples)
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default")
         client.load_state_dict(global_weights)
-        local_train(client, images, labels, settings)
+        local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1))
         sent = sent_weights(defense, global_weights, weights(client), parameters, defense_seed(args.seed, victim))
         updates.append(weight_change(global_weights, sent))
         truth.append((images, labels))
@@ -144,7 +151,7 @@ def run(args) -> dict:
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - started,
         "attack": attack.name, "model": args.model, "init": args.init, "dataset": args.dataset,
-        "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
+        "train_mode": str(settings.mode), "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
         "lr": settings.lr, "momentum": settings.momentum, "batchnorm": str(settings.batchnorm), "defense": args.defense,
         "replay": not args.no_replay,
         "restarts": attack.restarts, "seed": args.seed, "device": str(device),

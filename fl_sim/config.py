@@ -8,7 +8,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from .protocol import BatchNormMode, TrainingSettings
+from .protocol import BatchNormMode, TrainingSettings, TrainMode
 from .run_config import ATTACKS, DATASETS, DEFENSE_KINDS, DEVICES, MODELS, NO_ATTACK, ConfigError, DefenseSpec, \
     RunConfig
 
@@ -16,8 +16,10 @@ __all__ = ["ConfigError", "add_task_arguments", "attack_config", "check_run", "c
            "check_writable", "defense", "training_settings"]
 
 
-def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
-    """The data, model, training and attack flags every command shares."""
+def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True,
+                       train_mode: TrainMode = TrainMode.STEPS, batch_size: int = 1) -> None:
+    """The data, model, training and attack flags every command shares (with the command's own defaults
+    for the training mode and batch size)."""
     data = parser.add_argument_group("data and model")
     data.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default mnist)")
     data.add_argument("--data-root", default=None,
@@ -26,11 +28,16 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
     data.add_argument("--init", default="default",
                       help="'default' (PyTorch's, seeded), 'paper' (U(-0.5, 0.5), as DLG) or a checkpoint path")
     train = parser.add_argument_group("client training (what the server configures)")
-    train.add_argument("--local-steps", type=int, default=1, help="K SGD steps per round (1 = FedSGD)")
-    train.add_argument("--batch-size", type=int, default=1, help="B examples per step")
-    train.add_argument("--epochs", type=int, default=1, help="passes over the K x B round examples")
+    train.add_argument("--train-mode", default=train_mode, choices=list(TrainMode),
+                       help=f"fedsgd: one step on B examples; steps: K steps of B examples drawn each round; epochs: "
+                            f"E epochs over the client's whole shard in shuffled batches of B (default {train_mode})")
+    train.add_argument("--local-steps", type=int, default=1, help="K SGD steps per round (steps mode)")
+    train.add_argument("--batch-size", type=int, default=batch_size, help=f"B examples per step (default {batch_size})")
+    train.add_argument("--epochs", type=int, default=1,
+                       help="E passes over the shard (epochs mode) or over the K x B round examples (steps mode)")
     train.add_argument("--lr", type=float, default=0.1, help="client learning rate")
     train.add_argument("--momentum", type=float, default=0.0, help="client SGD momentum")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="client SGD weight decay")
     train.add_argument("--batchnorm", default=BatchNormMode.TRAIN, choices=list(BatchNormMode),
                        help="batch-norm layers in local training: batch statistics (train, default) or the "
                             "model's running ones, not updated (frozen)")
@@ -52,7 +59,10 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
 def training_settings(args) -> TrainingSettings:
     try:
         return TrainingSettings(lr=args.lr, local_steps=args.local_steps, batch_size=args.batch_size,
-                                epochs=args.epochs, momentum=args.momentum, batchnorm=args.batchnorm)
+                                epochs=args.epochs, momentum=args.momentum, batchnorm=args.batchnorm,
+                                mode=args.train_mode, weight_decay=args.weight_decay,
+                                shard_size=getattr(args, "shard_size", None) if args.train_mode == TrainMode.EPOCHS
+                                else None)
     except ValueError as error:  # its messages start with the setting's name: the flag's, without "--"
         raise ConfigError(f"--{error}") from None
 
@@ -61,7 +71,8 @@ def check_task_arguments(args) -> None:
     """Everything the task flags of `fl-sim attack` allow checking without loading data, in one pass."""
     values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
                                                      "device", "seed", "defense", "local_steps", "batch_size",
-                                                     "epochs", "lr", "momentum", "batchnorm")}
+                                                     "epochs", "lr", "momentum", "batchnorm", "weight_decay")}
+    values["train_mode"] = args.train_mode
     check_run(RunConfig.from_values(values, RunConfig(out=args.out, init=args.init)))
 
 

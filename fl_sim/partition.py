@@ -8,7 +8,7 @@ never the attack.
 import numpy as np
 
 from .run_config import PARTITIONS
-_IID_STREAM, _DIRICHLET_STREAM = 1, 2  # keep the two schemes' random streams apart
+_IID_STREAM, _DIRICHLET_STREAM, _SHARD_STREAM = 1, 2, 3  # keep the random streams apart
 MAX_DIRICHLET_DRAWS = 100
 
 
@@ -67,3 +67,26 @@ def round_examples(partition: np.ndarray, count: int, seed: int, partition_id: i
         raise ValueError("seed, partition id and round must be non-negative")
     rng = np.random.default_rng([seed, partition_id, server_round])
     return np.asarray(partition)[rng.choice(len(partition), size=count, replace=False)]
+
+
+def client_shards(labels, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
+                  min_shard: int = 1, max_shard: int = 0) -> list[np.ndarray]:
+    """Each client's shard: its partition, cut to a size drawn uniformly from [min_shard, max_shard] when
+    `max_shard` is set (quantity skew: clients hold different amounts of data), else the whole partition.
+
+    Clients and the evaluation path both call this, with the run's settings, and get the same shards.
+    """
+    parts = partition_indices(labels, num_clients, scheme, alpha, seed, min_size=max(1, min_shard))
+    if not max_shard:
+        return parts
+    rng = np.random.default_rng([seed, _SHARD_STREAM])
+    sizes = rng.integers(min_shard, max_shard + 1, size=num_clients)
+    return [np.sort(rng.permutation(part)[:size]) for part, size in zip(parts, sizes)]
+
+
+def training_examples(shard: np.ndarray, settings, seed: int, client: int, server_round: int) -> np.ndarray:
+    """What a client trains on in a round: its whole shard in epochs mode (it shuffles them itself, see
+    clients/training.py), else the K x B examples drawn for the round (`round_examples`)."""
+    if settings.mode == "epochs":
+        return np.asarray(shard)
+    return round_examples(shard, settings.num_images, seed, client, server_round)

@@ -4,6 +4,7 @@ Both sides import this module, and so does the attacker (which must know the tra
 It imports nothing but the standard library, so nobody pulls in Flower, torch or the other side by
 importing it. The run config that both sides read lives beside it, in fl_sim/run_config.py.
 """
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -28,15 +29,26 @@ class BatchNormMode(StrEnum):
     FROZEN = "frozen"  # use the model's running statistics and leave them as they are (eval mode for those layers)
 
 
+class TrainMode(StrEnum):
+    """What a client trains on in a round."""
+
+    FEDSGD = "fedsgd"  # one step on B examples drawn for the round
+    STEPS = "steps"  # K steps of B examples drawn for the round, the K x B in a fixed order, `epochs` times over
+    EPOCHS = "epochs"  # `epochs` passes over the client's whole shard, shuffled each epoch (Flower's template)
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """The local training the server configured, which it therefore knows.
 
-    A client runs `epochs` passes over its K x B round examples, `local_steps` (K) SGD steps per pass,
-    each on its own batch of `batch_size` (B) examples in a fixed order, with learning rate `lr`,
-    optional heavy-ball `momentum` (torch.optim.SGD semantics) and FedProx's proximal term
-    `proximal_mu / 2 * ||w - w_global||^2`. K = 1, epochs = 1 is FedSGD. `batchnorm`: see BatchNormMode;
-    "frozen" is how the Inverting Gradients paper computes its target gradients.
+    In `steps` mode a client runs `epochs` passes over its K x B round examples, `local_steps` (K) SGD
+    steps per pass, each on its own batch of `batch_size` (B) examples in a fixed order; `fedsgd` is K = 1,
+    one pass. In `epochs` mode it makes `epochs` passes over its whole shard (`shard_size` n examples,
+    which the server learns from the reply's num-examples) in batches of B, reshuffled each epoch with a
+    seed only the client knows; the last batch of an epoch is smaller when B does not divide n (it is not
+    dropped, as with PyTorch's DataLoader). SGD has learning rate `lr`, optional heavy-ball `momentum` and
+    `weight_decay` (torch.optim.SGD semantics), and FedProx's proximal term `proximal_mu / 2 * ||w - w_global||^2`.
+    `batchnorm`: see BatchNormMode; "frozen" is how the Inverting Gradients paper computes its target gradients.
     """
 
     lr: float
@@ -46,6 +58,9 @@ class TrainingSettings:
     momentum: float = 0.0
     batchnorm: BatchNormMode = BatchNormMode.TRAIN
     proximal_mu: float = 0.0
+    mode: TrainMode = TrainMode.STEPS
+    weight_decay: float = 0.0
+    shard_size: int | None = None  # epochs mode: n, known to the server from a client's reply
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -58,29 +73,54 @@ class TrainingSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {value}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal-mu must be non-negative, got {self.proximal_mu}")
-        try:
-            object.__setattr__(self, "batchnorm", BatchNormMode(self.batchnorm))
-        except ValueError:
-            raise ValueError(f"batchnorm must be one of {', '.join(BatchNormMode)}, got {self.batchnorm!r}") from None
+        for name in ("proximal_mu", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
+        for name, kind in (("batchnorm", BatchNormMode), ("mode", TrainMode)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"{name} must be one of {', '.join(kind)}, got {getattr(self, name)!r}") from None
+        if self.mode == TrainMode.FEDSGD and (self.local_steps, self.epochs) != (1, 1):
+            raise ValueError(f"local-steps and epochs are 1 in fedsgd (one step), got {self.local_steps} and "
+                             f"{self.epochs}: use --train-mode steps or epochs for more")
+        if self.shard_size is not None and (type(self.shard_size) is not int or self.shard_size < 1):
+            raise ValueError(f"shard size must be a positive integer, got {self.shard_size!r}")
 
     @property
     def num_images(self) -> int:
         """How many distinct images stand behind one update."""
+        if self.mode == TrainMode.EPOCHS:
+            if self.shard_size is None:
+                raise ValueError("in epochs mode the images behind an update are the client's shard: "
+                                 "its size comes with the reply (TrainingSettings.for_shard)")
+            return self.shard_size
         return self.local_steps * self.batch_size
 
     @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_images / self.batch_size) if self.mode == TrainMode.EPOCHS else self.local_steps
+
+    @property
     def total_steps(self) -> int:
-        return self.local_steps * self.epochs
+        return self.steps_per_epoch * self.epochs
+
+    def batch_slices(self) -> list[slice]:
+        """The positions of each step's batch among the num_images images of one epoch (the last may be short)."""
+        size, count = self.batch_size, self.num_images
+        return [slice(start, min(start + size, count)) for start in range(0, self.steps_per_epoch * size, size)]
+
+    def for_shard(self, size: int) -> "TrainingSettings":
+        """The settings of a client whose reply says it trained on `size` examples (epochs mode: its shard)."""
+        return replace(self, shard_size=size) if self.mode == TrainMode.EPOCHS else self
 
     def as_single_gradient(self) -> "TrainingSettings":
         """The naive view (`--no-replay`): the update divided by (steps x lr) as one gradient of all images.
 
         One step with learning rate steps x lr on one batch of all K x B images yields exactly that.
         """
-        return replace(self, lr=self.lr * self.total_steps, local_steps=1, epochs=1,
-                       batch_size=self.num_images, momentum=0.0, proximal_mu=0.0)
+        return replace(self, lr=self.lr * self.total_steps, local_steps=1, epochs=1, batch_size=self.num_images,
+                       momentum=0.0, proximal_mu=0.0, weight_decay=0.0, mode=TrainMode.STEPS, shard_size=None)
 
     def for_mean_of(self, clients: int) -> "TrainingSettings":
         """The training behind a mean of `clients` updates (what secure aggregation reveals): each step on
@@ -88,7 +128,7 @@ class TrainingSettings:
         their union); with more steps it ignores that each client's model moved on its own."""
         return replace(self, batch_size=self.batch_size * clients)
 
-    def to_config(self) -> dict[str, int | float | str]:
+    def to_config(self) -> dict[str, int | float | str]:  # shard_size is the client's to say, not the server's
         """The entries of the ConfigRecord the server sends each round."""
         return {key: (str(value) if isinstance(value, StrEnum) else value)
                 for key, value in ((key, getattr(self, name)) for key, name in TRAINING_KEYS.items())}
@@ -97,9 +137,10 @@ class TrainingSettings:
     def from_config(cls, config: Mapping) -> "TrainingSettings":
         """What a client reads from the server's ConfigRecord (and what the server attacks with).
 
-        FedProx's `proximal-mu` is optional (other strategies do not send it); the rest must be there.
+        FedProx's `proximal-mu` is optional (other strategies do not send it), and so are `train-mode` and
+        `weight-decay` (a server of before they existed sends steps without decay); the rest must be there.
         """
-        missing = [key for key in TRAINING_KEYS if key not in config and key != PROXIMAL_MU]
+        missing = [key for key in TRAINING_KEYS if key not in config and key not in OPTIONAL_KEYS]
         if missing:
             raise ValueError(f"the server's train config lacks {', '.join(missing)}")
         return cls(**{name: config[key] for key, name in TRAINING_KEYS.items() if key in config})
@@ -107,4 +148,6 @@ class TrainingSettings:
 
 # ConfigRecord key -> TrainingSettings field.
 TRAINING_KEYS = {"local-steps": "local_steps", "batch-size": "batch_size", "epochs": "epochs", "lr": "lr",
-                 "momentum": "momentum", "batchnorm": "batchnorm", PROXIMAL_MU: "proximal_mu"}
+                 "momentum": "momentum", "batchnorm": "batchnorm", PROXIMAL_MU: "proximal_mu",
+                 "train-mode": "mode", "weight-decay": "weight_decay"}
+OPTIONAL_KEYS = (PROXIMAL_MU, "train-mode", "weight-decay")

@@ -26,7 +26,7 @@ NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anythi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    config.add_task_arguments(parser, out_required=False)
+    config.add_task_arguments(parser, out_required=False, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size)
     fed = parser.add_argument_group("federation")
     fed.add_argument("--num-clients", type=int, default=DEFAULTS.num_clients, help="clients, one per partition")
     fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")
@@ -34,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="how the training set is split: iid, or dirichlet (label skew, see --alpha)")
     fed.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
                      help="Dirichlet concentration: small = each client sees few classes")
+    fed.add_argument("--min-shard", type=int, default=DEFAULTS.min_shard,
+                     help="with --max-shard: the fewest examples a client keeps of its partition")
+    fed.add_argument("--max-shard", type=int, default=DEFAULTS.max_shard,
+                     help="each client keeps a seeded number of its partition's examples, from --min-shard to this "
+                          "(unequal shards); 0 (default): its whole partition")
+    fed.add_argument("--fraction-train", type=float, default=DEFAULTS.fraction_train,
+                     help="the share of clients Flower samples for each round (default 1: all)")
+    fed.add_argument("--max-attack-images", type=int, default=DEFAULTS.max_attack_images,
+                     help="updates of more images (in epochs mode: larger shards) are not attacked; their row says so")
     fed.add_argument("--strategy", default=DEFAULTS.strategy, choices=list(StrategyName),
                      help="the Flower strategy the malicious server wraps (default fedavg)")
     fed.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu,
@@ -148,7 +157,8 @@ def summary(out, seconds: float) -> dict:
         "rounds": len(global_rows),
         "rounds_aggregated": sum(bool(row.get("model_changed", True)) for row in global_rows),
         "attacked": len(attack_rows),
-        "failed": sum(row.get("status") != "ok" for row in attack_rows),
+        "failed": sum(row.get("status") not in ("ok", "skipped") for row in attack_rows),
+        "skipped": sum(row.get("status") == "skipped" for row in attack_rows),
         "left_out": len(rows) - len(attack_rows),
         "psnr_median": summarise(attack_rows)["psnr_median"],  # a failed attack counts as 0 dB
         "accuracy": global_rows[-1]["accuracy"] if global_rows else None,
@@ -167,7 +177,8 @@ def failure(result: dict, attack: str) -> str | None:
     """Why a finished run counts as a failure (exit code NOTHING_WORKED), or None when something worked."""
     if result["rounds"] and not result["rounds_aggregated"]:
         return "no round aggregated any reply: the global model never changed"
-    if attack != "none" and result["attacked"] == result["failed"]:
+    succeeded = result["attacked"] - result["failed"] - result["skipped"]
+    if attack != "none" and not succeeded and (result["failed"] or not result["attacked"]):
         return "no attack succeeded" if result["attacked"] else "no update was attacked (every reply was left out)"
     return None
 
@@ -176,7 +187,8 @@ def main(args) -> int:
     result = run(args)
     psnr, accuracy = headline(result)
     print(f"fl-sim run: {result['rounds']} round(s), {result['attacked']} attacked update(s) "
-          f"({result['failed']} failed), {result['left_out']} faulty client-round(s) left out, "
+          f"({result['failed']} failed, {result['skipped']} not attacked: too many images), "
+          f"{result['left_out']} faulty client-round(s) left out, "
           f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
           f"-> {args.out or args.resume}")
     attack = json.loads((Path(args.out or args.resume) / "run.json").read_text())["config"]["attack"]

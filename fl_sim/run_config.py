@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
-from .protocol import BatchNormMode, TrainingSettings
+from .protocol import BatchNormMode, TrainingSettings, TrainMode
 
 # The names a run config may hold; the registries (fl_sim/data.py, fl_sim/models, attacker.PRESETS) must
 # offer exactly these (tests/test_registries.py checks), so a config is checked without importing them.
@@ -183,20 +183,26 @@ class RunConfig:
     init: str = "default"
     partition: str = "iid"
     alpha: float = 0.5
+    min_shard: int = 1  # with max_shard: each client keeps a seeded number of its partition's examples in between
+    max_shard: int = 0  # 0: every client keeps its whole partition
+    fraction_train: float = 1.0  # the share of clients Flower samples each round
     strategy: StrategyName = StrategyName.FEDAVG
     proximal_mu: float = 0.0  # FedProx's mu (strategy fedprox only)
     server_lr: float = 0.01  # FedAdam's / FedYogi's server learning rate (eta)
+    train_mode: TrainMode = TrainMode.EPOCHS
     local_steps: int = 1
-    batch_size: int = 1
+    batch_size: int = 32
     epochs: int = 1
     lr: float = 0.1
     momentum: float = 0.0
+    weight_decay: float = 0.0
     batchnorm: BatchNormMode = BatchNormMode.TRAIN
     defense: DefenseSpec = DefenseSpec()
     attack: str = "idlg"
     iterations: int = 300
     restarts: int | None = None  # None: the attack preset's
     no_replay: bool = False
+    max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
     attack_every: int = 1
     attack_clients: tuple[int, ...] | None = None  # None: every client
     client_eval: bool = False
@@ -236,7 +242,8 @@ class RunConfig:
         try:
             return TrainingSettings(lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size,
                                     epochs=self.epochs, momentum=self.momentum, batchnorm=self.batchnorm,
-                                    proximal_mu=self.proximal_mu)
+                                    proximal_mu=self.proximal_mu, mode=self.train_mode,
+                                    weight_decay=self.weight_decay)
         except ValueError as error:  # its messages start with the setting's name: the flag's, without "--"
             raise ConfigError(f"--{error}") from None
 
@@ -248,7 +255,8 @@ class RunConfig:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name, least in (("rounds", 1), ("num_clients", 1), ("iterations", 1), ("attack_every", 1), ("seed", 0)):
+        for name, least in (("rounds", 1), ("num_clients", 1), ("iterations", 1), ("attack_every", 1), ("seed", 0),
+                            ("min_shard", 1), ("max_shard", 0), ("max_attack_images", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
         if self.restarts is not None and self.restarts < 1:
@@ -256,6 +264,10 @@ class RunConfig:
         for name in ("alpha", "server_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"--fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.max_shard and self.max_shard < self.min_shard:
+            raise ConfigError(f"--max-shard {self.max_shard} is below --min-shard {self.min_shard}")
         if self.proximal_mu and self.strategy != StrategyName.FEDPROX:
             raise ConfigError(f"--proximal-mu is FedProx's: use it with --strategy fedprox, not {self.strategy}")
         self.settings  # noqa: B018 (raises ConfigError for a bad training setting)

@@ -35,8 +35,8 @@ from .evaluation import score_and_save, summarise
 from .gallery import AGGREGATE, client_folder, write_gallery
 from .models import build_model
 from .outputs import append_jsonl, inside, write_json
-from .partition import partition_indices, round_examples
-from .protocol import METRICS, PARTITION_ID
+from .partition import client_shards, training_examples
+from .protocol import METRICS, PARTITION_ID, TrainMode
 from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
 from .run_config import NO_ATTACK, ConfigError, RunConfig
 from .strategy import AttackPlan, InvertingStrategy, ReplyFault, RoundOffset, ServerAttack, Victim, flower_strategy
@@ -53,23 +53,24 @@ class Scoreboard:
         self.out, self.config, self.settings = Path(config.out), config, config.settings
         self.train = cached_dataset(config.dataset, config.data_root, True)
         try:
-            self.partitions = partition_indices(self.train.labels, config.num_clients, config.partition,
-                                                config.alpha, config.seed)
+            self.partitions = client_shards(self.train.labels, config.num_clients, config.partition, config.alpha,
+                                            config.seed, config.min_shard, config.max_shard)
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
     def check_partitions(self) -> None:
-        """Every partition must hold a round's K x B examples; said before any round runs."""
-        need = self.settings.num_images
+        """Every shard must hold a round's K x B examples (steps mode); said before any round runs."""
+        need = 1 if self.settings.mode == TrainMode.EPOCHS else self.settings.num_images
         small = {p: len(part) for p, part in enumerate(self.partitions) if len(part) < need}
         if small:
-            raise ConfigError(f"partitions {small} hold fewer examples than a round's K x B = {need}: "
-                                    "use fewer clients, a larger --alpha or smaller K, B")
+            raise ConfigError(f"shards {small} hold fewer examples than a round's K x B = {need}: "
+                              "use fewer clients, a larger --alpha or --min-shard, or smaller K, B")
 
     def truth(self, server_round: int, victim: Victim):
-        """A client's round examples; for a secure aggregate, all its clients' examples one after another."""
-        parts = [self.train.tensors(round_examples(self.partitions[client], self.settings.num_images,
-                                                   self.config.seed, client, server_round))
+        """A client's examples of the round (epochs mode: its shard); for a secure aggregate, all its clients'
+        examples one after another."""
+        parts = [self.train.tensors(training_examples(self.partitions[client], self.settings, self.config.seed,
+                                                      client, server_round))
                  for client in victim.clients]
         return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
@@ -107,6 +108,8 @@ def attack_failure(status: str) -> tuple[str, str]:
         return "attack-error", status.removeprefix("error: ")
     if status == "diverged":
         return "diverged", "every restart of the attack diverged"
+    if status.startswith("skipped: "):
+        return "skipped", status.removeprefix("skipped: ")
     return status, status
 
 
@@ -188,9 +191,11 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
         attack = None if config.attack == NO_ATTACK else ServerAttack(
             model, attack_config(config), image_shape=(channels, size, size), num_classes=classes,
             iterations=config.iterations, seed=config.seed, replay=not config.no_replay, device=device, progress=True,
+            max_images=config.max_attack_images,
             plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None))
         strategy = InvertingStrategy(flower_strategy(config), attack, scoreboard, partitions=partitions,
-                                     secure_aggregation=config.defense.secure_aggregation)
+                                     secure_aggregation=config.defense.secure_aggregation,
+                                     max_shard=config.max_shard or len(scoreboard.train))
         initial = checkpoint.weights if checkpoint else model.state_dict()
         RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
                                           train_config=ConfigRecord(settings.to_config()), evaluate_fn=round_end)

@@ -36,7 +36,7 @@ from torch import nn
 from attacker import AttackConfig, Reconstruction, invert
 
 from .records import ReplyStatus
-from .protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TrainingSettings
+from .protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TrainingSettings, TrainMode
 from .run_config import RunConfig, StrategyName
 from .updates import mean_update, parameter_names, update_norm, weight_change
 from .validation import ExpectedReply, reply_problem
@@ -100,7 +100,8 @@ class ServerAttack:
     """What the server attacks with: the architecture it sent, the attack and its budget, where it runs.
 
     `replay=False` attacks as if the update were one gradient (TrainingSettings.as_single_gradient)
-    instead of replaying the client's local steps.
+    instead of replaying the client's local steps. An update of more than `max_images` images (in epochs
+    mode: a client whose shard is larger) is not attacked: its row says so.
     """
 
     model: nn.Module
@@ -113,6 +114,7 @@ class ServerAttack:
     replay: bool = True
     device: str | torch.device = "auto"
     progress: bool = False
+    max_images: int = 64
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,10 @@ class InvertingStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, attack: ServerAttack | None, recorder: RoundRecorder, *,
-                 partitions: Mapping[int, int], secure_aggregation: bool = False):
+                 partitions: Mapping[int, int], secure_aggregation: bool = False, max_shard: int = 10**6):
+        """`max_shard`: the most examples a client may say it trained on in epochs mode (its shard's size)."""
         self.strategy, self.attack, self.recorder = strategy, attack, recorder
-        self.partitions, self.secure_aggregation = dict(partitions), secure_aggregation
+        self.partitions, self.secure_aggregation, self.max_shard = dict(partitions), secure_aggregation, max_shard
         self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self._sent: SentRound | None = None
 
@@ -152,7 +155,8 @@ class InvertingStrategy(Strategy):
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         sent_config = messages[0].content[CONFIG] if messages else config  # with what the strategy added (FedProx)
         settings = TrainingSettings.from_config(sent_config)
-        expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: settings.num_images})
+        count = range(1, self.max_shard + 1) if settings.mode == TrainMode.EPOCHS else settings.num_images
+        expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: count})
         self._sent = SentRound(server_round, arrays.to_torch_state_dict(), settings, expected,
                                tuple(msg.metadata.dst_node_id for msg in messages))
         return messages
@@ -173,12 +177,15 @@ class InvertingStrategy(Strategy):
             updates = {client: weight_change(sent.global_weights, reply.content[ARRAYS].to_torch_state_dict())
                        for client, reply in accepted.items()}
             if self.secure_aggregation:
-                self._attack(sent, [Victim(tuple(sorted(updates)), secure_aggregate=True)],
-                             [mean_update(list(updates.values()))], sent.settings.for_mean_of(len(updates)))
+                victim = Victim(tuple(sorted(updates)), secure_aggregate=True)
+                settings = None if sent.settings.mode == TrainMode.EPOCHS else sent.settings.for_mean_of(len(updates))
+                self._attack(sent, [victim], [mean_update(list(updates.values()))], [settings])
             else:
                 victims = self.attack.plan.victims(server_round, accepted)
+                settings = [sent.settings.for_shard(accepted[v.clients[0]].content[METRICS][self.weighted_by_key])
+                            for v in victims]
                 if victims:
-                    self._attack(sent, victims, [updates[victim.clients[0]] for victim in victims], sent.settings)
+                    self._attack(sent, victims, [updates[victim.clients[0]] for victim in victims], settings)
         arrays, metrics = self.strategy.aggregate_train(server_round, list(accepted.values()))
         return (arrays if arrays is None else in_sent_dtypes(arrays, sent.global_weights)), metrics
 
@@ -217,21 +224,36 @@ class InvertingStrategy(Strategy):
         return accepted, sorted(faults, key=lambda fault: fault.client)
 
     def _attack(self, sent: SentRound, victims: list[Victim], updates: list[dict[str, torch.Tensor]],
-                settings: TrainingSettings) -> None:
+                settings: list[TrainingSettings | None]) -> None:
+        """Inverts every update whose training the server can replay, in one engine call per distinct training
+        (epochs-mode clients differ in shard size); the others get a row that says why they were not attacked."""
         attack = self.attack
-        assumed = settings if attack.replay else settings.as_single_gradient()
         log(INFO, "attack round %s: inverting %s update(s) with %s", sent.server_round, len(victims),
             attack.attack.name)
         started = time.perf_counter()
-        try:
-            results = invert(attack.model, sent.global_weights, updates, assumed, attack.attack,
-                             image_shape=attack.image_shape, num_classes=attack.num_classes,
-                             iterations=attack.iterations, seed=round_seed(attack.seed, sent.server_round),
-                             victim_ids=[victim.seed_key for victim in victims], device=attack.device,
-                             progress=attack.progress)
-        except Exception as error:  # a failed attack must not stop the federation: report it per victim
-            log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-            results = [failed(f"error: {type(error).__name__}: {error}") for _ in victims]
+        results: list[Reconstruction | None] = [None] * len(victims)
+        groups: dict[TrainingSettings, list[int]] = {}
+        for index, assumed in enumerate(settings):
+            if assumed is None:
+                results[index] = skipped("secure aggregation of epochs-mode updates: their mean has no one "
+                                         "training to replay")
+            elif assumed.num_images > attack.max_images:
+                results[index] = skipped(f"{assumed.num_images} images behind the update, more than "
+                                         f"--max-attack-images {attack.max_images}")
+            else:
+                groups.setdefault(assumed if attack.replay else assumed.as_single_gradient(), []).append(index)
+        for assumed, members in groups.items():
+            try:
+                found = invert(attack.model, sent.global_weights, [updates[i] for i in members], assumed,
+                               attack.attack, image_shape=attack.image_shape, num_classes=attack.num_classes,
+                               iterations=attack.iterations, seed=round_seed(attack.seed, sent.server_round),
+                               victim_ids=[victims[i].seed_key for i in members], device=attack.device,
+                               progress=attack.progress)
+            except Exception as error:  # a failed attack must not stop the federation: report it per victim
+                log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
+                found = [failed(f"error: {type(error).__name__}: {error}") for _ in members]
+            for index, result in zip(members, found):
+                results[index] = result
         names = parameter_names(attack.model)
         self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in updates],
                                     time.perf_counter() - started)
@@ -273,8 +295,9 @@ class RoundOffset(Strategy):
 
 
 def flower_strategy(config: RunConfig) -> Strategy:
-    """The Flower strategy a run names, sampling and waiting for all `num_clients` clients each round."""
-    options = dict(fraction_train=1.0, min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
+    """The Flower strategy a run names: it waits for all `num_clients` clients, then samples `fraction_train`
+    of them for each round (Flower's own sampling)."""
+    options = dict(fraction_train=config.fraction_train, min_train_nodes=1, min_available_nodes=config.num_clients,
                    fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
     if config.strategy == StrategyName.FEDPROX:
         return FedProx(proximal_mu=config.proximal_mu, **options)
@@ -313,3 +336,7 @@ def round_seed(seed: int, server_round: int) -> int:
 
 def failed(status: str) -> Reconstruction:
     return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), status)
+
+
+def skipped(reason: str) -> Reconstruction:
+    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), f"skipped: {reason}")

@@ -18,14 +18,16 @@ SHOWN_CHARS = 80  # a client's names and values are cut to this in a reason
 class ExpectedReply:
     """What a healthy reply holds: the sent model's arrays and the metrics the ClientApp reports.
 
-    `metrics` maps each metric to the integer it must equal, or to None for "any finite number".
+    `metrics` maps each metric to the integer it must equal, to a range of integers it must lie in (an
+    epochs-mode client's num-examples is its shard size: any from 1 to the largest shard the server was
+    told of), or to None for "any finite number".
     """
 
     arrays: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
-    metrics: dict[str, int | None]
+    metrics: dict[str, int | range | None]
 
     @classmethod
-    def like(cls, sent: ArrayRecord, metrics: dict[str, int | None]) -> "ExpectedReply":
+    def like(cls, sent: ArrayRecord, metrics: dict[str, int | range | None]) -> "ExpectedReply":
         """The reply to a round whose global model was `sent`."""
         specs = {}
         for name, array in sent.items():
@@ -51,7 +53,7 @@ def _records_problem(content: RecordDict) -> str | None:
     return None
 
 
-def _metrics_problem(metrics, expected: dict[str, int | None]) -> str | None:
+def _metrics_problem(metrics, expected: dict[str, int | range | None]) -> str | None:
     missing = [key for key in expected if key not in metrics]
     if missing:
         return f"no {', '.join(missing)} in the reply's metrics"
@@ -60,7 +62,9 @@ def _metrics_problem(metrics, expected: dict[str, int | None]) -> str | None:
         return f"unexpected metrics {_shown(extra)}"
     for key, exact in expected.items():
         value = metrics[key]
-        if exact is not None and not (type(value) is int and value == exact):
+        if isinstance(exact, range) and not (type(value) is int and value in exact):
+            return f"{key} is {_shown(value)}, the round allows an integer from {exact.start} to {exact.stop - 1}"
+        if isinstance(exact, int) and not (type(value) is int and value == exact):
             return f"{key} is {_shown(value)}, the round asked for {exact}"
         if exact is None and not (type(value) in (int, float) and np.isfinite(value)):
             return f"{key} is {_shown(value)}, not a finite number"

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_flags(shared_data, out, *extra):
-    return ["run", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet", "--num-clients", "2",
+    return ["run", "--train-mode", "steps", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet", "--num-clients", "2",
             "--rounds", "2", "--local-steps", "1", "--batch-size", "1", "--attack", "idlg", "--restarts", "1",
             "--iterations", "5", "--seed", "1", "--out", str(out), *extra]
 
@@ -245,3 +245,16 @@ def test_a_federation_whose_size_differs_from_num_clients_is_refused():
     wait_for_clients(Nodes(3), 3)
     with pytest.raises(ConfigError, match="has 3 client node.*num-supernodes=2"):
         wait_for_clients(Nodes(3), 2)
+
+
+def test_the_readmes_flwr_run_block_sets_what_flwr_needs_from_a_fresh_shell():
+    """`flwr run` looks `flower-superlink` up on PATH: the README's block must put the venv there itself, and
+    set the environment the flwr-run test above runs with (that test runs the same apps the same way)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### Running with `flwr run`")[1].split("```bash")[1].split("```")[0]
+    exports = " ".join(line for line in block.splitlines() if line.startswith("export "))
+    assert "PATH=$PWD/.venv/bin:$PATH" in exports
+    for name in ("FLWR_HOME=", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "FLWR_TELEMETRY_ENABLED=0"):
+        assert name in exports, name
+    command = next(line for line in block.splitlines() if "flwr run" in line)
+    assert command.startswith("flwr run . --stream")
