@@ -17,14 +17,14 @@ __all__ = ["ConfigError", "add_task_arguments", "attack_config", "check_run", "c
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True,
-                       train_mode: TrainMode = TrainMode.STEPS, batch_size: int = 1) -> None:
+                       train_mode: TrainMode = TrainMode.STEPS, batch_size: int = 1, model: str = "lenet") -> None:
     """The data, model, training and attack flags every command shares (with the command's own defaults
-    for the training mode and batch size)."""
+    for the training mode, batch size and model)."""
     data = parser.add_argument_group("data and model")
     data.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default mnist)")
     data.add_argument("--data-root", default=None,
                       help="folder holding the data (default $FL_SIM_DATA, else ./data)")
-    data.add_argument("--model", default="lenet", help=f"one of {', '.join(MODELS)} (default lenet)")
+    data.add_argument("--model", default=model, help=f"one of {', '.join(MODELS)} (default {model})")
     data.add_argument("--init", default="default",
                       help="'default' (PyTorch's, seeded), 'paper' (U(-0.5, 0.5), as DLG) or a checkpoint path")
     train = parser.add_argument_group("client training (what the server configures)")

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local = modes.add_parser("local", help="run the deployment as processes on this machine",
                              description="SuperLink, SuperNodes and SuperExecs as local processes; the app "
                                          "runs with `flwr run`; every process is stopped at the end")
-    config.add_task_arguments(local)
+    config.add_task_arguments(local, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size, model=DEFAULTS.model)
     fed = local.add_argument_group("federation")
     fed.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one per partition (default 2)")
     fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")

@@ -26,7 +26,8 @@ NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anythi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    config.add_task_arguments(parser, out_required=False, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size)
+    config.add_task_arguments(parser, out_required=False, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size,
+                              model=DEFAULTS.model)
     fed = parser.add_argument_group("federation")
     fed.add_argument("--num-clients", type=int, default=DEFAULTS.num_clients, help="clients, one per partition")
     fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")
@@ -160,7 +161,8 @@ def summary(out, seconds: float) -> dict:
         "failed": sum(row.get("status") not in ("ok", "skipped") for row in attack_rows),
         "skipped": sum(row.get("status") == "skipped" for row in attack_rows),
         "left_out": len(rows) - len(attack_rows),
-        "psnr_median": summarise(attack_rows)["psnr_median"],  # a failed attack counts as 0 dB
+        # a failed attack counts as 0 dB; an update not attacked (too many images) has no PSNR at all
+        "psnr_median": summarise([row for row in attack_rows if row.get("status") != "skipped"])["psnr_median"],
         "accuracy": global_rows[-1]["accuracy"] if global_rows else None,
         "seconds": seconds,
     }

@@ -179,7 +179,7 @@ class RunConfig:
     num_clients: int = 4
     dataset: str = "mnist"
     data_root: str | None = None  # None: $FL_SIM_DATA, else ./data
-    model: str = "lenet"
+    model: str = "cnn"  # a ReLU ConvNet, as federations train (DLG's sigmoid LeNet hardly learns: --model lenet)
     init: str = "default"
     partition: str = "iid"
     alpha: float = 0.5

@@ -35,7 +35,7 @@ TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_arguments(parser)  # the task and federation flags; attack mode ignores the federation ones
-    parser.set_defaults(train_mode="steps", batch_size=1)  # sweeps default to the research setting, K x B fresh
+    parser.set_defaults(train_mode="steps", batch_size=1, model="lenet")  # sweeps default to the research setting
     parser.add_argument("--num-victims", type=int, default=4, help="attack mode: clients attacked at each point")
     parser.add_argument("--grid", required=True, metavar='"KEY=v1,v2 [KEY2=...]"',
                         help="flags (without dashes) and the values to try; every combination is one point, "

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 @pytest.fixture(scope="module")
 def config(shared_data, tmp_path_factory):
     return RunConfig(out=str(tmp_path_factory.mktemp("out")), num_clients=3, data_root=str(shared_data), seed=5,
-                     train_mode="steps", batch_size=1)
+                     train_mode="steps", batch_size=1, model="lenet")
 
 
 def test_the_client_trains_on_its_round_examples_with_the_sent_settings(config, shared_data):

@@ -133,7 +133,7 @@ SETTINGS = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
 @pytest.fixture(scope="module")
 def config(shared_data, tmp_path_factory):
     return RunConfig(out=str(tmp_path_factory.mktemp("out")), num_clients=2, data_root=str(shared_data),
-                     train_mode="steps", batch_size=1)
+                     train_mode="steps", batch_size=1, model="lenet")
 
 
 @pytest.mark.usefixtures("server_identity")
@@ -165,7 +165,7 @@ def test_a_flower_run_carries_the_defense_to_the_server_and_secagg_shows_it_only
     """Ray simulation, 2 clients, 1 round: the new global model moved in at most 2 x 10% of each tensor's
     entries (both clients pruned 90%), and the attack had one victim: the aggregate of both clients."""
     out = tmp_path / "run"
-    assert cli.main(["run", "--train-mode", "steps", "--batch-size", "1", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "2",
+    assert cli.main(["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "2",
                      "--rounds", "1", "--attack", "idlg", "--restarts", "1", "--iterations", "3", "--seed", "1",
                      "--defense", "prune:0.9+secagg", "--device", "cpu", "--out", str(out)]) == 0
     initial = build_model("lenet", 1, 28, 10, init="default", seed=1).state_dict()
@@ -193,7 +193,7 @@ def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(s
 
     assert [type(mod) for mod in app._mods] == [FaultMod, DefenseMod]
     weights = lenet().state_dict()
-    base = {"data-root": str(shared_data), "num-clients": 2}
+    base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet"}
     replies = {spec: app(train_message(weights, SETTINGS, server_round=1),
                          node_context(1, 2, run_config={**base, "defense": spec})).content["arrays"]
                for spec in ("none", "prune:0.9")}

@@ -135,7 +135,8 @@ def port_free(port: int) -> bool:
 
 
 def deploy_flags(shared_data, out, port, *extra):
-    return ["deploy", "local", "--supernodes", "2", "--rounds", "1", "--dataset", "mnist", "--data-root",
+    return ["deploy", "local", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet",
+            "--supernodes", "2", "--rounds", "1", "--dataset", "mnist", "--data-root",
             str(shared_data), "--iterations", "20", "--restarts", "1", "--seed", "3", "--port", str(port),
             "--out", str(out), *extra]
 

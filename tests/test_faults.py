@@ -42,7 +42,7 @@ def test_every_fault_kind_has_a_test():
 @pytest.mark.parametrize("kind", sorted(Fault))
 def test_a_faulty_reply_is_neither_attacked_nor_averaged_and_is_recorded(kind, shared_data, tmp_path):
     config = RunConfig(out=str(tmp_path), num_clients=2, data_root=str(shared_data), inject_faults={0: kind},
-                       train_mode="steps", batch_size=1)
+                       train_mode="steps", batch_size=1, model="lenet")
     grid = LocalGrid(make_client_app(config), num_clients=2)
     recorder = Recorder()
     strategy = inverting_fedavg(recorder)
@@ -77,7 +77,7 @@ def test_fault_lists_parse_and_bad_ones_are_said_in_one_sentence():
 
 def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
-    flags = ["run", "--train-mode", "steps", "--batch-size", "1", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "5", "--rounds", "2",
+    flags = ["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "5", "--rounds", "2",
              "--attack", "idlg", "--restarts", "1", "--iterations", "5", "--seed", "3", "--out", str(out),
              "--inject-faults", "0=nan,1=wrong-shape,2=crash"]
     assert cli.main(flags) == 0
@@ -103,8 +103,8 @@ def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(sh
 
 
 def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons(shared_data, tmp_path):
-    scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data), train_mode="steps",
-                                      batch_size=1))
+    scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data),
+                                      train_mode="steps", batch_size=1, model="lenet"))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
     scoreboard.record_attack(2, [Victim((1,)), Victim((2,))], [failed("error: ValueError: update has no 'fc.weight'"), failed("diverged")],
                              update_norms=[0.5, 0.7], seconds=1.0)

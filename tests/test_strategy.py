@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 @pytest.fixture(scope="module")
 def config(shared_data, tmp_path_factory):
     return RunConfig(out=str(tmp_path_factory.mktemp("out")), num_clients=CLIENTS, data_root=str(shared_data),
-                     train_mode="steps", batch_size=1)
+                     train_mode="steps", batch_size=1, model="lenet")
 
 
 @pytest.fixture(scope="module")
