@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attacker import Reconstruction
+from attacker import Reconstruction, Status
 
 from . import metrics
 from .outputs import save_images
@@ -15,7 +15,8 @@ from .outputs import save_images
 def score_and_save(result: Reconstruction, true_images, true_labels, folder: Path | None) -> dict:
     """One victim's metrics row; with `folder`, its truth.png and (matched) reconstruction.png too."""
     if not result.ok:
-        row = {"status": result.status, "psnr": None, "ssim": None, "mse": None, "label_acc": 0.0}
+        row = {"status": "diverged" if result.status is Status.DIVERGED else "attack-error", "reason": result.reason,
+               "psnr": None, "ssim": None, "mse": None, "label_acc": 0.0}
     else:
         row = {"status": "ok", **metrics.score(result.images, result.labels, true_images, true_labels)}
         row["labels"] = result.labels[row["order"]].tolist()

@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from attacker import Reconstruction, resolve_device
+from attacker import Reconstruction, Status, resolve_device
 from clients.app import PARTITION_KEY
 
 from . import config as flags
@@ -81,7 +81,7 @@ class Scoreboard:
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
             if not result.ok:
-                row["status"], row["reason"] = attack_failure(result.status)
+                row["status"], row["reason"] = attack_failure(result)
             append_jsonl(self.out / "metrics.jsonl", row)
             rows.append(row)
         summary = summarise(rows)
@@ -98,13 +98,9 @@ class Scoreboard:
                 "psnr": None, "ssim": None, "mse": None, "label_acc": None})
 
 
-def attack_failure(status: str) -> tuple[str, str]:
+def attack_failure(result: Reconstruction) -> tuple[str, str]:
     """The engine's status of a failed victim as a row's (status, reason)."""
-    if status.startswith("error: "):
-        return "attack-error", status.removeprefix("error: ")
-    if status == "diverged":
-        return "diverged", "every restart of the attack diverged"
-    return status, status
+    return ("diverged" if result.status is Status.DIVERGED else "attack-error"), result.reason
 
 
 class RoundEnd:

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from attacker import AttackConfig, Reconstruction, TrainingSettings, invert
+from attacker import AttackConfig, Reconstruction, Status, TrainingSettings, invert
 from clients.app import LOSS_KEY, PARTITION_KEY
 from clients.defenses import aggregate_settings
 from clients.training import update_norm, weight_change
@@ -221,7 +221,7 @@ class InvertingFedAvg(FedAvg):
                              progress=self.progress)
         except Exception as error:  # a failed attack must not stop the federation: report it per victim
             log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-            results = [failed(f"error: {type(error).__name__}: {error}") for _ in victims]
+            results = [failed(f"{type(error).__name__}: {error}") for _ in victims]
         names = [name for name, _ in self.model.named_parameters()]
         self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in updates],
                                     time.perf_counter() - started)
@@ -241,5 +241,5 @@ def round_seed(seed: int, server_round: int) -> int:
     return int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
 
 
-def failed(status: str) -> Reconstruction:
-    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), status)
+def failed(reason: str, status: Status = Status.FAILED) -> Reconstruction:
+    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), status, reason)

@@ -5,7 +5,7 @@ import torch
 from flower_helpers import LocalGrid, Recorder, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord
 
-from attacker import TrainingSettings, get_attack
+from attacker import Status, TrainingSettings, get_attack
 from clients.app import PARTITION_KEY, make_client_app
 from fl_sim import cli
 from fl_sim.config import ConfigError
@@ -103,7 +103,8 @@ def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(sh
 def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons(shared_data, tmp_path):
     scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data)))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
-    scoreboard.record_attack(2, [1, 2], [failed("error: ValueError: update has no 'fc.weight'"), failed("diverged")],
+    scoreboard.record_attack(2, [1, 2], [failed("ValueError: update has no 'fc.weight'", Status.BAD_UPDATE),
+                                         failed("every restart of the attack diverged", Status.DIVERGED)],
                              update_norms=[0.5, 0.7], seconds=1.0)
     rows = {row["client"]: row for row in read_jsonl(tmp_path / "metrics.jsonl")}
     assert {client: (row["round"], row["status"], row["reason"]) for client, row in rows.items()} == {
