@@ -97,6 +97,7 @@ class _Problem:
         self.attack, self.settings = attack, settings
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         self.count = settings.num_images
+        self.scale = -1.0 / settings.lr  # compare updates as gradients: better conditioned than tiny changes
         self.image_dims = self.count * int(torch.Size(image_shape).numel())
         self.dims = self.image_dims + (self.count * num_classes if attack.labels == "joint" else 0)
         self.eager = self.batched = vmap(grad_and_value(self._row_loss))
@@ -119,8 +120,7 @@ class _Problem:
         images, logits = self.split(z_row)
         targets = logits.softmax(-1) if logits is not None else fixed_targets
         change = self.replay(images, targets)
-        scale = -1.0 / self.settings.lr  # compare as gradients: better conditioned than tiny changes
-        loss = self.objective({n: change[n] * scale for n in observed}, {n: observed[n] * scale for n in observed})
+        loss = self.objective({n: change[n] * self.scale for n in observed}, observed)  # observed: pre-scaled
         if self.attack.tv_weight:
             loss = loss + self.attack.tv_weight * total_variation(images)
         return loss
@@ -146,7 +146,7 @@ class _Problem:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             z = self.initial_row(0, device).unsqueeze(0)
-            self.eager(z, targets.unsqueeze(0).to(device), {n: t.unsqueeze(0) for n, t in observed.items()})
+            self.eager(z, targets.unsqueeze(0).to(device), {n: t.unsqueeze(0) * self.scale for n, t in observed.items()})
             torch.cuda.synchronize(device)
             return max(1, torch.cuda.max_memory_allocated(device) - base)
         # activations of one forward on a batch, kept for the double backward of every replayed step,
@@ -337,7 +337,8 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
     at the rows every CHECK_EVERY iterations (to re-draw diverged ones, move the progress bar, stop).
     """
     row_targets = torch.stack([targets[v][a] for v, a, _ in rows]).to(device)
-    row_observed = {name: torch.stack([observed[v][name] for v, _, _ in rows]) for name in observed[rows[0][0]]}
+    row_observed = {name: torch.stack([observed[v][name] for v, _, _ in rows]) * problem.scale
+                    for name in observed[rows[0][0]]}
     redraws = [0] * len(rows)
 
     def draw(i: int) -> torch.Tensor:
