@@ -119,7 +119,8 @@ class LBFGS:
         gamma = torch.where(self.gamma > 0, self.gamma, torch.ones_like(self.gamma))
         if count == 0:
             return -gamma.unsqueeze(1) * g
-        order = torch.tensor([(self.updates - count + j) % self.history for j in range(count)], device=g.device)
+        # oldest first; built on the device (a tensor from a Python list would wait for the device on CUDA)
+        order = (torch.arange(count, device=g.device) + (self.updates - count)) % self.history
         valid = self.valid[:, order]  # (rows, k), oldest first
         pair = valid.unsqueeze(2) & valid.unsqueeze(1)
         sy = self.sy[:, order][:, :, order]
