@@ -345,8 +345,13 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
         v, _, r = rows[i]
         return problem.initial_row(_row_seed(seed, victim_ids[v], r, redraws[i]), device)
 
-    def evaluate(z_rows: torch.Tensor):
-        gradient, loss = problem.batched(z_rows, row_targets, row_observed)
+    def evaluate(z_rows: torch.Tensor, which: torch.Tensor | None = None):
+        """Every row, or the rows `which` (L-BFGS's line-search retries): one gather per tensor."""
+        if which is None:
+            gradient, loss = problem.batched(z_rows, row_targets, row_observed)
+        else:
+            gradient, loss = problem.eager(z_rows, row_targets.index_select(0, which),
+                                           {name: tensor.index_select(0, which) for name, tensor in row_observed.items()})
         return loss.detach(), gradient.detach()
 
     z = problem.project(torch.stack([draw(i) for i in range(len(rows))]))

@@ -3,14 +3,15 @@
 Every row keeps its own state (moments, step count, curvature history, line search), so a row
 optimised with 63 others follows the same path as alone; rows can be reset when the engine re-draws
 a diverged restart. A step updates only the rows in its `active` mask, with `torch.where` over all
-rows (static shapes, no gathering), and returns the new point with its loss and gradient.
+rows (static shapes, no gathering), and returns the new point with its loss and gradient. The one
+exception is L-BFGS's line search, whose retries evaluate only the rows that need them.
 """
 from collections.abc import Callable
 
 import torch
 
-# evaluate(z) -> (loss (rows,), gradient (rows, dims)) for every row
-Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# evaluate(z) -> (loss (rows,), gradient (rows, dims)) for every row; evaluate(z_some, rows) for some rows
+Evaluate = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Project = Callable[[torch.Tensor], torch.Tensor]
 
 HISTORY = 100  # L-BFGS pairs kept per row: torch.optim.LBFGS's default, which the DLG code uses
@@ -162,17 +163,25 @@ class LBFGS:
                         torch.full_like(f, self.lr))
         new_x, new_f, new_g = x, f, g
         pending = active.clone()
+        trial_x = project(x + t.unsqueeze(1) * d)
+        trial_f, trial_g = evaluate(trial_x)
         for trial in range(self.max_line_search):
-            trial_x = project(x + t.unsqueeze(1) * d)
-            trial_f, trial_g = evaluate(trial_x)
             accept = pending & torch.isfinite(trial_f) & (trial_f <= f) & torch.isfinite(trial_g).all(1)
             new_x, new_f = _where_rows(accept, trial_x, new_x), torch.where(accept, trial_f, new_f)
             new_g = _where_rows(accept, trial_g, new_g)
             pending = pending & ~accept
-            # the one host sync of an update: without it every update would cost 10 evaluations
-            if trial + 1 == self.max_line_search or not pending.any():
+            if trial + 1 == self.max_line_search:
+                break
+            # the host sync of an update: most rows take the first step, and a few rows near their
+            # minimum (where float noise refuses every step) would otherwise make every update cost
+            # 10 evaluations of all rows; the retries evaluate only those rows
+            retry = pending.nonzero().flatten()
+            if len(retry) == 0:
                 break
             t = torch.where(pending, t * 0.5, t)
+            trial_x = project(x + t.unsqueeze(1) * d)
+            trial_f, trial_g = f.clone(), g.clone()
+            trial_f[retry], trial_g[retry] = evaluate(trial_x[retry], retry)
         s, y = new_x - x, new_g - g
         sy, yy = (s * y).sum(1), (y * y).sum(1)
         keep = active & ~pending & (sy > 1e-10 * yy.clamp_min(1e-30))
