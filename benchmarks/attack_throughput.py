@@ -149,7 +149,8 @@ def main():
         seconds = measure(lambda: run_engine(count, args.iterations, stats), device)
         row = {"engine": "vectorised", "victims": count, "victim_iterations_per_s": count * args.iterations / seconds,
                "seconds": seconds, "estimated_mib_per_victim": engine_memory_per_victim(stats, count),
-               "rows_per_chunk": stats["rows_per_chunk"]}
+               "rows_per_chunk": stats["rows_per_chunk"], "row_mib": stats["row_bytes"] / 2**20,
+               "optimizer_mib_per_row": stats["optimizer_bytes_per_row"] / 2**20}
         if device.type == "cuda":
             row["peak_mib_per_victim"] = (torch.cuda.max_memory_allocated() - base) / count / 2**20
         rows.append(row)
@@ -167,6 +168,10 @@ def main():
         memory = row.get("peak_mib_per_victim", row.get("estimated_mib_per_victim"))
         print(f"{row['engine']:<12}{row['victims']:>8}{row['victim_iterations_per_s']:>14.1f}"
               f"{row['victim_iterations_per_s'] / loop_rate:>9.1f}{'' if memory is None else f'{memory:>12.2f}'}")
+    last = rows[-1]
+    print(f"per row: loss and gradient {last['row_mib']:.2f} MiB, optimiser state {last['optimizer_mib_per_row']:.2f} MiB"
+          f" ({attack.optimizer}{f', history {attack.history}' if attack.optimizer == 'lbfgs' else ''}); "
+          f"{last['rows_per_chunk']} rows fit in a chunk")
     if compile_seconds is not None:
         print("compile (1-iteration call per victim count, not in the rates above): "
               + ", ".join(f"{count} victims {seconds:.1f} s" for count, seconds in compile_seconds.items()))
