@@ -223,7 +223,8 @@ def invert(
     is halved. A victim whose update does not fit the model gets status BAD_UPDATE, one that does not
     fit in memory alone OUT_OF_MEMORY, and the others go on; any other exception is a bug and raises.
     `compile` runs the batched row loss through torch.compile. `stats`, if given, receives the row
-    memory, the chunk size and the seconds spent in the first evaluation (compilation, if any).
+    memory, the chunk size, the rows' loss evaluations and the seconds spent in the first evaluation
+    (compilation, if any).
     """
     if not updates:
         return []
@@ -347,6 +348,7 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
 
     def evaluate(z_rows: torch.Tensor, which: torch.Tensor | None = None):
         """Every row, or the rows `which` (L-BFGS's line-search retries): one gather per tensor."""
+        stats["row_evaluations"] = stats.get("row_evaluations", 0) + (len(rows) if which is None else len(which))
         if which is None:
             gradient, loss = problem.batched(z_rows, row_targets, row_observed)
         else:

@@ -150,7 +150,9 @@ def main():
         row = {"engine": "vectorised", "victims": count, "victim_iterations_per_s": count * args.iterations / seconds,
                "seconds": seconds, "estimated_mib_per_victim": engine_memory_per_victim(stats, count),
                "rows_per_chunk": stats["rows_per_chunk"], "row_mib": stats["row_bytes"] / 2**20,
-               "optimizer_mib_per_row": stats["optimizer_bytes_per_row"] / 2**20}
+               "optimizer_mib_per_row": stats["optimizer_bytes_per_row"] / 2**20,
+               "evaluations_per_update": stats["row_evaluations"] / (stats["rows"] * args.iterations
+                                                                      * attack.updates_per_iteration)}
         if device.type == "cuda":
             row["peak_mib_per_victim"] = (torch.cuda.max_memory_allocated() - base) / count / 2**20
         rows.append(row)
@@ -171,7 +173,8 @@ def main():
     last = rows[-1]
     print(f"per row: loss and gradient {last['row_mib']:.2f} MiB, optimiser state {last['optimizer_mib_per_row']:.2f} MiB"
           f" ({attack.optimizer}{f', history {attack.history}' if attack.optimizer == 'lbfgs' else ''}); "
-          f"{last['rows_per_chunk']} rows fit in a chunk")
+          f"{last['rows_per_chunk']} rows fit in a chunk; {last['evaluations_per_update']:.2f} loss evaluations "
+          f"per row and update (the loop: 1 for Adam, about 1 for torch's L-BFGS without line search)")
     if compile_seconds is not None:
         print("compile (1-iteration call per victim count, not in the rates above): "
               + ", ".join(f"{count} victims {seconds:.1f} s" for count, seconds in compile_seconds.items()))
