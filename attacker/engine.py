@@ -4,7 +4,10 @@ All victims x restarts are rows of one optimisation. The loss of a row replays t
 training on that row's candidate images (see replay.py) and compares the weight change with the
 victim's observed one; torch.func's vmap evaluates every row in one vectorised call sharing the
 global weights. Rows are independent (per-row optimiser state and random draws), so a victim's
-result does not depend on who else is attacked with it or how the rows are chunked.
+result does not depend on who else is attacked with it or how the rows are chunked. Every iteration
+evaluates all rows of a chunk and masks the finished ones out, so the host reads device state only
+every CHECK_EVERY iterations. A victim's rows are its restarts times its label deals (which recovered
+label was in which step, when K > 1).
 
 The engine sees only what a server has: the model and global weights, the observed updates, the
 training settings it sent, the input shape and the class count. Never the clients' data.
