@@ -4,27 +4,52 @@ All victims x restarts are rows of one optimisation. The loss of a row replays t
 training on that row's candidate images (see replay.py) and compares the weight change with the
 victim's observed one; torch.func's vmap evaluates every row in one vectorised call sharing the
 global weights. Rows are independent (per-row optimiser state and random draws), so a victim's
-result does not depend on who else is attacked with it or how the rows are chunked.
+result does not depend on who else is attacked with it or how the rows are chunked. Every iteration
+evaluates all rows of a chunk and masks the finished ones out, so the host reads device state only
+every CHECK_EVERY iterations. A victim's rows are its restarts times its label deals (which recovered
+label was in which step, when K > 1).
 
 The engine sees only what a server has: the model and global weights, the observed updates, the
 training settings it sent, the input shape and the class count. Never the clients' data.
 """
+import contextlib
 import hashlib
+import itertools
+import os
+import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from .labels import mean_softmax, recover_labels
+from .labels import label_assignments, mean_softmax, recover_labels
 from .objectives import OBJECTIVES, total_variation
-from .optim import make_optimizer
+from .optim import make_optimizer, optimizer_bytes_per_row
 from .replay import LocalTraining
 from .settings import AttackConfig, TrainingSettings
 
 Params = dict[str, torch.Tensor]
 DIVERGENCE_FACTOR = 1e4  # a row whose loss grows this much above its start has diverged
+CHECK_EVERY = 10  # iterations between the engine's host syncs (divergence, progress, the end)
+MEMORY_FRACTION = 0.5  # of the free memory that one chunk of rows may take
+
+
+class Status(Enum):
+    """How a victim's attack ended; `Reconstruction.reason` says why in words."""
+
+    OK = "ok"
+    DIVERGED = "diverged"  # every restart diverged, even re-drawn
+    BAD_UPDATE = "bad-update"  # the observed update does not fit the model, or is not finite
+    OUT_OF_MEMORY = "out-of-memory"  # not even this victim alone fits
+    FAILED = "failed"  # the attack as a whole raised (set by callers that catch it)
+    SKIPPED = "skipped"  # not attacked: more images behind the update than the caller attacks (set by callers)
+
+
+class BadUpdate(ValueError):
+    """An observed update that cannot be attacked: that victim fails, the others go on."""
 
 
 @dataclass
@@ -32,15 +57,20 @@ class Reconstruction:
     """The attack's answer for one victim: its best restart, and how the restarts went."""
 
     images: torch.Tensor  # (K*B, C, H, W) in [0, 1], on the CPU
-    labels: torch.Tensor  # (K*B,)
+    labels: torch.Tensor  # (K*B,), in step order
     loss: float  # the attack's own objective at the kept restart
-    status: str = "ok"  # "ok", or why there is no result ("diverged", "error: ...")
-    restart_losses: list[float] = field(default_factory=list)
+    status: Status = Status.OK
+    reason: str = ""  # why there is no result, when status is not OK
+    restart_losses: list[float] = field(default_factory=list)  # per (label assignment, restart)
     redraws: int = 0  # restarts re-drawn after diverging
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status is Status.OK
+
+    @classmethod
+    def failure(cls, status: Status, reason: str) -> "Reconstruction":
+        return cls(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), status, reason)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -65,16 +95,20 @@ def _row_seed(seed: int, victim: int, restart: int, redraw: int) -> int:
 class _Problem:
     """The rows' shared loss: replay on candidate data, distance to the observed update, prior."""
 
-    def __init__(self, model, params, buffers, settings, attack, image_shape, num_classes):
+    def __init__(self, model, params, buffers, settings, attack, image_shape, num_classes, compile=False):
         self.replay = LocalTraining(model, params, settings, buffers)
         self.objective = OBJECTIVES[attack.objective]
         self.attack, self.settings = attack, settings
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         self.count = settings.num_images
+        self.scale = -1.0 / settings.lr  # compare updates as gradients: better conditioned than tiny changes
         self.image_dims = self.count * int(torch.Size(image_shape).numel())
         self.dims = self.image_dims + (self.count * num_classes if attack.labels == "joint" else 0)
-        self.batched = vmap(grad_and_value(self._row_loss))
+        self.eager = self.batched = vmap(grad_and_value(self._row_loss))
+        if compile:  # the memory probe stays eager: one row must not cost a compilation of its own
+            self.batched = torch.compile(self.eager, dynamic=False)
         self.model = model
+        self.parameter_count = sum(tensor.numel() for tensor in params.values())
         # the global model's mean prediction, shared by every victim's label recovery
         self.p_mean = mean_softmax(model, {**params, **buffers}, image_shape, settings.batchnorm) \
             if attack.labels == "analytic" else None
@@ -90,8 +124,7 @@ class _Problem:
         images, logits = self.split(z_row)
         targets = logits.softmax(-1) if logits is not None else fixed_targets
         change = self.replay(images, targets)
-        scale = -1.0 / self.settings.lr  # compare as gradients: better conditioned than tiny changes
-        loss = self.objective({n: change[n] * scale for n in observed}, {n: observed[n] * scale for n in observed})
+        loss = self.objective({n: change[n] * self.scale for n in observed}, observed)  # observed: pre-scaled
         if self.attack.tv_weight:
             loss = loss + self.attack.tv_weight * total_variation(images)
         return loss
@@ -99,9 +132,8 @@ class _Problem:
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if not self.attack.box:
             return z
-        z = z.clone()
-        z[:, : self.image_dims] = z[:, : self.image_dims].clamp(0, 1)
-        return z
+        pixels = torch.arange(z.shape[-1], device=z.device) < self.image_dims
+        return torch.where(pixels, z.clamp(0, 1), z)
 
     def initial_row(self, seed: int, device) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -110,6 +142,63 @@ class _Problem:
         if self.attack.labels == "joint":
             parts.append(torch.randn(self.dims - self.image_dims, generator=generator))
         return torch.cat(parts).to(device)
+
+    def row_bytes(self, device: torch.device, observed: Params, targets: torch.Tensor) -> int:
+        """Memory one row's loss and gradient take: measured on CUDA, estimated from tensor sizes on the CPU."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            z = self.initial_row(0, device).unsqueeze(0)
+            self.eager(z, targets.unsqueeze(0).to(device), {n: t.unsqueeze(0) * self.scale for n, t in observed.items()})
+            torch.cuda.synchronize(device)
+            return max(1, torch.cuda.max_memory_allocated(device) - base)
+        # activations of one forward on a batch, kept for the double backward of every replayed step,
+        # and per-row copies of the weights (one per step, plus their gradients and the observed update);
+        # 12 per activation matches the process peak measured for ResNet-20 (docs/attacks.md) within 10%
+        activations = 0
+
+        def count(module, inputs, output):
+            nonlocal activations
+            if isinstance(output, torch.Tensor) and not list(module.children()):
+                activations += output.numel()
+
+        model = self.replay.model
+        hooks = [module.register_forward_hook(count) for module in model.modules()]
+        try:
+            with torch.no_grad():
+                batch = torch.zeros(self.settings.batch_size, *self.image_shape, device=device)
+                torch.func.functional_call(model, {**self.replay.params, **self.replay.buffers}, (batch,))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        steps = self.settings.total_steps
+        return 4 * (steps * (12 * activations + 4 * self.parameter_count) + 2 * self.parameter_count + 4 * self.dims)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _precision(objective: str):
+    """TF32 off for the L2 objective, whose tiny differences of updates TF32's 10-bit mantissa would
+    swamp; allowed for cosine (scale-free, and IG's Adam reads only the gradient's sign). Restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = objective == "cosine"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def invert(
@@ -127,13 +216,19 @@ def invert(
     device: str | torch.device = "auto",
     max_rows: int | None = None,
     progress: bool = False,
+    compile: bool = False,
+    stats: dict | None = None,
 ) -> list[Reconstruction]:
     """Reconstructs the K x B images and labels behind each update (weight change = new - global).
 
     `victim_ids` name the victims for seeding (default 0..V-1): the same id, seed and update give the
-    same reconstruction whatever else is in the call. `max_rows` caps victim-restarts optimised at once;
-    on out-of-memory the engine halves it and goes on. A victim whose update cannot be attacked (it
-    does not fit the model, or its attack raises) gets status "error: ..." and the others go on.
+    same reconstruction whatever else is in the call. Rows are chunked to fit MEMORY_FRACTION of the
+    free memory (measured for one row first), at most `max_rows` at once; on out-of-memory the chunk
+    is halved. A victim whose update does not fit the model gets status BAD_UPDATE, one that does not
+    fit in memory alone OUT_OF_MEMORY, and the others go on; any other exception is a bug and raises.
+    `compile` runs the batched row loss through torch.compile. `stats`, if given, receives the row
+    memory, the chunk size, the rows' loss evaluations and the seconds spent in the first evaluation
+    (compilation, if any).
     """
     if not updates:
         return []
@@ -141,120 +236,187 @@ def invert(
     victim_ids = list(range(len(updates))) if victim_ids is None else list(victim_ids)
     if len(victim_ids) != len(updates):
         raise ValueError("victim_ids and updates differ in length")
+    with _precision(attack.objective):
+        return _invert(model, global_params, updates, settings, attack, image_shape, num_classes, iterations,
+                       seed, victim_ids, device, max_rows, progress, compile, {} if stats is None else stats)
+
+
+def _invert(model, global_params, updates, settings, attack, image_shape, num_classes, iterations, seed,
+            victim_ids, device, max_rows, progress, compile, stats):
     names = [name for name, _ in model.named_parameters()]
     params = {name: global_params[name].detach().to(device, torch.float32) for name in names}
     buffers = {name: global_params[name].detach().to(device)
                for name, _ in model.named_buffers() if name in global_params}
-    problem = _Problem(model, params, buffers, settings, attack, image_shape, num_classes)
-    errors: dict[int, str] = {}
+    problem = _Problem(model, params, buffers, settings, attack, image_shape, num_classes, compile)
+    failures: dict[int, Reconstruction] = {}
     observed, targets = {}, {}
     for v, update in enumerate(updates):
         try:
-            observed[v], targets[v] = _prepare(problem, params, update, names)
-        except Exception as error:  # a malformed update must not stop the other victims
-            errors[v] = _describe(error)
+            observed[v] = _check_update(params, update, names)
+        except BadUpdate as error:  # a malformed update must not stop the other victims
+            failures[v] = Reconstruction.failure(Status.BAD_UPDATE, str(error))
+            continue
+        targets[v] = _targets(problem, params, observed[v], seed, victim_ids[v])
+    if not observed:
+        return [failures[v] for v in range(len(updates))]
     budget = iterations * attack.updates_per_iteration
-    bar = tqdm(total=len(observed) * attack.restarts * budget, desc=f"{attack.name} x{len(updates)}",
+    rows_of = {v: len(targets[v]) * attack.restarts for v in observed}
+    first = next(iter(observed))
+    row_bytes = problem.row_bytes(device, observed[first], targets[first][0])
+    optimizer_bytes = optimizer_bytes_per_row(attack.optimizer, problem.dims, attack.history)
+    capacity = max(1, int(MEMORY_FRACTION * _free_memory(device) // (row_bytes + optimizer_bytes)))
+    capacity = min(capacity, max_rows or capacity)
+    stats.update(row_bytes=row_bytes, optimizer_bytes_per_row=optimizer_bytes, rows_per_chunk=capacity,
+                 rows=sum(rows_of.values()))
+    bar = tqdm(total=sum(rows_of.values()) * budget, desc=f"{attack.name} x{len(updates)}",
                unit="it", disable=not progress, leave=False)
     results: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
-    pending = list(observed)
-    per_chunk = max(1, (max_rows or len(pending) * attack.restarts) // attack.restarts)  # whole victims
+    pending, limit = list(observed), capacity
     while pending:
-        part = pending[:per_chunk]
-        rows = [(v, r) for v in part for r in range(attack.restarts)]
+        part = list(itertools.takewhile(_Budget(limit, rows_of), pending)) or pending[:1]  # whole victims
+        rows = [(v, a, r) for v in part for a in range(len(targets[v])) for r in range(attack.restarts)]
         try:
-            results.update(_optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device, bar))
-        except Exception as error:
+            results.update(_optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device,
+                                     bar, stats))
+        except torch.OutOfMemoryError:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(part) > 1:  # out of memory: halve the chunk; any other error: isolate the victim
-                per_chunk = max(1, per_chunk // 2) if isinstance(error, torch.OutOfMemoryError) else 1
+            if len(part) > 1:  # halve the chunk and try again
+                limit = max(1, sum(rows_of[v] for v in part) // 2)
                 continue
-            errors[part[0]] = _describe(error)
+            failures[part[0]] = Reconstruction.failure(Status.OUT_OF_MEMORY, "out of memory even for this victim alone")
+            limit = capacity  # one victim too large says nothing about the next chunk
         pending = pending[len(part):]
     bar.close()
-    return [Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), errors[v])
-            if v in errors else _best(problem, v, attack, results, targets[v]) for v in range(len(updates))]
+    return [failures[v] if v in failures else _best(problem, v, attack, results, targets[v])
+            for v in range(len(updates))]
 
 
-def _prepare(problem: _Problem, params, update, names):
-    """A victim's observed update on the device, checked against the model, and its label targets."""
+class _Budget:
+    """takewhile predicate: victims while their rows fit in `limit`."""
+
+    def __init__(self, limit: int, rows_of: dict[int, int]):
+        self.left, self.rows_of = limit, rows_of
+
+    def __call__(self, victim: int) -> bool:
+        self.left -= self.rows_of[victim]
+        return self.left >= 0
+
+
+def _check_update(params: Params, update: Params, names: list[str]) -> Params:
+    """A victim's observed update on the device, checked against the model, before any work."""
+    if not isinstance(update, dict):
+        raise BadUpdate(f"the update is a {type(update).__name__}, not a dict of tensors")
     observed = {}
     for name in names:
         if name not in update:
-            raise ValueError(f"update has no {name!r}")
-        tensor = update[name].detach().to(params[name].device, torch.float32)
+            raise BadUpdate(f"update has no {name!r}")
+        tensor = update[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise BadUpdate(f"{name!r} is a {type(tensor).__name__}, not a tensor")
         if tensor.shape != params[name].shape:
-            raise ValueError(f"{name!r} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+            raise BadUpdate(f"{name!r} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+        tensor = tensor.detach().to(params[name].device, torch.float32)
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"{name!r} is not finite")
+            raise BadUpdate(f"{name!r} is not finite")
         observed[name] = tensor
-    if problem.attack.labels == "analytic":
-        labels = recover_labels(problem.model, params, observed, problem.settings, problem.image_shape,
-                                problem.num_classes, problem.p_mean)
-        return observed, nn.functional.one_hot(labels, problem.num_classes).float()
-    return observed, torch.zeros(problem.count, problem.num_classes)
+    return observed
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return "error: out of memory even for one victim"
-    return f"error: {error.__class__.__name__}: {error}"
+def _targets(problem: _Problem, params, observed, seed: int, victim_id: int) -> list[torch.Tensor]:
+    """The label targets of a victim's rows: one (K*B, classes) tensor per assignment of the
+    recovered labels to steps (fixed), or a placeholder when the labels are learnt jointly."""
+    if problem.attack.labels != "analytic":
+        return [torch.zeros(problem.count, problem.num_classes, device=observed[next(iter(observed))].device)]
+    labels = recover_labels(problem.model, params, observed, problem.settings, problem.image_shape,
+                            problem.num_classes, problem.p_mean)
+    assignments = label_assignments(labels, problem.settings.steps_per_epoch, problem.settings.batch_size,
+                                    problem.attack.label_assignments, _row_seed(seed, victim_id, -1, 0))
+    return [nn.functional.one_hot(a, problem.num_classes).float().to(labels.device) for a in assignments]
 
 
-def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device, bar):
-    """Runs one chunk of rows to the end; returns {(victim, restart): (z, loss, redraws)}."""
-    row_targets = torch.stack([targets[v] for v, _ in rows]).to(device)
-    row_observed = {name: torch.stack([observed[v][name] for v, _ in rows]) for name in observed[rows[0][0]]}
+def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed, device, bar, stats):
+    """Runs one chunk of rows to the end; returns {(victim, assignment, restart): (z, loss, redraws)}.
+
+    An iteration is the same few kernels for every row, inactive ones masked out: the host only looks
+    at the rows every CHECK_EVERY iterations (to re-draw diverged ones, move the progress bar, stop).
+    """
+    row_targets = torch.stack([targets[v][a] for v, a, _ in rows]).to(device)
+    row_observed = {name: torch.stack([observed[v][name] for v, _, _ in rows]) * problem.scale
+                    for name in observed[rows[0][0]]}
     redraws = [0] * len(rows)
 
     def draw(i: int) -> torch.Tensor:
-        v, r = rows[i]
+        v, _, r = rows[i]
         return problem.initial_row(_row_seed(seed, victim_ids[v], r, redraws[i]), device)
 
-    def evaluate(z_rows: torch.Tensor, which: torch.Tensor):
-        if len(which) == len(rows):
+    def evaluate(z_rows: torch.Tensor, which: torch.Tensor | None = None):
+        """Every row, or the rows `which` (L-BFGS's line-search retries): one gather per tensor."""
+        stats["row_evaluations"] = stats.get("row_evaluations", 0) + (len(rows) if which is None else len(which))
+        if which is None:
             gradient, loss = problem.batched(z_rows, row_targets, row_observed)
         else:
-            subset = {name: tensor[which] for name, tensor in row_observed.items()}
-            gradient, loss = problem.batched(z_rows, row_targets[which], subset)
+            gradient, loss = problem.eager(z_rows, row_targets.index_select(0, which),
+                                           {name: tensor.index_select(0, which) for name, tensor in row_observed.items()})
         return loss.detach(), gradient.detach()
 
     z = problem.project(torch.stack([draw(i) for i in range(len(rows))]))
-    everyone = torch.arange(len(rows), device=device)
-    loss, gradient = evaluate(z, everyone)
+    started = time.perf_counter()
+    loss, gradient = evaluate(z)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.setdefault("first_evaluation_seconds", time.perf_counter() - started)
     reference = loss.clone()
-    optimizer = make_optimizer(attack.optimizer, z, attack.lr, budget, attack.lr_decay)
+    optimizer = make_optimizer(attack.optimizer, z, attack.lr, budget, attack.lr_decay, attack.history)
     steps = torch.zeros(len(rows), dtype=torch.long, device=device)
     alive = torch.ones(len(rows), dtype=torch.bool, device=device)
-    while (active := alive & (steps < budget) & ~optimizer.converged).any():
+    diverged = torch.zeros_like(alive)
+    shown, iteration = 0, 0
+    while True:
+        active = alive & ~diverged & (steps < budget) & ~optimizer.converged
         z, loss, gradient = optimizer.step(z, loss, gradient, evaluate, active, problem.project)
-        steps[active] += 1
-        bar.update(int(active.sum()) + int((budget - steps[active & optimizer.converged]).sum()))
-        diverged = active & (~torch.isfinite(loss) | ~torch.isfinite(z).all(1)
-                             | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12)))
-        for i in diverged.nonzero().flatten().tolist():
-            bar.update(-int(steps[i]))
-            if redraws[i] >= attack.max_redraws:
-                alive[i] = False
-                continue
-            redraws[i] += 1
-            z[i] = problem.project(draw(i).unsqueeze(0))[0]
-            optimizer.reset(torch.tensor([i], device=device))
-            steps[i] = 0
-            loss[i:i + 1], gradient[i:i + 1] = evaluate(z[i:i + 1], torch.tensor([i], device=device))
-            reference[i] = loss[i]
+        steps = steps + active.long()
+        diverged = diverged | (active & (~torch.isfinite(loss) | ~torch.isfinite(z).all(1)
+                                         | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12))))
+        iteration += 1
+        if iteration % CHECK_EVERY and iteration != budget:
+            continue
+        flagged = diverged.nonzero().flatten().tolist()  # host sync, once per CHECK_EVERY iterations
+        if flagged:
+            fresh = torch.zeros_like(alive)
+            for i in flagged:
+                if redraws[i] >= attack.max_redraws:
+                    alive[i] = False
+                    continue
+                redraws[i] += 1
+                z[i] = problem.project(draw(i).unsqueeze(0))[0]
+                fresh[i] = True
+            optimizer.reset(fresh)
+            steps = torch.where(fresh, 0, steps)
+            new_loss, new_gradient = evaluate(z)
+            loss, reference = torch.where(fresh, new_loss, loss), torch.where(fresh, new_loss, reference)
+            gradient = torch.where(fresh.unsqueeze(1), new_gradient, gradient)
+            diverged = torch.zeros_like(diverged)
+        finished = ~alive | optimizer.converged
+        done = int(torch.where(finished, budget, steps.clamp(max=budget)).sum())
+        bar.update(done - shown)
+        shown = done
+        if not bool((alive & (steps < budget) & ~optimizer.converged).any()):
+            break
     loss = torch.where(alive, loss, torch.full_like(loss, float("inf")))
-    return {rows[i]: (z[i].detach().cpu(), float(loss[i]), redraws[i]) for i in range(len(rows))}
+    z, loss = z.detach().cpu(), loss.cpu()
+    return {rows[i]: (z[i], float(loss[i]), redraws[i]) for i in range(len(rows))}
 
 
 def _best(problem: _Problem, victim: int, attack: AttackConfig, results, targets) -> Reconstruction:
-    candidates = [results[(victim, r)] for r in range(attack.restarts)]
-    losses = [loss for _, loss, _ in candidates]
-    redraws = sum(n for _, _, n in candidates)
-    best = min(range(len(candidates)), key=lambda r: losses[r])
-    z = candidates[best][0]
+    keys = [(victim, a, r) for a in range(len(targets)) for r in range(attack.restarts)]
+    losses = [results[key][1] for key in keys]
+    redraws = sum(results[key][2] for key in keys)
+    best = min(range(len(keys)), key=lambda k: losses[k])
+    z = results[keys[best]][0]
     images, logits = problem.split(z)
-    labels = (logits if logits is not None else targets).argmax(-1)
-    status = "ok" if torch.isfinite(torch.tensor(losses[best])) else "diverged"
-    return Reconstruction(images.clamp(0, 1), labels, losses[best], status, losses, redraws)
+    labels = (logits if logits is not None else targets[keys[best][1]].cpu()).argmax(-1)
+    if not torch.isfinite(torch.tensor(losses[best])):
+        return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.DIVERGED,
+                              "every restart of the attack diverged", losses, redraws)
+    return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.OK, "", losses, redraws)

@@ -16,6 +16,8 @@ PyTorch's initialisation, 0/10 at lr 0.05 or from the DLG paper's U(-0.5, 0.5) i
 large weights move p at once); or a last layer without a bias (then the weight rows' sums rank the
 classes, which assumes non-negative features).
 """
+import itertools
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -73,3 +75,32 @@ def _fill(signal: torch.Tensor, estimate: torch.Tensor, count: int) -> torch.Ten
     while counts.sum() < count:
         counts[torch.argmax(estimate - counts)] += 1
     return torch.repeat_interleave(torch.arange(len(signal)), counts)
+
+
+def label_assignments(labels: torch.Tensor, steps: int, batch: int, limit: int, seed: int) -> list[torch.Tensor]:
+    """Distinct ways to deal the recovered K x B labels into K steps of B (the last one shorter when B does
+    not divide their count, as in epochs mode), at most `limit`.
+
+    The bias update gives the multiset of labels, not which step saw which; with K > 1 the replay
+    depends on it. The first assignment is the sorted one; the others are all distinct ones when
+    there are few, else distinct random ones drawn from `seed`. Each is returned in step order.
+    """
+    labels = labels.cpu()
+
+    def canonical(order) -> tuple:
+        return tuple(tuple(sorted(order[s * batch:min((s + 1) * batch, len(order))])) for s in range(steps))
+
+    found = {canonical(labels.tolist()): None}
+    if steps > 1 and limit > 1:
+        if len(labels) <= 7:  # at most 5040 orders: enumerate them all, in a seeded order
+            candidates = list(itertools.permutations(labels.tolist()))
+            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+            draws = (candidates[i] for i in order.tolist())
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            draws = (labels[torch.randperm(len(labels), generator=generator)].tolist() for _ in range(50 * limit))
+        for candidate in draws:
+            found.setdefault(canonical(candidate), None)
+            if len(found) >= limit:
+                break
+    return [torch.tensor([label for step in assignment for label in step]) for assignment in found]

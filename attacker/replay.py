@@ -59,17 +59,22 @@ class LocalTraining:
         return soft_cross_entropy(functional_call(self.model, {**params, **self.buffers}, (images,)), targets)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
-        """images (K*B, C, H, W) in step order, targets (K*B, classes) -> weight change per parameter."""
+        """images (n, C, H, W) in step order, targets (n, classes) -> weight change per parameter.
+
+        Each epoch visits the same n images in the same order, in the settings' batches (the last one short
+        when B does not divide n): the client's own shuffle in epochs mode is unknown, so this is the order
+        the attack assumes.
+        """
         s = self.settings
-        images = images.reshape(s.local_steps, s.batch_size, *images.shape[1:])
-        targets = targets.reshape(s.local_steps, s.batch_size, *targets.shape[1:])
         params, velocity = self.params, None
         for _ in range(s.epochs):
-            for step in range(s.local_steps):
-                gradient = self._grad(params, images[step], targets[step])
+            for batch in s.batch_slices():
+                gradient = self._grad(params, images[batch], targets[batch])
                 if s.proximal_mu:  # FedProx: the gradient of mu/2 ||w - w_global||^2 joins the loss's
                     gradient = {name: gradient[name] + s.proximal_mu * (params[name] - self.params[name])
                                 for name in gradient}
+                if s.weight_decay:  # torch.optim.SGD's weight decay, before momentum
+                    gradient = {name: gradient[name] + s.weight_decay * params[name] for name in gradient}
                 if s.momentum:
                     velocity = gradient if velocity is None else {
                         name: s.momentum * velocity[name] + gradient[name] for name in gradient}

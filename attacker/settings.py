@@ -40,6 +40,9 @@ class AttackConfig:
     updates_per_iteration: int = 1  # optimiser updates in one iteration (20 for L-BFGS, as the DLG code's step())
     restarts: int = 1  # random initialisations per victim; the best by the attack's own loss is kept
     max_redraws: int = 4  # re-drawn restarts per diverged restart before it is given up
+    history: int = 100  # L-BFGS curvature pairs per row (torch.optim.LBFGS's default, as the DLG code)
+    label_assignments: int = 8  # with K > 1 and recovered labels: ways of dealing them into steps, each with
+    #                             its own restarts; the best by the attack's own loss is kept
 
     def __post_init__(self):
         for field, kind in (("objective", Objective), ("optimizer", Optimizer), ("labels", LabelStrategy)):
@@ -47,8 +50,9 @@ class AttackConfig:
                 object.__setattr__(self, field, kind(getattr(self, field)))
             except ValueError:
                 raise ValueError(f"{field} must be one of {', '.join(kind)}, got {getattr(self, field)!r}") from None
-        if self.restarts < 1:
-            raise ValueError("restarts must be at least 1")
+        for field in ("restarts", "history", "label_assignments"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
 
 
 PRESETS: dict[str, AttackConfig] = {

@@ -5,7 +5,7 @@ fl_sim/summary.py (`summarise`, re-exported here), which counts failed attacks r
 """
 from pathlib import Path
 
-from attacker import Reconstruction
+from attacker import Reconstruction, Status
 
 from . import metrics
 from .outputs import save_images
@@ -14,13 +14,18 @@ from .summary import RECOVERED_DB, recovered_key, summarise
 __all__ = ["score_and_save", "summarise"]
 
 
+def failure_status(result: Reconstruction) -> str:
+    """A failed victim's row status: "diverged", "skipped" (not attacked: too many images) or "attack-error"."""
+    return {Status.DIVERGED: "diverged", Status.SKIPPED: "skipped"}.get(result.status, "attack-error")
+
+
 def score_and_save(result: Reconstruction, true_images, true_labels, folder: Path | None) -> dict:
     """One victim's metrics row; with `folder`, its truth.png and (matched) reconstruction.png too.
 
     A failed attack's row has no PSNR, SSIM or MSE (None) and recovered nothing: none of its images,
     none of its labels."""
     if not result.ok:
-        row = {"status": result.status, "psnr": None, "ssim": None, "mse": None,
+        row = {"status": failure_status(result), "reason": result.reason, "psnr": None, "ssim": None, "mse": None,
                **{recovered_key(db): 0.0 for db in RECOVERED_DB},
                "label_share": 0.0, "label_exact": 0.0, "label_acc": 0.0}
     else:

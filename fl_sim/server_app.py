@@ -31,7 +31,7 @@ from attacker import Reconstruction, resolve_device
 from .accuracy import evaluate_model
 from .config import attack_config, check_run
 from .data import cached_dataset, image_spec
-from .evaluation import score_and_save, summarise
+from .evaluation import failure_status, score_and_save, summarise
 from .gallery import AGGREGATE, client_folder, write_gallery
 from .models import build_model
 from .outputs import append_jsonl, inside, write_json
@@ -85,7 +85,7 @@ class Scoreboard:
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
             if not result.ok:
-                row["status"], row["reason"] = attack_failure(result.status)
+                row["status"], row["reason"] = attack_failure(result)
             append_jsonl(self.out / "metrics.jsonl", row)
             rows.append(row)
         summary = summarise(rows)
@@ -102,15 +102,9 @@ class Scoreboard:
                 "psnr": None, "ssim": None, "mse": None, "label_acc": None})
 
 
-def attack_failure(status: str) -> tuple[str, str]:
+def attack_failure(result: Reconstruction) -> tuple[str, str]:
     """The engine's status of a failed victim as a row's (status, reason)."""
-    if status.startswith("error: "):
-        return "attack-error", status.removeprefix("error: ")
-    if status == "diverged":
-        return "diverged", "every restart of the attack diverged"
-    if status.startswith("skipped: "):
-        return "skipped", status.removeprefix("skipped: ")
-    return status, status
+    return failure_status(result), result.reason
 
 
 class RoundEnd:

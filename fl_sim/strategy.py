@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from torch import nn
 
-from attacker import AttackConfig, Reconstruction, invert
+from attacker import AttackConfig, Reconstruction, Status, invert
 
 from .records import ReplyStatus
 from .protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TrainingSettings, TrainMode
@@ -251,7 +251,7 @@ class InvertingStrategy(Strategy):
                                progress=attack.progress)
             except Exception as error:  # a failed attack must not stop the federation: report it per victim
                 log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-                found = [failed(f"error: {type(error).__name__}: {error}") for _ in members]
+                found = [failed(f"{type(error).__name__}: {error}") for _ in members]
             for index, result in zip(members, found):
                 results[index] = result
         names = parameter_names(attack.model)
@@ -334,9 +334,9 @@ def round_seed(seed: int, server_round: int) -> int:
     return int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
 
 
-def failed(status: str) -> Reconstruction:
-    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), status)
+def failed(reason: str, status: Status = Status.FAILED) -> Reconstruction:
+    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), status, reason)
 
 
 def skipped(reason: str) -> Reconstruction:
-    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), f"skipped: {reason}")
+    return failed(reason, Status.SKIPPED)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacker import AttackConfig, TrainingSettings, engine, get_attack, invert
+from attacker import AttackConfig, Status, TrainingSettings, engine, get_attack, invert
 from clients.training import local_train
 from fl_sim.updates import weight_change, weights
 from fl_sim.data import load_dataset
@@ -50,7 +50,7 @@ def test_diverged_restarts_are_redrawn_and_never_reported():
     reckless = AttackConfig("reckless", objective="l2", optimizer="adam", labels="analytic", lr=10.0, max_redraws=2)
     [result] = invert(model, before, [update], settings, reckless, image_shape=(1, 4, 4), num_classes=3,
                       iterations=20, device="cpu")
-    assert result.status == "diverged" and not result.ok
+    assert result.status is Status.DIVERGED and not result.ok and "diverged" in result.reason
     assert result.redraws == 2  # re-drawn twice, then given up
     assert result.restart_losses == [float("inf")]
 
@@ -81,8 +81,7 @@ def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist, monkeypatch):
     assert result.loss == losses[best] and result.restart_losses == [losses[r] for r in range(3)]
 
 
-@pytest.mark.parametrize("attack_name,iterations", [("ig", 25), ("idlg", 2), ("dlg", 2)])
-def test_a_victim_alone_or_among_others_gets_the_same_reconstruction(mnist, attack_name, iterations):
+def _alone_or_among_others(mnist, attack_name, iterations, device):
     """Rows are independent: only float rounding of batched kernels differs. L-BFGS's line search can
     amplify it a little in a chaotic early phase, so agreement is asked at 40 dB (0.01 RMS pixel error)."""
     images, labels = mnist.tensors(range(3))
@@ -90,13 +89,24 @@ def test_a_victim_alone_or_among_others_gets_the_same_reconstruction(mnist, atta
     settings = TrainingSettings(lr=0.1)
     model, before, updates = _victims("lenet", images, labels, settings, init="paper")
     attack = get_attack(attack_name, restarts=2)
-    common = dict(image_shape=(1, 14, 14), num_classes=10, iterations=iterations, seed=7, device="cpu")
+    common = dict(image_shape=(1, 14, 14), num_classes=10, iterations=iterations, seed=7, device=device)
     together = invert(model, before, updates, settings, attack, **common)
     alone = invert(model, before, updates[1:2], settings, attack, victim_ids=[1], **common)
     chunked = invert(model, before, updates, settings, attack, max_rows=2, **common)
     assert psnr(together[1].images, alone[0].images) > 40
     assert all(psnr(a.images, b.images) > 40 for a, b in zip(together, chunked))
     assert psnr(together[1].images, together[2].images) < 30
+
+
+@pytest.mark.parametrize("attack_name,iterations", [("ig", 25), ("idlg", 2), ("dlg", 2)])
+def test_a_victim_alone_or_among_others_gets_the_same_reconstruction(mnist, attack_name, iterations):
+    _alone_or_among_others(mnist, attack_name, iterations, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the same promise on the GPU")
+@pytest.mark.parametrize("attack_name,iterations", [("ig", 25), ("idlg", 2), ("dlg", 2)])
+def test_a_victim_alone_or_among_others_gets_the_same_reconstruction_on_cuda(mnist, attack_name, iterations):
+    _alone_or_among_others(mnist, attack_name, iterations, "cuda")
 
 
 def test_idlg_recovers_real_mnist_digits(mnist):
@@ -119,6 +129,52 @@ def test_a_malformed_update_fails_alone_and_the_others_go_on(mnist):
     updates[2] = {name: tensor * float("nan") for name, tensor in updates[2].items()}
     results = invert(model, before, updates, settings, get_attack("ig"), image_shape=(1, 14, 14), num_classes=10,
                      iterations=3, device="cpu")
-    assert results[0].status.startswith("error:") and "shape" in results[0].status
-    assert results[2].status.startswith("error:") and "not finite" in results[2].status
+    assert results[0].status is Status.BAD_UPDATE and "shape" in results[0].reason
+    assert results[2].status is Status.BAD_UPDATE and "not finite" in results[2].reason
     assert results[1].ok and results[1].images.shape == (1, 1, 14, 14)
+
+
+class BuggyModel(nn.Module):
+    """A model with a programming error on its training path (the forwards that size memory run
+    without gradients): a bug, not a bad victim."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1))
+        return out + self.missing_attribute if torch.is_grad_enabled() else out
+
+
+def test_a_bug_in_the_attack_raises_instead_of_failing_every_victim():
+    model = BuggyModel()
+    before = weights(model)
+    update = {name: torch.zeros_like(tensor) for name, tensor in before.items()}
+    attack = AttackConfig("plain", objective="l2", optimizer="adam", labels="joint")
+    with pytest.raises(AttributeError, match="missing_attribute"):
+        invert(model, before, [update, update], TrainingSettings(lr=0.1), attack, image_shape=(1, 4, 4),
+               num_classes=3, iterations=2, device="cpu")
+
+
+def test_out_of_memory_isolates_one_victim_then_full_chunks_again(mnist, monkeypatch):
+    """A victim that does not fit alone fails with OUT_OF_MEMORY; the chunks after it are full again."""
+    images, labels = mnist.tensors(range(6))
+    images = images[:, :, ::2, ::2].contiguous()
+    settings = TrainingSettings(lr=0.1)
+    model, before, updates = _victims("lenet", images, labels, settings)
+    real, chunks = engine._optimise, []
+
+    def optimise(problem, rows, *args):
+        victims = sorted({v for v, _, _ in rows})
+        chunks.append(victims)
+        if 1 in victims:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(problem, rows, *args)
+
+    monkeypatch.setattr(engine, "_optimise", optimise)
+    results = invert(model, before, updates, settings, get_attack("ig", restarts=1), image_shape=(1, 14, 14),
+                     num_classes=10, iterations=2, device="cpu", max_rows=2)
+    assert results[1].status is Status.OUT_OF_MEMORY and not results[1].ok
+    assert all(r.ok for i, r in enumerate(results) if i != 1)
+    assert chunks == [[0, 1], [0], [1], [2, 3], [4, 5]]

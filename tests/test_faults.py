@@ -5,7 +5,7 @@ import torch
 from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord
 
-from attacker import TrainingSettings
+from attacker import Status, TrainingSettings
 from clients.app import make_client_app
 from fl_sim.protocol import PARTITION_ID
 from fl_sim import cli
@@ -106,7 +106,9 @@ def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons
     scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data),
                                       train_mode="steps", batch_size=1, model="lenet"))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
-    scoreboard.record_attack(2, [Victim((1,)), Victim((2,))], [failed("error: ValueError: update has no 'fc.weight'"), failed("diverged")],
+    scoreboard.record_attack(2, [Victim((1,)), Victim((2,))],
+                             [failed("ValueError: update has no 'fc.weight'", Status.BAD_UPDATE),
+                              failed("every restart of the attack diverged", Status.DIVERGED)],
                              update_norms=[0.5, 0.7], seconds=1.0)
     rows = {row["client"]: row for row in read_jsonl(tmp_path / "metrics.jsonl")}
     assert {client: (row["round"], row["status"], row["reason"]) for client, row in rows.items()} == {

@@ -82,3 +82,19 @@ def test_naive_view_is_one_big_step():
         TrainingSettings(lr=0)
     with pytest.raises(ValueError, match="batch-size"):
         TrainingSettings(lr=0.1, batch_size=0)
+
+
+def test_the_replay_of_an_epochs_client_with_a_short_last_batch_momentum_and_decay_matches_its_training():
+    """Epochs mode, n = 10 at B = 4 (batches 4, 4, 2), two epochs in the order the attack assumes."""
+    settings = TrainingSettings(lr=0.1, batch_size=4, epochs=2, mode="epochs", momentum=0.5,
+                                weight_decay=0.01).for_shard(10)
+    model, generator = build_model("lenet", 1, 28, 10, seed=1), torch.Generator().manual_seed(0)
+    start = weights(model)
+    images, labels = torch.rand(10, 1, 28, 28, generator=generator), torch.randint(0, 10, (10,), generator=generator)
+    local_train(model, images, labels, settings)  # no order_seed: the given order, every epoch
+    trained = weight_change(start, weights(model))
+    names = [name for name, _ in model.named_parameters()]
+    replayed = LocalTraining(build_model("lenet", 1, 28, 10, seed=1), {name: start[name] for name in names},
+                             settings)(images, torch.nn.functional.one_hot(labels, 10).float())
+    for name in names:
+        torch.testing.assert_close(replayed[name], trained[name], rtol=1e-4, atol=1e-6)
