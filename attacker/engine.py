@@ -37,6 +37,8 @@ class Reconstruction:
     status: str = "ok"  # "ok", or why there is no result ("diverged", "error: ...")
     restart_losses: list[float] = field(default_factory=list)
     redraws: int = 0  # restarts re-drawn after diverging
+    # per image, for the analytic attacks (attacker/analytic.py): confirmed, unconfirmed or unrecovered
+    image_status: list[str] | None = None
 
     @property
     def ok(self) -> bool:
