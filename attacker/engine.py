@@ -63,6 +63,8 @@ class Reconstruction:
     reason: str = ""  # why there is no result, when status is not OK
     restart_losses: list[float] = field(default_factory=list)  # per (label assignment, restart)
     redraws: int = 0  # restarts re-drawn after diverging
+    # per image, for the analytic attacks (attacker/analytic.py): confirmed, unconfirmed or unrecovered
+    image_status: list[str] | None = None
 
     @property
     def ok(self) -> bool:

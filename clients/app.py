@@ -89,7 +89,7 @@ ORDER_STREAM = 2  # keeps the shuffle's draws apart from the defense's
 def received_model(global_weights: dict, config: RunConfig, dataset) -> torch.nn.Module:
     """The configured architecture holding the weights the server sent; on the GPU if this worker has one."""
     (channels, size, _), classes = image_spec(dataset)
-    model = build_model(config.model, channels, size, classes)
+    model = build_model(config.model, channels, size, classes, imprint=config.imprint_rows)
     model.load_state_dict(global_weights)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 

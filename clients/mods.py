@@ -77,11 +77,11 @@ def with_content(reply: Message, arrays: dict, metrics: dict) -> Message:
 
 
 @functools.lru_cache(maxsize=8)
-def _parameter_names(model: str, dataset: str, data_root: str | None) -> tuple[str, ...]:
+def _parameter_names(model: str, dataset: str, data_root: str | None, imprint: int) -> tuple[str, ...]:
     (channels, size, _), classes = image_spec(cached_dataset(dataset, data_root, True))
-    return tuple(parameter_names(build_model(model, channels, size, classes)))
+    return tuple(parameter_names(build_model(model, channels, size, classes, imprint=imprint)))
 
 
 def model_parameters(config: RunConfig) -> list[str]:
     """The names of the model's trained entries: the defense changes those, never batch-norm statistics."""
-    return list(_parameter_names(config.model, config.dataset, config.data_root))
+    return list(_parameter_names(config.model, config.dataset, config.data_root, config.imprint_rows))

@@ -7,6 +7,10 @@ only the victims' mean update, attacked as one victim holding all their images.
 
 --out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
 if it holds nothing but what fl-sim attack or a sweep point writes).
+
+With `--attack imprint|trap` the server is malicious (fl_sim/active.py): the victims train the weights
+it armed (with the imprint, the architecture holds the imprint block), and the analytic attack reads
+their images off the updates (attacker/analytic.py).
 """
 import argparse
 import re
@@ -24,7 +28,9 @@ from clients.training import local_train
 from . import config
 from .data import load_dataset
 from .evaluation import score_and_save, summarise
+from .active import build_attack, public_images
 from .models import build_model
+from .run_config import ACTIVE_ATTACKS, RunConfig
 from .outputs import rewrite_jsonl, write_json
 from .updates import mean_update, parameter_names, update_norm, weight_change, weights
 from .summary import RECOVERED_DB, recovered_key
@@ -56,7 +62,7 @@ def check(args) -> None:
         raise config.ConfigError("--defense secagg is attacked in fedsgd or steps mode: the mean of epochs-mode "
                                  "updates has no single training to replay")
     if args.attack == "none":
-        raise config.ConfigError("fl-sim attack needs an attack: choose one of dlg, idlg, ig")
+        raise config.ConfigError("fl-sim attack needs an attack: choose one of dlg, idlg, ig, imprint, trap")
     if args.num_victims < 1:
         raise config.ConfigError(f"--num-victims must be at least 1, got {args.num_victims}")
     if args.victims_at_once is not None and args.victims_at_once < 1:
@@ -110,30 +116,38 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
-    model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed)
+    active = args.attack in ACTIVE_ATTACKS
+    rows = RunConfig(attack=args.attack, imprint_bins=args.imprint_bins).imprint_rows
+    model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed, imprint=rows)
     global_weights = weights(model)
+    seen = settings.for_mean_of(args.num_victims) if defense.secure_aggregation else settings
+    if active:  # the malicious server sends armed weights; it calibrates them on its own (test) split
+        public = public_images(load_dataset(args.dataset, args.data_root, train=False), seed=args.seed)
+        server = build_attack(args.attack, model, public, blocks=args.imprint_blocks, seed=args.seed)
+        global_weights, readout = server.arm(global_weights, seen)
     parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
     updates, truth = [], []
     for victim, examples in enumerate(indices):
         images, labels = dataset.tensors(examples)
-        client = build_model(args.model, *shape[:2], dataset.num_classes, init="default")
+        client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=rows)
         client.load_state_dict(global_weights)
         local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1))
         sent = sent_weights(defense, global_weights, weights(client), parameters, defense_seed(args.seed, victim))
         updates.append(weight_change(global_weights, sent))
         truth.append((images, labels))
-    seen = settings
     if defense.secure_aggregation:  # the server learns only the mean update: one victim with every image
         updates = [mean_update(updates)]
         truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
-        seen = settings.for_mean_of(args.num_victims)
     assumed = seen.as_single_gradient() if args.no_replay else seen
     attack_started = time.perf_counter()
-    results = invert(model, global_weights, updates, assumed, attack, image_shape=shape,
-                     num_classes=dataset.num_classes, iterations=args.iterations, seed=args.seed,
-                     device=device, progress=True,
-                     max_rows=args.victims_at_once and args.victims_at_once * attack.restarts)
+    if active:
+        results = server.recover(readout, updates, seen, global_weights, dataset.num_classes)
+    else:
+        results = invert(model, global_weights, updates, assumed, attack, image_shape=shape,
+                         num_classes=dataset.num_classes, iterations=args.iterations, seed=args.seed,
+                         device=device, progress=True,
+                         max_rows=args.victims_at_once and args.victims_at_once * attack.restarts)
     if device.type == "cuda":
         torch.cuda.synchronize()
     attack_seconds = time.perf_counter() - attack_started
@@ -150,11 +164,13 @@ def run(args) -> dict:
         "iterations": args.iterations,
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - started,
-        "attack": attack.name, "model": args.model, "init": args.init, "dataset": args.dataset,
-        "train_mode": str(settings.mode), "batch_size": settings.batch_size, "local_steps": settings.local_steps, "epochs": settings.epochs,
+        "attack": args.attack, "model": args.model, "init": args.init, "dataset": args.dataset,
+        "train_mode": str(settings.mode), "batch_size": settings.batch_size, "local_steps": settings.local_steps,
+        "epochs": settings.epochs,
         "lr": settings.lr, "momentum": settings.momentum, "batchnorm": str(settings.batchnorm), "defense": args.defense,
         "replay": not args.no_replay,
-        "restarts": attack.restarts, "seed": args.seed, "device": str(device),
+        "restarts": attack.restarts if attack else None, "seed": args.seed,
+        "imprint_bins": rows, "imprint_blocks": args.imprint_blocks if args.attack == "imprint" else None, "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,
     }
     write_json(out / "summary.json", summary)

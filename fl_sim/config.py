@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 
 from .protocol import BatchNormMode, TrainingSettings, TrainMode
-from .run_config import ATTACKS, DATASETS, DEFENSE_KINDS, DEVICES, MODELS, NO_ATTACK, ConfigError, DefenseSpec, \
+from .run_config import ACTIVE_ATTACKS, ATTACKS, DATASETS, DEFENSE_KINDS, DEVICES, MODELS, NO_ATTACK, ConfigError, \
+    DefenseSpec, \
     RunConfig
 
 __all__ = ["ConfigError", "add_task_arguments", "attack_config", "check_run", "check_task_arguments",
@@ -51,6 +52,10 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
     attack.add_argument("--restarts", type=int, default=None, help="random restarts per victim (default: the preset's)")
     attack.add_argument("--no-replay", action="store_true",
                         help="treat the weight change / (steps x lr) as one gradient instead of replaying K steps")
+    attack.add_argument("--imprint-bins", type=int, default=0,
+                        help="rows of the imprint block the clients build (default 256 with --attack imprint)")
+    attack.add_argument("--imprint-blocks", type=int, default=4,
+                        help="statistics the imprint rows measure; more blocks, fewer images sharing every bin (default 4)")
     attack.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=out_required, help="output folder")
@@ -71,7 +76,8 @@ def check_task_arguments(args) -> None:
     """Everything the task flags of `fl-sim attack` allow checking without loading data, in one pass."""
     values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
                                                      "device", "seed", "defense", "local_steps", "batch_size",
-                                                     "epochs", "lr", "momentum", "batchnorm", "weight_decay")}
+                                                     "epochs", "lr", "momentum", "batchnorm", "weight_decay",
+                                                     "imprint_bins", "imprint_blocks")}
     values["train_mode"] = args.train_mode
     check_run(RunConfig.from_values(values, RunConfig(out=args.out, init=args.init)))
 
@@ -92,6 +98,8 @@ def attack_config(args):
     """The attack preset `args.attack` (flags or a RunConfig) with its `--restarts`."""
     from attacker import get_attack  # imported late: torch is slow to import, and only an attack needs it
 
+    if args.attack in ACTIVE_ATTACKS:  # analytic: no optimisation preset (fl_sim/active.py)
+        return None
     return get_attack(args.attack, restarts=args.restarts)
 
 

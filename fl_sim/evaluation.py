@@ -6,6 +6,7 @@ fl_sim/summary.py (`summarise`, re-exported here), which counts failed attacks r
 from pathlib import Path
 
 from attacker import Reconstruction, Status
+from attacker.analytic import UNRECOVERED
 
 from . import metrics
 from .outputs import save_images
@@ -31,9 +32,22 @@ def score_and_save(result: Reconstruction, true_images, true_labels, folder: Pat
     else:
         row = {"status": "ok", **metrics.score(result.images, result.labels, true_images, true_labels)}
         row["labels"] = result.labels[row["order"]].tolist()
+        if result.image_status is not None:
+            mark_unrecovered(row, result.image_status)
     row.update(true_labels=true_labels.tolist(), loss=result.loss, redraws=result.redraws)
     if folder is not None:
         save_images(folder / "truth.png", true_images)
         if result.ok:
             save_images(folder / "reconstruction.png", result.images[row["order"]])
     return row
+
+
+def mark_unrecovered(row: dict, status: list[str]) -> None:
+    """An analytic attack's per-image status, in matched order; a placeholder the attack marked
+    unrecovered scores as a failed image (0 dB), whatever truth it was matched to."""
+    matched = [status[i] for i in row["order"]]
+    row["image_status"] = matched
+    row["psnr_images"] = [0.0 if state == UNRECOVERED else value for state, value in zip(matched, row["psnr_images"])]
+    row["psnr"] = sum(row["psnr_images"]) / len(matched)
+    for db in RECOVERED_DB:
+        row[recovered_key(db)] = sum(value >= db for value in row["psnr_images"]) / len(matched)

@@ -21,7 +21,10 @@ from .protocol import BatchNormMode, TrainingSettings, TrainMode
 # offer exactly these (tests/test_registries.py checks), so a config is checked without importing them.
 DATASETS = ("mnist", "cifar10", "imagefolder")
 MODELS = ("lenet", "cnn", "mlp", "resnet20", "resnet18")
-ATTACKS = ("dlg", "idlg", "ig")
+ACTIVE_ATTACKS = ("imprint", "trap")  # a malicious server's analytic attacks (fl_sim/active.py)
+ATTACKS = ("dlg", "idlg", "ig", *ACTIVE_ATTACKS)
+IMPRINT_BINS = 256  # the imprint preset's rows, when --imprint-bins is 0
+TRAP_MODELS = ("mlp", "cnn")  # the models trap weights reach (fl_sim/active.py says why not the others)
 NO_ATTACK = "none"
 PARTITIONS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
@@ -205,6 +208,8 @@ class RunConfig:
     max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
     attack_every: int = 1
     attack_clients: tuple[int, ...] | None = None  # None: every client
+    imprint_bins: int = 0  # rows of the imprint block clients build in front of the model; 0: 256 with --attack imprint
+    imprint_blocks: int = 4  # the imprint's rows measure this many statistics (the server's choice only)
     client_eval: bool = False
     device: str = "auto"
     seed: int = 0
@@ -237,6 +242,11 @@ class RunConfig:
                 else (self.restarts or 0) for spec in fields(self)}
 
     @property
+    def imprint_rows(self) -> int:
+        """The imprint block's rows in the architecture every client builds (0: no block)."""
+        return self.imprint_bins or (IMPRINT_BINS if self.attack == "imprint" else 0)
+
+    @property
     def settings(self) -> TrainingSettings:
         """The local training the server configures every round."""
         try:
@@ -256,9 +266,16 @@ class RunConfig:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         for name, least in (("rounds", 1), ("num_clients", 1), ("iterations", 1), ("attack_every", 1), ("seed", 0),
-                            ("min_shard", 1), ("max_shard", 0), ("max_attack_images", 1)):
+                            ("min_shard", 1), ("max_shard", 0), ("max_attack_images", 1), ("imprint_bins", 0),
+                            ("imprint_blocks", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        if self.attack == "trap" and self.model not in TRAP_MODELS:
+            raise ConfigError(f"trap weights reach only {', '.join(TRAP_MODELS)} (a ReLU linear layer that sees the "
+                              f"whole image), not {self.model}: use --attack imprint for it (docs/threat-models.md)")
+        if self.attack == "imprint" and self.imprint_rows % self.imprint_blocks:
+            raise ConfigError(f"--imprint-bins {self.imprint_rows} must split evenly into --imprint-blocks "
+                              f"{self.imprint_blocks}")
         if self.restarts is not None and self.restarts < 1:
             raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
         for name in ("alpha", "server_lr"):

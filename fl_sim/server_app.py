@@ -12,6 +12,7 @@ row too, with their status and reason. Each round ends with OUT/checkpoint.pt, i
 `app` reads its settings from Flower's run config (`flwr run .`); `fl-sim run` builds one with
 `make_server_app(config)` because run_simulation passes no run config.
 """
+import copy
 import json
 import platform
 import time
@@ -29,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from attacker import Reconstruction, resolve_device
 
 from .accuracy import evaluate_model
+from .active import build_attack, public_images
 from .config import attack_config, check_run
 from .data import cached_dataset, image_spec
 from .evaluation import failure_status, score_and_save, summarise
@@ -38,7 +40,7 @@ from .outputs import append_jsonl, inside, write_json
 from .partition import client_shards, training_examples
 from .protocol import METRICS, PARTITION_ID, TrainMode
 from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
-from .run_config import NO_ATTACK, ConfigError, RunConfig
+from .run_config import ACTIVE_ATTACKS, NO_ATTACK, ConfigError, RunConfig
 from .strategy import AttackPlan, InvertingStrategy, ReplyFault, RoundOffset, ServerAttack, Victim, flower_strategy
 
 
@@ -115,7 +117,7 @@ class RoundEnd:
         self.out, self.config, self.device = out, config, device
         self.test = cached_dataset(config.dataset, config.data_root, False)
         (channels, size, _), classes = image_spec(self.test)
-        self.model = build_model(config.model, channels, size, classes).to(device)
+        self.model = build_model(config.model, channels, size, classes, imprint=config.imprint_rows).to(device)
         self.started = time.perf_counter() - elapsed_before
         self.previous = None  # the weights of the round before, to tell whether a round aggregated anything
 
@@ -168,7 +170,8 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     done = checkpoint.server_round if checkpoint else 0
     round_end = RoundEnd(out, config, device, checkpoint.elapsed_seconds if checkpoint else 0.0)
     (channels, size, _), classes = image_spec(round_end.test)  # the server's own data, not the truth
-    model = build_model(config.model, channels, size, classes, init=config.init, seed=config.seed)
+    model = build_model(config.model, channels, size, classes, init=config.init, seed=config.seed,
+                        imprint=config.imprint_rows)
     if resume:
         rewind(out, done)
         write_gallery(out)
@@ -182,11 +185,15 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     write_json(out / "run.json", record)
     if done < config.rounds:
         partitions = identify_clients(grid, config.num_clients)
+        active = None if config.attack not in ACTIVE_ATTACKS else build_attack(  # on the server's own test split
+            config.attack, copy.deepcopy(model), public_images(round_end.test, seed=config.seed),
+            blocks=config.imprint_blocks, seed=config.seed)
         attack = None if config.attack == NO_ATTACK else ServerAttack(
             model, attack_config(config), image_shape=(channels, size, size), num_classes=classes,
             iterations=config.iterations, seed=config.seed, replay=not config.no_replay, device=device, progress=True,
             max_images=config.max_attack_images,
-            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None))
+            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None),
+            active=active)
         strategy = InvertingStrategy(flower_strategy(config), attack, scoreboard, partitions=partitions,
                                      secure_aggregation=config.defense.secure_aggregation,
                                      max_shard=config.max_shard or len(scoreboard.train))

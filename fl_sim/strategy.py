@@ -16,6 +16,11 @@ With `secure_aggregation` (`--defense secagg`) the server learns only the client
 Flower's SecAgg+ would hand it over. SecAgg+ itself is not used (in flwr 1.41 its workflow needs the
 legacy strategies, not the Message API), so the sum is simulated: the attack targets the mean of the
 accepted updates as one victim holding all their clients' examples.
+
+A malicious server (`ServerAttack.active`, fl_sim/active.py: --attack imprint|trap) sends its targets
+(--attack-clients, in the attacked rounds) armed weights in place of the global ones and everyone else
+the honest model; a target's update is taken against what it was sent, read by the analytic attack, and
+only what `active.aggregated` keeps of its reply enters the average.
 """
 import re
 import time
@@ -27,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
@@ -105,7 +110,7 @@ class ServerAttack:
     """
 
     model: nn.Module
-    attack: AttackConfig
+    attack: AttackConfig | None  # None for an active attack
     image_shape: tuple[int, int, int]
     num_classes: int
     iterations: int
@@ -115,6 +120,11 @@ class ServerAttack:
     device: str | torch.device = "auto"
     progress: bool = False
     max_images: int = 64
+    active: object | None = None  # fl_sim.active.ActiveAttack: arms the targets' weights, reads their updates
+
+    @property
+    def name(self) -> str:
+        return self.active.name if self.active else self.attack.name
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,9 @@ class SentRound:
     settings: TrainingSettings
     expected: ExpectedReply
     nodes: tuple[int, ...]
+    armed: dict[str, torch.Tensor] | None = None  # what an active attack sent its targets instead
+    readout: object | None = None
+    targets: frozenset[int] = frozenset()  # the clients (partition ids) sent `armed`
 
 
 class InvertingStrategy(Strategy):
@@ -146,7 +159,7 @@ class InvertingStrategy(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── InvertingStrategy: %s, secure aggregation %s, around:",
-            self.attack.attack.name if self.attack else "no attack", self.secure_aggregation)
+            self.attack.name if self.attack else "no attack", self.secure_aggregation)
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -157,8 +170,19 @@ class InvertingStrategy(Strategy):
         settings = TrainingSettings.from_config(sent_config)
         count = range(1, self.max_shard + 1) if settings.mode == TrainMode.EPOCHS else settings.num_images
         expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: count})
-        self._sent = SentRound(server_round, arrays.to_torch_state_dict(), settings, expected,
-                               tuple(msg.metadata.dst_node_id for msg in messages))
+        global_weights = arrays.to_torch_state_dict()
+        armed = readout = None
+        targets = frozenset()
+        if self.attack and self.attack.active and self.attack.plan.round_attacked(server_round):
+            design = settings.for_shard(self.attack.max_images)  # epochs mode: the largest shard it will read
+            armed, readout = self.attack.active.arm(global_weights, design.for_mean_of(len(messages))
+                                                    if self.secure_aggregation else design)
+            chosen = self.attack.plan.clients
+            targets = frozenset(p for node, p in self.partitions.items() if chosen is None or p in chosen)
+            messages = [with_arrays(msg, ArrayRecord(armed)) if self.partitions.get(msg.metadata.dst_node_id) in targets
+                        else msg for msg in messages]
+        self._sent = SentRound(server_round, global_weights, settings, expected,
+                               tuple(msg.metadata.dst_node_id for msg in messages), armed, readout, targets)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -173,7 +197,9 @@ class InvertingStrategy(Strategy):
                 log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
                     fault.reason)
             self.recorder.record_faults(server_round, faults)
-        if self.attack and accepted and self.attack.plan.round_attacked(server_round):
+        if sent.armed is not None:
+            self._attack_active(sent, accepted)
+        elif self.attack and accepted and self.attack.plan.round_attacked(server_round):
             updates = {client: weight_change(sent.global_weights, reply.content[ARRAYS].to_torch_state_dict())
                        for client, reply in accepted.items()}
             if self.secure_aggregation:
@@ -223,13 +249,46 @@ class InvertingStrategy(Strategy):
                                          "no reply before the round's timeout"))
         return accepted, sorted(faults, key=lambda fault: fault.client)
 
+    def _attack_active(self, sent: SentRound, accepted: dict[int, Message]) -> None:
+        """Reads the targets' updates (against the armed weights they got), then keeps of each reply only
+        what the active attack lets into the average; a target it keeps nothing of is left out."""
+        active, names = self.attack.active, parameter_names(self.attack.model)
+        replies = {client: accepted[client].content[ARRAYS].to_torch_state_dict()
+                   for client in sorted(accepted) if client in sent.targets}
+        updates = {client: weight_change(sent.armed, reply) for client, reply in replies.items()}
+        if updates:
+            if self.secure_aggregation:
+                victims = [Victim(tuple(sorted(updates)), secure_aggregate=True)]
+                observed, settings = [mean_update(list(updates.values()))], sent.settings.for_mean_of(len(updates))
+            else:
+                victims = [Victim((client,)) for client in updates]
+                observed = [updates[v.clients[0]] for v in victims]
+            started = time.perf_counter()
+            try:
+                if self.secure_aggregation:
+                    results = active.recover(sent.readout, observed, settings, sent.armed, self.attack.num_classes)
+                else:  # each target's own count of images: its shard in epochs mode
+                    results = [active.recover(sent.readout, [update], sent.settings.for_shard(
+                        accepted[victim.clients[0]].content[METRICS][self.weighted_by_key]), sent.armed,
+                        self.attack.num_classes)[0] for victim, update in zip(victims, observed)]
+            except Exception as error:  # a failed attack must not stop the federation
+                log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
+                results = [failed(f"{type(error).__name__}: {error}") for _ in victims]
+            self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in observed],
+                                        time.perf_counter() - started)
+        for client, reply in replies.items():
+            kept = active.aggregated(reply, sent.global_weights)
+            if kept is None:
+                del accepted[client]
+            else:
+                accepted[client].content[ARRAYS] = ArrayRecord(kept)
+
     def _attack(self, sent: SentRound, victims: list[Victim], updates: list[dict[str, torch.Tensor]],
                 settings: list[TrainingSettings | None]) -> None:
         """Inverts every update whose training the server can replay, in one engine call per distinct training
         (epochs-mode clients differ in shard size); the others get a row that says why they were not attacked."""
         attack = self.attack
-        log(INFO, "attack round %s: inverting %s update(s) with %s", sent.server_round, len(victims),
-            attack.attack.name)
+        log(INFO, "attack round %s: inverting %s update(s) with %s", sent.server_round, len(victims), attack.name)
         started = time.perf_counter()
         results: list[Reconstruction | None] = [None] * len(victims)
         groups: dict[TrainingSettings, list[int]] = {}
@@ -340,3 +399,11 @@ def failed(reason: str, status: Status = Status.FAILED) -> Reconstruction:
 
 def skipped(reason: str) -> Reconstruction:
     return failed(reason, Status.SKIPPED)
+
+
+def with_arrays(message: Message, arrays: ArrayRecord) -> Message:
+    """`message` with other arrays: a new content record, as Flower's strategies share one across messages."""
+    content = RecordDict({key: value for key, value in message.content.items()})
+    content[ARRAYS] = arrays
+    return Message(content=content, message_type=message.metadata.message_type,
+                   dst_node_id=message.metadata.dst_node_id, group_id=message.metadata.group_id)

@@ -62,7 +62,7 @@ def test_the_run_configs_names_are_exactly_what_the_registries_offer():
     from fl_sim import run_config
 
     assert set(run_config.MODELS) == set(MODELS)
-    assert set(run_config.ATTACKS) == set(PRESETS)
+    assert set(run_config.ATTACKS) == set(PRESETS) | set(run_config.ACTIVE_ATTACKS)
     for name in run_config.DATASETS:  # each has a loader: an unknown one would say "unknown dataset"
         with pytest.raises(Exception) as error:
             load_dataset(name, "/nonexistent-root-for-this-test")

@@ -2,7 +2,9 @@
 
 `build_model(name, ...)` returns a fresh model; `--init` chooses its weights: `default` (PyTorch's
 initialisation, seeded), `paper` (every weight and bias from U(-0.5, 0.5), as the DLG paper does) or the
-path of a checkpoint (a state dict, loaded with weights_only=True).
+path of a checkpoint (a state dict, loaded with weights_only=True). `imprint` rows > 0 put the
+server's imprint block (models/imprint.py) in front of the model; `init` still names the base model's
+weights.
 """
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from .cnn import ConvNet
+from .imprint import Imprinted
 from .lenet import LeNet
 from .mlp import MLP
 from .resnet import ResNet20, resnet18
@@ -25,7 +28,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(
-    name: str, channels: int, image_size: int, num_classes: int, init: str = "default", seed: int = 0
+    name: str, channels: int, image_size: int, num_classes: int, init: str = "default", seed: int = 0,
+    imprint: int = 0,
 ) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
@@ -37,6 +41,10 @@ def build_model(
                 nn.init.uniform_(tensor, -0.5, 0.5)
     if init not in ("default", "paper"):
         load_checkpoint(model, init)
+    if imprint:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Imprinted(model, channels, image_size, imprint)
     return model
 
 

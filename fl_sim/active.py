@@ -1,0 +1,244 @@
+"""The malicious server's model surgery: the weights it sends its targets so their update carries the images.
+
+The server's side of the analytic attacks (attacker/analytic.py reads the updates). Each attack, once
+per round, `arm`s the global weights (the targets get those; everyone else the honest ones) and returns
+the readout the attack needs; `aggregated` says what of a target's reply enters the average.
+
+- `ImprintAttack` (needs the imprint block in the architecture, fl_sim/models/imprint.py): block b's rows
+  measure the image along the b-th principal direction of the server's public data (its test split),
+  against thresholds at that statistic's quantiles there, so each bin is equally likely to hold an image.
+  Principal directions spread the images most per unit of weight and give uncorrelated statistics, so an
+  image that shares a bin in one block is likely alone in another. Victims' updates are averaged
+  without the imprint block (its rows are the server's and are re-set every round): the base model
+  trained on x plus a shift of under 1e-3 of a pixel, so the honest part of their update is kept.
+- `TrapAttack` (weights only): the first fully connected layer gets random rows whose negative parts are
+  scaled so each row fires for 1 in K x B of the public images; for the ConvNet the convolutions before it
+  are set to pass the image through (space-to-depth, 12 or 48 channels of the 32 and 64 there).
+  A victim's update is left out of the average: its whole model was not the global one.
+
+Scales, for float32: the server reads new - sent in float32, so a row's change from one image must stand
+far above its weights' resolution (6e-8 of them), while within a round of K steps the rows must not move
+so much that images change bins. The imprint's rows are small (`ALPHA`), and the one gradient they all
+share is set so that one image moves the statistic by DRIFT_SHARE of a bin: far above rounding, far below
+a bin.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacker import Reconstruction, recover_labels
+from attacker.analytic import ImprintReadout, TrapReadout, recover
+from attacker.labels import mean_softmax
+
+from .models.cnn import ConvNet
+from .models.imprint import Imprinted
+from .models.mlp import MLP
+from .protocol import TrainingSettings
+
+ALPHA = 1e-3  # the imprint rows' scale: only the base model's input shift depends on it
+DRIFT_SHARE = 0.3  # K > 1 steps: one image's effect on the rows, in bins of the statistic
+BIAS_RESOLUTION = 1e-4  # K = 1: one image's bias change over the largest bias (float32 resolves 6e-8 of it)
+SERVER_OWNED = ("imprint.", "spread.")  # the imprint block's entries, re-set by the server every round
+
+
+class ActiveAttack:
+    """What the strategy and `fl-sim attack` need of a malicious server's attack."""
+
+    name: str
+
+    def arm(self, global_weights: dict, settings: TrainingSettings) -> tuple[dict, object]:
+        """The weights sent to the targets, and the readout that recovers their images from the update."""
+        raise NotImplementedError
+
+    def aggregated(self, reply: dict, sent_global: dict) -> dict | None:
+        """What of a target's reply enters the average (None: nothing)."""
+        raise NotImplementedError
+
+    def recover(self, readout, updates: list[dict], settings: TrainingSettings, armed: dict,
+                num_classes: int) -> list[Reconstruction]:
+        labels = [self._labels(armed, update, settings, num_classes) for update in updates]
+        return recover(readout, updates, settings.num_images, None if None in labels else labels)
+
+    def _labels(self, armed, update, settings, num_classes):
+        """The round's labels from the last layer (order unknown), or None when they cannot be read."""
+        try:
+            params = {name: armed[name].float() for name, _ in self.model.named_parameters()}
+            shape = tuple(self.public.shape[1:])
+            p_mean = mean_softmax(self.model, {**armed}, shape, settings.batchnorm)
+            return recover_labels(self.model, params, update, settings, shape, num_classes, p_mean)
+        except Exception:  # labels are a bonus of the analytic attacks, never their failure
+            return None
+
+
+@dataclass(frozen=True)
+class Imprint:
+    """The imprint's layout: block b's row indices (thresholds ascending), directions and thresholds."""
+
+    rows: torch.Tensor
+    directions: torch.Tensor
+    thresholds: torch.Tensor
+
+
+class ImprintAttack(ActiveAttack):
+    name = "imprint"
+
+    def __init__(self, model: Imprinted, public: torch.Tensor, blocks: int, drift_share: float = DRIFT_SHARE):
+        if not isinstance(model, Imprinted):
+            raise ValueError("the imprint attack needs the imprint block in the clients' model (imprint-bins)")
+        rows = model.imprint.out_features
+        if blocks < 1 or rows % blocks or rows // blocks < 2:
+            raise ValueError(f"imprint: {rows} rows cannot be split into {blocks} blocks of 2 or more bins")
+        self.model, self.public, self.drift_share = model, public.float(), drift_share
+        flat = self.public.flatten(1)
+        centred = flat - flat.mean(0)
+        # principal directions, made orthogonal to the mean image: the statistic is then centred near 0,
+        # which keeps the thresholds (the rows' biases) small, so one image's bias change stands above their rounding
+        mean = flat.mean(0) / flat.mean(0).norm()
+        directions = torch.linalg.svd(centred.double(), full_matrices=False).Vh[:blocks].float()
+        directions = directions - (directions @ mean)[:, None] * mean
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        bins = rows // blocks
+        values = flat @ directions.T  # (N, blocks)
+        quantiles = torch.quantile(values.double(), torch.linspace(0, 1, bins + 1, dtype=torch.float64)[:-1], dim=0).T
+        spread = values.max(0).values - values.min(0).values
+        quantiles[:, 0] = values.min(0).values - spread  # every image above the first row's threshold
+        self.layout = Imprint(torch.arange(rows).reshape(blocks, bins), directions, quantiles.float())
+        self.gap = float((quantiles[:, 2:] - quantiles[:, 1:-1]).median())  # a typical bin's width
+        self.energy = float((flat ** 2).sum(1).mean())  # mean |x|^2: how far one image moves the rows
+
+    def arm(self, global_weights: dict, settings: TrainingSettings) -> tuple[dict, ImprintReadout]:
+        weights = {name: tensor.clone() for name, tensor in global_weights.items()}
+        layout, features = self.layout, self.public[0].numel()
+        weight = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * ALPHA
+        bias = -layout.thresholds.flatten() * ALPHA
+        # the shared gradient: the base model's input gradient along the brightness direction u
+        u = torch.full((features,), features ** -0.5)
+        per_image = settings.lr * self._input_gradient(global_weights, settings) @ u
+        scale = float(per_image.abs().median().clamp_min(1e-12))
+        if settings.local_steps * settings.epochs == 1:  # one step: nothing moves the rows before they are read
+            rho = BIAS_RESOLUTION * float(self.layout.thresholds.abs().max())
+        else:  # one image's row change / ALPHA, so that it moves the statistic by drift_share of a bin
+            rho = self.drift_share * self.gap / (self.energy + 1)
+        eps = rho * ALPHA / scale
+        weights["imprint.weight"], weights["imprint.bias"] = weight, bias
+        weights["spread.weight"] = (eps * u)[:, None].expand(features, weight.shape[0]).clone()
+        readout = ImprintReadout("imprint.weight", "imprint.bias", layout.rows, layout.directions,
+                                 layout.thresholds, tuple(self.public.shape[1:]))
+        return weights, readout
+
+    def _input_gradient(self, global_weights: dict, settings: TrainingSettings) -> torch.Tensor:
+        """d loss / d input of the base model on one public batch of B, flattened: (B, features)."""
+        base = self.model.base
+        base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
+        images = self.public[: max(2, settings.batch_size)].clone().requires_grad_(True)
+        base.train()
+        with torch.random.fork_rng(devices=[]):
+            logits = base(images)
+        classes = logits.shape[1]
+        loss = F.cross_entropy(logits, torch.arange(len(images)) % classes)  # any labels: only the scale matters
+        (gradient,) = torch.autograd.grad(loss, images)
+        return gradient.flatten(1)
+
+    def aggregated(self, reply: dict, sent_global: dict) -> dict:
+        """The victim's base model as it trained it; the imprint block as the global model has it."""
+        return {name: sent_global[name] if name.startswith(SERVER_OWNED) else tensor for name, tensor in reply.items()}
+
+
+class TrapAttack(ActiveAttack):
+    name = "trap"
+
+    def __init__(self, model: nn.Module, public: torch.Tensor, seed: int = 0, fire_share: float = 1.0):
+        self.model, self.public, self.seed, self.fire_share = model, public.float(), seed, fire_share
+        if isinstance(model, MLP):
+            self.layer, self.convs = "layers.1", []
+        elif isinstance(model, ConvNet):
+            self.layer, self.convs = "classifier.0", ["features.0", "features.2", "features.4"]
+            channels = public.shape[1]
+            width = model.features[0].out_channels
+            if width < 4 * channels or model.features[4].out_channels < 16 * channels:
+                raise ValueError("trap: this ConvNet is too narrow to pass the image through its strided convolutions")
+        else:
+            raise ValueError(
+                f"trap weights cannot reach {type(model).__name__}: they need a ReLU fully connected layer that "
+                "sees the whole image. LeNet has none (its only linear layer gives the logits, after sigmoid "
+                "convolutions whose second stride-2 layer keeps 768 of 3072 values); the ResNets pool the "
+                "features globally before their only linear layer. Use the imprint attack for those.")
+
+    def arm(self, global_weights: dict, settings: TrainingSettings) -> tuple[dict, TrapReadout]:
+        weights = {name: tensor.clone() for name, tensor in global_weights.items()}
+        if self.convs:
+            pass_through_convs(weights, self.public.shape[1])
+        self.model.load_state_dict(weights)
+        features, pixels = self._features(self.public), self._pixel_map()
+        rows = weights[f"{self.layer}.weight"].shape[0]
+        generator = torch.Generator().manual_seed(self.seed)
+        draw = torch.randn(rows, features.shape[1], generator=generator)
+        draw[:, ~torch.isin(torch.arange(features.shape[1]), pixels)] = 0  # the zero features carry nothing
+        positive, negative = draw.clamp(min=0), (-draw).clamp(min=0)
+        ratio = (features @ positive.T) / (features @ negative.T).clamp_min(1e-12)  # a row fires while s < ratio
+        rate = min(1.0, self.fire_share / settings.num_images)
+        scale = torch.quantile(ratio, 1 - rate, dim=0)
+        trap = positive - scale[:, None] * negative
+        norm = weights[f"{self.layer}.weight"].norm(dim=1, keepdim=True)
+        weights[f"{self.layer}.weight"] = trap / trap.norm(dim=1, keepdim=True) * norm
+        weights[f"{self.layer}.bias"] = torch.zeros(rows)
+        readout = TrapReadout(f"{self.layer}.weight", f"{self.layer}.bias", pixels, tuple(self.public.shape[1:]))
+        return weights, readout
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """The trapped layer's input for `images`, with the pass-through convolutions."""
+        with torch.no_grad():
+            if isinstance(self.model, ConvNet):
+                return self.model.features(images).flatten(1)
+            return images.flatten(1)
+
+    def _pixel_map(self) -> torch.Tensor:
+        """Where each pixel lands at the trapped layer's input: an image of distinct values traced through."""
+        count = self.public[0].numel()
+        index = (torch.arange(count, dtype=torch.float64) + 1).reshape(1, *self.public.shape[1:])
+        with torch.no_grad():
+            features = self._features(index.float().div(count + 1)).double().mul(count + 1).round().long()[0]
+        pixels = torch.full((count,), -1, dtype=torch.long)
+        live = features > 0
+        pixels[features[live] - 1] = live.nonzero().flatten()
+        if (pixels < 0).any():
+            raise ValueError("trap: the convolutions could not pass every pixel through")
+        return pixels
+
+    def aggregated(self, reply: dict, sent_global: dict) -> None:
+        return None
+
+
+def pass_through_convs(weights: dict, channels: int) -> None:
+    """Sets the ConvNet's three convolutions in `weights` to carry the image to the linear layer unchanged."""
+    live = channels
+    for index, stride in ((0, 1), (2, 2), (4, 2)):
+        weight = torch.zeros_like(weights[f"features.{index}.weight"])
+        for c in range(live):
+            if stride == 1:
+                weight[c, c, 1, 1] = 1.0
+            else:
+                for dy in (0, 1):
+                    for dx in (0, 1):
+                        weight[4 * c + 2 * dy + dx, c, 1 + dy, 1 + dx] = 1.0
+        live = live if stride == 1 else 4 * live
+        weights[f"features.{index}.weight"] = weight
+        weights[f"features.{index}.bias"] = torch.zeros(weight.shape[0])
+
+
+def public_images(dataset, count: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Up to `count` images of the server's own (public) split, drawn from the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator)[:count]
+    images, _ = dataset.tensors(order.numpy())
+    return images
+
+
+def build_attack(name: str, model: nn.Module, public: torch.Tensor, *, blocks: int, seed: int) -> ActiveAttack:
+    if name == "imprint":
+        return ImprintAttack(model, public, blocks)
+    if name == "trap":
+        return TrapAttack(model, public, seed)
+    raise ValueError(f"{name!r} is not an active attack")

@@ -1,0 +1,84 @@
+"""The malicious server's analytic attacks on real images: exact recovery, mixtures and placeholders marked."""
+import numpy as np
+import pytest
+import torch
+
+from attacker.analytic import CONFIRMED, UNRECOVERED, recover
+from clients.training import local_train
+from fl_sim import metrics
+from fl_sim.active import ImprintAttack, TrapAttack, public_images
+from fl_sim.data import load_dataset
+from fl_sim.evaluation import score_and_save
+from fl_sim.models import build_model
+from fl_sim.protocol import TrainingSettings
+from fl_sim.updates import weight_change, weights
+
+
+def one_round(shared_data, dataset, model_name, attack, settings, blocks=4, seed=0):
+    train, test = load_dataset(dataset, shared_data, True), load_dataset(dataset, shared_data, False)
+    shape = (train.channels, train.image_size, train.image_size)
+    rows = 256 if attack == "imprint" else 0
+    model = build_model(model_name, shape[0], shape[1], 10, seed=seed, imprint=rows)
+    public = public_images(test, count=1024)
+    server = ImprintAttack(model, public, blocks) if attack == "imprint" else TrapAttack(model, public, seed)
+    armed, readout = server.arm(weights(model), settings)
+    images, labels = train.tensors(np.random.default_rng(seed).choice(len(train), settings.num_images, replace=False))
+    client = build_model(model_name, shape[0], shape[1], 10, imprint=rows)
+    client.load_state_dict(armed)
+    local_train(client, images, labels, settings)
+    update = weight_change(armed, weights(client))
+    result = server.recover(readout, [update], settings, armed, 10)[0]
+    return result, images, labels
+
+
+def test_imprint_recovers_most_of_a_batch_exactly_and_confirms_only_true_images(shared_data):
+    result, images, labels = one_round(shared_data, "cifar10", "lenet", "imprint", TrainingSettings(lr=0.1, batch_size=32))
+    score = metrics.score(result.images, result.labels, images, labels)
+    psnr = np.array(score["psnr_images"])
+    status = np.array(result.image_status)[score["order"]]
+    assert (psnr >= 40).mean() >= 0.75
+    # confirmed images are nearly all exact (a few fall under 40 dB: peeling carries rounding on)
+    assert (psnr[status == CONFIRMED] >= 40).mean() >= 0.9
+
+
+def test_one_imprint_block_leaves_mixtures_unconfirmed(shared_data):
+    result, images, labels = one_round(shared_data, "cifar10", "lenet", "imprint",
+                                       TrainingSettings(lr=0.1, batch_size=64), blocks=1)
+    assert CONFIRMED not in result.image_status  # nothing can vouch for a bin's content with one block
+    score = metrics.score(result.images, result.labels, images, labels)
+    assert 0.3 < np.mean(np.array(score["psnr_images"]) >= 40) < 1  # lone images exact, shared bins not
+
+
+def test_trap_weights_recover_mnist_through_the_mlp(shared_data):
+    result, images, labels = one_round(shared_data, "mnist", "mlp", "trap", TrainingSettings(lr=0.1, batch_size=16))
+    score = metrics.score(result.images, result.labels, images, labels)
+    assert np.mean(np.array(score["psnr_images"]) >= 40) >= 0.5
+
+
+def test_trap_weights_pass_the_image_through_the_convnet(shared_data):
+    result, images, labels = one_round(shared_data, "cifar10", "cnn", "trap", TrainingSettings(lr=0.1, batch_size=8))
+    score = metrics.score(result.images, result.labels, images, labels)
+    assert max(score["psnr_images"]) >= 40
+
+
+def test_trap_refuses_models_it_cannot_reach():
+    with pytest.raises(ValueError, match="cannot reach"):
+        TrapAttack(build_model("lenet", 3, 32, 10), torch.rand(8, 3, 32, 32))
+
+
+def test_unrecovered_placeholders_score_as_failed_images(tmp_path):
+    """An update that carries nothing yields black placeholders, each marked and scored 0 dB."""
+    from attacker.analytic import TrapReadout
+
+    readout = TrapReadout("w", "b", torch.arange(4), (1, 2, 2))
+    result = recover(readout, [{"w": torch.zeros(3, 4), "b": torch.zeros(3)}], count=2)[0]
+    assert result.image_status == [UNRECOVERED, UNRECOVERED] and result.images.abs().sum() == 0
+    truth = torch.zeros(2, 1, 2, 2)  # black truth: a placeholder would otherwise score 100 dB
+    row = score_and_save(result, truth, torch.zeros(2, dtype=torch.long), None)
+    assert row["psnr_images"] == [0.0, 0.0] and row["recovered_at_40db"] == 0.0
+
+
+def test_the_imprint_block_disarmed_is_the_honest_model():
+    model = build_model("lenet", 3, 32, 10, seed=2, imprint=16)
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(model(x), model.base(x))
