@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	rm -rf out/demo
-	$(VENV)/bin/fl-sim run --dataset mnist --model lenet --num-clients 4 --rounds 2 --local-steps 1 \
-	  --batch-size 1 --attack idlg --iterations 200 --seed 0 --out out/demo
-	@echo "open out/demo/gallery.html to see what the server reconstructed"
+	$(VENV)/bin/fl-sim run --dataset mnist --model cnn --num-clients 5 --rounds 10 --train-mode epochs --epochs 2 \
+	  --batch-size 32 --lr 0.05 --momentum 0.9 --min-shard 128 --max-shard 160 --max-attack-images 160 \
+	  --attack imprint --seed 0 --out out/demo
+	@echo "open out/demo/gallery.html to see what the server reconstructed, round by round"
 
 # The gallery tests open the page in headless Chromium. It is installed here only where that can work
 # unattended: in CI (CI=true) or as root with apt-get; elsewhere this says how, and those tests fail.

@@ -35,7 +35,7 @@ def score_and_save(result: Reconstruction, true_images, true_labels, folder: Pat
         if result.image_status is not None:
             mark_unrecovered(row, result.image_status)
     row.update(true_labels=true_labels.tolist(), loss=result.loss, redraws=result.redraws)
-    if folder is not None:
+    if folder is not None and result.status is not Status.SKIPPED:  # not attacked: no strip of a whole shard
         save_images(folder / "truth.png", true_images)
         if result.ok:
             save_images(folder / "reconstruction.png", result.images[row["order"]])

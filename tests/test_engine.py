@@ -61,7 +61,7 @@ def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist, monkeypatch):
     settings = TrainingSettings(lr=0.1)
     model, before, updates = _victims("lenet", images, labels, settings, init="paper")
     attack = get_attack("ig", restarts=3)
-    finished = {}  # (victim, restart) -> (optimised variables, loss, redraws), as each chunk ends
+    finished = {}  # (victim, label assignment, restart) -> (optimised variables, loss, redraws), as chunks end
     optimise = engine._optimise
 
     def spy(*args):
@@ -72,8 +72,8 @@ def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist, monkeypatch):
     monkeypatch.setattr(engine, "_optimise", spy)
     [result] = invert(model, before, updates, settings, attack, image_shape=(1, 28, 28), num_classes=10,
                       iterations=10, device="cpu")
-    losses = {restart: loss for (_, restart), (_, loss, _) in finished.items()}
-    candidates = {restart: z.view(1, 1, 28, 28).clamp(0, 1) for (_, restart), (z, _, _) in finished.items()}
+    losses = {restart: loss for (_, _, restart), (_, loss, _) in finished.items()}  # K = 1: one assignment
+    candidates = {restart: z.view(1, 1, 28, 28).clamp(0, 1) for (_, _, restart), (z, _, _) in finished.items()}
     best = min(losses, key=losses.get)
     assert len(losses) == 3 and len(set(losses.values())) == 3
     assert torch.equal(result.images, candidates[best])

@@ -34,7 +34,7 @@ def run_flags(shared_data, out, *extra):
 def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(run_flags(shared_data, out)) == 0
-    assert "2 round(s), 4 attacked update(s) (0 failed)" in capsys.readouterr().out
+    assert "2 round(s), 4 attacked update(s) (0 failed, 0 not attacked: too many images)" in capsys.readouterr().out
 
     run = json.loads((out / "run.json").read_text())
     assert run["finished"] and run["seed"] == 1 and run["config"]["num-clients"] == 2
