@@ -33,6 +33,11 @@ from .settings import AttackConfig, TrainingSettings
 
 Params = dict[str, torch.Tensor]
 DIVERGENCE_FACTOR = 1e4  # a row whose loss grows this much above its start has diverged
+# A row with a pixel this far outside [0, 1] has diverged too: an unboxed L2 attack on a noised update
+# fits the noise with pixels in the hundreds (sigmoid LeNet, noise:0.001), and clamping those to [0, 1]
+# gave black-and-white noise that scored below a random guess (3 dB against about 5): no reconstruction
+# at all, reported as one. Converged unboxed rows stay within a few hundredths of the range.
+PIXEL_LIMIT = 10.0
 CHECK_EVERY = 10  # iterations between the engine's host syncs (divergence, progress, the end)
 MEMORY_FRACTION = 0.5  # of the free memory that one chunk of rows may take
 
@@ -136,6 +141,11 @@ class _Problem:
             return z
         pixels = torch.arange(z.shape[-1], device=z.device) < self.image_dims
         return torch.where(pixels, z.clamp(0, 1), z)
+
+    def out_of_range(self, z: torch.Tensor) -> torch.Tensor:
+        """Rows with a pixel more than PIXEL_LIMIT outside [0, 1]: they left the image domain."""
+        pixels = z[:, : self.image_dims]
+        return ((pixels - 0.5).abs() > 0.5 + PIXEL_LIMIT).any(1)
 
     def initial_row(self, seed: int, device) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -379,7 +389,8 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
         z, loss, gradient = optimizer.step(z, loss, gradient, evaluate, active, problem.project)
         steps = steps + active.long()
         diverged = diverged | (active & (~torch.isfinite(loss) | ~torch.isfinite(z).all(1)
-                                         | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12))))
+                                         | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12))
+                                         | problem.out_of_range(z)))
         iteration += 1
         if iteration % CHECK_EVERY and iteration != budget:
             continue
@@ -420,5 +431,6 @@ def _best(problem: _Problem, victim: int, attack: AttackConfig, results, targets
     labels = (logits if logits is not None else targets[keys[best][1]].cpu()).argmax(-1)
     if not torch.isfinite(torch.tensor(losses[best])):
         return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.DIVERGED,
-                              "every restart of the attack diverged", losses, redraws)
+                              "every restart of the attack diverged (its loss grew or turned non-finite, or its "
+                              f"pixels left [-{PIXEL_LIMIT:g}, {1 + PIXEL_LIMIT:g}])", losses, redraws)
     return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.OK, "", losses, redraws)

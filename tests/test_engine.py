@@ -55,6 +55,24 @@ def test_diverged_restarts_are_redrawn_and_never_reported():
     assert result.restart_losses == [float("inf")]
 
 
+def test_pixels_that_leave_the_image_range_count_as_divergence(mnist):
+    """Unboxed iDLG on a noised update fits the noise with pixels in the hundreds; clamped, they once scored
+    3 dB as if reconstructed (docs/findings.md, section 5). Such a row has diverged: no result is reported."""
+    images, labels = mnist.tensors(range(1))
+    settings = TrainingSettings(lr=0.1)
+    model, before, [update] = _victims("lenet", images, labels, settings)
+    generator = torch.Generator().manual_seed(0)
+    noised = {name: tensor + 0.001 * torch.randn(tensor.shape, generator=generator) for name, tensor in update.items()}
+    attack = get_attack("idlg", restarts=1, max_redraws=1)
+    [result] = invert(model, before, [noised], settings, attack, image_shape=(1, 28, 28), num_classes=10,
+                      iterations=10, device="cpu")
+    assert result.status is Status.DIVERGED and "pixels left" in result.reason
+    assert result.redraws == 1
+    [clean] = invert(model, before, [update], settings, attack, image_shape=(1, 28, 28), num_classes=10,
+                     iterations=10, device="cpu")
+    assert clean.ok and psnr(clean.images, images) > 30  # the guard leaves a converging row alone
+
+
 def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist, monkeypatch):
     """The images handed back are those of the restart with the lowest loss, not just its loss."""
     images, labels = mnist.tensors(range(1))
