@@ -85,17 +85,19 @@ def victims(case: str, count: int, data_root: str, seed: int):
     return model, before, settings, (channels, size, size), dataset.num_classes, out
 
 
-def run_fl_sim(case, model, before, settings, shape, classes, data, iterations, seed):
+def run_fl_sim(case, model, before, settings, shape, classes, data, iterations, seed, tv=None):
     from attacker import get_attack, invert
-    attack = get_attack(CASES[case][2], restarts=1)
-    started = time.perf_counter()
+    attack = get_attack(CASES[case][2], restarts=1, tv_weight=tv)
+    started, stats = time.perf_counter(), {}
     results = invert(model, before, [update for _, _, update in data], settings, attack, image_shape=shape,
-                     num_classes=classes, iterations=iterations, seed=seed, device="cpu")
+                     num_classes=classes, iterations=iterations, seed=seed, device="cpu", stats=stats)
     seconds = time.perf_counter() - started
-    return [(r.images, r.labels) if r.ok else None for r in results], seconds
+    per_victim = stats.get("row_evaluations", 0) / len(data)  # rows are victims here (1 restart, 1 assignment)
+    return [(r.images, r.labels, f"loss {r.loss:.3g}, {r.redraws} redraws, about {per_victim:.0f} loss "
+             "evaluations per victim") if r.ok else None for r in results], seconds
 
 
-def run_breaching(case, model, before, settings, shape, classes, data, iterations, seed):
+def run_breaching(case, model, before, settings, shape, classes, data, iterations, seed, tv=None):
     """breaching's own attack on each victim in turn (it attacks one user at a time)."""
     import logging
     import warnings
@@ -120,14 +122,32 @@ def run_breaching(case, model, before, settings, shape, classes, data, iteration
     payload = [dict(parameters=parameters, buffers=None, metadata=metadata)]
     attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(),
                                                 config, dict(dtype=torch.float, device=torch.device("cpu")))
+    evaluations = 0  # loss evaluations: torch's L-BFGS stops a step() early at its tolerances
+
+    def counting(*args, **kwargs):
+        closure = compute_objective(*args, **kwargs)
+
+        def counted():
+            nonlocal evaluations
+            evaluations += 1
+            return closure()
+        return counted
+
+    compute_objective, attacker._compute_objective = attacker._compute_objective, counting
     out, started = [], time.perf_counter()
     for index, (images, _, update) in enumerate(data):
+        evaluations = 0
         torch.manual_seed(seed + index)
         gradient = [-update[n].detach().clone() / settings.lr for n in names]
         shared = [dict(gradients=gradient, buffers=None,
                        metadata=dict(num_data_points=len(images), labels=None, local_hyperparams=None))]
-        reconstruction, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
-        out.append((reconstruction["data"].detach().cpu().clamp(0, 1), reconstruction["labels"].cpu()))
+        reconstruction, stats = attacker.reconstruct(payload, shared, {}, dryrun=False)
+        losses = stats["Trial_0_Val"]  # breaching's objective per iteration; it stops at a non-finite one
+        out.append((reconstruction["data"].detach().cpu().clamp(0, 1), reconstruction["labels"].cpu(),
+                    f"ran {len(losses) + (len(losses) < iterations)} of {iterations} iterations, "
+                    f"{evaluations} loss evaluations"
+                    + (", stopped on a non-finite loss" if len(losses) < iterations else "")
+                    + (f", loss {losses[0]:.3g} -> best {min(losses):.3g}" if losses else "")))
     return out, time.perf_counter() - started
 
 
@@ -139,7 +159,7 @@ def score(results, data):
             rows.append(None)
             continue
         row = fl_score(result[0], result[1].long(), images, labels)
-        rows.append((row["psnr"], row["label_acc"], result[1][row["order"]].tolist(), labels.tolist()))
+        rows.append((row["psnr"], row["label_acc"], result[1][row["order"]].tolist(), labels.tolist(), result[2]))
     return rows
 
 
@@ -153,7 +173,9 @@ def inside(args) -> None:
         setup = victims(case, args.victims, args.data_root, args.seed)
         print(f"\n{case}: {args.victims} victims, {iterations} iterations, 1 restart")
         for library, runner in (("fl-sim", run_fl_sim), ("breaching", run_breaching)):
-            results, seconds = runner(case, *setup, iterations, args.seed)
+            if library not in args.libraries:
+                continue
+            results, seconds = runner(case, *setup, iterations, args.seed, tv=args.fl_sim_tv)
             rows = score(results, setup[-1])
             psnrs = [row[0] for row in rows if row is not None]
             failed = sum(row is None for row in rows)
@@ -164,7 +186,7 @@ def inside(args) -> None:
                   f"{seconds:.1f} s", flush=True)
             for i, row in enumerate(rows):
                 print(f"    victim {i}: " + ("failed" if row is None else
-                                             f"{row[0]:.1f} dB, labels {row[2]} (true {row[3]})"))
+                                             f"{row[0]:.1f} dB, labels {row[2]} (true {row[3]}), {row[4]}"))
 
 
 def main() -> None:
@@ -174,6 +196,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="default: the case's own (50, 50, 200)")
     parser.add_argument("--data-root", default=os.environ.get("FL_SIM_DATA", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--libraries", nargs="+", choices=["fl-sim", "breaching"], default=["fl-sim", "breaching"])
+    parser.add_argument("--fl-sim-tv", type=float, default=None,
+                        help="fl-sim's TV weight instead of the preset's (breaching's IG uses 0.2 on about the same TV)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
