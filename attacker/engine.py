@@ -114,6 +114,10 @@ class _Problem:
         self.eager = self.batched = vmap(grad_and_value(self._row_loss))
         if compile:  # the memory probe stays eager: one row must not cost a compilation of its own
             self.batched = torch.compile(self.eager, dynamic=False)
+        # buffer name -> momentum of the running statistics the attack matches (GradInversion's BN term)
+        self.statistics = {f"{layer}.{kind}": m for layer, m in self.replay.norms.items() if m is not None
+                           for kind in ("running_mean", "running_var")
+                           if f"{layer}.{kind}" in self.replay.buffers} if attack.bn_statistics else {}
         self.model = model
         self.parameter_count = sum(tensor.numel() for tensor in params.values())
         # the global model's mean prediction, shared by every victim's label recovery
@@ -130,11 +134,22 @@ class _Problem:
     def _row_loss(self, z_row, fixed_targets, observed):
         images, logits = self.split(z_row)
         targets = logits.softmax(-1) if logits is not None else fixed_targets
-        change = self.replay(images, targets)
-        loss = self.objective({n: change[n] * self.scale for n in observed}, observed)  # observed: pre-scaled
+        change, running = self.replay.run(images, targets)
+        update = {n: observed[n] for n in self.replay.params}  # observed: pre-scaled
+        loss = self.objective({n: change[n] * self.scale for n in update}, update)
+        if self.statistics:
+            loss = loss + self.attack.bn_statistics * self._statistics_loss(running, observed)
         if self.attack.tv_weight:
             loss = loss + self.attack.tv_weight * total_variation(images)
         return loss
+
+    def _statistics_loss(self, running: Params, observed: Params) -> torch.Tensor:
+        """GradInversion's batch-norm term, on what a train-mode client sends: its running statistics moved
+        by momentum x (batch statistic - running one) per step. Compared as changes divided by the momentum
+        (for one step: the batch statistics themselves), mean squared per layer, averaged over layers."""
+        terms = [((running[n] - self.replay.buffers[n] - observed[n] / self.scale) / m).pow(2).mean()
+                 for n, m in self.statistics.items()]
+        return sum(terms) / len(terms)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if not self.attack.box:
@@ -264,7 +279,8 @@ def _invert(model, global_params, updates, settings, attack, image_shape, num_cl
     observed, targets = {}, {}
     for v, update in enumerate(updates):
         try:
-            observed[v] = _check_update(params, update, names)
+            observed[v] = _check_update({**params, **{n: buffers[n] for n in problem.statistics}}, update,
+                                        names + list(problem.statistics))
         except BadUpdate as error:  # a malformed update must not stop the other victims
             failures[v] = Reconstruction.failure(Status.BAD_UPDATE, str(error))
             continue

@@ -196,3 +196,44 @@ def test_out_of_memory_isolates_one_victim_then_full_chunks_again(mnist, monkeyp
     assert results[1].status is Status.OUT_OF_MEMORY and not results[1].ok
     assert all(r.ok for i, r in enumerate(results) if i != 1)
     assert chunks == [[0, 1], [0], [1], [2, 3], [4, 5]]
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.linear = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.linear(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def test_the_batchnorm_statistics_term_is_zero_at_the_truth_and_needs_the_statistics():
+    """bn_statistics compares the running statistics the client sent with the replay's: nothing at the true
+    images, something at others; an update without them cannot be attacked that way."""
+    torch.manual_seed(0)
+    model, settings = BatchNormNet(), TrainingSettings(lr=0.1, batch_size=2)
+    before = weights(model)
+    images, labels = torch.rand(2, 3, 8, 8), torch.tensor([3, 7])
+    client = BatchNormNet()
+    client.load_state_dict(before)
+    local_train(client, images, labels, settings)
+    update = weight_change(before, weights(client))
+    attack = get_attack("ig", bn_statistics=1.0)
+    names = [name for name, _ in model.named_parameters()]
+    params = {n: before[n] for n in names}
+    buffers = {n: t for n, t in before.items() if n not in names}
+    problem = engine._Problem(model, params, buffers, settings, attack, (3, 8, 8), 10)
+    assert set(problem.statistics) == {"norm.running_mean", "norm.running_var"}
+    observed = {n: update[n] * problem.scale for n in [*names, *problem.statistics]}
+    targets = nn.functional.one_hot(labels, 10).float()
+
+    def term(candidate):
+        _, running = problem.replay.run(candidate, targets)
+        return float(problem._statistics_loss(running, observed))
+
+    assert term(images) < 1e-10
+    assert term(torch.rand(2, 3, 8, 8)) > 1e-4
+    without = {n: t for n, t in update.items() if "running" not in n}
+    [result] = invert(model, before, [without], settings, attack, image_shape=(3, 8, 8), num_classes=10,
+                      iterations=2, device="cpu")
+    assert result.status is Status.BAD_UPDATE and "running_mean" in result.reason
