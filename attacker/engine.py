@@ -33,6 +33,11 @@ from .settings import AttackConfig, TrainingSettings
 
 Params = dict[str, torch.Tensor]
 DIVERGENCE_FACTOR = 1e4  # a row whose loss grows this much above its start has diverged
+# A row with a pixel this far outside [0, 1] has diverged too: an unboxed L2 attack on a noised update
+# fits the noise with pixels in the hundreds (sigmoid LeNet, noise:0.001), and clamping those to [0, 1]
+# gave black-and-white noise that scored below a random guess (3 dB against about 5): no reconstruction
+# at all, reported as one. Converged unboxed rows stay within a few hundredths of the range.
+PIXEL_LIMIT = 10.0
 CHECK_EVERY = 10  # iterations between the engine's host syncs (divergence, progress, the end)
 MEMORY_FRACTION = 0.5  # of the free memory that one chunk of rows may take
 
@@ -109,6 +114,10 @@ class _Problem:
         self.eager = self.batched = vmap(grad_and_value(self._row_loss))
         if compile:  # the memory probe stays eager: one row must not cost a compilation of its own
             self.batched = torch.compile(self.eager, dynamic=False)
+        # buffer name -> momentum of the running statistics the attack matches (GradInversion's BN term)
+        self.statistics = {f"{layer}.{kind}": m for layer, m in self.replay.norms.items() if m is not None
+                           for kind in ("running_mean", "running_var")
+                           if f"{layer}.{kind}" in self.replay.buffers} if attack.bn_statistics else {}
         self.model = model
         self.parameter_count = sum(tensor.numel() for tensor in params.values())
         # the global model's mean prediction, shared by every victim's label recovery
@@ -125,17 +134,33 @@ class _Problem:
     def _row_loss(self, z_row, fixed_targets, observed):
         images, logits = self.split(z_row)
         targets = logits.softmax(-1) if logits is not None else fixed_targets
-        change = self.replay(images, targets)
-        loss = self.objective({n: change[n] * self.scale for n in observed}, observed)  # observed: pre-scaled
+        change, running = self.replay.run(images, targets)
+        update = {n: observed[n] for n in self.replay.params}  # observed: pre-scaled
+        loss = self.objective({n: change[n] * self.scale for n in update}, update)
+        if self.statistics:
+            loss = loss + self.attack.bn_statistics * self._statistics_loss(running, observed)
         if self.attack.tv_weight:
             loss = loss + self.attack.tv_weight * total_variation(images)
         return loss
+
+    def _statistics_loss(self, running: Params, observed: Params) -> torch.Tensor:
+        """GradInversion's batch-norm term, on what a train-mode client sends: its running statistics moved
+        by momentum x (batch statistic - running one) per step. Compared as changes divided by the momentum
+        (for one step: the batch statistics themselves), mean squared per layer, averaged over layers."""
+        terms = [((running[n] - self.replay.buffers[n] - observed[n] / self.scale) / m).pow(2).mean()
+                 for n, m in self.statistics.items()]
+        return sum(terms) / len(terms)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         if not self.attack.box:
             return z
         pixels = torch.arange(z.shape[-1], device=z.device) < self.image_dims
         return torch.where(pixels, z.clamp(0, 1), z)
+
+    def out_of_range(self, z: torch.Tensor) -> torch.Tensor:
+        """Rows with a pixel more than PIXEL_LIMIT outside [0, 1]: they left the image domain."""
+        pixels = z[:, : self.image_dims]
+        return ((pixels - 0.5).abs() > 0.5 + PIXEL_LIMIT).any(1)
 
     def initial_row(self, seed: int, device) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -254,7 +279,8 @@ def _invert(model, global_params, updates, settings, attack, image_shape, num_cl
     observed, targets = {}, {}
     for v, update in enumerate(updates):
         try:
-            observed[v] = _check_update(params, update, names)
+            observed[v] = _check_update({**params, **{n: buffers[n] for n in problem.statistics}}, update,
+                                        names + list(problem.statistics))
         except BadUpdate as error:  # a malformed update must not stop the other victims
             failures[v] = Reconstruction.failure(Status.BAD_UPDATE, str(error))
             continue
@@ -379,7 +405,8 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
         z, loss, gradient = optimizer.step(z, loss, gradient, evaluate, active, problem.project)
         steps = steps + active.long()
         diverged = diverged | (active & (~torch.isfinite(loss) | ~torch.isfinite(z).all(1)
-                                         | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12))))
+                                         | (loss > DIVERGENCE_FACTOR * reference.abs().clamp_min(1e-12))
+                                         | problem.out_of_range(z)))
         iteration += 1
         if iteration % CHECK_EVERY and iteration != budget:
             continue
@@ -420,5 +447,6 @@ def _best(problem: _Problem, victim: int, attack: AttackConfig, results, targets
     labels = (logits if logits is not None else targets[keys[best][1]].cpu()).argmax(-1)
     if not torch.isfinite(torch.tensor(losses[best])):
         return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.DIVERGED,
-                              "every restart of the attack diverged", losses, redraws)
+                              "every restart of the attack diverged (its loss grew or turned non-finite, or its "
+                              f"pixels left [-{PIXEL_LIMIT:g}, {1 + PIXEL_LIMIT:g}])", losses, redraws)
     return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.OK, "", losses, redraws)

@@ -53,13 +53,41 @@ class LocalTraining:
         self.buffers = {name: tensor.detach() for name, tensor in (buffers or {}).items()}
         self.model = functional_model(model, next(iter(self.params.values())).device, settings.batchnorm)
         self.settings = settings
-        self._grad = grad(self._loss)
+        self._grad = grad(self._loss, has_aux=True)
+        # batch-norm layers in train mode: the running statistics each one updates, with its momentum
+        self.norms = {name: module.momentum for name, module in self.model.named_modules()
+                      if isinstance(module, nn.modules.batchnorm._BatchNorm)} if settings.batchnorm == "train" else {}
+        self._inputs: dict[str, torch.Tensor] = {}
+        for name, module in self.model.named_modules():
+            if name in self.norms:
+                module.register_forward_pre_hook(self._keep_input(name))
 
-    def _loss(self, params: Params, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return soft_cross_entropy(functional_call(self.model, {**params, **self.buffers}, (images,)), targets)
+    def _keep_input(self, name: str):
+        def hook(module, inputs):
+            self._inputs[name] = inputs[0]
+        return hook
+
+    def _loss(self, params: Params, images: torch.Tensor, targets: torch.Tensor):
+        """The loss, and per batch-norm layer the batch's mean and unbiased variance (what the client's
+        running statistics are blended with)."""
+        self._inputs.clear()
+        loss = soft_cross_entropy(functional_call(self.model, {**params, **self.buffers}, (images,)), targets)
+        dims = lambda x: [0] + list(range(2, x.dim()))  # noqa: E731 - every axis but the channels
+        statistics = {name: (x.mean(dims(x)), x.var(dims(x), unbiased=True)) for name, x in self._inputs.items()}
+        self._inputs.clear()
+        return loss, statistics
+
+    def running_statistics(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
+        """The running means and variances the client sends back after training on these images (train-mode
+        batch norm with a momentum: each step blends its batch's statistics into them)."""
+        return self.run(images, targets)[1]
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
-        """images (n, C, H, W) in step order, targets (n, classes) -> weight change per parameter.
+        return self.run(images, targets)[0]
+
+    def run(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[Params, Params]:
+        """images (n, C, H, W) in step order, targets (n, classes) -> (weight change per parameter, the
+        running batch-norm statistics after training, by buffer name; empty unless batch norm trains).
 
         Each epoch visits the same n images in the same order, in the settings' batches (the last one short
         when B does not divide n): the client's own shuffle in epochs mode is unknown, so this is the order
@@ -67,9 +95,17 @@ class LocalTraining:
         """
         s = self.settings
         params, velocity = self.params, None
+        running = {f"{name}.{kind}": self.buffers[f"{name}.{kind}"] for name in self.norms
+                   for kind in ("running_mean", "running_var") if f"{name}.{kind}" in self.buffers}
         for _ in range(s.epochs):
             for batch in s.batch_slices():
-                gradient = self._grad(params, images[batch], targets[batch])
+                gradient, statistics = self._grad(params, images[batch], targets[batch])
+                for name, (mean, var) in statistics.items():
+                    m = self.norms[name]
+                    if m is None or f"{name}.running_mean" not in running:
+                        continue  # cumulative averages (momentum None) or no statistics known: not replayed
+                    running[f"{name}.running_mean"] = (1 - m) * running[f"{name}.running_mean"] + m * mean
+                    running[f"{name}.running_var"] = (1 - m) * running[f"{name}.running_var"] + m * var
                 if s.proximal_mu:  # FedProx: the gradient of mu/2 ||w - w_global||^2 joins the loss's
                     gradient = {name: gradient[name] + s.proximal_mu * (params[name] - self.params[name])
                                 for name in gradient}
@@ -80,7 +116,7 @@ class LocalTraining:
                         name: s.momentum * velocity[name] + gradient[name] for name in gradient}
                     gradient = velocity
                 params = {name: params[name] - s.lr * gradient[name] for name in params}
-        return {name: params[name] - self.params[name] for name in params}
+        return {name: params[name] - self.params[name] for name in params}, running
 
 
 def step_weights(settings: TrainingSettings) -> list[float]:

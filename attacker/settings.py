@@ -41,6 +41,9 @@ class AttackConfig:
     restarts: int = 1  # random initialisations per victim; the best by the attack's own loss is kept
     max_redraws: int = 4  # re-drawn restarts per diverged restart before it is given up
     history: int = 100  # L-BFGS curvature pairs per row (torch.optim.LBFGS's default, as the DLG code)
+    bn_statistics: float = 0.0  # weight of the batch-norm statistics term (GradInversion, Yin et al. 2021):
+    #                           the running means and variances a train-mode client sends back against those the
+    #                           replay produces; 0 ignores them
     label_assignments: int = 8  # with K > 1 and recovered labels: ways of dealing them into steps, each with
     #                             its own restarts; the best by the attack's own loss is kept
 
@@ -50,6 +53,8 @@ class AttackConfig:
                 object.__setattr__(self, field, kind(getattr(self, field)))
             except ValueError:
                 raise ValueError(f"{field} must be one of {', '.join(kind)}, got {getattr(self, field)!r}") from None
+        if self.bn_statistics < 0:
+            raise ValueError(f"bn_statistics must be at least 0, got {self.bn_statistics}")
         for field in ("restarts", "history", "label_assignments"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")

@@ -55,6 +55,24 @@ def test_diverged_restarts_are_redrawn_and_never_reported():
     assert result.restart_losses == [float("inf")]
 
 
+def test_pixels_that_leave_the_image_range_count_as_divergence(mnist):
+    """Unboxed iDLG on a noised update fits the noise with pixels in the hundreds; clamped, they once scored
+    3 dB as if reconstructed (docs/findings.md, section 5). Such a row has diverged: no result is reported."""
+    images, labels = mnist.tensors(range(1))
+    settings = TrainingSettings(lr=0.1)
+    model, before, [update] = _victims("lenet", images, labels, settings)
+    generator = torch.Generator().manual_seed(0)
+    noised = {name: tensor + 0.001 * torch.randn(tensor.shape, generator=generator) for name, tensor in update.items()}
+    attack = get_attack("idlg", restarts=1, max_redraws=1)
+    [result] = invert(model, before, [noised], settings, attack, image_shape=(1, 28, 28), num_classes=10,
+                      iterations=10, device="cpu")
+    assert result.status is Status.DIVERGED and "pixels left" in result.reason
+    assert result.redraws == 1
+    [clean] = invert(model, before, [update], settings, attack, image_shape=(1, 28, 28), num_classes=10,
+                     iterations=10, device="cpu")
+    assert clean.ok and psnr(clean.images, images) > 30  # the guard leaves a converging row alone
+
+
 def test_the_best_restart_by_the_attacks_own_loss_is_kept(mnist, monkeypatch):
     """The images handed back are those of the restart with the lowest loss, not just its loss."""
     images, labels = mnist.tensors(range(1))
@@ -178,3 +196,44 @@ def test_out_of_memory_isolates_one_victim_then_full_chunks_again(mnist, monkeyp
     assert results[1].status is Status.OUT_OF_MEMORY and not results[1].ok
     assert all(r.ok for i, r in enumerate(results) if i != 1)
     assert chunks == [[0, 1], [0], [1], [2, 3], [4, 5]]
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.linear = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.linear(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def test_the_batchnorm_statistics_term_is_zero_at_the_truth_and_needs_the_statistics():
+    """bn_statistics compares the running statistics the client sent with the replay's: nothing at the true
+    images, something at others; an update without them cannot be attacked that way."""
+    torch.manual_seed(0)
+    model, settings = BatchNormNet(), TrainingSettings(lr=0.1, batch_size=2)
+    before = weights(model)
+    images, labels = torch.rand(2, 3, 8, 8), torch.tensor([3, 7])
+    client = BatchNormNet()
+    client.load_state_dict(before)
+    local_train(client, images, labels, settings)
+    update = weight_change(before, weights(client))
+    attack = get_attack("ig", bn_statistics=1.0)
+    names = [name for name, _ in model.named_parameters()]
+    params = {n: before[n] for n in names}
+    buffers = {n: t for n, t in before.items() if n not in names}
+    problem = engine._Problem(model, params, buffers, settings, attack, (3, 8, 8), 10)
+    assert set(problem.statistics) == {"norm.running_mean", "norm.running_var"}
+    observed = {n: update[n] * problem.scale for n in [*names, *problem.statistics]}
+    targets = nn.functional.one_hot(labels, 10).float()
+
+    def term(candidate):
+        _, running = problem.replay.run(candidate, targets)
+        return float(problem._statistics_loss(running, observed))
+
+    assert term(images) < 1e-10
+    assert term(torch.rand(2, 3, 8, 8)) > 1e-4
+    without = {n: t for n, t in update.items() if "running" not in n}
+    [result] = invert(model, before, [without], settings, attack, image_shape=(3, 8, 8), num_classes=10,
+                      iterations=2, device="cpu")
+    assert result.status is Status.BAD_UPDATE and "running_mean" in result.reason

@@ -98,3 +98,24 @@ def test_the_replay_of_an_epochs_client_with_a_short_last_batch_momentum_and_dec
                              settings)(images, torch.nn.functional.one_hot(labels, 10).float())
     for name in names:
         torch.testing.assert_close(replayed[name], trained[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_replay_gives_the_running_statistics_a_train_mode_client_sends():
+    """Batch norm in train mode: each step blends the batch's mean and unbiased variance into the running
+    ones (momentum 0.1); the replay on the true images must reproduce what the client sends back."""
+    model = build_model("resnet20", 3, 32, 10, init="default", seed=0)
+    before = weights(model)
+    images, labels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3, 4])
+    settings = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
+    client = build_model("resnet20", 3, 32, 10)
+    client.load_state_dict(before)
+    local_train(client, images, labels, settings, order_seed=0)
+    sent = weights(client)
+    names = [name for name, _ in model.named_parameters()]
+    replay = LocalTraining(model, {n: before[n] for n in names}, settings,
+                           {n: t for n, t in before.items() if n not in names})
+    _, running = replay.run(images, torch.nn.functional.one_hot(labels, 10).float())
+    assert len(running) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for name, tensor in running.items():
+        assert not torch.allclose(sent[name], before[name])  # the statistics did move
+        torch.testing.assert_close(tensor, sent[name], atol=1e-5, rtol=1e-4)
