@@ -64,8 +64,9 @@ def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
 
 def test_fedprox_runs_wrapped_and_a_run_that_aggregates_nothing_fails_with_code_3(shared_data, tmp_path, capsys):
     out = tmp_path / "fedprox"
+    # IG (boxed): unboxed iDLG's rows on these K = 2 updates now leave the pixel range and count as diverged
     assert cli.main(run_flags(shared_data, out, "--strategy", "fedprox", "--proximal-mu", "0.1",
-                              "--local-steps", "2")) == 0
+                              "--local-steps", "2", "--attack", "ig")) == 0
     assert json.loads((out / "run.json").read_text())["config"]["strategy"] == "fedprox"
     assert all(row["status"] == "ok" for row in read_jsonl(out / "metrics.jsonl"))
     assert all(row["model_changed"] for row in read_jsonl(out / "global.jsonl"))
