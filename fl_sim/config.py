@@ -62,24 +62,22 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
 
 
 def training_settings(args) -> TrainingSettings:
-    try:
-        return TrainingSettings(lr=args.lr, local_steps=args.local_steps, batch_size=args.batch_size,
-                                epochs=args.epochs, momentum=args.momentum, batchnorm=args.batchnorm,
-                                mode=args.train_mode, weight_decay=args.weight_decay,
-                                shard_size=getattr(args, "shard_size", None) if args.train_mode == TrainMode.EPOCHS
-                                else None)
-    except ValueError as error:  # its messages start with the setting's name: the flag's, without "--"
-        raise ConfigError(f"--{error}") from None
+    """The client training the task flags configure (RunConfig.settings), over `--shard-size` in epochs mode."""
+    return task_config(args).settings.for_shard(getattr(args, "shard_size", None))
+
+
+def task_config(args) -> RunConfig:
+    """The task flags of `fl-sim attack` (and a sweep's attack points) as a typed RunConfig."""
+    values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
+                                                     "device", "seed", "defense", "local_steps", "batch_size",
+                                                     "epochs", "lr", "momentum", "batchnorm", "weight_decay",
+                                                     "imprint_bins", "imprint_blocks", "train_mode")}
+    return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))
 
 
 def check_task_arguments(args) -> None:
     """Everything the task flags of `fl-sim attack` allow checking without loading data, in one pass."""
-    values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
-                                                     "device", "seed", "defense", "local_steps", "batch_size",
-                                                     "epochs", "lr", "momentum", "batchnorm", "weight_decay",
-                                                     "imprint_bins", "imprint_blocks")}
-    values["train_mode"] = args.train_mode
-    check_run(RunConfig.from_values(values, RunConfig(out=args.out, init=args.init)))
+    check_run(task_config(args))
 
 
 def check_run(config: RunConfig) -> None:

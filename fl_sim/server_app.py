@@ -33,7 +33,7 @@ from .accuracy import evaluate_model
 from .active import build_attack, public_images
 from .config import attack_config, check_run
 from .data import cached_dataset, image_spec
-from .evaluation import failure_status, score_and_save, summarise
+from .evaluation import score_and_save, summarise
 from .gallery import AGGREGATE, client_folder, write_gallery
 from .models import build_model
 from .outputs import append_jsonl, inside, write_json
@@ -86,8 +86,6 @@ class Scoreboard:
             folder = inside(self.out, client_folder(server_round, named["client"]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
-            if not result.ok:
-                row["status"], row["reason"] = attack_failure(result)
             append_jsonl(self.out / "metrics.jsonl", row)
             rows.append(row)
         summary = summarise(rows)
@@ -102,11 +100,6 @@ class Scoreboard:
             append_jsonl(self.out / "metrics.jsonl", {
                 "round": server_round, "client": fault.client, "status": fault.status, "reason": fault.reason,
                 "psnr": None, "ssim": None, "mse": None, "label_acc": None})
-
-
-def attack_failure(result: Reconstruction) -> tuple[str, str]:
-    """The engine's status of a failed victim as a row's (status, reason)."""
-    return failure_status(result), result.reason
 
 
 class RoundEnd:

@@ -273,7 +273,7 @@ class InvertingStrategy(Strategy):
                         self.attack.num_classes)[0] for victim, update in zip(victims, observed)]
             except Exception as error:  # a failed attack must not stop the federation
                 log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-                results = [failed(f"{type(error).__name__}: {error}") for _ in victims]
+                results = [Reconstruction.failure(Status.FAILED, f"{type(error).__name__}: {error}") for _ in victims]
             self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in observed],
                                         time.perf_counter() - started)
         for client, reply in replies.items():
@@ -294,11 +294,12 @@ class InvertingStrategy(Strategy):
         groups: dict[TrainingSettings, list[int]] = {}
         for index, assumed in enumerate(settings):
             if assumed is None:
-                results[index] = skipped("secure aggregation of epochs-mode updates: their mean has no one "
-                                         "training to replay")
+                results[index] = Reconstruction.failure(
+                    Status.SKIPPED, "secure aggregation of epochs-mode updates: their mean has no one training to replay")
             elif assumed.num_images > attack.max_images:
-                results[index] = skipped(f"{assumed.num_images} images behind the update, more than "
-                                         f"--max-attack-images {attack.max_images}")
+                results[index] = Reconstruction.failure(
+                    Status.SKIPPED, f"{assumed.num_images} images behind the update, more than "
+                                    f"--max-attack-images {attack.max_images}")
             else:
                 groups.setdefault(assumed if attack.replay else assumed.as_single_gradient(), []).append(index)
         for assumed, members in groups.items():
@@ -310,7 +311,7 @@ class InvertingStrategy(Strategy):
                                progress=attack.progress)
             except Exception as error:  # a failed attack must not stop the federation: report it per victim
                 log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-                found = [failed(f"{type(error).__name__}: {error}") for _ in members]
+                found = [Reconstruction.failure(Status.FAILED, f"{type(error).__name__}: {error}") for _ in members]
             for index, result in zip(members, found):
                 results[index] = result
         names = parameter_names(attack.model)
@@ -391,14 +392,6 @@ def short_error(reason: str) -> str:
 def round_seed(seed: int, server_round: int) -> int:
     """Each round gets its own restarts' random draws, still fixed by the run's seed."""
     return int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
-
-
-def failed(reason: str, status: Status = Status.FAILED) -> Reconstruction:
-    return Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("nan"), status, reason)
-
-
-def skipped(reason: str) -> Reconstruction:
-    return failed(reason, Status.SKIPPED)
 
 
 def with_arrays(message: Message, arrays: ArrayRecord) -> Message:

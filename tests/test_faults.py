@@ -5,7 +5,7 @@ import torch
 from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, server_identity  # noqa: F401 (fixture)
 from flwr.app import ArrayRecord, ConfigRecord
 
-from attacker import Status, TrainingSettings
+from attacker import Reconstruction, Status, TrainingSettings
 from clients.app import make_client_app
 from fl_sim.protocol import PARTITION_ID
 from fl_sim import cli
@@ -15,7 +15,7 @@ from fl_sim.outputs import read_jsonl
 from fl_sim.resume import load_checkpoint
 from fl_sim.server_app import Scoreboard
 from fl_sim.records import ReplyStatus
-from fl_sim.strategy import ReplyFault, Victim, failed
+from fl_sim.strategy import ReplyFault, Victim
 
 REJECTED, CLIENT_ERROR = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR
 
@@ -107,8 +107,8 @@ def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons
                                       train_mode="steps", batch_size=1, model="lenet"))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
     scoreboard.record_attack(2, [Victim((1,)), Victim((2,))],
-                             [failed("ValueError: update has no 'fc.weight'", Status.BAD_UPDATE),
-                              failed("every restart of the attack diverged", Status.DIVERGED)],
+                             [Reconstruction.failure(Status.BAD_UPDATE, "ValueError: update has no 'fc.weight'"),
+                              Reconstruction.failure(Status.DIVERGED, "every restart of the attack diverged")],
                              update_norms=[0.5, 0.7], seconds=1.0)
     rows = {row["client"]: row for row in read_jsonl(tmp_path / "metrics.jsonl")}
     assert {client: (row["round"], row["status"], row["reason"]) for client, row in rows.items()} == {
