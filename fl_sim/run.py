@@ -146,7 +146,7 @@ def run(args) -> dict:
     run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
                    num_supernodes=run_config.num_clients,
                    backend_config={"client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus}})
-    return summary(run_config.out, time.perf_counter() - started)
+    return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack}
 
 
 def summary(out, seconds: float) -> dict:
@@ -193,8 +193,7 @@ def main(args) -> int:
           f"{result['left_out']} faulty client-round(s) left out, "
           f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
           f"-> {args.out or args.resume}")
-    attack = json.loads((Path(args.out or args.resume) / "run.json").read_text())["config"]["attack"]
-    problem = failure(result, attack)
+    problem = failure(result, result["attack"])
     if problem:
         print(f"fl-sim run: FAILED: {problem} (exit code {NOTHING_WORKED})")
         return NOTHING_WORKED
