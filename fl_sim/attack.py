@@ -117,8 +117,9 @@ def run(args) -> dict:
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     active = args.attack in ACTIVE_ATTACKS
-    rows = RunConfig(attack=args.attack, imprint_bins=args.imprint_bins).imprint_rows
-    model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed, imprint=rows)
+    imprint_rows = RunConfig(attack=args.attack, imprint_bins=args.imprint_bins).imprint_rows
+    model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed,
+                        imprint=imprint_rows)
     global_weights = weights(model)
     seen = settings.for_mean_of(args.num_victims) if defense.secure_aggregation else settings
     if active:  # the malicious server sends armed weights; it calibrates them on its own (test) split
@@ -130,7 +131,7 @@ def run(args) -> dict:
     updates, truth = [], []
     for victim, examples in enumerate(indices):
         images, labels = dataset.tensors(examples)
-        client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=rows)
+        client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=imprint_rows)
         client.load_state_dict(global_weights)
         local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1))
         sent = sent_weights(defense, global_weights, weights(client), parameters, defense_seed(args.seed, victim))
@@ -161,16 +162,18 @@ def run(args) -> dict:
     summary = {
         **summarise(rows),
         "update_norm_median": float(np.median([row["update_norm"] for row in rows])),
-        "iterations": args.iterations,
+        "iterations": None if active else args.iterations,
         "attack_seconds": attack_seconds,
+        "attack_seconds_per_victim": attack_seconds / len(rows),
         "seconds": time.perf_counter() - started,
         "attack": args.attack, "model": args.model, "init": args.init, "dataset": args.dataset,
         "train_mode": str(settings.mode), "batch_size": settings.batch_size, "local_steps": settings.local_steps,
         "epochs": settings.epochs,
         "lr": settings.lr, "momentum": settings.momentum, "batchnorm": str(settings.batchnorm), "defense": args.defense,
         "replay": not args.no_replay,
-        "restarts": attack.restarts if attack else None, "seed": args.seed,
-        "imprint_bins": rows, "imprint_blocks": args.imprint_blocks if args.attack == "imprint" else None, "device": str(device),
+        "restarts": attack.restarts if attack else None, "bn_statistics": attack.bn_statistics if attack else None,
+        "seed": args.seed,
+        "imprint_bins": imprint_rows or None, "imprint_blocks": args.imprint_blocks if args.attack == "imprint" else None, "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,
     }
     write_json(out / "summary.json", summary)

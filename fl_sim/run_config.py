@@ -204,6 +204,7 @@ class RunConfig:
     attack: str = "idlg"
     iterations: int = 300
     restarts: int | None = None  # None: the attack preset's
+    bn_statistics: float = 0.0  # weight of the batch-norm statistics term (GradInversion); 0: off
     no_replay: bool = False
     max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
     attack_every: int = 1
@@ -276,6 +277,8 @@ class RunConfig:
         if self.attack == "imprint" and self.imprint_rows % self.imprint_blocks:
             raise ConfigError(f"--imprint-bins {self.imprint_rows} must split evenly into --imprint-blocks "
                               f"{self.imprint_blocks}")
+        if self.bn_statistics < 0:
+            raise ConfigError(f"--bn-statistics must be at least 0, got {self.bn_statistics}")
         if self.restarts is not None and self.restarts < 1:
             raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
         for name in ("alpha", "server_lr"):

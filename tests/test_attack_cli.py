@@ -58,6 +58,18 @@ def test_frozen_batchnorm_is_what_the_clients_train_with_and_the_attack_replays(
     assert summary["batchnorm"] == "frozen" and summary["failed"] == 0 and summary["victims"] == 3
 
 
+def test_the_batchnorm_statistics_term_is_weighed_in_when_asked(tiny_image_folder, tmp_path):
+    losses = {}
+    for weight in ("0", "100"):
+        out = tmp_path / weight
+        assert _attack(tiny_image_folder, out, "--model", "resnet20", "--init", "default", "--attack", "ig",
+                       "--num-victims", "1", "--bn-statistics", weight) == 0
+        assert json.loads((out / "summary.json").read_text())["bn_statistics"] == float(weight)
+        [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[weight] = row["loss"]
+    assert losses["100"] != losses["0"]  # the same images and draws: only the statistics term differs
+
+
 def test_an_unknown_batchnorm_mode_is_refused(tiny_image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         _attack(tiny_image_folder, tmp_path / "out", "--batchnorm", "eval")
@@ -70,6 +82,7 @@ def test_an_unknown_batchnorm_mode_is_refused(tiny_image_folder, tmp_path, capsy
     (["--attack", "magic"], "unknown attack"),
     (["--lr", "0"], "lr must be positive"),
     (["--local-steps", "0"], "local-steps must be at least 1"),
+    (["--bn-statistics", "-1"], "bn-statistics must be at least 0"),
     (["--num-victims", "100"], "need 100 examples"),
     (["--init", "missing.pt"], "neither 'default', 'paper' nor"),
     (["--defense", "noise:abc"], "noise needs SIGMA, a positive number, got 'abc'"),
