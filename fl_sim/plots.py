@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from .run_config import ACTIVE_ATTACKS  # noqa: E402
 from .summary import RECOVERED_DB, psnr_of, recovered_key, summarise  # noqa: E402
 
 # (column, axis label): drawn when at least one row has a number there.
@@ -16,12 +17,14 @@ PANELS = [
     ("psnr_median", "PSNR median (dB)"),
     ("ssim_mean", "SSIM mean"),
     ("label_share", "labels right (share)"),
-    (recovered_key(RECOVERED_DB[0]), f"images recovered (\u2265 {RECOVERED_DB[0]} dB)"),
+    *((recovered_key(db), f"images recovered (\u2265 {db} dB)") for db in RECOVERED_DB),
+    ("attack_seconds_per_victim", "attack seconds per victim"),
     ("update_norm_median", "update L2 norm (median)"),
     ("accuracy", "global test accuracy"),
 ]
 
-FRACTIONS = {"ssim_mean", "label_share", recovered_key(RECOVERED_DB[0]), "accuracy"}
+FRACTIONS = {"ssim_mean", "label_share", *(recovered_key(db) for db in RECOVERED_DB), "accuracy"}
+LOG_SCALE = {"update_norm_median", "attack_seconds_per_victim"}
 
 
 def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: Path) -> Path:
@@ -39,7 +42,7 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
                       key=lambda row: positions.get(row.get(key), len(positions)))
         if not line:
             continue
-        legend = ", ".join(f"{k}={v}" for k, v in fixed.items()) or None
+        legend = ", ".join(_setting(k, v) for k, v in fixed.items()) or None
         for axis, (column, _) in zip(axes[0], panels):
             points = [(positions[row[key]], _number(row.get(column))) for row in line if row.get(key) in positions]
             points = [(x, y) for x, y in points if y is not None]
@@ -52,6 +55,8 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
         axis.set_ylabel(label)
         if column in FRACTIONS:
             axis.set_ylim(-0.05, 1.05)
+        if column in LOG_SCALE:
+            axis.set_yscale("log")
         axis.grid(alpha=0.3)
     if others:
         axes[0][0].legend(fontsize="small")
@@ -127,6 +132,13 @@ def plot_rounds(attack_rows: list[dict], accuracy_by_round: dict[int, float], pa
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _setting(key: str, value: str) -> str:
+    """A legend entry; an attack is marked passive (inverts honest training) or active (a malicious server)."""
+    if key == "attack":
+        return f"{value} ({'active' if value in ACTIVE_ATTACKS else 'passive'})"
+    return f"{key}={value}"
 
 
 def _psnr_range(axis, line: list[dict], positions: dict, key: str) -> None:

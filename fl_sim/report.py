@@ -19,7 +19,7 @@ from .outputs import atomic_write_bytes
 # Summary figures, in the order results.csv lists them after the swept settings.
 METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "recovered_at_30db", "recovered_at_40db",
            "label_share", "label_exact", "label_acc", "update_norm_median", "accuracy", "parameters", "victims",
-           "failed", "images", "attack_seconds", "seconds"]
+           "failed", "images", "attack_seconds", "attack_seconds_per_victim", "seconds"]
 LEAKAGE_PLOT = "leakage-vs-accuracy.png"  # run sweeps: attack PSNR against the global model's accuracy
 # Summary entries that echo a point's settings (already columns when swept) or are not figures.
 NOT_FIGURES = {"iterations", "batch_size", "local_steps", "epochs", "lr", "momentum", "replay", "restarts", "seed",
@@ -39,7 +39,7 @@ def build_sweep(out: str | Path) -> list[dict]:
     for point in record["points"]:
         summary_path = out / "points" / point["folder"] / "summary.json"
         if summary_path.exists():
-            rows.append({**point["settings"], **_figures(json.loads(summary_path.read_text())),
+            rows.append({**point["settings"], **_figures(_with_per_victim(json.loads(summary_path.read_text()))),
                          "folder": point["folder"]})
     columns = list(grid) + [c for c in METRICS if any(c in row for row in rows)]
     columns += sorted({c for row in rows for c in row} - set(columns) - {"folder"})
@@ -56,6 +56,14 @@ def build_sweep(out: str | Path) -> list[dict]:
         figures.append(leakage)
     _write_index(out, record, columns, text_rows, [row["folder"] for row in rows], figures)
     return text_rows
+
+
+def _with_per_victim(summary: dict) -> dict:
+    """Attack seconds per victim, derived for summaries written before fl-sim attack reported it."""
+    if "attack_seconds_per_victim" not in summary and summary.get("attack_seconds") is not None \
+            and summary.get("victims"):
+        return {**summary, "attack_seconds_per_victim": summary["attack_seconds"] / summary["victims"]}
+    return summary
 
 
 def _figures(summary: dict) -> dict:

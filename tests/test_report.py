@@ -2,6 +2,7 @@
 import csv
 import json
 
+from fl_sim import plots
 from fl_sim.cli import main
 
 
@@ -64,3 +65,33 @@ def test_run_page_is_the_gallery(tmp_path):
 def test_a_folder_of_neither_kind_is_one_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "neither a sweep" in capsys.readouterr().err
+
+
+def test_an_attack_sweep_reports_seconds_per_victim_and_marks_passive_and_active(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    grid = {"attack": ["ig", "imprint"], "batch_size": ["8", "32"]}
+    points = [{"folder": f"attack={a},batch-size={b}", "settings": {"attack": a, "batch_size": b}}
+              for a in grid["attack"] for b in grid["batch_size"]]
+    (out / "points").mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"mode": "attack", "grid": grid, "points": points}))
+    for index, point in enumerate(points):
+        (out / "points" / point["folder"]).mkdir()
+        summary = {"psnr_median": 20.0, "recovered_at_30db": 0.5, "recovered_at_40db": 0.25, "victims": 4,
+                   "attack_seconds": 8.0}
+        if index == 0:  # a summary from before fl-sim attack reported seconds per victim
+            summary["attack_seconds_per_victim"] = 3.0
+        (out / "points" / point["folder"] / "summary.json").write_text(json.dumps(summary))
+    legends = []
+    real_plot = plots.plt.Axes.plot
+
+    def spy(axis, *args, label=None, **kwargs):
+        legends.append(label)
+        return real_plot(axis, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(plots.plt.Axes, "plot", spy)
+    assert main(["report", str(out)]) == 0
+    with open(out / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["attack_seconds_per_victim"] for row in rows] == ["3", "2", "2", "2"]
+    assert "recovered_at_40db" in rows[0]
+    assert {"ig (passive)", "imprint (active)"} <= set(legends)
