@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -142,11 +143,14 @@ def run(args) -> dict:
 
     resume = args.resume is not None
     preflight(run_config, resume)
+    if trap_starves(run_config.attack, run_config.attack_clients):
+        print(f"fl-sim run: warning: {TRAP_EVERYONE}", file=sys.stderr)
     started = time.perf_counter()
     run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
                    num_supernodes=run_config.num_clients,
                    backend_config={"client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus}})
-    return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack}
+    return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
+            "attack_clients": run_config.attack_clients}
 
 
 def summary(out, seconds: float) -> dict:
@@ -175,10 +179,21 @@ def headline(result: dict) -> tuple[str, str]:
     return psnr, accuracy
 
 
-def failure(result: dict, attack: str) -> str | None:
+TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
+                 "left out of the average, so the global model will not change; name the targets with "
+                 "--attack-clients (e.g. 0) to let the others train it")
+
+
+def trap_starves(attack: str, attack_clients) -> bool:
+    """Trap weights on every client leave nothing to average (docs/threat-models.md)."""
+    return attack == "trap" and attack_clients is None
+
+
+def failure(result: dict, attack: str, attack_clients=None) -> str | None:
     """Why a finished run counts as a failure (exit code NOTHING_WORKED), or None when something worked."""
     if result["rounds"] and not result["rounds_aggregated"]:
-        return "no round aggregated any reply: the global model never changed"
+        hint = f" ({TRAP_EVERYONE})" if trap_starves(attack, attack_clients) else ""
+        return f"no round aggregated any reply: the global model never changed{hint}"
     succeeded = result["attacked"] - result["failed"] - result["skipped"]
     if attack != "none" and not succeeded and (result["failed"] or not result["attacked"]):
         return "no attack succeeded" if result["attacked"] else "no update was attacked (every reply was left out)"
@@ -193,7 +208,7 @@ def main(args) -> int:
           f"{result['left_out']} faulty client-round(s) left out, "
           f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
           f"-> {args.out or args.resume}")
-    problem = failure(result, result["attack"])
+    problem = failure(result, result["attack"], result["attack_clients"])
     if problem:
         print(f"fl-sim run: FAILED: {problem} (exit code {NOTHING_WORKED})")
         return NOTHING_WORKED

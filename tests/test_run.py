@@ -270,3 +270,13 @@ def test_the_readmes_flwr_run_block_runs_as_written_from_a_fresh_shell(tmp_path)
             os.kill(pid, signal.SIGTERM)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_trap_weights_on_every_client_are_named_as_why_the_model_never_changed():
+    from fl_sim import run as run_module
+
+    starved = {"rounds": 2, "rounds_aggregated": 0, "attacked": 4, "failed": 0, "skipped": 0}
+    assert "name the targets with --attack-clients" in run_module.failure(starved, "trap")
+    assert "--attack-clients" not in run_module.failure(starved, "idlg")
+    assert "--attack-clients" not in run_module.failure(starved, "trap", (0,))
+    assert run_module.trap_starves("trap", None) and not run_module.trap_starves("trap", (0, 1))
