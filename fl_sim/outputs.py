@@ -4,11 +4,16 @@ Files are written to a temporary name and renamed (atomic on POSIX); JSON-lines 
 with one write each and flushed, so a kill leaves no half-written image or file, and at most a torn
 last row, which readers skip and the next append does not run into. After a rename the folder itself
 is fsynced: the rename lives in the directory entry, and without that a power cut can undo it.
+
+JSON-lines files are appended, rewritten and read under one lock (`JSONL_LOCK`): with `--attack-async` the
+attack thread appends metrics.jsonl rows while the main thread writes global.jsonl and rebuilds the
+gallery from both, so no row is interleaved with another or read half-written.
 """
 import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +22,8 @@ from PIL import Image
 
 if TYPE_CHECKING:  # torch is slow to import, and readers of finished runs (fl-sim report) need none of it
     import torch
+
+JSONL_LOCK = threading.RLock()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -51,7 +58,7 @@ def write_json(path, obj) -> None:
 def append_jsonl(path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as file:
+    with JSONL_LOCK, open(path, "a+b") as file:
         line = (json.dumps(row, default=_plain) + "\n").encode()
         created = file.tell() == 0
         if not created:
@@ -67,16 +74,19 @@ def append_jsonl(path, row: dict) -> None:
 
 def rewrite_jsonl(path, rows: list[dict]) -> None:
     """Replaces a JSON-lines file with `rows`, atomically."""
-    atomic_write_bytes(path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
+    with JSONL_LOCK:
+        atomic_write_bytes(path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
 
 
 def read_jsonl(path) -> list[dict]:
     """The rows (JSON objects) of a JSON-lines file; a torn line (from a kill mid-write) is skipped."""
     path = Path(path)
-    if not path.exists():
-        return []
+    with JSONL_LOCK:
+        if not path.exists():
+            return []
+        text = path.read_text(encoding="utf-8", errors="replace")
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

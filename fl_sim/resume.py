@@ -5,6 +5,11 @@ the gallery, and last OUT/checkpoint.pt (the new global model and the round's nu
 temporary name and renamed. The checkpoint is the commit point: a kill before its rename loses the
 round as a whole (on resume `rewind` drops its rows and images and the round runs again), a kill
 after it loses nothing. So a resumed run has every round once, whenever the kill came.
+
+With `--attack-async` (fl_sim/background.py) a round's attack rows may still be being written after its
+global row; the checkpoint then names the last round whose attack is done as well, so it can lag the
+round that just ended by one. `rewind` is the same: everything after the checkpoint's round goes (the
+global row of the round it lags included), and the resumed run trains and attacks that round again.
 """
 import io
 import re

@@ -21,7 +21,7 @@ from .summary import summarise
 
 DEFAULTS = RunConfig()
 # Where and with what a run computes, not what it computes: a resumed run may change these.
-RESUMABLE_ELSEWHERE = ("data_root", "device")
+RESUMABLE_ELSEWHERE = ("data_root", "device", "attack_async")
 SETTINGS = frozenset(field.name for field in dataclasses.fields(RunConfig))
 NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anything or no attack succeeded
 
@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the share of clients Flower samples for each round (default 1: all)")
     fed.add_argument("--max-attack-images", type=int, default=DEFAULTS.max_attack_images,
                      help="updates of more images (in epochs mode: larger shards) are not attacked; their row says so")
+    fed.add_argument("--attack-async", action=argparse.BooleanOptionalAction, default=DEFAULTS.attack_async,
+                     help="run a passive attack (dlg, idlg, ig) on a background thread beside the next round's "
+                          "training instead of before the aggregate: the same rows; not with imprint or trap "
+                          "(default: off)")
     fed.add_argument("--strategy", default=DEFAULTS.strategy, choices=list(StrategyName),
                      help="the Flower strategy the malicious server wraps (default fedavg)")
     fed.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu,
@@ -65,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reliability.add_argument("--resume", metavar="OUT",
                              help="continue the stopped run in OUT after its last finished round, with its config "
                                   "(OUT/run.json); other flags must agree with it, except --data-root, --device, "
-                                  "--client-cpus and --client-gpus")
+                                  "--attack-async, --client-cpus and --client-gpus")
 
 
 def check(args) -> RunConfig:

@@ -22,7 +22,8 @@ from .protocol import BatchNormMode, TrainingSettings, TrainMode
 DATASETS = ("mnist", "cifar10", "imagefolder")
 MODELS = ("lenet", "cnn", "mlp", "resnet20", "resnet18")
 ACTIVE_ATTACKS = ("imprint", "trap")  # a malicious server's analytic attacks (fl_sim/active.py)
-ATTACKS = ("dlg", "idlg", "ig", *ACTIVE_ATTACKS)
+PASSIVE_ATTACKS = ("dlg", "idlg", "ig")  # honest-but-curious: they change nothing in the average
+ATTACKS = (*PASSIVE_ATTACKS, *ACTIVE_ATTACKS)
 IMPRINT_BINS = 256  # the imprint preset's rows, when --imprint-bins is 0
 TRAP_MODELS = ("mlp", "cnn")  # the models trap weights reach (fl_sim/active.py says why not the others)
 NO_ATTACK = "none"
@@ -207,6 +208,7 @@ class RunConfig:
     bn_statistics: float = 0.0  # weight of the batch-norm statistics term (GradInversion); 0: off
     no_replay: bool = False
     max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
+    attack_async: bool = False  # a passive attack runs beside the next round's training (fl_sim/background.py)
     attack_every: int = 1
     attack_clients: tuple[int, ...] | None = None  # None: every client
     imprint_bins: int = 0  # rows of the imprint block clients build in front of the model; 0: 256 with --attack imprint
@@ -279,6 +281,11 @@ class RunConfig:
                               f"{self.imprint_blocks}")
         if self.bn_statistics < 0:
             raise ConfigError(f"--bn-statistics must be at least 0, got {self.bn_statistics}")
+        if self.attack_async and self.attack in ACTIVE_ATTACKS:
+            raise ConfigError(f"--attack-async runs only passive attacks ({', '.join(PASSIVE_ATTACKS)}) in the "
+                              f"background: {self.attack} arms the weights the server sends and decides what of "
+                              f"its targets' replies enters the average, so it is part of the round; drop "
+                              f"--attack-async or choose a passive attack")
         if self.restarts is not None and self.restarts < 1:
             raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
         for name in ("alpha", "server_lr"):

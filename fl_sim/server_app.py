@@ -9,6 +9,12 @@ only the scoreboard reads it, never the strategy or the engine. Replies the stra
 row too, with their status and reason. Each round ends with OUT/checkpoint.pt, its commit point
 (fl_sim/resume.py): a killed run resumes after the last round it finished, with nothing doubled.
 
+With `--attack-async` a round's attack runs on a background thread (fl_sim/background.py) while the next
+round trains. The checkpoint then names the last round whose attack rows are on disk too: as round r
+ends, `RoundEnd` waits for round r - 1's attack (it ran beside round r's training) and commits round r if
+its own attack is done already, else round r - 1. When the rounds are over, and when the run fails, the
+queue is drained (no attack lost) and the rounds it finished are committed, before the run's summary.
+
 `app` reads its settings from Flower's run config (`flwr run .`); `fl-sim run` builds one with
 `make_server_app(config)` because run_simulation passes no run config.
 """
@@ -30,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from attacker import Reconstruction, resolve_device
 
 from .accuracy import evaluate_model
+from .background import AttackQueue
 from .active import build_attack, public_images
 from .config import attack_config, check_run
 from .data import cached_dataset, image_spec
@@ -104,15 +111,23 @@ class Scoreboard:
 
 class RoundEnd:
     """The strategy's evaluate_fn, run as each round ends: the global model scored on the whole test
-    split (OUT/global.jsonl), the gallery rebuilt, then the round committed with OUT/checkpoint.pt."""
+    split (OUT/global.jsonl), the gallery rebuilt, then the round committed with OUT/checkpoint.pt.
 
-    def __init__(self, out: Path, config: RunConfig, device: torch.device, elapsed_before: float = 0.0):
-        self.out, self.config, self.device = out, config, device
+    With `attacks` (--attack-async) a round is committed only once its attack is done as well: as round r
+    ends, round r - 1's attack is waited for (an error in it is raised here), and the checkpoint names the
+    last round whose training and attack are both finished (r, or r - 1 while r's attack still runs).
+    `commit` writes it; the rounds not yet committed (at most two) are held in memory till then.
+    """
+
+    def __init__(self, out: Path, config: RunConfig, device: torch.device, elapsed_before: float = 0.0,
+                 attacks: AttackQueue | None = None):
+        self.out, self.config, self.device, self.attacks = out, config, device, attacks
         self.test = cached_dataset(config.dataset, config.data_root, False)
         (channels, size, _), classes = image_spec(self.test)
         self.model = build_model(config.model, channels, size, classes, imprint=config.imprint_rows).to(device)
         self.started = time.perf_counter() - elapsed_before
         self.previous = None  # the weights of the round before, to tell whether a round aggregated anything
+        self.uncommitted: list[Checkpoint] = []  # finished rounds whose attack may still run, oldest first
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         weights = arrays.to_torch_state_dict()
@@ -125,11 +140,23 @@ class RoundEnd:
             append_jsonl(self.out / "global.jsonl", {"round": server_round, "accuracy": scores["accuracy"],
                                                      "loss": scores["loss"], "elapsed_seconds": elapsed,
                                                      "model_changed": changed})
+            self.uncommitted.append(Checkpoint(server_round, weights, elapsed))
+            if self.attacks is not None:
+                self.attacks.wait(server_round - 1)  # it ran beside this round's training
             write_gallery(self.out)
-            save_checkpoint(self.out, Checkpoint(server_round, weights, elapsed))
+            self.commit()
             log(INFO, "round %s/%s: global accuracy %.2f%%, loss %.4f", server_round, self.config.rounds,
                 100 * scores["accuracy"], scores["loss"])
         return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+
+    def commit(self) -> None:
+        """Writes OUT/checkpoint.pt for the last finished round whose attack rows are all on disk (without a
+        background queue: the last finished round), if it is not committed yet."""
+        ready = [checkpoint for checkpoint in self.uncommitted
+                 if self.attacks is None or self.attacks.done_through(checkpoint.server_round)]
+        if ready:
+            save_checkpoint(self.out, ready[-1])
+            self.uncommitted = [c for c in self.uncommitted if c.server_round > ready[-1].server_round]
 
 
 def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
@@ -161,7 +188,8 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     device = resolve_device(config.device)
     checkpoint = load_checkpoint(out) if resume else None
     done = checkpoint.server_round if checkpoint else 0
-    round_end = RoundEnd(out, config, device, checkpoint.elapsed_seconds if checkpoint else 0.0)
+    attacks = AttackQueue() if config.attack_async and config.attack != NO_ATTACK and done < config.rounds else None
+    round_end = RoundEnd(out, config, device, checkpoint.elapsed_seconds if checkpoint else 0.0, attacks)
     (channels, size, _), classes = image_spec(round_end.test)  # the server's own data, not the truth
     model = build_model(config.model, channels, size, classes, init=config.init, seed=config.seed,
                         imprint=config.imprint_rows)
@@ -189,12 +217,30 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
             active=active)
         strategy = InvertingStrategy(flower_strategy(config), attack, scoreboard, partitions=partitions,
                                      secure_aggregation=config.defense.secure_aggregation,
-                                     max_shard=config.max_shard or len(scoreboard.train))
+                                     max_shard=config.max_shard or len(scoreboard.train), background=attacks)
         initial = checkpoint.weights if checkpoint else model.state_dict()
-        RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
-                                          train_config=ConfigRecord(settings.to_config()), evaluate_fn=round_end)
+        try:
+            RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
+                                              train_config=ConfigRecord(settings.to_config()), evaluate_fn=round_end)
+        except BaseException:
+            finish_attacks(attacks, round_end, raise_errors=False)  # the run's own error goes on, not a worker's
+            raise
+        finish_attacks(attacks, round_end)
     write_json(out / "run.json", {**record, "finished": True, "seconds": time.perf_counter() - started})
     write_gallery(out)
+
+
+def finish_attacks(attacks: AttackQueue | None, round_end: RoundEnd, raise_errors: bool = True) -> None:
+    """Drains the background attacks (every queued round is attacked and recorded), then commits the rounds
+    they finished; with `raise_errors`, an error of theirs is raised after that."""
+    if attacks is None:
+        return
+    if attacks.pending():
+        log(INFO, "waiting for the background attacks of round(s) %s", ", ".join(map(str, attacks.pending())))
+    try:
+        attacks.close(raise_errors)
+    finally:
+        round_end.commit()
 
 
 def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:

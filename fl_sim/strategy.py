@@ -21,12 +21,19 @@ A malicious server (`ServerAttack.active`, fl_sim/active.py: --attack imprint|tr
 (--attack-clients, in the attacked rounds) armed weights in place of the global ones and everyone else
 the honest model; a target's update is taken against what it was sent, read by the analytic attack, and
 only what `active.aggregated` keeps of its reply enters the average.
+
+With `background` (`--attack-async`, fl_sim/background.py) a passive attack does not block the round:
+`aggregate_train` screens the replies and computes the updates as always, then hands what the recorder is
+to hear of the round (its left-out replies, then the inversion) to the background queue as one job and
+returns the aggregate at once; the same code records the same rows, later. An active attack is part of the
+round (it arms what is sent and decides what enters the average), so it cannot run in the background.
 """
 import re
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from logging import INFO, WARNING
 from typing import Protocol
 
@@ -40,6 +47,7 @@ from torch import nn
 
 from attacker import AttackConfig, Reconstruction, Status, invert
 
+from .background import AttackQueue
 from .records import ReplyStatus
 from .protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TrainingSettings, TrainMode
 from .run_config import RunConfig, StrategyName
@@ -146,13 +154,19 @@ class InvertingStrategy(Strategy):
 
     `partitions` maps each node id to its client (partition) id, as the nodes said when asked
     (server_app.identify_clients): error replies carry nothing else to name their sender.
-    `attack=None` leaves only the reply checks. See the module docstring for `secure_aggregation`.
+    `attack=None` leaves only the reply checks. See the module docstring for `secure_aggregation` and
+    `background`.
     """
 
     def __init__(self, strategy: Strategy, attack: ServerAttack | None, recorder: RoundRecorder, *,
-                 partitions: Mapping[int, int], secure_aggregation: bool = False, max_shard: int = 10**6):
-        """`max_shard`: the most examples a client may say it trained on in epochs mode (its shard's size)."""
-        self.strategy, self.attack, self.recorder = strategy, attack, recorder
+                 partitions: Mapping[int, int], secure_aggregation: bool = False, max_shard: int = 10**6,
+                 background: AttackQueue | None = None):
+        """`max_shard`: the most examples a client may say it trained on in epochs mode (its shard's size).
+        `background`: where a round's recording and passive attack run, instead of before the aggregate."""
+        if background is not None and attack is not None and attack.active is not None:
+            raise ValueError(f"the active attack {attack.name} arms the weights it sends and decides what enters "
+                             "the average: it cannot run in the background")
+        self.strategy, self.attack, self.recorder, self.background = strategy, attack, recorder, background
         self.partitions, self.secure_aggregation, self.max_shard = dict(partitions), secure_aggregation, max_shard
         self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self._sent: SentRound | None = None
@@ -192,12 +206,15 @@ class InvertingStrategy(Strategy):
         if sent is None or sent.server_round != server_round:
             raise RuntimeError(f"replies of round {server_round} arrived, but that round was not configured")
         accepted, faults = self._screen(sent, list(replies))
+        work: list[Callable[[], None]] = []  # what the recorder is to hear of the round, in order
         if faults:
             for fault in faults:
                 log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
                     fault.reason)
-            self.recorder.record_faults(server_round, faults)
+            work.append(partial(self.recorder.record_faults, server_round, faults))
         if sent.armed is not None:
+            run_all(work)  # an active attack is part of the round: never in the background
+            work = []
             self._attack_active(sent, accepted)
         elif self.attack and accepted and self.attack.plan.round_attacked(server_round):
             updates = {client: weight_change(sent.global_weights, reply.content[ARRAYS].to_torch_state_dict())
@@ -205,13 +222,18 @@ class InvertingStrategy(Strategy):
             if self.secure_aggregation:
                 victim = Victim(tuple(sorted(updates)), secure_aggregate=True)
                 settings = None if sent.settings.mode == TrainMode.EPOCHS else sent.settings.for_mean_of(len(updates))
-                self._attack(sent, [victim], [mean_update(list(updates.values()))], [settings])
+                work.append(partial(self._attack, sent, [victim], [mean_update(list(updates.values()))], [settings]))
             else:
                 victims = self.attack.plan.victims(server_round, accepted)
                 settings = [sent.settings.for_shard(accepted[v.clients[0]].content[METRICS][self.weighted_by_key])
                             for v in victims]
                 if victims:
-                    self._attack(sent, victims, [updates[victim.clients[0]] for victim in victims], settings)
+                    work.append(partial(self._attack, sent, victims, [updates[victim.clients[0]] for victim in victims],
+                                        settings))
+        if work and self.background is not None:
+            self.background.submit(server_round, partial(run_all, work))
+        else:
+            run_all(work)
         arrays, metrics = self.strategy.aggregate_train(server_round, list(accepted.values()))
         return (arrays if arrays is None else in_sent_dtypes(arrays, sent.global_weights)), metrics
 
@@ -387,6 +409,11 @@ def short_error(reason: str) -> str:
     _, wrapped, message = text.rpartition(CLIENT_APP_MESSAGE)
     text = message.removesuffix("'>") if wrapped else text
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
+
+
+def run_all(steps: list[Callable[[], None]]) -> None:
+    for step in steps:
+        step()
 
 
 def round_seed(seed: int, server_round: int) -> int:
