@@ -38,7 +38,7 @@ from .models.mlp import MLP
 from .protocol import TrainingSettings
 
 ALPHA = 1e-3  # the imprint rows' scale: only the base model's input shift depends on it
-DRIFT_SHARE = 0.3  # K > 1 steps: one image's effect on the rows, in bins of the statistic
+DRIFT_SHARE = 0.15  # K > 1 steps: one image's effect on the rows, in bins of the statistic
 BIAS_RESOLUTION = 1e-4  # K = 1: one image's bias change over the largest bias (float32 resolves 6e-8 of it)
 SERVER_OWNED = ("imprint.", "spread.")  # the imprint block's entries, re-set by the server every round
 
