@@ -35,7 +35,8 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
     panels = [(column, label) for column, label in PANELS if any(_number(row.get(column)) is not None for row in rows)]
     others = [other for other in grid if other != key]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    positions = {value: index for index, value in enumerate(grid[key])}
+    values = [value for value in grid[key] if any(row.get(key) == value for row in rows)]  # finished points only
+    positions = {value: index for index, value in enumerate(values)}
     for combination in itertools.product(*(grid[other] for other in others)):
         fixed = dict(zip(others, combination))
         line = sorted((row for row in rows if all(row.get(k) == v for k, v in fixed.items())),
@@ -50,7 +51,7 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
                 _psnr_range(axis, line, positions, key)
             axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=legend)
     for axis, (column, label) in zip(axes[0], panels):
-        axis.set_xticks(range(len(grid[key])), grid[key], rotation=30 if len(grid[key]) > 4 else 0)
+        axis.set_xticks(range(len(values)), values, rotation=30 if len(values) > 4 else 0)
         axis.set_xlabel(key)
         axis.set_ylabel(label)
         if column in FRACTIONS:
