@@ -172,6 +172,7 @@ def run(args) -> dict:
         "lr": settings.lr, "momentum": settings.momentum, "batchnorm": str(settings.batchnorm), "defense": args.defense,
         "replay": not args.no_replay,
         "restarts": attack.restarts if attack else None, "bn_statistics": attack.bn_statistics if attack else None,
+        "tv_weight": attack.tv_weight if attack else None,
         "seed": args.seed,
         "imprint_bins": imprint_rows or None, "imprint_blocks": args.imprint_blocks if args.attack == "imprint" else None, "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,

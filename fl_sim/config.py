@@ -53,6 +53,9 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
     attack.add_argument("--bn-statistics", type=float, default=0.0, metavar="WEIGHT",
                         help="weight of a term matching the batch-norm running statistics the client sent to those "
                              "the replay produces (GradInversion; 0: off, default; see docs/findings.md section 6)")
+    attack.add_argument("--tv-weight", type=float, default=None, metavar="WEIGHT",
+                        help="weight of the total-variation image prior (default: the preset's; ig 0.01, dlg and "
+                             "idlg 0); the best weight depends on the model (docs/benchmarks.md)")
     attack.add_argument("--no-replay", action="store_true",
                         help="treat the weight change / (steps x lr) as one gradient instead of replaying K steps")
     attack.add_argument("--imprint-bins", type=int, default=0,
@@ -72,7 +75,7 @@ def training_settings(args) -> TrainingSettings:
 def task_config(args) -> RunConfig:
     """The task flags of `fl-sim attack` (and a sweep's attack points) as a typed RunConfig."""
     values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
-                                                     "bn_statistics", "device", "seed", "defense", "local_steps", "batch_size",
+                                                     "bn_statistics", "tv_weight", "device", "seed", "defense", "local_steps", "batch_size",
                                                      "epochs", "lr", "momentum", "batchnorm", "weight_decay",
                                                      "imprint_bins", "imprint_blocks", "train_mode")}
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))
@@ -101,7 +104,8 @@ def attack_config(args):
 
     if args.attack in ACTIVE_ATTACKS:  # analytic: no optimisation preset (fl_sim/active.py)
         return None
-    return get_attack(args.attack, restarts=args.restarts, bn_statistics=args.bn_statistics)
+    return get_attack(args.attack, restarts=args.restarts, bn_statistics=args.bn_statistics,
+                      tv_weight=args.tv_weight)
 
 
 def check_writable(folder) -> None:

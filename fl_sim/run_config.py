@@ -206,6 +206,7 @@ class RunConfig:
     iterations: int = 300
     restarts: int | None = None  # None: the attack preset's
     bn_statistics: float = 0.0  # weight of the batch-norm statistics term (GradInversion); 0: off
+    tv_weight: float | None = None  # weight of the total-variation image prior; None: the attack preset's
     no_replay: bool = False
     max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
     attack_async: bool = False  # a passive attack runs beside the next round's training (fl_sim/background.py)
@@ -279,6 +280,8 @@ class RunConfig:
         if self.attack == "imprint" and self.imprint_rows % self.imprint_blocks:
             raise ConfigError(f"--imprint-bins {self.imprint_rows} must split evenly into --imprint-blocks "
                               f"{self.imprint_blocks}")
+        if self.tv_weight is not None and self.tv_weight < 0:
+            raise ConfigError(f"--tv-weight must be at least 0, got {self.tv_weight}")
         if self.bn_statistics < 0:
             raise ConfigError(f"--bn-statistics must be at least 0, got {self.bn_statistics}")
         if self.attack_async and self.attack in ACTIVE_ATTACKS:
@@ -330,10 +333,10 @@ def coerce(name: str, value: object) -> object:
             parse_faults(",".join(f"{client}={fault}" for client, fault in value.items()))
     if name == "defense":
         return value if isinstance(value, DefenseSpec) else DefenseSpec.parse(coerce_scalar(str, value, flag))
-    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: TOML has no null, "" and 0 mean None
-        if value in (None, "", 0):
-            return None
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: TOML has no null: "" (and 0 for a count) mean None
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        if value is None or value == "" or (kind is int and value == 0):  # a weight of 0 is a weight
+            return None
     return coerce_scalar(kind, value, flag)
 
 

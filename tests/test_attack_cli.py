@@ -70,6 +70,19 @@ def test_the_batchnorm_statistics_term_is_weighed_in_when_asked(tiny_image_folde
     assert losses["100"] != losses["0"]  # the same images and draws: only the statistics term differs
 
 
+def test_the_tv_weight_overrides_the_preset_and_zero_means_none(tiny_image_folder, tmp_path):
+    summaries, losses = {}, {}
+    for weight in (None, "0", "0.2"):
+        out = tmp_path / str(weight)
+        assert _attack(tiny_image_folder, out, "--attack", "ig", "--num-victims", "1",
+                       *(["--tv-weight", weight] if weight else [])) == 0
+        summaries[weight] = json.loads((out / "summary.json").read_text())["tv_weight"]
+        [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[weight] = row["loss"]
+    assert summaries == {None: 0.01, "0": 0.0, "0.2": 0.2}
+    assert len(set(losses.values())) == 3  # the same images and draws: only the prior's weight differs
+
+
 def test_an_unknown_batchnorm_mode_is_refused(tiny_image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         _attack(tiny_image_folder, tmp_path / "out", "--batchnorm", "eval")
@@ -83,6 +96,7 @@ def test_an_unknown_batchnorm_mode_is_refused(tiny_image_folder, tmp_path, capsy
     (["--lr", "0"], "lr must be positive"),
     (["--local-steps", "0"], "local-steps must be at least 1"),
     (["--bn-statistics", "-1"], "bn-statistics must be at least 0"),
+    (["--tv-weight", "-0.5"], "tv-weight must be at least 0"),
     (["--num-victims", "100"], "need 100 examples"),
     (["--init", "missing.pt"], "neither 'default', 'paper' nor"),
     (["--defense", "noise:abc"], "noise needs SIGMA, a positive number, got 'abc'"),
