@@ -280,3 +280,10 @@ def test_trap_weights_on_every_client_are_named_as_why_the_model_never_changed()
     assert "--attack-clients" not in run_module.failure(starved, "idlg")
     assert "--attack-clients" not in run_module.failure(starved, "trap", (0,))
     assert run_module.trap_starves("trap", None) and not run_module.trap_starves("trap", (0, 1))
+
+
+def test_a_tv_weight_of_zero_is_kept_and_blank_means_the_presets():
+    assert RunConfig.from_flower({"tv-weight": 0.0}).tv_weight == 0.0
+    assert RunConfig.from_flower({"tv-weight": "0.2"}).tv_weight == 0.2
+    assert RunConfig.from_flower({"tv-weight": ""}).tv_weight is None
+    assert RunConfig.from_flower({"restarts": 0}).restarts is None  # a count's 0 still means the preset's
