@@ -124,13 +124,27 @@ def point_config(mode: str, point_args: argparse.Namespace) -> dict:
     return json.loads(json.dumps({"mode": mode, "flags": flags}, default=str))
 
 
+def _with_new_flags(stored: dict, wanted: dict) -> dict:
+    """`stored` with the flags fl-sim gained since the point ran, where this sweep leaves them at their
+    defaults: the point ran without them, which is what their defaults do."""
+    if stored.get("mode") not in MODES or wanted.get("mode") != stored.get("mode"):
+        return stored
+    parser = _parser_of(MODES[stored["mode"]])
+    flags = dict(stored.get("flags", {}))
+    for key, value in wanted["flags"].items():
+        default = json.loads(json.dumps(parser.get_default(key.replace("-", "_")), default=str))
+        if key not in flags and value == default:
+            flags[key] = value
+    return {**stored, "flags": flags}
+
+
 def finished_and_same(folder: Path, wanted: dict, force: bool) -> bool:
     """True when the point is finished with the config `wanted`, so it is reused; False when it must run
     (unfinished, or finished otherwise and `force`). A finished point with another config is an error."""
     if not (folder / "summary.json").exists():
         return False
     path = folder / POINT_CONFIG
-    stored = json.loads(path.read_text()) if path.exists() else None
+    stored = _with_new_flags(json.loads(path.read_text()), wanted) if path.exists() else None
     if stored == wanted or force:
         return stored == wanted
     if stored is None:

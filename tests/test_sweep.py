@@ -96,3 +96,18 @@ def test_a_point_without_a_recorded_config_is_not_trusted(tiny_image_folder, tmp
     (out / "points" / "batch-size=1" / "point.json").unlink()  # as a sweep of an older fl-sim left it
     assert _tiny_sweep(tiny_image_folder, out) == 2
     assert "without a record of its config" in capsys.readouterr().err
+
+
+def test_a_flag_added_since_a_point_ran_counts_as_unchanged_only_at_its_default(tiny_image_folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert _tiny_sweep(tiny_image_folder, out) == 0
+    record = out / "points" / "batch-size=1" / "point.json"
+    stored = json.loads(record.read_text())
+    del stored["flags"]["tv-weight"], stored["flags"]["bn-statistics"]  # as an fl-sim without these flags wrote it
+    record.write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert _tiny_sweep(tiny_image_folder, out) == 0
+    assert "done before with the same config, skipped" in capsys.readouterr().out
+    record.write_text(json.dumps(stored))
+    assert _tiny_sweep(tiny_image_folder, out, "--tv-weight", "0.2") == 2
+    assert "--tv-weight (unset) (this sweep: 0.2)" in capsys.readouterr().err
