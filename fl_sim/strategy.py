@@ -286,13 +286,16 @@ class InvertingStrategy(Strategy):
                 victims = [Victim((client,)) for client in updates]
                 observed = [updates[v.clients[0]] for v in victims]
             started = time.perf_counter()
-            try:
-                if self.secure_aggregation:
-                    results = active.recover(sent.readout, observed, settings, sent.armed, self.attack.num_classes)
-                else:  # each target's own count of images: its shard in epochs mode
-                    results = [active.recover(sent.readout, [update], sent.settings.for_shard(
-                        accepted[victim.clients[0]].content[METRICS][self.weighted_by_key]), sent.armed,
-                        self.attack.num_classes)[0] for victim, update in zip(victims, observed)]
+            if not self.secure_aggregation:  # each target's own count of images: its shard in epochs mode
+                settings = [sent.settings.for_shard(accepted[victim.clients[0]].content[METRICS][self.weighted_by_key])
+                            for victim in victims]
+            else:
+                settings = [settings]
+            cap = self.attack.max_images
+            try:  # the rows were armed for at most `cap` images: a larger update is not read (as for passive attacks)
+                results = [too_many_images(each.num_images, cap) if each.num_images > cap else
+                           active.recover(sent.readout, [update], each, sent.armed, self.attack.num_classes)[0]
+                           for each, update in zip(settings, observed)]
             except Exception as error:  # a failed attack must not stop the federation
                 log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
                 results = [Reconstruction.failure(Status.FAILED, f"{type(error).__name__}: {error}") for _ in victims]
@@ -319,9 +322,7 @@ class InvertingStrategy(Strategy):
                 results[index] = Reconstruction.failure(
                     Status.SKIPPED, "secure aggregation of epochs-mode updates: their mean has no one training to replay")
             elif assumed.num_images > attack.max_images:
-                results[index] = Reconstruction.failure(
-                    Status.SKIPPED, f"{assumed.num_images} images behind the update, more than "
-                                    f"--max-attack-images {attack.max_images}")
+                results[index] = too_many_images(assumed.num_images, attack.max_images)
             else:
                 groups.setdefault(assumed if attack.replay else assumed.as_single_gradient(), []).append(index)
         for assumed, members in groups.items():
@@ -400,6 +401,12 @@ def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayR
         if tensor.dtype != dtype:
             weights[name] = (tensor if dtype.is_floating_point else tensor.round()).to(dtype)
     return ArrayRecord(weights)
+
+
+def too_many_images(count: int, cap: int) -> Reconstruction:
+    """The row of an update that is not attacked because more images are behind it than the server reads."""
+    return Reconstruction.failure(Status.SKIPPED, f"{count} images behind the update, more than "
+                                                  f"--max-attack-images {cap}")
 
 
 def short_error(reason: str) -> str:

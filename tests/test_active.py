@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from flower_helpers import LocalGrid, server_identity  # noqa: F401 (fixture)
 
 from attacker.analytic import CONFIRMED, UNRECOVERED, recover
 from clients.training import local_train
@@ -82,3 +83,22 @@ def test_the_imprint_block_disarmed_is_the_honest_model():
     model = build_model("lenet", 3, 32, 10, seed=2, imprint=16)
     x = torch.rand(3, 3, 32, 32)
     assert torch.equal(model(x), model.base(x))
+
+
+def test_in_a_federation_a_target_with_more_images_than_the_cap_is_not_read(shared_data, tmp_path, server_identity):
+    from clients.app import make_client_app
+    from fl_sim import server_app
+    from fl_sim.outputs import read_jsonl
+    from fl_sim.run_config import RunConfig
+
+    statuses = {}
+    for cap in (16, 40):  # shards of 20-24 images: over the first cap, under the second
+        config = RunConfig(out=str(tmp_path / str(cap)), rounds=1, num_clients=2, data_root=str(shared_data),
+                           model="lenet", train_mode="epochs", epochs=1, batch_size=8, min_shard=20, max_shard=24,
+                           attack="imprint", max_attack_images=cap, seed=0, device="cpu")
+        server_app.run_federation(LocalGrid(make_client_app(config), config.num_clients), config)
+        rows = [row for row in read_jsonl(tmp_path / str(cap) / "metrics.jsonl") if row.get("client") is not None]
+        statuses[cap] = [(row["status"], row.get("reason", "")) for row in rows]
+    assert len(statuses[16]) == 2 and all(status == "skipped" and "--max-attack-images 16" in reason
+                                          for status, reason in statuses[16])
+    assert [status for status, _ in statuses[40]] == ["ok", "ok"]
