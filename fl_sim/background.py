@@ -47,13 +47,8 @@ class AttackQueue:
     def wait(self, through_round: int | None = None) -> None:
         """Blocks until the jobs of rounds up to `through_round` (None: all) are done; re-raises the first
         error among them not raised before."""
-        for job_round in sorted(self._jobs):
-            if through_round is not None and job_round > through_round:
-                break
-            error = self._jobs[job_round].exception()  # blocks until the job is done
-            if error is not None and job_round not in self._reported:
-                self._reported.add(job_round)
-                raise error
+        for _, error in self._unreported_errors(through_round):
+            raise error
 
     def pending(self) -> list[int]:
         """The rounds whose job has not finished yet."""
@@ -63,16 +58,22 @@ class AttackQueue:
         """Drains the queue (no attack is lost: every job runs) and stops the thread. With `raise_errors`,
         re-raises the first error not raised before and logs any others; without (the run is failing
         already), logs every such error instead."""
-        errors = []
         try:
-            for job_round in sorted(self._jobs):
-                error = self._jobs[job_round].exception()  # blocks until the job is done
-                if error is not None and job_round not in self._reported:
-                    self._reported.add(job_round)
-                    errors.append((job_round, error))
+            errors = list(self._unreported_errors())
         finally:
             self._pool.shutdown(wait=True)
         for job_round, error in errors[1 if raise_errors else 0:]:
             LOGGER.log(ERROR, "the background attack of round %s failed", job_round, exc_info=error)
         if raise_errors and errors:
             raise errors[0][1]
+
+    def _unreported_errors(self, through_round: int | None = None):
+        """(round, error) of the jobs up to `through_round` (None: all) whose error was not raised before,
+        in round order, waiting for each job; each is marked raised as it is yielded."""
+        for job_round in sorted(self._jobs):
+            if through_round is not None and job_round > through_round:
+                return
+            error = self._jobs[job_round].exception()  # blocks until the job is done
+            if error is not None and job_round not in self._reported:
+                self._reported.add(job_round)
+                yield job_round, error

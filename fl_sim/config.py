@@ -75,9 +75,10 @@ def training_settings(args) -> TrainingSettings:
 def task_config(args) -> RunConfig:
     """The task flags of `fl-sim attack` (and a sweep's attack points) as a typed RunConfig."""
     values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
-                                                     "bn_statistics", "tv_weight", "device", "seed", "defense", "local_steps", "batch_size",
-                                                     "epochs", "lr", "momentum", "batchnorm", "weight_decay",
-                                                     "imprint_bins", "imprint_blocks", "train_mode")}
+                                                     "bn_statistics", "tv_weight", "device", "seed", "defense",
+                                                     "local_steps", "batch_size", "epochs", "lr", "momentum",
+                                                     "batchnorm", "weight_decay", "imprint_bins", "imprint_blocks",
+                                                     "train_mode")}
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))
 
 

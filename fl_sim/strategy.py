@@ -281,16 +281,13 @@ class InvertingStrategy(Strategy):
         if updates:
             if self.secure_aggregation:
                 victims = [Victim(tuple(sorted(updates)), secure_aggregate=True)]
-                observed, settings = [mean_update(list(updates.values()))], sent.settings.for_mean_of(len(updates))
-            else:
+                observed, settings = [mean_update(list(updates.values()))], [sent.settings.for_mean_of(len(updates))]
+            else:  # each target's own count of images: its shard in epochs mode
                 victims = [Victim((client,)) for client in updates]
                 observed = [updates[v.clients[0]] for v in victims]
+                settings = [sent.settings.for_shard(accepted[v.clients[0]].content[METRICS][self.weighted_by_key])
+                            for v in victims]
             started = time.perf_counter()
-            if not self.secure_aggregation:  # each target's own count of images: its shard in epochs mode
-                settings = [sent.settings.for_shard(accepted[victim.clients[0]].content[METRICS][self.weighted_by_key])
-                            for victim in victims]
-            else:
-                settings = [settings]
             cap = self.attack.max_images
             try:  # the rows were armed for at most `cap` images: a larger update is not read (as for passive attacks)
                 results = [too_many_images(each.num_images, cap) if each.num_images > cap else
