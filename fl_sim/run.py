@@ -9,14 +9,14 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from . import config
 from .outputs import read_jsonl
 from .records import REPLY_FAULTS
-from .run_config import FAULT_HELP, PARTITIONS, ConfigError, RunConfig, StrategyName, flower_key
+from .run_config import (FAULT_HELP, PARTITIONS, TRAP_EVERYONE, ConfigError, RunConfig, StrategyName, flower_key,
+                         trap_starves)
 from .summary import summarise
 
 DEFAULTS = RunConfig()
@@ -147,8 +147,6 @@ def run(args) -> dict:
 
     resume = args.resume is not None
     preflight(run_config, resume)
-    if trap_starves(run_config.attack, run_config.attack_clients):
-        print(f"fl-sim run: warning: {TRAP_EVERYONE}", file=sys.stderr)
     started = time.perf_counter()
     run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
                    num_supernodes=run_config.num_clients,
@@ -181,16 +179,6 @@ def headline(result: dict) -> tuple[str, str]:
     psnr = "n/a" if result["psnr_median"] is None else f"{result['psnr_median']:.1f} dB"
     accuracy = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.2%}"
     return psnr, accuracy
-
-
-TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
-                 "left out of the average, so the global model will not change; name the targets with "
-                 "--attack-clients (e.g. 0) to let the others train it")
-
-
-def trap_starves(attack: str, attack_clients) -> bool:
-    """Trap weights on every client leave nothing to average (docs/threat-models.md)."""
-    return attack == "trap" and attack_clients is None
 
 
 def failure(result: dict, attack: str, attack_clients=None) -> str | None:

@@ -27,6 +27,9 @@ ATTACKS = (*PASSIVE_ATTACKS, *ACTIVE_ATTACKS)
 IMPRINT_BINS = 256  # the imprint preset's rows, when --imprint-bins is 0
 TRAP_MODELS = ("mlp", "cnn")  # the models trap weights reach (fl_sim/active.py says why not the others)
 NO_ATTACK = "none"
+TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
+                 "left out of the average, so the global model will not change; name the targets with "
+                 "--attack-clients (e.g. 0) to let the others train it")
 PARTITIONS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -385,3 +388,8 @@ def to_text(value: object) -> object:
     if isinstance(value, (StrEnum, DefenseSpec)):
         return str(value)
     return value
+
+
+def trap_starves(attack: str, attack_clients) -> bool:
+    """Trap weights on every client leave nothing to average (docs/threat-models.md)."""
+    return attack == "trap" and attack_clients is None

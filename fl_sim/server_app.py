@@ -24,7 +24,7 @@ import platform
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from .outputs import append_jsonl, inside, write_json
 from .partition import client_shards, training_examples
 from .protocol import METRICS, PARTITION_ID, TrainMode
 from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
-from .run_config import ACTIVE_ATTACKS, NO_ATTACK, ConfigError, RunConfig
+from .run_config import ACTIVE_ATTACKS, NO_ATTACK, TRAP_EVERYONE, ConfigError, RunConfig, trap_starves
 from .strategy import AttackPlan, InvertingStrategy, ReplyFault, RoundOffset, ServerAttack, Victim, flower_strategy
 
 
@@ -181,6 +181,8 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     With `resume`, config.out holds a run that was stopped: it goes on after its last checkpoint.
     """
     scoreboard = preflight(config, resume)
+    if trap_starves(config.attack, config.attack_clients):  # under fl-sim run and flwr run alike
+        log(WARNING, TRAP_EVERYONE)
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -102,3 +102,20 @@ def test_in_a_federation_a_target_with_more_images_than_the_cap_is_not_read(shar
     assert len(statuses[16]) == 2 and all(status == "skipped" and "--max-attack-images 16" in reason
                                           for status, reason in statuses[16])
     assert [status for status, _ in statuses[40]] == ["ok", "ok"]
+
+
+def test_trap_weights_on_every_client_are_warned_about_by_the_server_app(shared_data, tmp_path, server_identity,
+                                                                         monkeypatch):
+    from clients.app import make_client_app
+    from fl_sim import server_app
+    from fl_sim.outputs import read_jsonl
+    from fl_sim.run_config import TRAP_EVERYONE, RunConfig
+
+    warnings = []
+    monkeypatch.setattr(server_app, "log", lambda level, message, *args: warnings.append(message % args if args
+                                                                                         else message))
+    config = RunConfig(out=str(tmp_path / "run"), rounds=1, num_clients=2, data_root=str(shared_data), model="mlp",
+                       train_mode="fedsgd", batch_size=4, attack="trap", seed=0, device="cpu")
+    server_app.run_federation(LocalGrid(make_client_app(config), config.num_clients), config)
+    assert TRAP_EVERYONE in warnings
+    assert [row["model_changed"] for row in read_jsonl(tmp_path / "run" / "global.jsonl")] == [False]
