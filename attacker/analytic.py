@@ -108,8 +108,7 @@ def _imprint(readout: ImprintReadout, update: dict, count: int) -> tuple[torch.T
 
     def bin_of(x: torch.Tensor) -> torch.Tensor:
         """The bin each block puts image x in (-1: below every threshold, in no bin)."""
-        s = directions @ x
-        return torch.stack([torch.searchsorted(thresholds[b], s[b:b + 1]) for b in range(blocks)]).flatten() - 1
+        return torch.searchsorted(thresholds, (directions @ x)[:, None]).flatten() - 1
 
     def peel(x: torch.Tensor, g: torch.Tensor) -> None:
         for b, j in enumerate(bin_of(x).tolist()):
