@@ -20,7 +20,7 @@ Each victim's `Reconstruction` lists its images in `image_status`: "confirmed", 
 or row's ratio that nothing else vouches for: it may be a mixture of several images), or "unrecovered"
 (a black placeholder: no bin or row was left for it). The attack never sees the truth.
 
-Pure torch; what to read in the update comes from the server's model surgery (fl_sim/active.py) as a
+Pure torch; what to read in the update comes from the server's model surgery (fl_sim/server/active.py) as a
 readout.
 """
 from dataclasses import dataclass

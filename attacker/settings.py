@@ -1,9 +1,9 @@
 """What the server knows about a client's training (the settings it sent, from the shared contract
-fl_sim/protocol.py, which imports nothing but the standard library), and the attack it runs."""
+fl_sim/contract/protocol.py, which imports nothing but the standard library), and the attack it runs."""
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from fl_sim.protocol import BatchNormMode, TrainingSettings
+from fl_sim.contract.protocol import BatchNormMode, TrainingSettings
 
 __all__ = ["AttackConfig", "BatchNormMode", "LabelStrategy", "Objective", "Optimizer", "PRESETS", "TrainingSettings",
            "get_attack"]

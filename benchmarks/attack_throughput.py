@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from attacker import TrainingSettings, get_attack, invert, resolve_device
 from clients.training import local_train
-from fl_sim.updates import weight_change, weights
-from fl_sim.models import build_model
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import weight_change, weights
 
 
 def synthetic_updates(model_name, model, victims: int, shape, classes: int, settings: TrainingSettings, device):

@@ -31,12 +31,12 @@ def main() -> None:
 
     from attacker import get_attack, invert
     from clients.training import local_train
-    from fl_sim.attack import victim_indices
-    from fl_sim.data import load_dataset
-    from fl_sim.metrics import score
-    from fl_sim.models import build_model
-    from fl_sim.protocol import TrainingSettings
-    from fl_sim.updates import weight_change, weights
+    from fl_sim.commands.attack import victim_indices
+    from fl_sim.contract.protocol import TrainingSettings
+    from fl_sim.learning.data import load_dataset
+    from fl_sim.learning.models import build_model
+    from fl_sim.learning.updates import weight_change, weights
+    from fl_sim.results.metrics import score
 
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)

@@ -62,12 +62,13 @@ def make_peer_env() -> None:
 def victims(case: str, count: int, data_root: str, seed: int):
     """The model, its global weights, and per victim (images, labels, weight change) after one SGD step."""
     import torch
+
     from clients.training import local_train
-    from fl_sim.attack import victim_indices
-    from fl_sim.data import load_dataset
-    from fl_sim.models import build_model
-    from fl_sim.protocol import TrainingSettings
-    from fl_sim.updates import weight_change, weights
+    from fl_sim.commands.attack import victim_indices
+    from fl_sim.contract.protocol import TrainingSettings
+    from fl_sim.learning.data import load_dataset
+    from fl_sim.learning.models import build_model
+    from fl_sim.learning.updates import weight_change, weights
 
     model_name, dataset_name, _, batch, _ = CASES[case]
     dataset = load_dataset(dataset_name, data_root, train=True)
@@ -101,6 +102,7 @@ def run_breaching(case, model, before, settings, shape, classes, data, iteration
     """breaching's own attack on each victim in turn (it attacks one user at a time)."""
     import logging
     import warnings
+
     import torch
     warnings.filterwarnings("ignore", category=UserWarning)  # hydra's version_base notice
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script in breaching's objectives
@@ -152,7 +154,7 @@ def run_breaching(case, model, before, settings, shape, classes, data, iteration
 
 
 def score(results, data):
-    from fl_sim.metrics import score as fl_score
+    from fl_sim.results.metrics import score as fl_score
     rows = []
     for result, (images, labels, _) in zip(results, data):
         if result is None:
@@ -165,6 +167,7 @@ def score(results, data):
 
 def inside(args) -> None:
     import statistics
+
     import torch
     sys.path.insert(0, str(ROOT))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, breaching 0.1.2 from {PEER}")

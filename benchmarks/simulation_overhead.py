@@ -1,6 +1,6 @@
 """What Flower's simulation costs: `fl-sim run` with the attack off beside the same federation in a plain loop.
 
-Both train the same clients on the same round examples (fl_sim/partition.py) with the same local
+Both train the same clients on the same round examples (fl_sim/learning/partition.py) with the same local
 training (clients/training.py), average as FedAvg does and evaluate the global model on the test
 split after each round. The simulation runs first and pays Ray's start-up and the workers' data
 loading; the plain loop loads its own data, so neither gets the other's warm cache. Prints both wall
@@ -29,14 +29,14 @@ import torch
 
 from attacker import TrainingSettings
 from clients.training import local_train
-from fl_sim import cli
-from fl_sim import run as fl_sim_run
-from fl_sim.data import load_dataset
-from fl_sim.accuracy import evaluate_model
-from fl_sim.models import build_model
-from fl_sim.outputs import read_jsonl
-from fl_sim.records import REPLY_FAULTS
-from fl_sim.partition import partition_indices, round_examples
+from fl_sim.commands import cli
+from fl_sim.commands import run as fl_sim_run
+from fl_sim.contract.records import REPLY_FAULTS
+from fl_sim.learning.accuracy import evaluate_model
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.partition import partition_indices, round_examples
+from fl_sim.results.outputs import read_jsonl
 
 
 def plain_federation(args) -> float:

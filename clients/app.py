@@ -1,7 +1,7 @@
 """The Flower ClientApp: an honest client per partition of the training set.
 
 Each round a client takes the global weights and the training settings the server sent, takes its
-shard (fl_sim/partition.py): the whole shard in epochs mode, else the K x B examples drawn for the round,
+shard (fl_sim/learning/partition.py): the whole shard in epochs mode, else the K x B examples drawn for the round,
 trains with clients/training.py and replies as any Flower client does: its new weights and its example
 count (plus its training loss). In epochs mode it shuffles with a seed of its own (`order_seed`), which
 the server never learns.
@@ -21,13 +21,21 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim.accuracy import evaluate_model
-from fl_sim.data import cached_dataset, image_spec
-from fl_sim.models import build_model
-from fl_sim.partition import client_shards, partition_indices, training_examples
-from fl_sim.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, TRAIN_LOSS, \
-    TrainingSettings
-from fl_sim.run_config import RunConfig
+from fl_sim.contract.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    TrainingSettings,
+)
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.learning.accuracy import evaluate_model
+from fl_sim.learning.data import cached_dataset, image_spec
+from fl_sim.learning.models import build_model
+from fl_sim.learning.partition import client_shards, partition_indices, training_examples
 
 from .context import node_partition, run_config_of
 from .defenses import defense_seed

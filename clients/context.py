@@ -1,7 +1,7 @@
 """What a ClientApp reads from its Flower context: the run config, and which partition this node holds."""
 from flwr.app import Context
 
-from fl_sim.run_config import RunConfig
+from fl_sim.contract.run_config import RunConfig
 
 
 def run_config_of(context: Context, defaults: RunConfig | None = None) -> RunConfig:

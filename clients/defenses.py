@@ -16,18 +16,18 @@ buffers, and runs only inside a Flower message chain, which `fl-sim attack` does
 
 The client applies its steps to the change of its parameters (new - global) and sends global + the
 defended change; buffers (BatchNorm statistics) go as trained. `secagg` is no client step: the
-server (fl_sim/strategy.py) and `fl-sim attack` then see only the clients' mean update (the sum that
+server (fl_sim/server/strategy.py) and `fl-sim attack` then see only the clients' mean update (the sum that
 secure aggregation reveals, over the known count), which the attack treats as one client whose
 batches hold every client's examples (TrainingSettings.for_mean_of).
 
-The spec is parsed with the run config (fl_sim/run_config.py DefenseSpec); in a ClientApp these steps
+The spec is parsed with the run config (fl_sim/contract/run_config.py DefenseSpec); in a ClientApp these steps
 run as a Flower mod (clients/mods.py `defense_mod`), after the honest training.
 """
 import numpy as np
 import torch
 
-from fl_sim.run_config import DefenseKind, DefenseSpec
-from fl_sim.updates import update_norm
+from fl_sim.contract.run_config import DefenseKind, DefenseSpec
+from fl_sim.learning.updates import update_norm
 
 Change = dict[str, torch.Tensor]
 

@@ -3,12 +3,12 @@
 A client named there trains as usual, then spoils its reply in the named way (or raises instead of
 training) in every round, so the server's defences can be tested and shown. Each kind is something a
 broken or hostile client could send; the server must neither attack nor average it. The kinds are
-fl_sim.run_config.Fault; clients/mods.py applies them as a Flower mod.
+fl_sim.contract.run_config.Fault; clients/mods.py applies them as a Flower mod.
 """
 import torch
 
-from fl_sim.protocol import NUM_EXAMPLES
-from fl_sim.run_config import Fault
+from fl_sim.contract.protocol import NUM_EXAMPLES
+from fl_sim.contract.run_config import Fault
 
 ABSURD_NUM_EXAMPLES = 10**9
 EXTRA_ARRAY = "injected.extra"

@@ -10,11 +10,11 @@ import functools
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fl_sim.data import cached_dataset, image_spec
-from fl_sim.models import build_model
-from fl_sim.protocol import ARRAYS, CONFIG, METRICS, SERVER_ROUND
-from fl_sim.run_config import Fault, RunConfig
-from fl_sim.updates import parameter_names
+from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, SERVER_ROUND
+from fl_sim.contract.run_config import Fault, RunConfig
+from fl_sim.learning.data import cached_dataset, image_spec
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import parameter_names
 
 from .context import node_partition, run_config_of
 from .defenses import defense_seed, sent_weights

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_sim.protocol import BatchNormMode, TrainingSettings, TrainMode
+from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
 
 
 def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: TrainingSettings,

@@ -1,6 +1,6 @@
 """`python -m fl_sim` is the `fl-sim` command."""
 import sys
 
-from .cli import main
+from fl_sim.commands.cli import main
 
 sys.exit(main())

@@ -6,9 +6,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.serverapp.strategy import FedAvg
 
 from attacker import TrainingSettings, get_attack
-from fl_sim.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
-from fl_sim.models import build_model
-from fl_sim.strategy import InvertingStrategy, ServerAttack
+from fl_sim.learning.models import build_model
+from fl_sim.server.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
+from fl_sim.server.strategy import InvertingStrategy, ServerAttack
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ from flower_helpers import LocalGrid, server_identity  # noqa: F401 (fixture)
 
 from attacker.analytic import CONFIRMED, UNRECOVERED, recover
 from clients.training import local_train
-from fl_sim import metrics
-from fl_sim.active import ImprintAttack, TrapAttack, public_images
-from fl_sim.data import load_dataset
-from fl_sim.evaluation import score_and_save
-from fl_sim.models import build_model
-from fl_sim.protocol import TrainingSettings
-from fl_sim.updates import weight_change, weights
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import weight_change, weights
+from fl_sim.results import metrics
+from fl_sim.results.evaluation import score_and_save
+from fl_sim.server.active import ImprintAttack, TrapAttack, public_images
 
 
 def one_round(shared_data, dataset, model_name, attack, settings, blocks=4, seed=0):
@@ -87,9 +87,9 @@ def test_the_imprint_block_disarmed_is_the_honest_model():
 
 def test_in_a_federation_a_target_with_more_images_than_the_cap_is_not_read(shared_data, tmp_path, server_identity):
     from clients.app import make_client_app
-    from fl_sim import server_app
-    from fl_sim.outputs import read_jsonl
-    from fl_sim.run_config import RunConfig
+    from fl_sim.contract.run_config import RunConfig
+    from fl_sim.results.outputs import read_jsonl
+    from fl_sim.server import server_app
 
     statuses = {}
     for cap in (16, 40):  # shards of 20-24 images: over the first cap, under the second
@@ -107,9 +107,9 @@ def test_in_a_federation_a_target_with_more_images_than_the_cap_is_not_read(shar
 def test_trap_weights_on_every_client_are_warned_about_by_the_server_app(shared_data, tmp_path, server_identity,
                                                                          monkeypatch):
     from clients.app import make_client_app
-    from fl_sim import server_app
-    from fl_sim.outputs import read_jsonl
-    from fl_sim.run_config import TRAP_EVERYONE, RunConfig
+    from fl_sim.contract.run_config import TRAP_EVERYONE, RunConfig
+    from fl_sim.results.outputs import read_jsonl
+    from fl_sim.server import server_app
 
     warnings = []
     monkeypatch.setattr(server_app, "log", lambda level, message, *args: warnings.append(message % args if args

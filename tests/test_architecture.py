@@ -12,11 +12,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("attacker", "clients", "fl_sim")
-# Standard library only: both sides and the attacker import them without pulling in anything else.
-CONTRACT = {"fl_sim.protocol", "fl_sim.run_config"}
-# What clients may import of fl_sim: the contract and the shared data, models, partitions and updates.
-SHARED = CONTRACT | {"fl_sim.data", "fl_sim.models", "fl_sim.partition", "fl_sim.updates", "fl_sim.accuracy"}
-SERVER = {"fl_sim.strategy", "fl_sim.server_app", "fl_sim.validation", "fl_sim.evaluation", "fl_sim.resume"}
+# The layers, as packages: what each may import of the project (besides itself). docs/architecture.md draws them.
+LAYERS = {
+    "fl_sim.contract": set(),  # standard library only
+    "fl_sim.learning": {"fl_sim.contract"},
+    "attacker": {"fl_sim.contract"},  # pure torch: no Flower, no clients, no ground truth
+    "clients": {"fl_sim.contract", "fl_sim.learning"},
+    "fl_sim.results": {"fl_sim.contract", "attacker"},
+    "fl_sim.server": {"fl_sim.contract", "fl_sim.learning", "fl_sim.results", "attacker"},
+    "fl_sim.commands": {"fl_sim.contract", "fl_sim.learning", "fl_sim.results", "fl_sim.server", "attacker",
+                        "clients"},
+    "fl_sim.__main__": {"fl_sim.commands"},
+}
+CONTRACT = {"fl_sim.contract.protocol", "fl_sim.contract.run_config", "fl_sim.contract.records"}
+
+
+def layer_of(module: str) -> str:
+    """The package (layer) a module belongs to: `fl_sim.server.strategy` -> `fl_sim.server`."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "fl_sim" and len(parts) > 1 else parts[0]
 
 
 def module_name(path: Path) -> str:
@@ -80,29 +94,40 @@ def test_the_module_graph_has_no_cycle():
 
 def test_the_cycle_check_finds_a_cycle():
     """The check above can fail: a graph with an edge back is refused."""
-    saved = GRAPH["fl_sim.protocol"]
-    GRAPH["fl_sim.protocol"] = saved | {"fl_sim.strategy"}
+    saved = GRAPH["fl_sim.contract.protocol"]
+    GRAPH["fl_sim.contract.protocol"] = saved | {"fl_sim.server.strategy"}
     try:
         with pytest.raises(AssertionError, match="import cycle"):
             test_the_module_graph_has_no_cycle()
     finally:
-        GRAPH["fl_sim.protocol"] = saved
+        GRAPH["fl_sim.contract.protocol"] = saved
 
 
-def test_the_attacker_imports_no_flower_no_clients_and_of_fl_sim_only_the_contract():
+def layer_violations(graph) -> list[str]:
+    found = []
+    for name, targets in graph.items():
+        layer = layer_of(name)
+        assert layer in LAYERS or name == "fl_sim", f"{name} is in no layer: add its package to LAYERS"
+        for target in targets:
+            if target != "fl_sim" and layer_of(target) != layer and layer_of(target) not in LAYERS.get(layer, set()):
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_every_import_follows_the_package_layers():
+    assert not layer_violations(GRAPH)
+
+
+def test_the_layer_check_finds_a_wrong_arrow():
+    """The check above can fail: the server importing a command is refused."""
+    graph = {**GRAPH, "fl_sim.server.strategy": GRAPH["fl_sim.server.strategy"] | {"fl_sim.commands.config"}}
+    assert layer_violations(graph) == ["fl_sim.server.strategy -> fl_sim.commands.config"]
+
+
+def test_the_attacker_imports_no_flower():
     for name, path in MODULES.items():
         if name.startswith("attacker"):
             assert "flwr" not in flower_or_torch_imports(path), name
-            assert all(not target.startswith("clients") for target in GRAPH[name]), name
-            assert {t for t in GRAPH[name] if t.startswith("fl_sim")} <= {"fl_sim", "fl_sim.protocol"}, name
-
-
-def test_clients_import_only_the_shared_part_of_fl_sim():
-    for name in MODULES:
-        if name.startswith("clients"):
-            server_side = {t for t in GRAPH[name] if t.startswith("fl_sim") and t not in SHARED | {"fl_sim"}}
-            assert not server_side, f"{name} imports server modules {server_side}"
-            assert not any(t.startswith("attacker") for t in GRAPH[name]), name
 
 
 def reachable(name: str) -> set[str]:
@@ -115,10 +140,10 @@ def reachable(name: str) -> set[str]:
 
 
 def test_no_server_module_reaches_the_clients_and_only_the_simulation_launcher_imports_the_client_app():
-    for name in SERVER:
+    for name in (name for name in MODULES if layer_of(name) == "fl_sim.server"):
         assert not any(t.startswith("clients") for t in reachable(name)), f"{name} reaches the clients"
-    # fl_sim.run starts a Flower simulation, both sides in one process; fl_sim.attack trains victims without Flower
-    assert {name for name in MODULES if "clients.app" in GRAPH[name]} == {"fl_sim.run"}
+    # fl_sim.commands.run starts a Flower simulation, both sides in one process; fl_sim.commands.attack trains victims without Flower
+    assert {name for name in MODULES if "clients.app" in GRAPH[name]} == {"fl_sim.commands.run"}
 
 
 def test_the_contract_imports_only_the_standard_library():
@@ -137,13 +162,13 @@ def loaded_after(code: str) -> set[str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["report", "--help"], ["deploy", "compose", "--supernodes", "2"]])
 def test_light_sub_commands_import_neither_torch_nor_flower(argv):
-    loaded = loaded_after(f"from fl_sim import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass")
+    loaded = loaded_after(f"from fl_sim.commands import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass")
     assert not loaded & {"torch", "flwr"}, loaded & {"torch", "flwr"}
 
 
 def test_the_light_check_sees_a_heavy_import():
-    assert {"torch"} <= loaded_after("from fl_sim import cli\ntry:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n"
-                                     "    pass\nimport fl_sim.models")
+    assert {"torch"} <= loaded_after("from fl_sim.commands import cli\ntry:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n"
+                                     "    pass\nimport fl_sim.learning.models")
 
 
 def test_python_dash_m_fl_sim_is_the_command():

@@ -14,11 +14,13 @@ import torch
 from flower_helpers import LocalGrid, server_identity  # noqa: F401 (fixture)
 
 from clients.app import make_client_app
-from fl_sim import cli, evaluation, server_app
-from fl_sim.background import AttackQueue
-from fl_sim.outputs import read_jsonl
-from fl_sim.resume import CHECKPOINT, load_checkpoint
-from fl_sim.run_config import ConfigError, RunConfig
+from fl_sim.commands import cli
+from fl_sim.contract.run_config import ConfigError, RunConfig
+from fl_sim.results import evaluation
+from fl_sim.results.outputs import read_jsonl
+from fl_sim.server import server_app
+from fl_sim.server.background import AttackQueue
+from fl_sim.server.resume import CHECKPOINT, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 ROUNDS, CLIENTS, FAULTY = 3, 3, 2  # client 2 sends NaN every round: a fault row beside the attack rows
@@ -49,7 +51,10 @@ def committed(out: Path) -> int:
 @pytest.fixture(scope="module")
 def sync_run(shared_data, tmp_path_factory):
     """The synchronous run every asynchronous one must equal, row for row."""
-    from fl_sim.flower_private import SUPERLINK_NODE_ID, TaskIdentity  # server_identity is per test; this is once
+    from fl_sim.server.flower_private import (  # server_identity is per test; this is once
+        SUPERLINK_NODE_ID,
+        TaskIdentity,
+    )
 
     torch.set_num_threads(2)  # as conftest's per-test fixture, which runs after this one: the float sums agree
     saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id

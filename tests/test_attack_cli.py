@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attacker import Reconstruction
-from fl_sim import attack as attack_module
-from fl_sim.cli import build_parser, main
+from fl_sim.commands import attack as attack_module
+from fl_sim.commands.cli import build_parser, main
 
 SUMMARY_KEYS = {"psnr_median", "psnr_mean", "psnr_min", "ssim_mean", "label_acc", "victims", "iterations",
                 "attack_seconds", "seconds"}

@@ -6,11 +6,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from attacker import TrainingSettings
 from clients.app import make_client_app
-from fl_sim.protocol import PARTITION_ID
 from clients.training import local_train
-from fl_sim.data import load_dataset
-from fl_sim.run_config import RunConfig
-from fl_sim.partition import partition_indices, round_examples
+from fl_sim.contract.protocol import PARTITION_ID
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.partition import partition_indices, round_examples
 
 SETTINGS = TrainingSettings(lr=0.05, local_steps=2, batch_size=3)
 pytestmark = pytest.mark.usefixtures("server_identity")

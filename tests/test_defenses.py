@@ -12,13 +12,13 @@ from flwr.clientapp.mod import LocalDpMod
 from attacker import TrainingSettings
 from clients.app import make_client_app
 from clients.defenses import defend, defense_seed, sent_weights
-from fl_sim import cli
-from fl_sim.data import load_dataset
-from fl_sim.run_config import ConfigError, DefenseKind, DefenseSpec, RunConfig
-from fl_sim.models import build_model
-from fl_sim.outputs import read_jsonl
-from fl_sim.partition import partition_indices, round_examples
-from fl_sim.resume import load_checkpoint
+from fl_sim.commands import cli
+from fl_sim.contract.run_config import ConfigError, DefenseKind, DefenseSpec, RunConfig
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.partition import partition_indices, round_examples
+from fl_sim.results.outputs import read_jsonl
+from fl_sim.server.resume import load_checkpoint
 
 
 def change_of(*shapes, seed=0) -> dict[str, torch.Tensor]:

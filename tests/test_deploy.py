@@ -12,13 +12,13 @@ from pathlib import Path
 import flwr
 import pytest
 import yaml
-from packaging.specifiers import SpecifierSet
 from flower_helpers import live_commands
+from packaging.specifiers import SpecifierSet
 
-from fl_sim import cli, deploy, topology
-from fl_sim.config import ConfigError
-from fl_sim.flower_private import daemon_flag_parsers
-from fl_sim.outputs import read_jsonl
+from fl_sim.commands import cli, deploy, topology
+from fl_sim.commands.config import ConfigError
+from fl_sim.results.outputs import read_jsonl
+from fl_sim.server.flower_private import daemon_flag_parsers
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS_OF = daemon_flag_parsers()
@@ -33,7 +33,7 @@ def test_committed_compose_files_are_what_the_topology_generates(variant, capsys
     flags = ["deploy", "compose", "--supernodes", "2", "--variant", variant]
     assert cli.main(flags) == 0
     assert (ROOT / topology.COMPOSE_VARIANTS[variant]).read_text() == capsys.readouterr().out, (
-        f"{topology.COMPOSE_VARIANTS[variant]} drifted from fl_sim/topology.py: regenerate it with "
+        f"{topology.COMPOSE_VARIANTS[variant]} drifted from fl_sim/commands/topology.py: regenerate it with "
         f"`fl-sim {' '.join(flags)} > {topology.COMPOSE_VARIANTS[variant]}`")
 
 
@@ -171,7 +171,7 @@ def launch(flags: list[str]) -> subprocess.Popen:
     """`fl-sim deploy` as a user starts it: its own process, one torch thread per process (2 shared cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # A shell that starts pytest in the background ignores SIGINT for it; give the launcher Ctrl-C back.
-    return subprocess.Popen([sys.executable, "-m", "fl_sim.cli", *flags], cwd=ROOT, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "fl_sim.commands.cli", *flags], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

@@ -5,10 +5,10 @@ from torch import nn
 
 from attacker import AttackConfig, Status, TrainingSettings, engine, get_attack, invert
 from clients.training import local_train
-from fl_sim.updates import weight_change, weights
-from fl_sim.data import load_dataset
-from fl_sim.metrics import psnr, score
-from fl_sim.models import build_model
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import weight_change, weights
+from fl_sim.results.metrics import psnr, score
 
 
 def _victims(model_name, images, labels, settings, init="default"):

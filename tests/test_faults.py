@@ -7,15 +7,15 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from attacker import Reconstruction, Status, TrainingSettings
 from clients.app import make_client_app
-from fl_sim.protocol import PARTITION_ID
-from fl_sim import cli
-from fl_sim.config import ConfigError
-from fl_sim.run_config import Fault, RunConfig, format_faults, parse_faults
-from fl_sim.outputs import read_jsonl
-from fl_sim.resume import load_checkpoint
-from fl_sim.server_app import Scoreboard
-from fl_sim.records import ReplyStatus
-from fl_sim.strategy import ReplyFault, Victim
+from fl_sim.commands import cli
+from fl_sim.commands.config import ConfigError
+from fl_sim.contract.protocol import PARTITION_ID
+from fl_sim.contract.records import ReplyStatus
+from fl_sim.contract.run_config import Fault, RunConfig, format_faults, parse_faults
+from fl_sim.results.outputs import read_jsonl
+from fl_sim.server.resume import load_checkpoint
+from fl_sim.server.server_app import Scoreboard
+from fl_sim.server.strategy import ReplyFault, Victim
 
 REJECTED, CLIENT_ERROR = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR
 

@@ -11,12 +11,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from clients.app import make_client_app, order_seed
 from clients.training import local_train
-from fl_sim.data import load_dataset
-from fl_sim.models import build_model
-from fl_sim.partition import client_shards, training_examples
-from fl_sim.protocol import TrainingSettings
-from fl_sim.run_config import RunConfig
-from fl_sim.validation import ExpectedReply, reply_problem
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.partition import client_shards, training_examples
+from fl_sim.server.validation import ExpectedReply, reply_problem
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 CLIENTS, ROUNDS = 3, 2

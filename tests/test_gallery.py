@@ -8,9 +8,9 @@ from html import escape, unescape
 import pytest
 from PIL import Image
 
-from fl_sim.data import load_dataset
-from fl_sim.gallery import client_folder, write_gallery
-from fl_sim.outputs import append_jsonl, inside, read_jsonl, rewrite_jsonl, save_images, write_json
+from fl_sim.learning.data import load_dataset
+from fl_sim.results.gallery import client_folder, write_gallery
+from fl_sim.results.outputs import append_jsonl, inside, read_jsonl, rewrite_jsonl, save_images, write_json
 
 HOSTILE_STATUS = "error: <script>document.title='hacked'</script> & <b>bold</b>"
 

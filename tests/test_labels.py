@@ -5,9 +5,9 @@ import torch
 from attacker import TrainingSettings, recover_labels
 from attacker.labels import label_assignments
 from clients.training import local_train
-from fl_sim.updates import weight_change, weights
-from fl_sim.data import load_dataset
-from fl_sim.models import build_model
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import weight_change, weights
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from attacker import Reconstruction
-from fl_sim import metrics
-from fl_sim.evaluation import score_and_save, summarise
-from fl_sim.summary import NOT_ATTACKED
+from fl_sim.results import metrics
+from fl_sim.results.evaluation import score_and_save, summarise
+from fl_sim.results.summary import NOT_ATTACKED
 
 
 def test_psnr_of_a_known_error():

@@ -2,7 +2,7 @@
 import os
 import stat
 
-from fl_sim import outputs
+from fl_sim.results import outputs
 
 
 def test_every_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from fl_sim.data import load_dataset
-from fl_sim.partition import partition_indices, round_examples
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.partition import partition_indices, round_examples
 
 
 @pytest.fixture(scope="module")

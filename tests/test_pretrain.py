@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from fl_sim.cli import main
-from fl_sim.models import build_model
+from fl_sim.commands.cli import main
+from fl_sim.learning.models import build_model
 
 
 def test_pretrained_checkpoint_learns_and_loads_as_init(shared_data, tmp_path, capsys):

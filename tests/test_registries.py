@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_sim.data import DataNotFoundError, load_dataset
-from fl_sim.models import MODELS, build_model, count_parameters
+from fl_sim.learning.data import DataNotFoundError, load_dataset
+from fl_sim.learning.models import MODELS, build_model, count_parameters
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -57,9 +57,9 @@ def test_image_folder_and_missing_data(tiny_image_folder, tmp_path):
 
 
 def test_the_run_configs_names_are_exactly_what_the_registries_offer():
-    """fl_sim/run_config.py lists names without importing the registries (it must stay light); they must agree."""
+    """fl_sim/contract/run_config.py lists names without importing the registries (it must stay light); they must agree."""
     from attacker import PRESETS
-    from fl_sim import run_config
+    from fl_sim.contract import run_config
 
     assert set(run_config.MODELS) == set(MODELS)
     assert set(run_config.ATTACKS) == set(PRESETS) | set(run_config.ACTIVE_ATTACKS)

@@ -6,8 +6,8 @@ import torch
 
 from attacker import LocalTraining, TrainingSettings
 from clients.training import local_train
-from fl_sim.updates import weight_change, weights
-from fl_sim.models import build_model
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import weight_change, weights
 
 
 @pytest.mark.parametrize("model_name", ["lenet", "cnn", "resnet20"])

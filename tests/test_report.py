@@ -2,8 +2,8 @@
 import csv
 import json
 
-from fl_sim import plots
-from fl_sim.cli import main
+from fl_sim.commands.cli import main
+from fl_sim.results import plots
 
 
 def test_sweep_page_is_rebuilt_from_the_points_and_escaped(tmp_path):

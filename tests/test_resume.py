@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fl_sim import cli, run
-from fl_sim.config import ConfigError
-from fl_sim.run_config import RunConfig
-from fl_sim.gallery import client_folder
-from fl_sim.outputs import append_jsonl, read_jsonl, write_json
-from fl_sim.resume import CHECKPOINT, Checkpoint, load_checkpoint, rewind, save_checkpoint
+from fl_sim.commands import cli, run
+from fl_sim.commands.config import ConfigError
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.results.gallery import client_folder
+from fl_sim.results.outputs import append_jsonl, read_jsonl, write_json
+from fl_sim.server.resume import CHECKPOINT, Checkpoint, load_checkpoint, rewind, save_checkpoint
 
 
 class Executable:

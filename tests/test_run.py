@@ -13,15 +13,15 @@ import flwr
 import pytest
 from flower_helpers import live_commands
 
-from fl_sim import cli
-from fl_sim.config import ConfigError
-from fl_sim.data import load_dataset
-from fl_sim import run as run_module
-from fl_sim.run_config import DefenseKind, Fault, RunConfig, StrategyName
-from fl_sim.flower_private import load_and_validate
-from fl_sim.outputs import read_jsonl
-from fl_sim.partition import partition_indices, round_examples
-from fl_sim.server_app import wait_for_clients
+from fl_sim.commands import cli
+from fl_sim.commands import run as run_module
+from fl_sim.commands.config import ConfigError
+from fl_sim.contract.run_config import DefenseKind, Fault, RunConfig, StrategyName
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.partition import partition_indices, round_examples
+from fl_sim.results.outputs import read_jsonl
+from fl_sim.server.flower_private import load_and_validate
+from fl_sim.server.server_app import wait_for_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_the_flower_app_config_in_pyproject_is_valid_and_names_every_setting():
     assert set(table) == set(RunConfig().to_flower())
     parsed = RunConfig.from_flower(table)
     assert parsed.to_flower() == table
-    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "fl_sim.server_app:app",
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "fl_sim.server.server_app:app",
                                                            "clientapp": "clients.app:app"}
 
 
@@ -273,7 +273,7 @@ def test_the_readmes_flwr_run_block_runs_as_written_from_a_fresh_shell(tmp_path)
 
 
 def test_trap_weights_on_every_client_are_named_as_why_the_model_never_changed():
-    from fl_sim import run as run_module
+    from fl_sim.commands import run as run_module
 
     starved = {"rounds": 2, "rounds_aggregated": 0, "attacked": 4, "failed": 0, "skipped": 0}
     assert "name the targets with --attack-clients" in run_module.failure(starved, "trap")

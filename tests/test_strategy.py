@@ -10,14 +10,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from attacker import Status, TrainingSettings, invert
 from clients.app import make_client_app
-from fl_sim.protocol import PARTITION_ID
-from fl_sim.data import load_dataset
-from fl_sim.run_config import RunConfig
-from fl_sim.metrics import psnr
-from fl_sim.partition import partition_indices, round_examples
-from fl_sim import strategy as strategy_module
-from fl_sim.records import ReplyStatus
-from fl_sim.strategy import AttackPlan, ReplyFault, RoundOffset, Victim, short_error
+from fl_sim.contract.protocol import PARTITION_ID
+from fl_sim.contract.records import ReplyStatus
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.partition import partition_indices, round_examples
+from fl_sim.results.metrics import psnr
+from fl_sim.server import strategy as strategy_module
+from fl_sim.server.strategy import AttackPlan, ReplyFault, RoundOffset, Victim, short_error
 
 REJECTED, CLIENT_ERROR, NO_REPLY = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR, ReplyStatus.NO_REPLY
 
@@ -237,8 +237,8 @@ def test_error_reasons_are_cut_to_the_client_apps_own_message():
 
 
 def test_the_strategy_a_run_names_is_the_one_wrapped():
-    from fl_sim.run_config import RunConfig
-    from fl_sim.strategy import flower_strategy as named
+    from fl_sim.contract.run_config import RunConfig
+    from fl_sim.server.strategy import flower_strategy as named
 
     assert type(named(RunConfig(strategy="fedyogi"))) is FedYogi
     assert named(RunConfig(strategy="fedprox", proximal_mu=0.3)).proximal_mu == 0.3

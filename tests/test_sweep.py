@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fl_sim.cli import main
-from fl_sim.sweep import point_name
+from fl_sim.commands.cli import main
+from fl_sim.commands.sweep import point_name
 
 
 def _sweep(data, out, grid, *extra):

@@ -6,8 +6,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays as np_arrays
 
-from fl_sim.flower_private import aggregate_arrayrecords, validate_message_reply_consistency
-from fl_sim.validation import ExpectedReply, reply_problem
+from fl_sim.server.flower_private import aggregate_arrayrecords, validate_message_reply_consistency
+from fl_sim.server.validation import ExpectedReply, reply_problem
 
 MODEL = {"conv.weight": np.zeros((2, 1, 3, 3), np.float32), "conv.bias": np.zeros(2, np.float32),
          "fc.weight": np.zeros((3, 4), np.float32), "bn.steps": np.zeros((), np.int64)}

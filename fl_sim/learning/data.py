@@ -15,7 +15,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from .run_config import DATASETS
+from fl_sim.contract.run_config import DATASETS
+
 DATA_ROOT_ENV = "FL_SIM_DATA"
 
 

@@ -12,12 +12,21 @@ import os
 import time
 from pathlib import Path
 
-from . import config
-from .outputs import read_jsonl
-from .records import REPLY_FAULTS
-from .run_config import (FAULT_HELP, PARTITIONS, TRAP_EVERYONE, ConfigError, RunConfig, StrategyName, flower_key,
-                         trap_starves)
-from .summary import summarise
+from fl_sim.commands import config
+from fl_sim.contract.records import REPLY_FAULTS
+from fl_sim.contract.run_config import (
+    FAULT_HELP,
+    PARTITIONS,
+    TRAP_EVERYONE,
+    ConfigError,
+    RunConfig,
+    StrategyName,
+    check_run,
+    flower_key,
+    trap_starves,
+)
+from fl_sim.results.outputs import read_jsonl
+from fl_sim.results.summary import summarise
 
 DEFAULTS = RunConfig()
 # Where and with what a run computes, not what it computes: a resumed run may change these.
@@ -74,12 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args) -> RunConfig:
     """The run's config, checked with its data before Ray starts (bad flags cost no simulation)."""
-    from .data import cached_dataset  # imported late: torch is slow to import
+    from fl_sim.learning.data import cached_dataset  # imported late: torch is slow to import
 
     if (args.out is None) == (args.resume is None):
         raise ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
     run_config = resumed_config(args) if args.resume else config_from_flags(args)
-    config.check_run(run_config)
+    check_run(run_config)
     if not args.client_cpus > 0 or args.client_gpus < 0:
         raise ConfigError("--client-cpus must be positive and --client-gpus non-negative")
     for train in (True, False):
@@ -96,7 +105,7 @@ def config_from_flags(args, names=None) -> RunConfig:
 def resumed_config(args) -> RunConfig:
     """The config OUT/run.json holds, writing to OUT; a flag given that differs from it is an error.
 
-    Only the flags the user typed count (`given_flags`, set by fl_sim.cli): a flag typed with its default
+    Only the flags the user typed count (`given_flags`, set by fl_sim.commands.cli): a flag typed with its default
     value still has to agree with the run.
     """
     out = Path(args.resume)
@@ -142,8 +151,7 @@ def run(args) -> dict:
     from flwr.simulation import run_simulation  # imported late: it is slow, and flags are checked first
 
     from clients.app import make_client_app  # the one place fl_sim imports clients: a simulation runs both sides
-
-    from .server_app import make_server_app, preflight
+    from fl_sim.server.server_app import make_server_app, preflight
 
     resume = args.resume is not None
     preflight(run_config, resume)

@@ -6,7 +6,7 @@ config (point.json: the command and every flag that decides its result); it is r
 matches what this sweep asks for, so changing a flag that is not swept cannot mix settings in one
 table: the sweep stops and names the difference, or (--force) runs the point again. OUT/sweep.json
 records the grid; OUT/results.csv, the plots and OUT/index.html are rebuilt from the points' summaries
-(fl_sim/report.py).
+(fl_sim/commands/report.py).
 """
 import argparse
 import itertools
@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import attack, config, report, run
-from .data import load_dataset
-from .evaluation import summarise
-from .models import build_model, count_parameters
-from .outputs import read_jsonl, write_json
-from .records import REPLY_FAULTS
+from fl_sim.commands import attack, config, report, run
+from fl_sim.contract.records import REPLY_FAULTS
+from fl_sim.contract.run_config import check_run
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model, count_parameters
+from fl_sim.results.evaluation import summarise
+from fl_sim.results.outputs import read_jsonl, write_json
 
 MODES = {"attack": attack, "run": run}
 # Flags a grid cannot vary: where the sweep writes, and how it runs.
@@ -181,7 +182,7 @@ def check(args) -> list[tuple[dict, Path, argparse.Namespace, bool]]:
         if args.mode == "attack":
             attack.check(point_args)
         elif point_args.resume is None:  # a stopped run is checked by fl-sim run --resume itself
-            config.check_run(run.config_from_flags(point_args))
+            check_run(run.config_from_flags(point_args))
         planned.append((settings, folder, point_args, done))
     _check_sweep_record(Path(args.out), args.mode, grid)
     return planned

@@ -11,10 +11,10 @@ from html import escape
 from numbers import Real
 from pathlib import Path
 
-from . import plots
-from .config import ConfigError
-from .gallery import write_gallery
-from .outputs import atomic_write_bytes
+from fl_sim.contract.run_config import ConfigError
+from fl_sim.results import plots
+from fl_sim.results.gallery import write_gallery
+from fl_sim.results.outputs import atomic_write_bytes
 
 # Summary figures, in the order results.csv lists them after the swept settings.
 METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "recovered_at_30db", "recovered_at_40db",

@@ -6,7 +6,7 @@ temporary name and renamed. The checkpoint is the commit point: a kill before it
 round as a whole (on resume `rewind` drops its rows and images and the round runs again), a kill
 after it loses nothing. So a resumed run has every round once, whenever the kill came.
 
-With `--attack-async` (fl_sim/background.py) a round's attack rows may still be being written after its
+With `--attack-async` (fl_sim/server/background.py) a round's attack rows may still be being written after its
 global row; the checkpoint then names the last round whose attack is done as well, so it can lag the
 round that just ended by one. `rewind` is the same: everything after the checkpoint's round goes (the
 global row of the round it lags included), and the resumed run trains and attacks that round again.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .outputs import atomic_write_bytes, read_jsonl, rewrite_jsonl
+from fl_sim.contract.run_config import ConfigError
+from fl_sim.results.outputs import atomic_write_bytes, read_jsonl, rewrite_jsonl
 
 CHECKPOINT = "checkpoint.pt"
 ROUND_FILES = ("metrics.jsonl", "global.jsonl")

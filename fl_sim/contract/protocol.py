@@ -2,7 +2,7 @@
 
 Both sides import this module, and so does the attacker (which must know the training it replays).
 It imports nothing but the standard library, so nobody pulls in Flower, torch or the other side by
-importing it. The run config that both sides read lives beside it, in fl_sim/run_config.py.
+importing it. The run config that both sides read lives beside it, in fl_sim/contract/run_config.py.
 """
 import math
 from collections.abc import Mapping

@@ -1,14 +1,14 @@
 """`--attack-async`: a round's attack runs on one background thread while the next round trains.
 
 A passive (honest-but-curious) attack changes nothing in the average, so the round need not wait for it:
-the strategy (fl_sim/strategy.py) hands everything the recorder is to hear of a round (the replies it left
+the strategy (fl_sim/server/strategy.py) hands everything the recorder is to hear of a round (the replies it left
 out, then the inversion and its rows) to `AttackQueue.submit` as one job and returns the aggregate at once.
 One worker thread runs the jobs in the order the rounds came, so metrics.jsonl gets the rows in the same
 order as a synchronous run; torch releases the GIL in its kernels, so the attack and the server's own work
 (and, in one process, the clients' training) overlap. Standard library only.
 
-The commit point (fl_sim/resume.py) moves with it: OUT/checkpoint.pt may name round r only once round r's
-job is done (`done_through`), so `RoundEnd` (fl_sim/server_app.py) writes, as round r ends, the checkpoint of
+The commit point (fl_sim/server/resume.py) moves with it: OUT/checkpoint.pt may name round r only once round r's
+job is done (`done_through`), so `RoundEnd` (fl_sim/server/server_app.py) writes, as round r ends, the checkpoint of
 the last round whose training *and* attack are both finished; that is round r when its attack already
 finished, else round r - 1 (whose attack it waits for: it ran beside round r's training). A kill at any
 moment thus leaves a checkpoint c with every row of rounds <= c on disk and nothing of later rounds that

@@ -2,19 +2,28 @@
 
 Every check runs before any work starts and fails with one sentence (ConfigError), so a bad flag never
 costs a half-finished run. Light on purpose (no torch, no Flower): the names it offers come from the run
-config's contract (fl_sim/run_config.py).
+config's contract (fl_sim/contract/run_config.py).
 """
 import argparse
-import tempfile
 from pathlib import Path
 
-from .protocol import BatchNormMode, TrainingSettings, TrainMode
-from .run_config import ACTIVE_ATTACKS, ATTACKS, DATASETS, DEFENSE_KINDS, DEVICES, MODELS, NO_ATTACK, ConfigError, \
-    DefenseSpec, \
-    RunConfig
+from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
+from fl_sim.contract.run_config import (
+    ACTIVE_ATTACKS,
+    ATTACKS,
+    DATASETS,
+    DEFENSE_KINDS,
+    DEVICES,
+    MODELS,
+    NO_ATTACK,
+    ConfigError,
+    DefenseSpec,
+    RunConfig,
+    check_run,
+)
 
-__all__ = ["ConfigError", "add_task_arguments", "attack_config", "check_run", "check_task_arguments",
-           "check_writable", "defense", "training_settings"]
+__all__ = ["ConfigError", "add_task_arguments", "check_task_arguments",
+           "defense", "training_settings"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True,
@@ -87,39 +96,5 @@ def check_task_arguments(args) -> None:
     check_run(task_config(args))
 
 
-def check_run(config: RunConfig) -> None:
-    """RunConfig.check, plus what it leaves to the file system: the --init checkpoint and the output folder."""
-    config.check()
-    if config.init not in ("default", "paper") and not Path(config.init).is_file():
-        raise ConfigError(f"--init {config.init!r} is neither 'default', 'paper' nor an existing checkpoint file")
-    check_writable(config.out)
-
-
 def defense(args) -> DefenseSpec:
     return DefenseSpec.parse(args.defense)
-
-
-def attack_config(args):
-    """The attack preset `args.attack` (flags or a RunConfig) with its `--restarts`."""
-    from attacker import get_attack  # imported late: torch is slow to import, and only an attack needs it
-
-    if args.attack in ACTIVE_ATTACKS:  # analytic: no optimisation preset (fl_sim/active.py)
-        return None
-    return get_attack(args.attack, restarts=args.restarts, bn_statistics=args.bn_statistics,
-                      tv_weight=args.tv_weight)
-
-
-def check_writable(folder) -> None:
-    """Tries a file in the nearest existing folder on the way (permissions, read-only disks), leaving nothing."""
-    path = Path(folder)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(probe)
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError:
-        raise ConfigError(f"output folder {str(path)!r} cannot be written ({str(probe)!r} is not a writable folder)") \
-            from None

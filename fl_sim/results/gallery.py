@@ -12,9 +12,9 @@ from html import escape
 from numbers import Real
 from pathlib import Path
 
-from .outputs import atomic_write_bytes, read_jsonl
-from .plots import plot_rounds
-from .summary import RECOVERED_DB, attacked, image_psnrs, recovered_key, summarise
+from fl_sim.results.outputs import atomic_write_bytes, read_jsonl
+from fl_sim.results.plots import plot_rounds
+from fl_sim.results.summary import RECOVERED_DB, attacked, image_psnrs, recovered_key, summarise
 
 AGGREGATE = "aggregate"  # the client of a row that attacked a secure aggregate (--defense secagg)
 ROUNDS_PLOT = "leakage-by-round.png"  # PSNR, update norm and accuracy against the round

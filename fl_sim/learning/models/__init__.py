@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cnn import ConvNet
-from .imprint import Imprinted
-from .lenet import LeNet
-from .mlp import MLP
-from .resnet import ResNet20, resnet18
+from fl_sim.learning.models.cnn import ConvNet
+from fl_sim.learning.models.imprint import Imprinted
+from fl_sim.learning.models.lenet import LeNet
+from fl_sim.learning.models.mlp import MLP
+from fl_sim.learning.models.resnet import ResNet20, resnet18
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet": LeNet,

@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
-from .summary import RECOVERED_DB, recovered_key
+from fl_sim.results.summary import RECOVERED_DB, recovered_key
 
 SSIM_SIGMA = 1.5  # the Gaussian window of Wang et al. (2004), as IG and breaching report SSIM
 SSIM_WINDOW = 11  # scikit-image's taps for that sigma

@@ -1,16 +1,15 @@
 """The evaluation path: scoring the engine's answers against the truth and keeping the evidence.
 
 Only this side ever holds ground truth; the engine never does. Figures over victims are in
-fl_sim/summary.py (`summarise`, re-exported here), which counts failed attacks rather than skipping them.
+fl_sim/results/summary.py (`summarise`, re-exported here), which counts failed attacks rather than skipping them.
 """
 from pathlib import Path
 
 from attacker import Reconstruction, Status
 from attacker.analytic import UNRECOVERED
-
-from . import metrics
-from .outputs import save_images
-from .summary import RECOVERED_DB, recovered_key, summarise
+from fl_sim.results import metrics
+from fl_sim.results.outputs import save_images
+from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise
 
 __all__ = ["score_and_save", "summarise"]
 

@@ -9,23 +9,25 @@ server, the clients and every light sub-command (`fl-sim report`) can import it.
 """
 import dataclasses
 import math
+import tempfile
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from pathlib import Path
 
-from .protocol import BatchNormMode, TrainingSettings, TrainMode
+from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
 
-# The names a run config may hold; the registries (fl_sim/data.py, fl_sim/models, attacker.PRESETS) must
+# The names a run config may hold; the registries (fl_sim/learning/data.py, fl_sim/learning/models, attacker.PRESETS) must
 # offer exactly these (tests/test_registries.py checks), so a config is checked without importing them.
 DATASETS = ("mnist", "cifar10", "imagefolder")
 MODELS = ("lenet", "cnn", "mlp", "resnet20", "resnet18")
-ACTIVE_ATTACKS = ("imprint", "trap")  # a malicious server's analytic attacks (fl_sim/active.py)
+ACTIVE_ATTACKS = ("imprint", "trap")  # a malicious server's analytic attacks (fl_sim/server/active.py)
 PASSIVE_ATTACKS = ("dlg", "idlg", "ig")  # honest-but-curious: they change nothing in the average
 ATTACKS = (*PASSIVE_ATTACKS, *ACTIVE_ATTACKS)
 IMPRINT_BINS = 256  # the imprint preset's rows, when --imprint-bins is 0
-TRAP_MODELS = ("mlp", "cnn")  # the models trap weights reach (fl_sim/active.py says why not the others)
+TRAP_MODELS = ("mlp", "cnn")  # the models trap weights reach (fl_sim/server/active.py says why not the others)
 NO_ATTACK = "none"
 TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
                  "left out of the average, so the global model will not change; name the targets with "
@@ -39,7 +41,7 @@ class ConfigError(ValueError):
 
 
 class StrategyName(StrEnum):
-    """The Flower strategy the malicious server wraps (fl_sim/strategy.py builds it)."""
+    """The Flower strategy the malicious server wraps (fl_sim/server/strategy.py builds it)."""
 
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
@@ -212,7 +214,7 @@ class RunConfig:
     tv_weight: float | None = None  # weight of the total-variation image prior; None: the attack preset's
     no_replay: bool = False
     max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
-    attack_async: bool = False  # a passive attack runs beside the next round's training (fl_sim/background.py)
+    attack_async: bool = False  # a passive attack runs beside the next round's training (fl_sim/server/background.py)
     attack_every: int = 1
     attack_clients: tuple[int, ...] | None = None  # None: every client
     imprint_bins: int = 0  # rows of the imprint block clients build in front of the model; 0: 256 with --attack imprint
@@ -393,3 +395,27 @@ def to_text(value: object) -> object:
 def trap_starves(attack: str, attack_clients) -> bool:
     """Trap weights on every client leave nothing to average (docs/threat-models.md)."""
     return attack == "trap" and attack_clients is None
+
+
+def check_run(config: RunConfig) -> None:
+    """RunConfig.check, plus what it leaves to the file system: the --init checkpoint and the output folder."""
+    config.check()
+    if config.init not in ("default", "paper") and not Path(config.init).is_file():
+        raise ConfigError(f"--init {config.init!r} is neither 'default', 'paper' nor an existing checkpoint file")
+    check_writable(config.out)
+
+
+def check_writable(folder) -> None:
+    """Tries a file in the nearest existing folder on the way (permissions, read-only disks), leaving nothing."""
+    path = Path(folder)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(probe)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise ConfigError(f"output folder {str(path)!r} cannot be written ({str(probe)!r} is not a writable folder)") \
+            from None

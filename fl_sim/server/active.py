@@ -4,7 +4,7 @@ The server's side of the analytic attacks (attacker/analytic.py reads the update
 per round, `arm`s the global weights (the targets get those; everyone else the honest ones) and returns
 the readout the attack needs; `aggregated` says what of a target's reply enters the average.
 
-- `ImprintAttack` (needs the imprint block in the architecture, fl_sim/models/imprint.py): block b's rows
+- `ImprintAttack` (needs the imprint block in the architecture, fl_sim/learning/models/imprint.py): block b's rows
   measure the image along the b-th principal direction of the server's public data (its test split),
   against thresholds at that statistic's quantiles there, so each bin is equally likely to hold an image.
   Principal directions spread the images most per unit of weight and give uncorrelated statistics, so an
@@ -31,11 +31,10 @@ from torch import nn
 from attacker import Reconstruction, recover_labels
 from attacker.analytic import ImprintReadout, TrapReadout, recover
 from attacker.labels import mean_softmax
-
-from .models.cnn import ConvNet
-from .models.imprint import Imprinted
-from .models.mlp import MLP
-from .protocol import TrainingSettings
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.learning.models.cnn import ConvNet
+from fl_sim.learning.models.imprint import Imprinted
+from fl_sim.learning.models.mlp import MLP
 
 ALPHA = 1e-3  # the imprint rows' scale: only the base model's input shift depends on it
 DRIFT_SHARE = 0.15  # K > 1 steps: one image's effect on the rows, in bins of the statistic

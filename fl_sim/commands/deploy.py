@@ -1,6 +1,6 @@
 """`fl-sim deploy`: the federation as real Flower processes instead of a simulation.
 
-`fl-sim deploy local` starts the topology of fl_sim/topology.py on this machine: the SuperLink, the
+`fl-sim deploy local` starts the topology of fl_sim/commands/topology.py on this machine: the SuperLink, the
 SuperNodes and a SuperExec beside each, every one a process group of its own on a localhost port.
 It waits until every SuperNode is online, submits this project with `flwr run` to that SuperLink
 (through a connection in a private FLWR_HOME, so neither ~/.flwr nor pyproject.toml is touched), and
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import tomli_w
 
-from . import config, topology
-from .run import config_from_flags, headline, summary
-from .run_config import PARTITIONS, ConfigError, RunConfig
+from fl_sim.commands import config, topology
+from fl_sim.commands.run import config_from_flags, headline, summary
+from fl_sim.contract.run_config import PARTITIONS, ConfigError, RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]  # the Flower app `flwr run` submits: this project's checkout
+ROOT = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` submits: this project's checkout
 CERTS_SCRIPT = ROOT / "docker" / "certs.sh"
 CONNECTION = "fl-sim-deploy"  # the flwr CLI's name for the SuperLink started here
 EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-serverapp", "flwr-clientapp")
@@ -95,8 +95,11 @@ def main(args) -> int:
 
 def checked_config(args) -> RunConfig:
     """The run config the app gets, with absolute paths (the apps run elsewhere), checked with its data."""
-    from .data import cached_dataset, resolve_data_root  # imported late: torch and flwr are slow to import
-    from .server_app import preflight
+    from fl_sim.learning.data import (  # imported late: torch and flwr are slow to import
+        cached_dataset,
+        resolve_data_root,
+    )
+    from fl_sim.server.server_app import preflight
 
     if args.supernodes < 1:
         raise ConfigError(f"--supernodes must be at least 1, got {args.supernodes}")
@@ -279,7 +282,7 @@ def _raise_exit(signum, _frame):
 
 
 def deploy_local(args) -> dict:
-    """Starts the topology, runs the app on it, stops it; the run's summary (fl_sim/run.py) plus process count."""
+    """Starts the topology, runs the app on it, stops it; the run's summary (fl_sim/commands/run.py) plus process count."""
     run_config = checked_config(args)
     check_project()
     search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

@@ -8,7 +8,7 @@ only the victims' mean update, attacked as one victim holding all their images.
 --out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
 if it holds nothing but what fl-sim attack or a sweep point writes).
 
-With `--attack imprint|trap` the server is malicious (fl_sim/active.py): the victims train the weights
+With `--attack imprint|trap` the server is malicious (fl_sim/server/active.py): the victims train the weights
 it armed (with the imprint, the architecture holds the imprint block), and the analytic attack reads
 their images off the updates (attacker/analytic.py).
 """
@@ -24,16 +24,16 @@ import torch
 from attacker import invert, resolve_device
 from clients.defenses import defense_seed, sent_weights
 from clients.training import local_train
-
-from . import config
-from .data import load_dataset
-from .evaluation import score_and_save, summarise
-from .active import build_attack, public_images
-from .models import build_model
-from .run_config import ACTIVE_ATTACKS, RunConfig
-from .outputs import rewrite_jsonl, write_json
-from .updates import mean_update, parameter_names, update_norm, weight_change, weights
-from .summary import RECOVERED_DB, recovered_key
+from fl_sim.commands import config
+from fl_sim.contract.run_config import ACTIVE_ATTACKS, RunConfig
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import mean_update, parameter_names, update_norm, weight_change, weights
+from fl_sim.results.evaluation import score_and_save, summarise
+from fl_sim.results.outputs import rewrite_jsonl, write_json
+from fl_sim.results.summary import RECOVERED_DB, recovered_key
+from fl_sim.server.active import build_attack, public_images
+from fl_sim.server.strategy import attack_config
 
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
 EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
@@ -112,7 +112,7 @@ def run(args) -> dict:
     clear_out(Path(args.out))
     settings = config.training_settings(args)
     defense = config.defense(args)
-    attack = config.attack_config(args)
+    attack = attack_config(args)
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)

@@ -1,15 +1,15 @@
 """The Flower ServerApp: a Flower strategy (FedAvg by default) run by a server that inverts every update.
 
-`run_federation` wires three parts. The strategy (fl_sim/strategy.py) wraps the Flower strategy the run
+`run_federation` wires three parts. The strategy (fl_sim/server/strategy.py) wraps the Flower strategy the run
 names, which trains the federation, and inverts the updates before it aggregates them. The global evaluation scores the model on the test split after each
 round (OUT/global.jsonl), so users see it learn. The evaluation path (`Scoreboard`) re-derives each
 attacked client's round examples from the seed, scores the reconstruction against them and keeps
 the images (OUT/metrics.jsonl, OUT/round-RRR/client-CCC/). A real server would not have that truth;
 only the scoreboard reads it, never the strategy or the engine. Replies the strategy left out get a
 row too, with their status and reason. Each round ends with OUT/checkpoint.pt, its commit point
-(fl_sim/resume.py): a killed run resumes after the last round it finished, with nothing doubled.
+(fl_sim/server/resume.py): a killed run resumes after the last round it finished, with nothing doubled.
 
-With `--attack-async` a round's attack runs on a background thread (fl_sim/background.py) while the next
+With `--attack-async` a round's attack runs on a background thread (fl_sim/server/background.py) while the next
 round trains. The checkpoint then names the last round whose attack rows are on disk too: as round r
 ends, `RoundEnd` waits for round r - 1's attack (it ran beside round r's training) and commits round r if
 its own attack is done already, else round r - 1. When the rounds are over, and when the run fails, the
@@ -34,28 +34,43 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
-
-from .accuracy import evaluate_model
-from .background import AttackQueue
-from .active import build_attack, public_images
-from .config import attack_config, check_run
-from .data import cached_dataset, image_spec
-from .evaluation import score_and_save, summarise
-from .gallery import AGGREGATE, client_folder, write_gallery
-from .models import build_model
-from .outputs import append_jsonl, inside, write_json
-from .partition import client_shards, training_examples
-from .protocol import METRICS, PARTITION_ID, TrainMode
-from .resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
-from .run_config import ACTIVE_ATTACKS, NO_ATTACK, TRAP_EVERYONE, ConfigError, RunConfig, trap_starves
-from .strategy import AttackPlan, InvertingStrategy, ReplyFault, RoundOffset, ServerAttack, Victim, flower_strategy
+from fl_sim.contract.protocol import METRICS, PARTITION_ID, TrainMode
+from fl_sim.contract.run_config import (
+    ACTIVE_ATTACKS,
+    NO_ATTACK,
+    TRAP_EVERYONE,
+    ConfigError,
+    RunConfig,
+    check_run,
+    trap_starves,
+)
+from fl_sim.learning.accuracy import evaluate_model
+from fl_sim.learning.data import cached_dataset, image_spec
+from fl_sim.learning.models import build_model
+from fl_sim.learning.partition import client_shards, training_examples
+from fl_sim.results.evaluation import score_and_save, summarise
+from fl_sim.results.gallery import AGGREGATE, client_folder, write_gallery
+from fl_sim.results.outputs import append_jsonl, inside, write_json
+from fl_sim.server.active import build_attack, public_images
+from fl_sim.server.background import AttackQueue
+from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
+from fl_sim.server.strategy import (
+    AttackPlan,
+    InvertingStrategy,
+    ReplyFault,
+    RoundOffset,
+    ServerAttack,
+    Victim,
+    attack_config,
+    flower_strategy,
+)
 
 
 class Scoreboard:
     """The evaluation path: the truth behind each attacked update, the scores, the saved images.
 
     Holds the training split and re-derives partitions and round examples from the seed, exactly as
-    the clients do (fl_sim/partition.py); this is the ground truth no real server has.
+    the clients do (fl_sim/learning/partition.py); this is the ground truth no real server has.
     """
 
     def __init__(self, config: RunConfig):

@@ -7,17 +7,17 @@ import argparse
 import importlib
 import sys
 
-from .run_config import ConfigError
+from fl_sim.contract.run_config import ConfigError
 
 COMMANDS = {
-    "attack": ("fl_sim.attack", "invert victims' updates once, without Flower, and score the reconstructions"),
-    "run": ("fl_sim.run", "a Flower simulation whose server inverts every client's update each round"),
-    "sweep": ("fl_sim.sweep", "every point of a grid of settings (fl-sim attack or run at each), with results.csv "
+    "attack": ("fl_sim.commands.attack", "invert victims' updates once, without Flower, and score the reconstructions"),
+    "run": ("fl_sim.commands.run", "a Flower simulation whose server inverts every client's update each round"),
+    "sweep": ("fl_sim.commands.sweep", "every point of a grid of settings (fl-sim attack or run at each), with results.csv "
                               "and plots"),
-    "pretrain": ("fl_sim.pretrain", "train a model centrally for a few epochs and save it for --init ckpt.pt"),
-    "report": ("fl_sim.report", "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, "
+    "pretrain": ("fl_sim.commands.pretrain", "train a model centrally for a few epochs and save it for --init ckpt.pt"),
+    "report": ("fl_sim.commands.report", "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, "
                                 "plots)"),
-    "deploy": ("fl_sim.deploy", "the same federation as real Flower processes: locally, or as docker-compose services"),
+    "deploy": ("fl_sim.commands.deploy", "the same federation as real Flower processes: locally, or as docker-compose services"),
 }
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fl-sim {args.command}: {error}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
-        if type(error).__name__ != "DataNotFoundError":  # fl_sim.data's, not imported here: it needs torch
+        if type(error).__name__ != "DataNotFoundError":  # fl_sim.learning.data's, not imported here: it needs torch
             raise
         print(f"fl-sim {args.command}: {error}", file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from .run_config import ACTIVE_ATTACKS  # noqa: E402
-from .summary import RECOVERED_DB, psnr_of, recovered_key, summarise  # noqa: E402
+from fl_sim.contract.run_config import ACTIVE_ATTACKS  # noqa: E402
+from fl_sim.results.summary import RECOVERED_DB, psnr_of, recovered_key, summarise  # noqa: E402
 
 # (column, axis label): drawn when at least one row has a number there.
 PANELS = [

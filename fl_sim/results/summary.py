@@ -15,7 +15,7 @@ from numbers import Real
 
 import numpy as np
 
-from .records import REPLY_FAULTS
+from fl_sim.contract.records import REPLY_FAULTS
 
 FAILED_PSNR = 0.0  # dB: the field's "no reconstruction"
 FAILED_SSIM = 0.0

@@ -2,9 +2,9 @@
 
 Like Flower's own DifferentialPrivacyServerSideFixedClipping, it holds the strategy it wraps and passes
 every hook through to it; before the wrapped strategy aggregates a round, it checks every reply
-(fl_sim/validation.py), computes each client's update (the weights it got back minus the global weights
+(fl_sim/server/validation.py), computes each client's update (the weights it got back minus the global weights
 it sent), hands all of them with the training settings the wrapped strategy sent to the inversion engine
-in one call, and reports the reconstructions to a recorder (the evaluation path, fl_sim/server_app.py),
+in one call, and reports the reconstructions to a recorder (the evaluation path, fl_sim/server/server_app.py),
 which alone may compare them with the truth. The wrapped strategy (FedAvg, FedProx, FedAdam, FedYogi,
 Krum or a user's own) then aggregates the accepted replies exactly as it would without the wrapper, and
 its aggregate is cast back to the dtypes of the model it sent (`in_sent_dtypes`).
@@ -17,12 +17,12 @@ Flower's SecAgg+ would hand it over. SecAgg+ itself is not used (in flwr 1.41 it
 legacy strategies, not the Message API), so the sum is simulated: the attack targets the mean of the
 accepted updates as one victim holding all their clients' examples.
 
-A malicious server (`ServerAttack.active`, fl_sim/active.py: --attack imprint|trap) sends its targets
+A malicious server (`ServerAttack.active`, fl_sim/server/active.py: --attack imprint|trap) sends its targets
 (--attack-clients, in the attacked rounds) armed weights in place of the global ones and everyone else
 the honest model; a target's update is taken against what it was sent, read by the analytic attack, and
 only what `active.aggregated` keeps of its reply enters the average.
 
-With `background` (`--attack-async`, fl_sim/background.py) a passive attack does not block the round:
+With `background` (`--attack-async`, fl_sim/server/background.py) a passive attack does not block the round:
 `aggregate_train` screens the replies and computes the updates as always, then hands what the recorder is
 to hear of the round (its left-out replies, then the inversion) to the background queue as one job and
 returns the aggregate at once; the same code records the same rows, later. An active attack is part of the
@@ -46,13 +46,21 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from torch import nn
 
 from attacker import AttackConfig, Reconstruction, Status, invert
-
-from .background import AttackQueue
-from .records import ReplyStatus
-from .protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, TrainingSettings, TrainMode
-from .run_config import RunConfig, StrategyName
-from .updates import mean_update, parameter_names, update_norm, weight_change
-from .validation import ExpectedReply, reply_problem
+from fl_sim.contract.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    TRAIN_LOSS,
+    TrainingSettings,
+    TrainMode,
+)
+from fl_sim.contract.records import ReplyStatus
+from fl_sim.contract.run_config import ACTIVE_ATTACKS, RunConfig, StrategyName
+from fl_sim.learning.updates import mean_update, parameter_names, update_norm, weight_change
+from fl_sim.server.background import AttackQueue
+from fl_sim.server.validation import ExpectedReply, reply_problem
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
@@ -128,7 +136,7 @@ class ServerAttack:
     device: str | torch.device = "auto"
     progress: bool = False
     max_images: int = 64
-    active: object | None = None  # fl_sim.active.ActiveAttack: arms the targets' weights, reads their updates
+    active: object | None = None  # fl_sim.server.active.ActiveAttack: arms the targets' weights, reads their updates
 
     @property
     def name(self) -> str:
@@ -431,3 +439,13 @@ def with_arrays(message: Message, arrays: ArrayRecord) -> Message:
     content[ARRAYS] = arrays
     return Message(content=content, message_type=message.metadata.message_type,
                    dst_node_id=message.metadata.dst_node_id, group_id=message.metadata.group_id)
+
+
+def attack_config(args):
+    """The attack preset `args.attack` (flags or a RunConfig) with its `--restarts`."""
+    from attacker import get_attack  # imported late: torch is slow to import, and only an attack needs it
+
+    if args.attack in ACTIVE_ATTACKS:  # analytic: no optimisation preset (fl_sim/server/active.py)
+        return None
+    return get_attack(args.attack, restarts=args.restarts, bn_statistics=args.bn_statistics,
+                      tv_weight=args.tv_weight)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageDataset
+from fl_sim.learning.data import ImageDataset
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 `Imprinted(base, ...)` computes base(x + spread(relu(imprint(x)))). The server owns the two added
 layers: sent disarmed (`spread` zero) the block hands the base model exactly x, so the model is the
-honest one; armed by the server (fl_sim/active.py) every row of `imprint` measures a statistic of x
+honest one; armed by the server (fl_sim/server/active.py) every row of `imprint` measures a statistic of x
 against its own threshold and `spread` hands the base model x plus a tiny brightness shift, enough
 for the imprint rows to receive a gradient. Clients must build this architecture, so its size is part
 of the run config (`imprint_bins`). `spread` is fixed (a buffer the clients load and never train): were

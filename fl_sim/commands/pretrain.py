@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from attacker import resolve_device
-
-from .config import ConfigError, check_writable
-from .data import DATASETS, load_dataset
-from .models import MODELS, build_model
-from .outputs import atomic_write_bytes, write_json
+from fl_sim.contract.run_config import ConfigError, check_writable
+from fl_sim.learning.data import DATASETS, load_dataset
+from fl_sim.learning.models import MODELS, build_model
+from fl_sim.results.outputs import atomic_write_bytes, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

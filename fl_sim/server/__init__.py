@@ -1,0 +1,1 @@
+"""The malicious server: the strategy wrapper, the ServerApp, the active attacks' model surgery, reply checks, checkpoints."""
