@@ -4,15 +4,20 @@ import torch
 Update = dict[str, torch.Tensor]
 
 
+def total(terms) -> torch.Tensor:
+    """The sum of scalar tensors (a tensor even for no terms, unlike the built-in sum's 0)."""
+    return torch.stack(list(terms)).sum()
+
+
 def squared_distance(simulated: Update, observed: Update) -> torch.Tensor:
-    return sum(((simulated[name] - observed[name]) ** 2).sum() for name in observed)
+    return total(((simulated[name] - observed[name]) ** 2).sum() for name in observed)
 
 
 def cosine_distance(simulated: Update, observed: Update) -> torch.Tensor:
     """1 - cosine similarity over all parameters as one vector (Inverting Gradients' objective)."""
-    dot = sum((simulated[name] * observed[name]).sum() for name in observed)
-    sim_norm = sum((simulated[name] ** 2).sum() for name in observed).sqrt()
-    obs_norm = sum((observed[name] ** 2).sum() for name in observed).sqrt()
+    dot = total((simulated[name] * observed[name]).sum() for name in observed)
+    sim_norm = total((simulated[name] ** 2).sum() for name in observed).sqrt()
+    obs_norm = total((observed[name] ** 2).sum() for name in observed).sqrt()
     return 1 - dot / (sim_norm * obs_norm + 1e-12)
 
 

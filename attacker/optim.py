@@ -79,18 +79,17 @@ class LBFGS:
         rows, dims = z.shape
         self.lr, self.history, self.max_line_search = lr, history, max_line_search
         self.patience, self.progress = patience, progress
-        options = dict(device=z.device, dtype=z.dtype)
-        self.s = torch.zeros(rows, history, dims, **options)
+        self.s = torch.zeros(rows, history, dims, device=z.device, dtype=z.dtype)
         self.y = torch.zeros_like(self.s)
-        self.sy = torch.zeros(rows, history, history, **options)  # sy[r, a, b] = s_a . y_b
+        self.sy = torch.zeros(rows, history, history, device=z.device, dtype=z.dtype)  # sy[r, a, b] = s_a . y_b
         self.yy = torch.zeros_like(self.sy)
         self.valid = torch.zeros(rows, history, device=z.device, dtype=torch.bool)
-        self.gamma = torch.zeros(rows, **options)  # 0: no curvature known yet
+        self.gamma = torch.zeros(rows, device=z.device, dtype=z.dtype)  # 0: no curvature known yet
         self.updates = 0
         # a row stops when even a gradient step cannot lower its loss, or when `patience` updates
         # have not lowered it by a fraction `progress`: it sits at its minimum to float precision
         self.converged = torch.zeros(rows, device=z.device, dtype=torch.bool)
-        self.best = torch.full((rows,), float("inf"), **options)
+        self.best = torch.full((rows,), float("inf"), device=z.device, dtype=z.dtype)
         self.stalled = torch.zeros(rows, device=z.device, dtype=torch.long)
 
     @staticmethod

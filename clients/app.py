@@ -27,9 +27,9 @@ from fl_sim.contract.protocol import (
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
-    SERVER_ROUND,
     TRAIN_LOSS,
     TrainingSettings,
+    server_round_of,
 )
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.accuracy import evaluate_model
@@ -51,19 +51,20 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         config = run_config_of(context, defaults)
         partition_id, num_partitions = node_partition(context)
-        settings = TrainingSettings.from_config(msg.content[CONFIG])
-        server_round = int(msg.content[CONFIG][SERVER_ROUND])
+        settings = TrainingSettings.from_config(msg.content.config_records[CONFIG])
+        server_round = server_round_of(msg.content.config_records[CONFIG])
         dataset = cached_dataset(config.dataset, config.data_root, True)
         shards = client_shards(dataset.labels, num_partitions, config.partition, config.alpha, config.seed,
                                config.min_shard, config.max_shard)
         examples = training_examples(shards[partition_id], settings, config.seed, partition_id, server_round)
         images, labels = dataset.tensors(examples)
-        model = received_model(msg.content[ARRAYS].to_torch_state_dict(), config, dataset)
+        model = received_model(msg.content.array_records[ARRAYS].to_torch_state_dict(), config, dataset)
         device = next(model.parameters()).device
         loss = local_train(model, images.to(device), labels.to(device), settings,
                            order_seed=order_seed(config.seed, partition_id, server_round))
         arrays = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-        metrics = {TRAIN_LOSS: loss, NUM_EXAMPLES: len(examples), PARTITION_ID: partition_id}
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            TRAIN_LOSS: loss, NUM_EXAMPLES: len(examples), PARTITION_ID: partition_id}
         return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.query()
@@ -79,7 +80,7 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         partition_id, num_partitions = node_partition(context)
         test = cached_dataset(config.dataset, config.data_root, False)
         share = partition_indices(test.labels, num_partitions, "iid", seed=config.seed)[partition_id]
-        metrics = evaluate_model(received_model(msg.content[ARRAYS].to_torch_state_dict(), config, test), test, share)
+        metrics = evaluate_model(received_model(msg.content.array_records[ARRAYS].to_torch_state_dict(), config, test), test, share)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -23,6 +23,8 @@ batches hold every client's examples (TrainingSettings.for_mean_of).
 The spec is parsed with the run config (fl_sim/contract/run_config.py DefenseSpec); in a ClientApp these steps
 run as a Flower mod (clients/mods.py `defense_mod`), after the honest training.
 """
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -54,11 +56,12 @@ def prune(change: Change, fraction: float, generator: torch.Generator) -> Change
     return pruned
 
 
-def half_precision(change: Change, value: None, generator: torch.Generator) -> Change:
+def half_precision(change: Change, value: float, generator: torch.Generator) -> Change:
     return {name: tensor.half().to(tensor.dtype) for name, tensor in change.items()}
 
 
-STEPS = {DefenseKind.NOISE: add_noise, DefenseKind.CLIP: clip, DefenseKind.PRUNE: prune,
+Step = Callable[[Change, float, torch.Generator], Change]
+STEPS: dict[DefenseKind, Step] = {DefenseKind.NOISE: add_noise, DefenseKind.CLIP: clip, DefenseKind.PRUNE: prune,
          DefenseKind.FP16: half_precision}
 
 
@@ -66,7 +69,7 @@ def defend(spec: DefenseSpec, change: Change, seed: int) -> Change:
     """The change as the client's steps leave it; `seed` fixes the noise."""
     generator = torch.Generator().manual_seed(seed)
     for kind, value in spec.steps:
-        change = STEPS[kind](change, value, generator)
+        change = STEPS[kind](change, 0.0 if value is None else value, generator)
     return change
 
 

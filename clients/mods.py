@@ -10,7 +10,7 @@ import functools
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, SERVER_ROUND
+from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, server_round_of
 from fl_sim.contract.run_config import Fault, RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
@@ -35,11 +35,11 @@ class DefenseMod:
         if not config.defense.steps:
             return reply
         partition_id, _ = node_partition(context)
-        server_round = int(msg.content[CONFIG][SERVER_ROUND])
-        arrays = sent_weights(config.defense, msg.content[ARRAYS].to_torch_state_dict(),
-                              reply.content[ARRAYS].to_torch_state_dict(), model_parameters(config),
+        server_round = server_round_of(msg.content.config_records[CONFIG])
+        arrays = sent_weights(config.defense, msg.content.array_records[ARRAYS].to_torch_state_dict(),
+                              reply.content.array_records[ARRAYS].to_torch_state_dict(), model_parameters(config),
                               defense_seed(config.seed, partition_id, server_round))
-        return with_content(reply, arrays, dict(reply.content[METRICS]))
+        return with_content(reply, arrays, dict(reply.content.metric_records[METRICS]))
 
 
 class FaultMod:
@@ -58,8 +58,8 @@ class FaultMod:
         reply = call_next(msg, context)
         if fault is None or reply.has_error():
             return reply
-        return with_content(reply, *spoil_reply(fault, reply.content[ARRAYS].to_torch_state_dict(),
-                                                dict(reply.content[METRICS])))
+        return with_content(reply, *spoil_reply(fault, reply.content.array_records[ARRAYS].to_torch_state_dict(),
+                                                dict(reply.content.metric_records[METRICS])))
 
 
 def mods_for(config: RunConfig | None) -> list:

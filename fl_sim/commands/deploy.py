@@ -118,7 +118,7 @@ def find_executables(search_path: str) -> dict[str, str]:
     if missing:
         raise ConfigError(f"Flower's {', '.join(missing)} not found beside {sys.executable} nor on PATH: "
                                  "install this project (pip install -e .), which brings flwr")
-    return found
+    return {name: path for name, path in found.items() if path is not None}
 
 
 def check_ports(endpoints: dict[str, topology.Endpoint]) -> None:

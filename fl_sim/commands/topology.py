@@ -162,18 +162,19 @@ def _image(component: Component) -> str:
     return f"flwr/{component.executable.removeprefix('flower-')}:{FLWR_VERSION}"
 
 
-def _service(component: Component) -> dict:
-    service = {"image": _image(component)}
+def _service(component: Component) -> dict[str, object]:
+    service: dict[str, object] = {"image": _image(component)}
     if component.runs_apps:  # the ServerApp and ClientApp code and dependencies, on flwr/superexec
         service["build"] = {"context": ".", "dockerfile": APP_DOCKERFILE, "args": {"FLWR_VERSION": FLWR_VERSION}}
     service["command"] = list(component.args)
-    if component.name == "superlink":  # the flwr CLI on the host submits runs here
+    if component.name == "superlink" and component.endpoint:  # the flwr CLI on the host submits runs here
         service["ports"] = [f"{component.endpoint.port}:{component.endpoint.port}"]
     if component.runs_apps:
         service["environment"] = {"FL_SIM_DATA": CONTAINER_DATA}
-        service["volumes"] = [f"{HOST_DATA}:{CONTAINER_DATA}:ro"]
+        volumes = [f"{HOST_DATA}:{CONTAINER_DATA}:ro"]
         if component.writes_outputs:
-            service["volumes"].append(f"{OUTPUTS_VOLUME}:{CONTAINER_OUT}")
+            volumes.append(f"{OUTPUTS_VOLUME}:{CONTAINER_OUT}")
+        service["volumes"] = volumes
     if component.depends_on:
         service["depends_on"] = list(component.depends_on)
     return service

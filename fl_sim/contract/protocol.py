@@ -146,6 +146,14 @@ class TrainingSettings:
         return cls(**{name: config[key] for key, name in TRAINING_KEYS.items() if key in config})
 
 
+def server_round_of(config: Mapping[str, object]) -> int:
+    """The round number Flower's strategies put in every config they send."""
+    value = config[SERVER_ROUND]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"the server's config holds {SERVER_ROUND} {value!r}, not a round number")
+    return value
+
+
 # ConfigRecord key -> TrainingSettings field.
 TRAINING_KEYS = {"local-steps": "local_steps", "batch-size": "batch_size", "epochs": "epochs", "lr": "lr",
                  "momentum": "momentum", "batchnorm": "batchnorm", PROXIMAL_MU: "proximal_mu",

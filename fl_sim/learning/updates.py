@@ -26,7 +26,7 @@ def weight_change(before: Weights, after: Weights) -> Weights:
 
 def update_norm(update: Weights, names) -> float:
     """The size of an update: the L2 norm of its `names` entries (its parameters, not BatchNorm statistics)."""
-    return float(torch.sqrt(sum((update[name].double() ** 2).sum() for name in names)))
+    return float(torch.stack([(update[name].double() ** 2).sum() for name in names]).sum().sqrt())
 
 
 def mean_update(updates: list[Weights]) -> Weights:

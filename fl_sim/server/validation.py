@@ -40,7 +40,7 @@ def reply_problem(content: RecordDict, expected: ExpectedReply) -> str | None:
     """Why this train reply cannot be attacked or averaged, or None when it can."""
     try:
         return _records_problem(content) or _metrics_problem(content[METRICS], expected.metrics) or \
-            _arrays_problem(content[ARRAYS], expected.arrays)
+            _arrays_problem(content.array_records[ARRAYS], expected.arrays)
     except Exception as error:  # a reply malformed in a way not foreseen above is still just a bad reply
         return f"the reply cannot be read ({type(error).__name__}: {_shown(error)})"
 

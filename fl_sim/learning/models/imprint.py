@@ -22,6 +22,8 @@ class FixedLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", torch.zeros(out_features, in_features))
 
+    weight: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
