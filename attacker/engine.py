@@ -177,7 +177,8 @@ class _Problem:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             z = self.initial_row(0, device).unsqueeze(0)
-            self.eager(z, targets.unsqueeze(0).to(device), {n: t.unsqueeze(0) * self.scale for n, t in observed.items()})
+            scaled = {n: t.unsqueeze(0) * self.scale for n, t in observed.items()}
+            self.eager(z, targets.unsqueeze(0).to(device), scaled)
             torch.cuda.synchronize(device)
             return max(1, torch.cuda.max_memory_allocated(device) - base)
         # activations of one forward on a batch, kept for the double backward of every replayed step,
@@ -385,7 +386,8 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
             gradient, loss = problem.batched(z_rows, row_targets, row_observed)
         else:
             gradient, loss = problem.eager(z_rows, row_targets.index_select(0, which),
-                                           {name: tensor.index_select(0, which) for name, tensor in row_observed.items()})
+                                           {name: tensor.index_select(0, which)
+                                            for name, tensor in row_observed.items()})
         return loss.detach(), gradient.detach()
 
     z = problem.project(torch.stack([draw(i) for i in range(len(rows))]))

@@ -2,7 +2,8 @@
 vectorised engine at the given victim counts, same model, same attack, measured side by side.
 
 An iteration is, for IG, one evaluation of the attack's loss and its gradient with respect to the
-dummy images plus one Adam update; for iDLG one L-BFGS step() of the DLG code (up to 20 updates). The loop does it the usual way, one victim at a time: the model's
+dummy images plus one Adam update; for iDLG one L-BFGS step() of the DLG code (up to 20 updates). The loop does it
+the usual way, one victim at a time: the model's
 gradient with create_graph=True, the distance, backward, an optimiser step. The engine does all
 victims in one vmapped call. Memory per victim: the peak CUDA allocation on a GPU, the engine's own
 estimate from tensor sizes on the CPU.
@@ -15,6 +16,7 @@ import json
 import platform
 import time
 from datetime import date
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +114,8 @@ def main():
     parser.add_argument("--victims", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="victim counts the engine is timed at, e.g. 64 256 1024")
     parser.add_argument("--model", default="lenet")
-    parser.add_argument("--attack", default="ig", choices=["ig", "idlg"], help="engine preset; the loop runs the same recipe")
+    parser.add_argument("--attack", default="ig", choices=["ig", "idlg"],
+                        help="engine preset; the loop runs the same recipe")
     parser.add_argument("--iterations", type=int, default=20, help="attack iterations (an L-BFGS one is 20 updates)")
     parser.add_argument("--loop-victims", type=int, default=4, help="victims the (slow) loop is timed on")
     parser.add_argument("--device", default="auto")
@@ -135,7 +138,7 @@ def main():
     # (static shapes), in a 1-iteration call timed apart
     loop_attack(model, before, updates[0], settings, 1, shape, classes, device, args.attack)
     run_engine(2, 1)
-    compile_seconds = {count: measure(lambda: run_engine(count, 1), device) for count in counts} \
+    compile_seconds = {count: measure(partial(run_engine, count, 1), device) for count in counts} \
         if args.compile else None
 
     loop_seconds = measure(lambda: [loop_attack(model, before, u, settings, args.iterations, shape, classes, device,
@@ -147,7 +150,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        seconds = measure(lambda: run_engine(count, args.iterations, stats), device)
+        seconds = measure(partial(run_engine, count, args.iterations, stats), device)
         row = {"engine": "vectorised", "victims": count, "victim_iterations_per_s": count * args.iterations / seconds,
                "seconds": seconds, "estimated_mib_per_victim": engine_memory_per_victim(stats, count),
                "rows_per_chunk": stats["rows_per_chunk"], "row_mib": stats["row_bytes"] / 2**20,
@@ -160,7 +163,8 @@ def main():
     best = rows[-1]["victim_iterations_per_s"]
     result = {
         "date": date.today().isoformat(), "device": str(device),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model, "attack": attack.name,
         "iterations": args.iterations, "compile": args.compile, "compile_seconds": compile_seconds,
         "loop_victim_iterations_per_s": loop_rate, "rows": rows, "speedup": best / loop_rate,
@@ -172,7 +176,8 @@ def main():
         print(f"{row['engine']:<12}{row['victims']:>8}{row['victim_iterations_per_s']:>14.1f}"
               f"{row['victim_iterations_per_s'] / loop_rate:>9.1f}{'' if memory is None else f'{memory:>12.2f}'}")
     last = rows[-1]
-    print(f"per row: loss and gradient {last['row_mib']:.2f} MiB, optimiser state {last['optimizer_mib_per_row']:.2f} MiB"
+    print(f"per row: loss and gradient {last['row_mib']:.2f} MiB, "
+          f"optimiser state {last['optimizer_mib_per_row']:.2f} MiB"
           f" ({attack.optimizer}{f', history {attack.history}' if attack.optimizer == 'lbfgs' else ''}); "
           f"{last['rows_per_chunk']} rows fit in a chunk; {last['evaluations_per_update']:.2f} loss evaluations "
           f"per row and update (the loop: 1 for Adam, about 1 for torch's L-BFGS without line search)")

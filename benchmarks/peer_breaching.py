@@ -201,7 +201,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--libraries", nargs="+", choices=["fl-sim", "breaching"], default=["fl-sim", "breaching"])
     parser.add_argument("--fl-sim-tv", type=float, default=None,
-                        help="fl-sim's TV weight instead of the preset's (breaching's IG uses 0.2 on about the same TV)")
+                        help="fl-sim's TV weight instead of the preset's "
+                             "(breaching's IG uses 0.2 on about the same TV)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:

@@ -80,7 +80,8 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         partition_id, num_partitions = node_partition(context)
         test = cached_dataset(config.dataset, config.data_root, False)
         share = partition_indices(test.labels, num_partitions, "iid", seed=config.seed)[partition_id]
-        metrics = evaluate_model(received_model(msg.content.array_records[ARRAYS].to_torch_state_dict(), config, test), test, share)
+        model = received_model(msg.content.array_records[ARRAYS].to_torch_state_dict(), config, test)
+        metrics = evaluate_model(model, test, share)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_helpers import server_identity  # noqa: F401 (a fixture for every test module)
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

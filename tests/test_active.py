@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from flower_helpers import LocalGrid, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid
 
 from attacker.analytic import CONFIRMED, UNRECOVERED, recover
 from clients.training import local_train
@@ -33,7 +33,8 @@ def one_round(shared_data, dataset, model_name, attack, settings, blocks=4, seed
 
 
 def test_imprint_recovers_most_of_a_batch_exactly_and_confirms_only_true_images(shared_data):
-    result, images, labels = one_round(shared_data, "cifar10", "lenet", "imprint", TrainingSettings(lr=0.1, batch_size=32))
+    settings = TrainingSettings(lr=0.1, batch_size=32)
+    result, images, labels = one_round(shared_data, "cifar10", "lenet", "imprint", settings)
     score = metrics.score(result.images, result.labels, images, labels)
     psnr = np.array(score["psnr_images"])
     status = np.array(result.image_status)[score["order"]]

@@ -142,7 +142,8 @@ def reachable(name: str) -> set[str]:
 def test_no_server_module_reaches_the_clients_and_only_the_simulation_launcher_imports_the_client_app():
     for name in (name for name in MODULES if layer_of(name) == "fl_sim.server"):
         assert not any(t.startswith("clients") for t in reachable(name)), f"{name} reaches the clients"
-    # fl_sim.commands.run starts a Flower simulation, both sides in one process; fl_sim.commands.attack trains victims without Flower
+    # fl_sim.commands.run starts a Flower simulation, both sides in one process; fl_sim.commands.attack trains
+    # victims without Flower
     assert {name for name in MODULES if "clients.app" in GRAPH[name]} == {"fl_sim.commands.run"}
 
 
@@ -162,12 +163,14 @@ def loaded_after(code: str) -> set[str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["report", "--help"], ["deploy", "compose", "--supernodes", "2"]])
 def test_light_sub_commands_import_neither_torch_nor_flower(argv):
-    loaded = loaded_after(f"from fl_sim.commands import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass")
+    loaded = loaded_after(f"from fl_sim.commands import cli\ntry:\n    cli.main({argv!r})\n"
+                          "except SystemExit:\n    pass")
     assert not loaded & {"torch", "flwr"}, loaded & {"torch", "flwr"}
 
 
 def test_the_light_check_sees_a_heavy_import():
-    assert {"torch"} <= loaded_after("from fl_sim.commands import cli\ntry:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n"
+    assert {"torch"} <= loaded_after("from fl_sim.commands import cli\ntry:\n    cli.main(['run', '--help'])\n"
+                                     "except SystemExit:\n"
                                      "    pass\nimport fl_sim.learning.models")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_helpers import LocalGrid, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid
 
 from clients.app import make_client_app
 from fl_sim.commands import cli

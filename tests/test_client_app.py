@@ -1,7 +1,7 @@
 """The ClientApp, called directly with hand-built Flower messages (no Ray): it trains as configured, on its data."""
 import pytest
 import torch
-from flower_helpers import lenet, node_context, server_identity, train_message  # noqa: F401 (fixture)
+from flower_helpers import lenet, node_context, train_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from attacker import TrainingSettings

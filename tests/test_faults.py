@@ -2,7 +2,7 @@
 recorded with its reason; and a real 5-client simulation with three faulty clients finishes its rounds."""
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet
 from flwr.app import ArrayRecord, ConfigRecord
 
 from attacker import Reconstruction, Status, TrainingSettings
@@ -77,7 +77,8 @@ def test_fault_lists_parse_and_bad_ones_are_said_in_one_sentence():
 
 def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
-    flags = ["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "5", "--rounds", "2",
+    flags = ["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist",
+             "--data-root", str(shared_data), "--num-clients", "5", "--rounds", "2",
              "--attack", "idlg", "--restarts", "1", "--iterations", "5", "--seed", "3", "--out", str(out),
              "--inject-faults", "0=nan,1=wrong-shape,2=crash"]
     assert cli.main(flags) == 0

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, inverting_fedavg, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 

@@ -24,7 +24,8 @@ def test_sweep_page_is_rebuilt_from_the_points_and_escaped(tmp_path):
     assert main(["report", str(out)]) == 0
     with open(out / "results.csv") as file:
         rows = list(csv.DictReader(file))
-    assert [(row["model"], row["psnr_median"]) for row in rows] == [("lenet", "40"), ("<script>alert(1)</script>", "12.5")]
+    expected = [("lenet", "40"), ("<script>alert(1)</script>", "12.5")]
+    assert [(row["model"], row["psnr_median"]) for row in rows] == expected
     assert "batch_size" not in rows[0] and "attack" not in rows[0]  # echoes of settings and text are not figures
     page = (out / "index.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -4,7 +4,7 @@ would alone, and leaves out (and records) bad replies."""
 import numpy as np
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, server_identity  # noqa: F401 (fixture)
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 

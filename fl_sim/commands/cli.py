@@ -10,14 +10,17 @@ import sys
 from fl_sim.contract.run_config import ConfigError
 
 COMMANDS = {
-    "attack": ("fl_sim.commands.attack", "invert victims' updates once, without Flower, and score the reconstructions"),
+    "attack": ("fl_sim.commands.attack",
+               "invert victims' updates once, without Flower, and score the reconstructions"),
     "run": ("fl_sim.commands.run", "a Flower simulation whose server inverts every client's update each round"),
-    "sweep": ("fl_sim.commands.sweep", "every point of a grid of settings (fl-sim attack or run at each), with results.csv "
-                              "and plots"),
-    "pretrain": ("fl_sim.commands.pretrain", "train a model centrally for a few epochs and save it for --init ckpt.pt"),
-    "report": ("fl_sim.commands.report", "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, "
-                                "plots)"),
-    "deploy": ("fl_sim.commands.deploy", "the same federation as real Flower processes: locally, or as docker-compose services"),
+    "sweep": ("fl_sim.commands.sweep",
+              "every point of a grid of settings (fl-sim attack or run at each), with results.csv and plots"),
+    "pretrain": ("fl_sim.commands.pretrain",
+                 "train a model centrally for a few epochs and save it for --init ckpt.pt"),
+    "report": ("fl_sim.commands.report",
+               "rebuild the HTML page of a run (gallery.html) or a sweep (index.html, results.csv, plots)"),
+    "deploy": ("fl_sim.commands.deploy",
+               "the same federation as real Flower processes: locally, or as docker-compose services"),
 }
 
 

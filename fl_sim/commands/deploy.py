@@ -11,6 +11,7 @@ stops every process however the run ends: finished, failed, Ctrl-C or SIGTERM. O
 its TLS and GPU override files are its output).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local = modes.add_parser("local", help="run the deployment as processes on this machine",
                              description="SuperLink, SuperNodes and SuperExecs as local processes; the app "
                                          "runs with `flwr run`; every process is stopped at the end")
-    config.add_task_arguments(local, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size, model=DEFAULTS.model)
+    config.add_task_arguments(local, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size,
+                              model=DEFAULTS.model)
     fed = local.add_argument_group("federation")
     fed.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one per partition (default 2)")
     fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")
@@ -156,7 +158,7 @@ class Processes:
 
     def start(self, name: str, command: list[str], env: dict, cwd: Path, echo: bool = False) -> subprocess.Popen:
         """Starts `command` with its output in log_dir/NAME.log, and also on ours if `echo`."""
-        log = open(self.log_dir / f"{name}.log", "wb")
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed below, or by the tee thread)
         try:
             process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT,
@@ -191,10 +193,8 @@ class Processes:
             _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, process in self.started:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         while any(group_members(group) for group in groups) and time.monotonic() < deadline:
             time.sleep(0.1)
         for group in groups:
@@ -216,10 +216,8 @@ def _tee(source, log) -> None:
 
 
 def _signal_group(group: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def group_members(group: int) -> list[int]:
@@ -282,7 +280,8 @@ def _raise_exit(signum, _frame):
 
 
 def deploy_local(args) -> dict:
-    """Starts the topology, runs the app on it, stops it; the run's summary (fl_sim/commands/run.py) plus process count."""
+    """Starts the topology, runs the app on it, stops it; the run's summary (fl_sim/commands/run.py) plus process
+    count."""
     run_config = checked_config(args)
     check_project()
     search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

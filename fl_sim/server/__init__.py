@@ -1,1 +1,2 @@
-"""The malicious server: the strategy wrapper, the ServerApp, the active attacks' model surgery, reply checks, checkpoints."""
+"""The malicious server: the strategy wrapper, the ServerApp, the active attacks' model surgery, reply checks,
+checkpoints."""
