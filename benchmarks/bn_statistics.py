@@ -32,7 +32,7 @@ def main() -> None:
     from attacker import get_attack, invert
     from clients.training import local_train
     from fl_sim.commands.attack import victim_indices
-    from fl_sim.contract.protocol import TrainingSettings
+    from fl_sim.contract.protocol import BatchNormMode, TrainingSettings
     from fl_sim.learning.data import load_dataset
     from fl_sim.learning.models import build_model
     from fl_sim.learning.updates import weight_change, weights
@@ -41,7 +41,8 @@ def main() -> None:
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     model = build_model(args.model, *shape[:2], dataset.num_classes, init="default", seed=args.seed)
-    settings = TrainingSettings(lr=0.1, local_steps=args.local_steps, batch_size=args.batch_size, batchnorm="train")
+    settings = TrainingSettings(lr=0.1, local_steps=args.local_steps, batch_size=args.batch_size,
+                                batchnorm=BatchNormMode.TRAIN)
     before, updates, truth = weights(model), [], []
     for victim, examples in enumerate(victim_indices(len(dataset), args.victims, settings.num_images, args.seed)):
         images, labels = dataset.tensors(examples)

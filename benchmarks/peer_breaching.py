@@ -59,7 +59,7 @@ def make_peer_env() -> None:
                  f"(pip exit {install.returncode}):\n{check.stderr[-3000:]}")
 
 
-def victims(case: str, count: int, data_root: str, seed: int):
+def victims(case: str, count: int, data_root: str, seed: int) -> tuple:
     """The model, its global weights, and per victim (images, labels, weight change) after one SGD step."""
     import torch
 
@@ -178,7 +178,9 @@ def inside(args) -> None:
         for library, runner in (("fl-sim", run_fl_sim), ("breaching", run_breaching)):
             if library not in args.libraries:
                 continue
-            results, seconds = runner(case, *setup, iterations, args.seed, tv=args.fl_sim_tv)
+            model, before, settings, shape, classes, data = setup
+            results, seconds = runner(case, model, before, settings, shape, classes, data, iterations, args.seed,
+                                      tv=args.fl_sim_tv)
             rows = score(results, setup[-1])
             psnrs = [row[0] for row in rows if row is not None]
             failed = sum(row is None for row in rows)

@@ -46,7 +46,7 @@ def plain_federation(args) -> float:
     settings = TrainingSettings(lr=args.lr, local_steps=args.local_steps, batch_size=args.batch_size)
     partitions = partition_indices(train.labels, args.clients, "iid", seed=args.seed)
     model = build_model(args.model, train.channels, train.image_size, train.num_classes, seed=args.seed)
-    accuracy = None
+    accuracy = 0.0
     for server_round in range(1, args.rounds + 1):
         states = []
         for client, partition in enumerate(partitions):
@@ -56,7 +56,7 @@ def plain_federation(args) -> float:
             local_train(local, images, labels, settings)
             states.append(local.state_dict())
         model.load_state_dict({name: torch.stack([s[name] for s in states]).mean(0) for name in states[0]})
-        accuracy = evaluate_model(model, test, np.arange(len(test)))["accuracy"]
+        accuracy = float(evaluate_model(model, test, np.arange(len(test)))["accuracy"])
     return accuracy
 
 
@@ -91,7 +91,7 @@ def compare_async(args) -> None:
         for background in ([False, True] if args.order == "sync-first" else [True, False]):
             name = "async" if background else "sync"
             results[name] = attacked_federation(args, Path(folder) / name, background)
-    (sync, sync_rows, sync_accuracy), (background, async_rows, async_accuracy) = results["sync"], results["async"]
+    (sync, sync_rows, sync_accuracy), (in_background, async_rows, async_accuracy) = results["sync"], results["async"]
     if len(sync_rows) != len(async_rows) or not sync_rows:
         raise SystemExit(f"the runs differ: {len(sync_rows)} attack rows synchronous, {len(async_rows)} async")
     if sync_accuracy != async_accuracy:
@@ -105,9 +105,9 @@ def compare_async(args) -> None:
           f"{torch.get_num_threads()} torch thread(s)")
     print(f"synchronous (fl-sim run):        {sync:7.1f} s   {len(sync_rows)} attack rows, "
           f"a round's attack {median_attack(sync_rows):.1f} s (median)")
-    print(f"--attack-async:                  {background:7.1f} s   {len(async_rows)} attack rows, "
+    print(f"--attack-async:                  {in_background:7.1f} s   {len(async_rows)} attack rows, "
           f"a round's attack {median_attack(async_rows):.1f} s (median)")
-    print(f"saved:                           {sync - background:7.1f} s ({(sync - background) / sync:.0%})")
+    print(f"saved:                           {sync - in_background:7.1f} s ({(sync - in_background) / sync:.0%})")
     print(f"synchronous / async:             {sync / background:7.2f} x   same rows counted, same accuracies "
           f"(final {sync_accuracy[-1]:.4f})")
 

@@ -131,7 +131,8 @@ def test_the_attacker_imports_no_flower():
 
 
 def reachable(name: str) -> set[str]:
-    seen, todo = set(), [name]
+    seen: set[str] = set()
+    todo = [name]
     while todo:
         for target in GRAPH[todo.pop()] - seen:
             seen.add(target)
