@@ -8,6 +8,7 @@ continues a run that was stopped, with the config it was started with (OUT/run.j
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -31,6 +32,18 @@ DEFAULTS = RunConfig()
 # Where and with what a run computes, not what it computes: a resumed run may change these.
 RESUMABLE_ELSEWHERE = ("data_root", "device", "attack_async")
 SETTINGS = frozenset(field.name for field in dataclasses.fields(RunConfig))
+RUN_SIMULATION_DEPRECATED = "`run_simulation` function is deprecated"  # Flower 1.41 warns so on every call
+
+
+class HideRunSimulationDeprecation(logging.Filter):
+    """Drops Flower's one "DEPRECATED FEATURE: run_simulation" line. Flower 1.41 has no other in-process
+    simulation (`flwr run` needs a SuperLink), so `fl-sim run` must call it; README says so once, instead of
+    every run warning. Every other Flower message, deprecations included, still passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return RUN_SIMULATION_DEPRECATED not in record.getMessage()
+
+
 NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anything or no attack succeeded
 
 
@@ -155,9 +168,15 @@ def run(args) -> dict:
     resume = args.resume is not None
     preflight(run_config, resume)
     started = time.perf_counter()
-    run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
-                   num_supernodes=run_config.num_clients,
-                   backend_config={"client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus}})
+    hide = HideRunSimulationDeprecation()
+    logging.getLogger("flwr").addFilter(hide)
+    try:
+        run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
+                       num_supernodes=run_config.num_clients,
+                       backend_config={"client_resources": {"num_cpus": args.client_cpus,
+                                                            "num_gpus": args.client_gpus}})
+    finally:
+        logging.getLogger("flwr").removeFilter(hide)
     return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
             "attack_clients": run_config.attack_clients}
 
