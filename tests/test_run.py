@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_flags(shared_data, out, *extra):
     return ["run", "--train-mode", "steps", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet", "--num-clients", "2",
             "--rounds", "2", "--local-steps", "1", "--batch-size", "1", "--attack", "idlg", "--restarts", "1",
-            "--iterations", "5", "--seed", "1", "--out", str(out), *extra]
+            "--iterations", "5", "--seed", "1", "--out", str(out),
+            "--max-shard", "0", "--epochs", "1", "--lr", "0.1", "--momentum", "0", *extra]  # not the demo-like defaults
 
 
 def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
