@@ -170,7 +170,7 @@ def test_a_flower_run_carries_the_defense_to_the_server_and_secagg_shows_it_only
     assert cli.main(["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist",
                      "--data-root", str(shared_data), "--num-clients", "2",
                      "--rounds", "1", "--attack", "ig", "--restarts", "1", "--iterations", "3", "--seed", "1",
-                     "--defense", "prune:0.9+secagg", "--device", "cpu", "--out", str(out)]) == 0
+                     "--defense", "prune:0.9+secagg", "--device", "cpu", "--max-shard", "0", "--out", str(out)]) == 0
     initial = build_model("lenet", 1, 28, 10, init="default", seed=1).state_dict()
     after = load_checkpoint(out).weights
     for name, tensor in initial.items():

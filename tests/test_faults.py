@@ -82,7 +82,8 @@ def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(sh
              "--attack", "idlg", "--restarts", "1", "--iterations", "5", "--seed", "3", "--out", str(out),
              "--inject-faults", "0=nan,1=wrong-shape,2=crash"]
     assert cli.main(flags) == 0
-    assert "2 round(s), 4 attacked update(s) (0 failed, 0 not attacked: too many images), 6 faulty client-round(s) left out" in capsys.readouterr().out
+    assert ("2 round(s), 10 client update(s): 4 attacked (4 with images recovered at >= 30 dB, 0 without, 0 failed), "
+            "0 skipped (not read by the attack), 6 left out (faulty replies)") in capsys.readouterr().out
 
     assert [row["round"] for row in read_jsonl(out / "global.jsonl")] == [1, 2]
     rows = {(row["round"], row["client"]): row for row in read_jsonl(out / "metrics.jsonl")}

@@ -29,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_flags(shared_data, out, *extra):
     return ["run", "--train-mode", "steps", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet", "--num-clients", "2",
             "--rounds", "2", "--local-steps", "1", "--batch-size", "1", "--attack", "idlg", "--restarts", "1",
-            "--iterations", "5", "--seed", "1", "--out", str(out), *extra]
+            "--iterations", "5", "--seed", "1", "--out", str(out),
+            "--max-shard", "0", "--epochs", "1", "--lr", "0.1", "--momentum", "0", *extra]  # not the demo-like defaults
 
 
 def test_a_small_simulation_writes_every_output(shared_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(run_flags(shared_data, out)) == 0
-    assert "2 round(s), 4 attacked update(s) (0 failed, 0 not attacked: too many images)" in capsys.readouterr().out
+    assert ("2 round(s), 4 client update(s): 4 attacked (4 with images recovered at >= 30 dB, 0 without, 0 failed), "
+            "0 skipped (not read by the attack), 0 left out (faulty replies)") in capsys.readouterr().out
 
     run = json.loads((out / "run.json").read_text())
     assert run["finished"] and run["seed"] == 1 and run["config"]["num-clients"] == 2
@@ -261,10 +263,13 @@ def test_the_readmes_flwr_run_block_runs_as_written_from_a_fresh_shell(tmp_path)
     try:
         done = subprocess.run(["bash", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert [row["round"] for row in read_jsonl(out / "global.jsonl")] == [1, 2]
-        assert json.loads((out / "run.json").read_text())["config"]["strategy"] == "fedadam"
-        rows = read_jsonl(out / "metrics.jsonl")  # shards of ~3,500 images: recorded as not attacked, each
-        assert len(rows) == 8 and all(row["status"] == "skipped" and row["reason"] for row in rows)
+        # pyproject's defaults: 2 clients, 3 rounds, imprint on shards the attack reads; digits come back exactly
+        assert [row["round"] for row in read_jsonl(out / "global.jsonl")] == [1, 2, 3]
+        assert json.loads((out / "run.json").read_text())["config"]["attack"] == "imprint"
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
+        assert sum(value >= 30 for row in rows for value in row["psnr_images"]) >= 6, rows
+        assert (out / "round-003" / "client-001" / "reconstruction.png").is_file() and (out / "gallery.html").is_file()
     finally:
         for pid in superlinks_of(home):
             os.kill(pid, signal.SIGTERM)

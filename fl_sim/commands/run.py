@@ -8,12 +8,12 @@ continues a run that was stopped, with the config it was started with (OUT/run.j
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from fl_sim.commands import config
-from fl_sim.contract.records import REPLY_FAULTS
 from fl_sim.contract.run_config import (
     FAULT_HELP,
     PARTITIONS,
@@ -26,12 +26,24 @@ from fl_sim.contract.run_config import (
     trap_starves,
 )
 from fl_sim.results.outputs import read_jsonl
-from fl_sim.results.summary import summarise
+from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
 
 DEFAULTS = RunConfig()
 # Where and with what a run computes, not what it computes: a resumed run may change these.
 RESUMABLE_ELSEWHERE = ("data_root", "device", "attack_async")
 SETTINGS = frozenset(field.name for field in dataclasses.fields(RunConfig))
+RUN_SIMULATION_DEPRECATED = "`run_simulation` function is deprecated"  # Flower 1.41 warns so on every call
+
+
+class HideRunSimulationDeprecation(logging.Filter):
+    """Drops Flower's one "DEPRECATED FEATURE: run_simulation" line. Flower 1.41 has no other in-process
+    simulation (`flwr run` needs a SuperLink), so `fl-sim run` must call it; README says so once, instead of
+    every run warning. Every other Flower message, deprecations included, still passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return RUN_SIMULATION_DEPRECATED not in record.getMessage()
+
+
 NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anything or no attack succeeded
 
 
@@ -156,27 +168,33 @@ def run(args) -> dict:
     resume = args.resume is not None
     preflight(run_config, resume)
     started = time.perf_counter()
-    run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
-                   num_supernodes=run_config.num_clients,
-                   backend_config={"client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus}})
+    hide = HideRunSimulationDeprecation()
+    logging.getLogger("flwr").addFilter(hide)
+    try:
+        run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
+                       num_supernodes=run_config.num_clients,
+                       backend_config={"client_resources": {"num_cpus": args.client_cpus,
+                                                            "num_gpus": args.client_gpus}})
+    finally:
+        logging.getLogger("flwr").removeFilter(hide)
     return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
             "attack_clients": run_config.attack_clients}
 
 
 def summary(out, seconds: float) -> dict:
-    """What a finished run wrote, in a few numbers."""
+    """What a finished run wrote, in a few numbers: its client-rounds counted by what became of them
+    (`update_counts`: updates = attacked + skipped + left_out, attacked = recovered + unrecovered + failed)
+    and the figures over the attacked ones."""
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    attack_rows = [row for row in rows if row.get("status") not in REPLY_FAULTS]
     global_rows = read_jsonl(os.path.join(out, "global.jsonl"))
+    figures = summarise(rows)  # over attacked updates only; a failed attack counts as 0 dB
     return {
         "rounds": len(global_rows),
         "rounds_aggregated": sum(bool(row.get("model_changed", True)) for row in global_rows),
-        "attacked": len(attack_rows),
-        "failed": sum(row.get("status") not in ("ok", "skipped") for row in attack_rows),
-        "skipped": sum(row.get("status") == "skipped" for row in attack_rows),
-        "left_out": len(rows) - len(attack_rows),
-        # a failed attack counts as 0 dB; an update not attacked (too many images) has no PSNR at all
-        "psnr_median": summarise([row for row in attack_rows if row.get("status") != "skipped"])["psnr_median"],
+        **update_counts(rows),
+        "images": figures["images"],
+        **{recovered_key(db): figures[recovered_key(db)] for db in RECOVERED_DB},
+        "psnr_median": figures["psnr_median"],
         "accuracy": global_rows[-1]["accuracy"] if global_rows else None,
         "seconds": seconds,
     }
@@ -189,13 +207,31 @@ def headline(result: dict) -> tuple[str, str]:
     return psnr, accuracy
 
 
+def counts_line(result: dict) -> str:
+    """The run's client updates, each counted once: the attacked ones (split into those with an image
+    recovered, those without, and failed attacks), the skipped ones and the left-out ones."""
+    low = RECOVERED_DB[0]
+    return (f"{result['updates']} client update(s): {result['attacked']} attacked "
+            f"({result['recovered']} with images recovered at >= {low} dB, {result['unrecovered']} without, "
+            f"{result['failed']} failed), {result['skipped']} skipped (not read by the attack), "
+            f"{result['left_out']} left out (faulty replies)")
+
+
+def recovered_line(result: dict) -> str:
+    """The field's figure: the share of the attacked updates' images recovered at each threshold."""
+    if not result.get("images"):
+        return "no image attacked"
+    shares = ", ".join(f"{result[recovered_key(db)]:.0%} at >= {db} dB" for db in RECOVERED_DB)
+    return f"images recovered: {shares} (of {result['images']})"
+
+
 def failure(result: dict, attack: str, attack_clients=None) -> str | None:
     """Why a finished run counts as a failure (exit code NOTHING_WORKED), or None when something worked."""
     if result["rounds"] and not result["rounds_aggregated"]:
         hint = f" ({TRAP_EVERYONE})" if trap_starves(attack, attack_clients) else ""
         return f"no round aggregated any reply: the global model never changed{hint}"
-    succeeded = result["attacked"] - result["failed"] - result["skipped"]
-    if attack != "none" and not succeeded and (result["failed"] or not result["attacked"]):
+    succeeded = result["attacked"] - result["failed"]
+    if attack != "none" and not succeeded and (result["failed"] or not (result["attacked"] or result["skipped"])):
         return "no attack succeeded" if result["attacked"] else "no update was attacked (every reply was left out)"
     return None
 
@@ -203,10 +239,8 @@ def failure(result: dict, attack: str, attack_clients=None) -> str | None:
 def main(args) -> int:
     result = run(args)
     psnr, accuracy = headline(result)
-    print(f"fl-sim run: {result['rounds']} round(s), {result['attacked']} attacked update(s) "
-          f"({result['failed']} failed, {result['skipped']} not attacked: too many images), "
-          f"{result['left_out']} faulty client-round(s) left out, "
-          f"PSNR median {psnr}, final global accuracy {accuracy}, {result['seconds']:.1f} s "
+    print(f"fl-sim run: {result['rounds']} round(s), {counts_line(result)}; {recovered_line(result)}, "
+          f"PSNR median {psnr}; final global accuracy {accuracy}, {result['seconds']:.1f} s "
           f"-> {args.out or args.resume}")
     problem = failure(result, result["attack"], result["attack_clients"])
     if problem:

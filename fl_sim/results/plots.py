@@ -8,9 +8,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fl_sim.contract.run_config import ACTIVE_ATTACKS  # noqa: E402
-from fl_sim.results.summary import RECOVERED_DB, psnr_of, recovered_key, summarise  # noqa: E402
+from fl_sim.results.summary import (  # noqa: E402
+    RECOVERED_DB,
+    attacked,
+    image_count,
+    psnr_of,
+    recovered_count,
+    recovered_key,
+    summarise,
+)
 
 # (column, axis label): drawn when at least one row has a number there.
 PANELS = [
@@ -38,19 +47,19 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
     values = [value for value in grid[key] if any(row.get(key) == value for row in rows)]  # finished points only
     positions = {value: index for index, value in enumerate(values)}
     for combination in itertools.product(*(grid[other] for other in others)):
-        fixed = dict(zip(others, combination))
+        fixed = dict(zip(others, combination, strict=True))
         line = sorted((row for row in rows if all(row.get(k) == v for k, v in fixed.items())),
                       key=lambda row: positions.get(row.get(key), len(positions)))
         if not line:
             continue
         legend = ", ".join(_setting(k, v) for k, v in fixed.items()) or None
-        for axis, (column, _) in zip(axes[0], panels):
+        for axis, (column, _) in zip(axes[0], panels, strict=True):
             points = [(positions[row[key]], _number(row.get(column))) for row in line if row.get(key) in positions]
             points = [(x, y) for x, y in points if y is not None]
             if column == "psnr_median":
                 _psnr_range(axis, line, positions, key)
             axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=legend)
-    for axis, (column, label) in zip(axes[0], panels):
+    for axis, (column, label) in zip(axes[0], panels, strict=True):
         axis.set_xticks(range(len(values)), values, rotation=30 if len(values) > 4 else 0)
         axis.set_xlabel(key)
         axis.set_ylabel(label)
@@ -94,39 +103,57 @@ def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], 
     return path
 
 
-def plot_rounds(attack_rows: list[dict], accuracy_by_round: dict[int, float], path: Path) -> Path | None:
-    """A run's attack over its rounds: PSNR (median, band min to max; a failed attack at 0 dB), labels
-    right, the update norm (median) and the global model's accuracy, side by side: does the attack weaken
-    as the model trains? `attack_rows` are attacked updates only. None before any round has one."""
+def plot_rounds(rows: list[dict], accuracy_by_round: dict[int, float], path: Path, passive: bool = True
+                ) -> Path | None:
+    """A run's leakage over its rounds, led by the field's figure: the share of the attacked updates' images
+    recovered at >= 30 and >= 40 dB per round (pooled), then the same share per client as a distribution
+    (a box per round), then the global model's accuracy: does the attack weaken as the model trains?
+    With `passive` (an optimisation attack, whose PSNR varies smoothly) also the PSNR median with its
+    min-max band and the share of labels right; an active attack's images are exact copies or nothing, so
+    its PSNR median says little beside the shares. `rows` are metrics rows of any status; only attacked
+    updates count (a failed attack recovered nothing). None when there is nothing to draw."""
     by_round: dict[int, list[dict]] = {}
-    for row in attack_rows:
-        by_round.setdefault(row["round"], []).append(row)
-    if not by_round:
-        return None
-
-    def per_round(column: str) -> dict[int, list[float]]:
-        values = {r: [_number(row.get(column)) for row in rows] for r, rows in sorted(by_round.items())}
-        return {r: [v for v in vs if v is not None] for r, vs in values.items() if any(v is not None for v in vs)}
-
-    psnrs = {r: [psnr_of(row) for row in rows] for r, rows in sorted(by_round.items())}
-    labels = {r: [summarise(rows)["label_share"]] for r, rows in sorted(by_round.items())}
-    norms = per_round("update_norm")
-    figure, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    axes[0].fill_between(list(psnrs), [min(v) for v in psnrs.values()], [max(v) for v in psnrs.values()], alpha=0.15)
-    axes[0].plot(list(psnrs), [statistics.median(v) for v in psnrs.values()], marker="o")
-    axes[0].set_ylabel("PSNR (dB): median, min-max band")
-    axes[1].plot(list(labels), [statistics.mean(v) for v in labels.values()], marker="o")
-    axes[1].set_ylabel("labels right (share)")
-    axes[2].plot(list(norms), [statistics.median(v) for v in norms.values()], marker="o")
-    axes[2].set_ylabel("update L2 norm (median)")
-    axes[2].set_yscale("log")
+    for row in rows:
+        if attacked(row):
+            by_round.setdefault(row["round"], []).append(row)
     evaluated = sorted(accuracy_by_round)
-    axes[3].plot(evaluated, [accuracy_by_round[r] for r in evaluated], marker="o")
-    axes[3].set_ylabel("global test accuracy")
-    for axis in axes[1::2]:
-        axis.set_ylim(-0.05, 1.05)
-    for axis in axes:
+    if not by_round and not evaluated:
+        return None
+    rounds = sorted(by_round)
+    summaries = {r: summarise(by_round[r]) for r in rounds}
+    panels = ["recovered", "per-client", "accuracy"] + (["psnr", "labels"] if passive and rounds else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    axis_of = dict(zip(panels, axes[0], strict=True))
+    axis = axis_of["recovered"]
+    for db, marker in zip(RECOVERED_DB, "os", strict=True):
+        axis.plot(rounds, [summaries[r][recovered_key(db)] for r in rounds], marker=marker, label=f"\u2265 {db} dB")
+    axis.set_ylabel("images recovered (share of all)")
+    axis.legend(fontsize="small")
+    axis = axis_of["per-client"]
+    low = RECOVERED_DB[0]
+    shares = [[recovered_count(row, low) / image_count(row) for row in by_round[r]] for r in rounds]
+    if rounds:
+        axis.boxplot(shares, positions=rounds, widths=0.5, manage_ticks=False)
+        for r, values in zip(rounds, shares, strict=True):  # the clients themselves, where few enough to see
+            if len(values) <= 50:
+                axis.scatter([r] * len(values), values, s=10, alpha=0.5)
+    axis.set_ylabel(f"per client: share recovered \u2265 {low} dB")
+    axis = axis_of["accuracy"]
+    axis.plot(evaluated, [accuracy_by_round[r] for r in evaluated], marker="o", color="tab:green")
+    axis.set_ylabel("global test accuracy")
+    if "psnr" in axis_of:
+        psnrs = {r: [psnr_of(row) for row in by_round[r]] for r in rounds}
+        axis = axis_of["psnr"]
+        axis.fill_between(rounds, [min(psnrs[r]) for r in rounds], [max(psnrs[r]) for r in rounds], alpha=0.15)
+        axis.plot(rounds, [statistics.median(psnrs[r]) for r in rounds], marker="o")
+        axis.set_ylabel("PSNR (dB): median, min-max band")
+        axis_of["labels"].plot(rounds, [summaries[r]["label_share"] for r in rounds], marker="o")
+        axis_of["labels"].set_ylabel("labels right (share)")
+    for name, axis in axis_of.items():
+        if name != "psnr":
+            axis.set_ylim(-0.05, 1.05)
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ the same everywhere (docs/attacks.md, "Scores"):
   its labels right. `failed` says how many there were.
 - An image is recovered at T dB when its PSNR to its matched truth is at least T; shares of recovered
   images and of right labels are pooled: recovered images / all images of all victims.
-- Rows of clients the server never attacked (a rejected, crashed or missing reply) are not victims.
+- Rows of clients the server never attacked are not victims: a rejected, crashed or missing reply (left
+  out of the attack and of the average) and an update the attack did not read (status "skipped": more
+  images behind it than --max-attack-images, say). `update_counts` counts every kind of row.
 """
 import math
 from numbers import Real
@@ -20,7 +22,9 @@ from fl_sim.contract.records import REPLY_FAULTS
 FAILED_PSNR = 0.0  # dB: the field's "no reconstruction"
 FAILED_SSIM = 0.0
 RECOVERED_DB = (30, 40)  # thresholds of the recovered_at_<T>db figures
-NOT_ATTACKED = REPLY_FAULTS  # client-rounds left out before the attack: not victims
+SKIPPED = "skipped"  # an update the attack did not read (its row's reason says why)
+NOT_ATTACKED = REPLY_FAULTS | {SKIPPED}  # client-rounds the attack never read: not victims
+COUNT_KEYS = ("updates", "attacked", "recovered", "unrecovered", "failed", "skipped", "left_out")
 
 
 def recovered_key(db: int) -> str:
@@ -28,8 +32,26 @@ def recovered_key(db: int) -> str:
 
 
 def attacked(row: dict) -> bool:
-    """A row of an attacked update, successful or not (not a client-round left out before the attack)."""
+    """A row of an attacked update, successful or not (not one left out or skipped before the attack)."""
     return row.get("status") not in NOT_ATTACKED
+
+
+def update_counts(rows: list[dict]) -> dict[str, int]:
+    """Every row (a client-round the server recorded) counted once, by what became of it:
+
+    updates = attacked + skipped + left_out, and attacked = recovered + unrecovered + failed, where
+    recovered means at least one image at RECOVERED_DB[0] dB or more, unrecovered an attack that ran
+    but recovered none, failed one that produced no reconstruction (diverged, attack-error, ...),
+    skipped an update the attack did not read and left_out a faulty reply (neither attacked nor averaged).
+    """
+    left_out = sum(row.get("status") in REPLY_FAULTS for row in rows)
+    skipped = sum(row.get("status") == SKIPPED for row in rows)
+    victims = [row for row in rows if attacked(row)]
+    failed = sum(not succeeded(row) for row in victims)
+    recovered = sum(succeeded(row) and recovered_count(row, RECOVERED_DB[0]) > 0 for row in victims)
+    return {"updates": len(rows), "attacked": len(victims), "recovered": recovered,
+            "unrecovered": len(victims) - failed - recovered, "failed": failed, "skipped": skipped,
+            "left_out": left_out}
 
 
 def succeeded(row: dict) -> bool:
@@ -44,7 +66,10 @@ def psnr_of(row: dict) -> float:
 def image_psnrs(row: dict) -> list[float] | None:
     """Per-image PSNRs of a successful row (matched order), None when the row has none."""
     values = row.get("psnr_images")
-    if not succeeded(row) or not isinstance(values, list) or not all(_number(v) is not None for v in values):
+    if not succeeded(row) or not isinstance(values, list):
+        return None
+    # JSON numbers are ints and floats (a bool is neither here); checked by type, as rows hold thousands of them
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in values):
         return None
     return [float(v) for v in values]
 
@@ -78,7 +103,9 @@ def labels_right(row: dict) -> float:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Medians, extremes and pooled shares over the attacked victims, failures counted as above."""
+    """Medians, extremes and pooled shares over the attacked victims, failures counted as above; with
+    `skipped` and `left_out`, the rows that were not victims."""
+    counts = update_counts(rows)
     rows = [row for row in rows if attacked(row)]
     psnrs = [psnr_of(row) for row in rows]
     ssims = [float(row["ssim"]) if succeeded(row) and _number(row.get("ssim")) is not None else FAILED_SSIM
@@ -101,7 +128,8 @@ def summarise(rows: list[dict]) -> dict:
     }
     for db in RECOVERED_DB:
         summary[recovered_key(db)] = sum(recovered_count(row, db) for row in rows) / images if rows else None
-    summary.update(victims=len(rows), failed=sum(not succeeded(row) for row in rows), images=images)
+    summary.update(victims=len(rows), failed=counts["failed"], images=images, recovered_victims=counts["recovered"],
+                   skipped=counts["skipped"], left_out=counts["left_out"])
     return summary
 
 
