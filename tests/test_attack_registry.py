@@ -1,6 +1,7 @@
 """The attack registry and the one Attack interface: an attack defined here (one class, one registry entry) runs
 through `fl-sim run` and `fl-sim attack` with no other file changed; the analytic readout's error rows are typed."""
 import json
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from attacker import Reconstruction, Status
 from attacker.analytic import TrapReadout, recover
 from fl_sim.commands import cli
 from fl_sim.contract.attacks import AttackKind, AttackSpec, attack_names, register, unregister
+from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.contract.run_config import ConfigError, RunConfig
 from fl_sim.learning.updates import Weights
 from fl_sim.results.outputs import read_jsonl
@@ -32,12 +34,12 @@ class NudgeAttack(Attack):
     def build(cls, context: AttackContext) -> "NudgeAttack":
         return cls(context.image_shape)
 
-    def arm(self, global_weights: Weights, settings, targets) -> Armed:
+    def arm(self, global_weights: Weights, settings: TrainingSettings, targets: Sequence[int]) -> Armed:
         self.calls.append(("arm", tuple(targets)))
         return Armed({client: {name: tensor + NUDGE * (1 + client) if tensor.is_floating_point() else tensor
                                for name, tensor in global_weights.items()} for client in targets})
 
-    def read(self, observed: list[Observed], armed: Armed | None, seed: int) -> list[Reconstruction]:
+    def read(self, observed: Sequence[Observed], armed: Armed | None, seed: int) -> list[Reconstruction]:
         for each in observed:
             [client] = each.victim.clients
             assert armed is not None and each.sent is armed.weights[client]  # taken against what it was sent

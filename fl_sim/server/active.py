@@ -147,7 +147,7 @@ class ImprintAttack(AnalyticAttack):
         weights["imprint.weight"], weights["imprint.bias"] = weight, bias
         weights["spread.weight"] = (eps * u)[:, None].expand(features, weight.shape[0]).clone()
         readout = ImprintReadout("imprint.weight", "imprint.bias", layout.rows, layout.directions,
-                                 layout.thresholds, tuple(self.public.shape[1:]))
+                                 layout.thresholds, image_shape(self.public))
         return weights, readout
 
     def _input_gradient(self, global_weights: Weights, settings: TrainingSettings) -> torch.Tensor:
@@ -183,8 +183,9 @@ class TrapAttack(AnalyticAttack):
         elif isinstance(model, ConvNet):
             self.layer, self.convs = "classifier.0", ["features.0", "features.2", "features.4"]
             channels = public.shape[1]
-            width = model.features[0].out_channels
-            if width < 4 * channels or model.features[4].out_channels < 16 * channels:
+            first, last = model.features[0], model.features[4]
+            assert isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d)
+            if first.out_channels < 4 * channels or last.out_channels < 16 * channels:
                 raise ValueError("trap: this ConvNet is too narrow to pass the image through its strided convolutions")
         else:
             raise ValueError(
@@ -215,7 +216,7 @@ class TrapAttack(AnalyticAttack):
         norm = weights[f"{self.layer}.weight"].norm(dim=1, keepdim=True)
         weights[f"{self.layer}.weight"] = trap / trap.norm(dim=1, keepdim=True) * norm
         weights[f"{self.layer}.bias"] = torch.zeros(rows)
-        readout = TrapReadout(f"{self.layer}.weight", f"{self.layer}.bias", pixels, tuple(self.public.shape[1:]))
+        readout = TrapReadout(f"{self.layer}.weight", f"{self.layer}.bias", pixels, image_shape(self.public))
         return weights, readout
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -241,6 +242,12 @@ class TrapAttack(AnalyticAttack):
     def aggregated(self, reply: Weights, sent: Weights, global_weights: Weights) -> None:
         """Nothing: the victim's whole model was not the global one."""
         return None
+
+
+def image_shape(images: torch.Tensor) -> tuple[int, int, int]:
+    """(C, H, W) of a batch of images."""
+    channels, height, width = images.shape[1:]
+    return channels, height, width
 
 
 def pass_through_convs(weights: Weights, channels: int) -> None:

@@ -41,7 +41,7 @@ class PassiveInversion(Attack):
         victim_ids = [each.victim.seed_key for each in observed]
         return invert(self.model, observed[0].sent, [each.update for each in observed], settings, self.preset,
                       image_shape=self.image_shape, num_classes=self.num_classes, iterations=self.iterations,
-                      seed=seed, victim_ids=victim_ids, device=self.device,  # type: ignore[arg-type]
+                      seed=seed, victim_ids=victim_ids, device=self.device,
                       progress=self.progress, max_rows=cap)
 
     def settings(self) -> dict[str, SettingValue]:

@@ -191,7 +191,7 @@ class InvertingStrategy(Strategy):
             records: dict[int, ArrayRecord] = {}  # one record per distinct armed model, not per message
             for index, msg in enumerate(messages):
                 client = self.partitions.get(msg.metadata.dst_node_id)
-                if armed is not None and client in armed.weights:
+                if armed is not None and client is not None and client in armed.weights:
                     weights = armed.weights[client]
                     record = records.setdefault(id(weights), ArrayRecord(weights))
                     messages[index] = with_arrays(msg, record)
@@ -213,11 +213,11 @@ class InvertingStrategy(Strategy):
                     fault.reason)
             work.append(partial(self.recorder.record_faults, server_round, faults))
         attack = self.attack
-        replied = {client: accepted[client].content[ARRAYS].to_torch_state_dict()
+        replied = {client: accepted[client].content.array_records[ARRAYS].to_torch_state_dict()
                    for client in sorted(accepted) if client in sent.sent_to}
         if attack and replied:
             updates = {client: weight_change(sent.sent_to[client], reply) for client, reply in replied.items()}
-            counts = {client: int(accepted[client].content[METRICS][self.weighted_by_key]) for client in replied}
+            counts = {client: example_count(accepted[client], self.weighted_by_key) for client in replied}
             work.append(partial(self._attack, attack, sent, updates, counts))
         if work and self.background is not None and sent.armed is None:
             self.background.submit(server_round, partial(run_all, work))
@@ -253,7 +253,7 @@ class InvertingStrategy(Strategy):
             answered.add(node)
             if reply.has_error():
                 faults.append(ReplyFault(client, ReplyStatus.CLIENT_ERROR,
-                                         f"error reply: {short_error(reply.error.reason)}"))
+                                         f"error reply: {short_error(reply.error.reason or '')}"))
                 continue
             expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_ID: client})
             problem = reply_problem(reply.content, expected)
@@ -349,6 +349,14 @@ def short_error(reason: str) -> str:
     _, wrapped, message = text.rpartition(CLIENT_APP_MESSAGE)
     text = message.removesuffix("'>") if wrapped else text
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
+
+
+def example_count(reply: Message, key: str) -> int:
+    """How many examples a (checked) reply says it trained on."""
+    value = reply.content.metric_records[METRICS][key]
+    if not isinstance(value, int | float):
+        raise ValueError(f"{key} is {value!r}, not a count")
+    return int(value)
 
 
 def run_all(steps: list[Callable[[], None]]) -> None:
