@@ -21,8 +21,9 @@ or row's ratio that nothing else vouches for: it may be a mixture of several ima
 (a black placeholder: no bin or row was left for it). The attack never sees the truth.
 
 Pure torch; what to read in the update comes from the server's model surgery (fl_sim/server/active.py) as a
-readout.
+`Readout`, which reads an update by its own method: a new analytic attack is a new Readout subclass.
 """
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,18 @@ PIXEL_SLACK = 0.02  # a candidate with pixels outside [-slack, 1 + slack] is no 
 MATCH_TOLERANCE = 1e-2  # relative distance under which two candidates are the same image
 
 
+class Readout(ABC):
+    """What the server's surgery tells the analytic attack: where to look in an update and how to read it."""
+
+    image_shape: tuple[int, int, int]
+
+    @abstractmethod
+    def read(self, update: dict[str, torch.Tensor], count: int) -> tuple[torch.Tensor, list[str]]:
+        """`count` images read off `update` (confirmed first, black placeholders last) and each one's status."""
+
+
 @dataclass(frozen=True)
-class ImprintReadout:
+class ImprintReadout(Readout):
     """Where the imprint sits in the update and what its rows measure (from the server's surgery)."""
 
     weight: str  # update key of the imprint rows' weights (rows, C*H*W)
@@ -45,9 +56,12 @@ class ImprintReadout:
     thresholds: torch.Tensor  # (blocks, bins) ascending; a row fires when s > its threshold
     image_shape: tuple[int, int, int]
 
+    def read(self, update: dict[str, torch.Tensor], count: int) -> tuple[torch.Tensor, list[str]]:
+        return _imprint(self, update, count)
+
 
 @dataclass(frozen=True)
-class TrapReadout:
+class TrapReadout(Readout):
     """Where the trapped layer sits in the update and where each pixel arrives at its input."""
 
     weight: str  # update key of the trapped layer's weights (rows, features)
@@ -55,23 +69,25 @@ class TrapReadout:
     pixels: torch.Tensor  # (C*H*W,) the input feature holding each pixel, in image order
     image_shape: tuple[int, int, int]
 
+    def read(self, update: dict[str, torch.Tensor], count: int) -> tuple[torch.Tensor, list[str]]:
+        return _trap(self, update, count)
 
-def recover(readout: ImprintReadout | TrapReadout, updates: list[dict[str, torch.Tensor]], count: int,
+
+def recover(readout: Readout, updates: list[dict[str, torch.Tensor]], count: int,
             labels: list[torch.Tensor] | None = None) -> list[Reconstruction]:
     """Each update's `count` images (K x B of the round; for a secure aggregate, every client's), with
     per-image status. `labels` (one sorted tensor per update, e.g. recover_labels') are passed through;
-    the analytic attack does not pair labels with images."""
-    read = _imprint if isinstance(readout, ImprintReadout) else _trap
+    the analytic attack does not pair labels with images. An update the readout cannot read (a key
+    missing, a shape that does not fit) gets a BAD_UPDATE row; the other updates are read still."""
     results = []
     for v, update in enumerate(updates):
         try:
-            images, status = read(readout, update, count)
+            images, status = readout.read(update, count)
             found = labels[v] if labels is not None else torch.zeros(count, dtype=torch.long)
             results.append(Reconstruction(images, found, float(status.count(UNRECOVERED)), Status.OK,
                                           image_status=status))
         except Exception as error:  # a malformed update must not stop the other victims
-            results.append(Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"),
-                                          f"error: {error.__class__.__name__}: {error}"))
+            results.append(Reconstruction.failure(Status.BAD_UPDATE, f"{type(error).__name__}: {error}"))
     return results
 
 
@@ -83,7 +99,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).norm() <= MATCH_TOLERANCE * b.norm().clamp_min(1e-30))
 
 
-def _finish(found: list[torch.Tensor], status: list[str], count: int, shape) -> tuple[torch.Tensor, list[str]]:
+def _finish(found: list[torch.Tensor], status: list[str], count: int,
+            shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[str]]:
     """At most `count` images (confirmed first); missing ones are black placeholders marked unrecovered."""
     order = sorted(range(len(found)), key=lambda i: status[i] != CONFIRMED)[:count]
     images = [found[i].clamp(0, 1).reshape(shape) for i in order]
@@ -94,7 +111,7 @@ def _finish(found: list[torch.Tensor], status: list[str], count: int, shape) -> 
     return torch.stack(images).float().cpu(), status
 
 
-def _imprint(readout: ImprintReadout, update: dict, count: int) -> tuple[torch.Tensor, list[str]]:
+def _imprint(readout: ImprintReadout, update: dict[str, torch.Tensor], count: int) -> tuple[torch.Tensor, list[str]]:
     weight = update[readout.weight].detach().double().cpu()
     bias = update[readout.bias].detach().double().cpu()
     rows, thresholds = readout.rows.cpu(), readout.thresholds.double().cpu()
@@ -152,7 +169,7 @@ def _imprint(readout: ImprintReadout, update: dict, count: int) -> tuple[torch.T
     return _finish(found, status, count, readout.image_shape)
 
 
-def _trap(readout: TrapReadout, update: dict, count: int) -> tuple[torch.Tensor, list[str]]:
+def _trap(readout: TrapReadout, update: dict[str, torch.Tensor], count: int) -> tuple[torch.Tensor, list[str]]:
     weight = update[readout.weight].detach().double().cpu()
     bias = update[readout.bias].detach().double().cpu()
     pixels = readout.pixels.cpu()

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -94,7 +95,7 @@ def weight_change_from_gradient(gradient: Params, lr: float) -> Params:
     return {name: -lr * g for name, g in gradient.items()}
 
 
-def _row_seed(seed: int, victim: int, restart: int, redraw: int) -> int:
+def _row_seed(seed: int, victim: int | tuple[int, ...], restart: int, redraw: int) -> int:
     digest = hashlib.sha256(f"{seed}/{victim}/{restart}/{redraw}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -240,7 +241,7 @@ def invert(
     num_classes: int,
     iterations: int,
     seed: int = 0,
-    victim_ids: list[int] | None = None,
+    victim_ids: Sequence[int | tuple[int, ...]] | None = None,
     device: str | torch.device = "auto",
     max_rows: int | None = None,
     progress: bool = False,

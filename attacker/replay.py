@@ -77,11 +77,6 @@ class LocalTraining:
         self._inputs.clear()
         return loss, statistics
 
-    def running_statistics(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
-        """The running means and variances the client sends back after training on these images (train-mode
-        batch norm with a momentum: each step blends its batch's statistics into them)."""
-        return self.run(images, targets)[1]
-
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Params:
         return self.run(images, targets)[0]
 

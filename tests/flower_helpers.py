@@ -7,7 +7,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from attacker import TrainingSettings, get_attack
 from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import parameter_names
 from fl_sim.server.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
+from fl_sim.server.passive import PassiveInversion
 from fl_sim.server.strategy import InvertingStrategy, ServerAttack
 
 
@@ -38,13 +40,14 @@ def lenet():
 
 
 def inverting_fedavg(recorder, clients: int = 2, attack: str | None = "idlg", iterations: int = 1,
-                     secure_aggregation: bool = False, wrapped=None, **attack_options) -> InvertingStrategy:
+                     secure_aggregation: bool = False, wrapped=None, image_shape=(1, 28, 28),
+                     **attack_options) -> InvertingStrategy:
     """The malicious server of these tests: FedAvg over `clients` nodes (100, 101, ...) wrapped, attacking LeNet
-    on MNIST with `attack` (None: no attack) on the CPU."""
+    on MNIST with the passive `attack` (None: no attack) on the CPU; `attack_options` are ServerAttack's."""
     wrapped = wrapped or FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_evaluate=0.0)
-    attack_options.setdefault("image_shape", (1, 28, 28))
-    server_attack = attack and ServerAttack(lenet(), get_attack(attack, restarts=1), num_classes=10,
-                                            iterations=iterations, device="cpu", **attack_options)
+    inversion = attack and PassiveInversion(lenet(), get_attack(attack, restarts=1), image_shape, num_classes=10,
+                                            iterations=iterations, device="cpu")
+    server_attack = inversion and ServerAttack(inversion, tuple(parameter_names(lenet())), **attack_options)
     return InvertingStrategy(wrapped, server_attack or None, recorder,
                              partitions={100 + p: p for p in range(clients)}, secure_aggregation=secure_aggregation)
 

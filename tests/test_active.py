@@ -13,6 +13,7 @@ from fl_sim.learning.updates import weight_change, weights
 from fl_sim.results import metrics
 from fl_sim.results.evaluation import score_and_save
 from fl_sim.server.active import ImprintAttack, TrapAttack, public_images
+from fl_sim.server.attacks import Observed, Victim
 
 
 def one_round(shared_data, dataset, model_name, attack, settings, blocks=4, seed=0):
@@ -21,14 +22,15 @@ def one_round(shared_data, dataset, model_name, attack, settings, blocks=4, seed
     rows = 256 if attack == "imprint" else 0
     model = build_model(model_name, shape[0], shape[1], 10, seed=seed, imprint=rows)
     public = public_images(test, count=1024)
-    server = ImprintAttack(model, public, blocks) if attack == "imprint" else TrapAttack(model, public, seed)
-    armed, readout = server.arm(weights(model), settings)
+    server = ImprintAttack(model, public, 10, blocks) if attack == "imprint" else TrapAttack(model, public, 10, seed)
+    armed = server.arm(weights(model), settings, [0])  # through the Attack interface: send, train, read
+    sent = armed.weights[0]
     images, labels = train.tensors(np.random.default_rng(seed).choice(len(train), settings.num_images, replace=False))
     client = build_model(model_name, shape[0], shape[1], 10, imprint=rows)
-    client.load_state_dict(armed)
+    client.load_state_dict(sent)
     local_train(client, images, labels, settings)
-    update = weight_change(armed, weights(client))
-    result = server.recover(readout, [update], settings, armed, 10)[0]
+    update = weight_change(sent, weights(client))
+    [result] = server.read([Observed(Victim((0,)), update, sent, settings)], armed, seed=0)
     return result, images, labels
 
 
@@ -65,7 +67,7 @@ def test_trap_weights_pass_the_image_through_the_convnet(shared_data):
 
 def test_trap_refuses_models_it_cannot_reach():
     with pytest.raises(ValueError, match="cannot reach"):
-        TrapAttack(build_model("lenet", 3, 32, 10), torch.rand(8, 3, 32, 32))
+        TrapAttack(build_model("lenet", 3, 32, 10), torch.rand(8, 3, 32, 32), 10)
 
 
 def test_unrecovered_placeholders_score_as_failed_images(tmp_path):

@@ -24,7 +24,8 @@ LAYERS = {
                         "clients"},
     "fl_sim.__main__": {"fl_sim.commands"},
 }
-CONTRACT = {"fl_sim.contract.protocol", "fl_sim.contract.run_config", "fl_sim.contract.records"}
+CONTRACT = {"fl_sim.contract.protocol", "fl_sim.contract.run_config", "fl_sim.contract.records",
+            "fl_sim.contract.attacks"}
 
 
 def layer_of(module: str) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attacker import Reconstruction
-from fl_sim.commands import attack as attack_module
+from fl_sim.server import passive as passive_module
 from fl_sim.commands.cli import build_parser, main
 
 SUMMARY_KEYS = {"psnr_median", "psnr_mean", "psnr_min", "ssim_mean", "label_acc", "victims", "iterations",
@@ -141,7 +141,7 @@ def test_when_every_victim_fails_the_exit_status_is_3(tiny_image_folder, tmp_pat
         return [Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), "diverged")
                 for _ in updates]
 
-    monkeypatch.setattr(attack_module, "invert", failing_engine)
+    monkeypatch.setattr(passive_module, "invert", failing_engine)
     assert _attack(tiny_image_folder, tmp_path / "out") == 3
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "failed for every victim" in last_line and "exit status 3" in last_line

@@ -54,11 +54,11 @@ def test_the_header_names_the_settings_that_shaped_the_run():
                                     "attack": "imprint", "iterations": 300, "imprint-bins": 0, "imprint-blocks": 4,
                                     "min-shard": 128, "max-shard": 160, "defense": "none"}})
     assert "epochs: 2 pass(es) over the shard in batches of 32" in imprint and "128 to 160 examples" in imprint
-    assert "imprint (active: 256 bins, 4 blocks)" in imprint
+    assert "imprint (active: imprint bins 256, imprint blocks 4)" in imprint
     assert "iterations" not in imprint and "step" not in imprint
     passive = _settings({"config": {"train-mode": "steps", "epochs": 1, "local-steps": 4, "batch-size": 8,
                                     "attack": "idlg", "iterations": 300, "imprint-bins": 0, "max-shard": 0}})
-    assert "steps: 4 step(s) of 8 examples" in passive and "idlg (passive: 300 iterations)" in passive
+    assert "steps: 4 step(s) of 8 examples" in passive and "idlg (passive: iterations 300)" in passive
     assert "bins" not in passive and "epochs" not in passive and "whole partition" in passive
 
 

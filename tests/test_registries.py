@@ -60,10 +60,27 @@ def test_the_run_configs_names_are_exactly_what_the_registries_offer():
     """fl_sim/contract/run_config.py lists names without importing the registries (it must stay light); they must agree."""
     from attacker import PRESETS
     from fl_sim.contract import run_config
+    from fl_sim.contract.attacks import AttackKind, attack_specs
 
     assert set(run_config.MODELS) == set(MODELS)
-    assert set(run_config.ATTACKS) == set(PRESETS) | set(run_config.ACTIVE_ATTACKS)
+    passive = {spec.name for spec in attack_specs() if spec.kind is AttackKind.PASSIVE}
+    assert passive == set(PRESETS)  # every preset is an attack, and every passive attack a preset
+    for spec in attack_specs():
+        assert spec.models is None or set(spec.models) <= set(MODELS), spec.name
     for name in run_config.DATASETS:  # each has a loader: an unknown one would say "unknown dataset"
         with pytest.raises(Exception) as error:
             load_dataset(name, "/nonexistent-root-for-this-test")
         assert "unknown dataset" not in str(error.value)
+
+
+def test_every_registered_attack_names_a_class_that_implements_the_attack_interface():
+    import importlib
+
+    from fl_sim.contract.attacks import attack_specs
+    from fl_sim.server.attacks import Attack
+
+    for spec in attack_specs():
+        module, _, name = spec.factory.partition(":")
+        found = getattr(importlib.import_module(module), name)
+        assert isinstance(found, type) and issubclass(found, Attack), spec.name
+        assert not getattr(found, "__abstractmethods__", None), f"{spec.factory} leaves methods abstract"

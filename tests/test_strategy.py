@@ -16,7 +16,7 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.partition import partition_indices, round_examples
 from fl_sim.results.metrics import psnr
-from fl_sim.server import strategy as strategy_module
+from fl_sim.server import passive as passive_module
 from fl_sim.server.strategy import AttackPlan, ReplyFault, RoundOffset, Victim, short_error
 
 REJECTED, CLIENT_ERROR, NO_REPLY = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR, ReplyStatus.NO_REPLY
@@ -79,7 +79,7 @@ def test_with_secure_aggregation_the_attack_sees_only_the_mean_update(client_app
         seen.append((updates, settings, options["victim_ids"]))
         return invert(model, global_params, updates, settings, attack, **options)
 
-    monkeypatch.setattr(strategy_module, "invert", spy)
+    monkeypatch.setattr(passive_module, "invert", spy)
     sink = Recorder()
     strategy = strategy_with(sink, iterations=5, secure_aggregation=True)
     weights = lenet().state_dict()

@@ -1,16 +1,18 @@
 """`fl-sim attack`: one round of the attack without Flower, on victims drawn from a data set.
 
-Each victim trains locally on its own images with the real client code (clients/training.py) and
-applies the --defense as a client of `fl-sim run` would (clients/defenses.py), the engine inverts the
-weight changes, and the evaluation path scores them against the truth. With `secagg` the engine gets
-only the victims' mean update, attacked as one victim holding all their images.
+The round is `fl-sim run`'s own (fl_sim/server/attacks.py): the attack arms what each victim is sent
+(`arm_round`; a passive attack sends the global model), each victim trains locally on its own images with
+the real client code (clients/training.py) and applies the --defense as a client of `fl-sim run` would
+(clients/defenses.py), and `attack_round` reads the weight changes, each against what its victim was
+sent; the evaluation path scores them against the truth. With `secagg` the attack gets only the victims'
+mean update, read as one victim holding all their images. Unlike `fl-sim run`, no update is too large to read.
 
 --out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
 if it holds nothing but what fl-sim attack or a sweep point writes).
 
-With `--attack imprint|trap` the server is malicious (fl_sim/server/active.py): the victims train the weights
-it armed (with the imprint, the architecture holds the imprint block), and the analytic attack reads
-their images off the updates (attacker/analytic.py).
+With an active attack (`--attack imprint|trap`) the server is malicious (fl_sim/server/active.py): the victims
+train the weights it armed (with the imprint, the architecture holds the imprint block), and the analytic
+attack reads their images off the updates (attacker/analytic.py).
 """
 import argparse
 import re
@@ -21,19 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacker import invert, resolve_device
+from attacker import resolve_device
 from clients.defenses import defense_seed, sent_weights
 from clients.training import local_train
 from fl_sim.commands import config
-from fl_sim.contract.run_config import ACTIVE_ATTACKS, RunConfig
+from fl_sim.contract.attacks import NO_ATTACK, attack_names
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
-from fl_sim.learning.updates import mean_update, parameter_names, update_norm, weight_change, weights
+from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.outputs import rewrite_jsonl, write_json
 from fl_sim.results.summary import RECOVERED_DB, recovered_key
-from fl_sim.server.active import build_attack, public_images
-from fl_sim.server.strategy import attack_config
+from fl_sim.server.active import public_images
+from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
 
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
 EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
@@ -61,8 +63,8 @@ def check(args) -> None:
     if args.train_mode == "epochs" and config.defense(args).secure_aggregation:
         raise config.ConfigError("--defense secagg is attacked in fedsgd or steps mode: the mean of epochs-mode "
                                  "updates has no single training to replay")
-    if args.attack == "none":
-        raise config.ConfigError("fl-sim attack needs an attack: choose one of dlg, idlg, ig, imprint, trap")
+    if args.attack == NO_ATTACK:
+        raise config.ConfigError(f"fl-sim attack needs an attack: choose one of {', '.join(attack_names())}")
     if args.num_victims < 1:
         raise config.ConfigError(f"--num-victims must be at least 1, got {args.num_victims}")
     if args.victims_at_once is not None and args.victims_at_once < 1:
@@ -80,7 +82,8 @@ def check_out(out: Path, force: bool) -> None:
         return
     if not force:
         raise config.ConfigError(f"--out {str(out)!r} is not empty (it holds {', '.join(entries[:3])}"
-                                 f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or add --force to clear it")
+                                 f"{', ...' if len(entries) > 3 else ''}): choose a new folder, or add --force to "
+                                 "clear it")
     foreign = [name for name in entries if not OWN_FILES.fullmatch(name)]
     if foreign:
         raise config.ConfigError(f"--out {str(out)!r} holds {', '.join(foreign[:3])}, which fl-sim attack did not "
@@ -101,7 +104,8 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
     """Distinct examples for every victim, drawn from the seed: (victims, per_victim)."""
     if victims * per_victim > dataset_size:
         raise config.ConfigError(
-            f"{victims} victims x {per_victim} images need {victims * per_victim} examples; the data set has {dataset_size}")
+            f"{victims} victims x {per_victim} images need {victims * per_victim} examples; the data set has "
+            f"{dataset_size}")
     rng = np.random.default_rng(seed)
     return rng.choice(dataset_size, size=victims * per_victim, replace=False).reshape(victims, per_victim)
 
@@ -110,59 +114,56 @@ def run(args) -> dict:
     started = time.perf_counter()
     check(args)
     clear_out(Path(args.out))
+    run_config = config.task_config(args)
     settings = config.training_settings(args)
     defense = config.defense(args)
-    attack = attack_config(args)
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.data_root, train=True)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
-    active = args.attack in ACTIVE_ATTACKS
-    imprint_rows = RunConfig(attack=args.attack, imprint_bins=args.imprint_bins).imprint_rows
+    imprint_rows = run_config.imprint_rows
     model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed,
                         imprint=imprint_rows)
     global_weights = weights(model)
-    seen = settings.for_mean_of(args.num_victims) if defense.secure_aggregation else settings
-    if active:  # the malicious server sends armed weights; it calibrates them on its own (test) split
-        public = public_images(load_dataset(args.dataset, args.data_root, train=False), seed=args.seed)
-        server = build_attack(args.attack, model, public, blocks=args.imprint_blocks, seed=args.seed)
-        global_weights, readout = server.arm(global_weights, seen)
+    attack = build_attack(attack_context(  # the malicious server calibrates on its own (test) split
+        run_config, model, shape, dataset.num_classes, device,
+        lambda: public_images(load_dataset(args.dataset, args.data_root, train=False), seed=args.seed),
+        progress=True, victims_at_once=args.victims_at_once))
+    victims = range(args.num_victims)
+    armed = arm_round(attack, global_weights, settings, args.num_victims, victims, defense.secure_aggregation)
+    sent_to: dict[int, Weights] = {victim: armed.weights[victim] if armed and victim in armed.weights
+                                   else global_weights for victim in victims}
     parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
-    updates, truth = [], []
+    updates, truth = {}, []
     for victim, examples in enumerate(indices):
         images, labels = dataset.tensors(examples)
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=imprint_rows)
-        client.load_state_dict(global_weights)
+        client.load_state_dict(sent_to[victim])
         local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1))
-        sent = sent_weights(defense, global_weights, weights(client), parameters, defense_seed(args.seed, victim))
-        updates.append(weight_change(global_weights, sent))
+        sent = sent_weights(defense, sent_to[victim], weights(client), parameters, defense_seed(args.seed, victim))
+        updates[victim] = weight_change(sent_to[victim], sent)
         truth.append((images, labels))
     if defense.secure_aggregation:  # the server learns only the mean update: one victim with every image
-        updates = [mean_update(updates)]
         truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
-    assumed = seen.as_single_gradient() if args.no_replay else seen
-    attack_started = time.perf_counter()
-    if active:
-        results = server.recover(readout, updates, seen, global_weights, dataset.num_classes)
-    else:
-        results = invert(model, global_weights, updates, assumed, attack, image_shape=shape,
-                         num_classes=dataset.num_classes, iterations=args.iterations, seed=args.seed,
-                         device=device, progress=True,
-                         max_rows=args.victims_at_once and args.victims_at_once * attack.restarts)
+    done = attack_round(attack, updates, sent_to, {victim: len(examples) for victim, examples in enumerate(indices)},
+                        settings, armed=armed, secure_aggregation=defense.secure_aggregation, max_images=None,
+                        seed=args.seed, parameters=parameters)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    attack_seconds = time.perf_counter() - attack_started
+    attack_seconds = done.seconds
     out = Path(args.out)
     rows = []
-    for victim, (result, (images, labels)) in enumerate(zip(results, truth)):
+    for victim, (result, norm, (images, labels)) in enumerate(zip(done.results, done.update_norms, truth,
+                                                                  strict=True)):
         row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
-               "update_norm": update_norm(updates[victim], parameters)}
+               "update_norm": norm}
         rows.append(row)
     rewrite_jsonl(out / "metrics.jsonl", rows)
+    own = attack.settings()
     summary = {
         **summarise(rows),
         "update_norm_median": float(np.median([row["update_norm"] for row in rows])),
-        "iterations": None if active else args.iterations,
+        "iterations": own.get("iterations"),
         "attack_seconds": attack_seconds,
         "attack_seconds_per_victim": attack_seconds / len(rows),
         "seconds": time.perf_counter() - started,
@@ -171,10 +172,9 @@ def run(args) -> dict:
         "epochs": settings.epochs,
         "lr": settings.lr, "momentum": settings.momentum, "batchnorm": str(settings.batchnorm), "defense": args.defense,
         "replay": not args.no_replay,
-        "restarts": attack.restarts if attack else None, "bn_statistics": attack.bn_statistics if attack else None,
-        "tv_weight": attack.tv_weight if attack else None,
+        "restarts": own.get("restarts"), "bn_statistics": own.get("bn_statistics"), "tv_weight": own.get("tv_weight"),
         "seed": args.seed,
-        "imprint_bins": imprint_rows or None, "imprint_blocks": args.imprint_blocks if args.attack == "imprint" else None, "device": str(device),
+        "imprint_bins": imprint_rows or None, "imprint_blocks": own.get("imprint_blocks"), "device": str(device),
         "victims_at_once": args.victims_at_once or args.num_victims,
     }
     write_json(out / "summary.json", summary)
@@ -188,7 +188,8 @@ def main(args) -> int:
           f"{_fmt(summary['psnr_median'])} dB (min {_fmt(summary['psnr_min'])}), images recovered {recovered}, "
           f"labels right {_fmt(summary['label_share'], '.0%')}, attack {summary['attack_seconds']:.1f} s -> {args.out}")
     if summary["failed"] == summary["victims"]:
-        print(f"fl-sim attack: the attack failed for every victim (see {args.out}/metrics.jsonl): exit status {ALL_FAILED}")
+        print(f"fl-sim attack: the attack failed for every victim (see {args.out}/metrics.jsonl): exit status "
+              f"{ALL_FAILED}")
         return ALL_FAILED
     return 0
 

@@ -7,10 +7,9 @@ config's contract (fl_sim/contract/run_config.py).
 import argparse
 from pathlib import Path
 
+from fl_sim.contract.attacks import attack_specs
 from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
 from fl_sim.contract.run_config import (
-    ACTIVE_ATTACKS,
-    ATTACKS,
     DATASETS,
     DEFENSE_KINDS,
     DEVICES,
@@ -55,7 +54,9 @@ def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = Tru
                        help=f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or "
                             "steps joined by '+', e.g. clip:4+noise:0.01 (see clients/defenses.py)")
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--attack", default="idlg", help=f"one of {', '.join(ATTACKS)}, or '{NO_ATTACK}'")
+    attack.add_argument("--attack", default="idlg",
+                        help=f"one of {', '.join(f'{spec.name} ({spec.kind})' for spec in attack_specs())}, or "
+                             f"'{NO_ATTACK}'")
     attack.add_argument("--iterations", type=int, default=300,
                         help="optimiser iterations per victim (an L-BFGS iteration is up to 20 updates, as in DLG)")
     attack.add_argument("--restarts", type=int, default=None, help="random restarts per victim (default: the preset's)")
@@ -87,7 +88,7 @@ def task_config(args) -> RunConfig:
                                                      "bn_statistics", "tv_weight", "device", "seed", "defense",
                                                      "local_steps", "batch_size", "epochs", "lr", "momentum",
                                                      "batchnorm", "weight_decay", "imprint_bins", "imprint_blocks",
-                                                     "train_mode")}
+                                                     "train_mode", "no_replay")}
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))
 
 

@@ -17,18 +17,15 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
+from fl_sim.contract.attacks import NO_ATTACK, attack_names, attack_specs, find_attack
 from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
 
-# The names a run config may hold; the registries (fl_sim/learning/data.py, fl_sim/learning/models, attacker.PRESETS) must
-# offer exactly these (tests/test_registries.py checks), so a config is checked without importing them.
+# The names a run config may hold; the registries (fl_sim/learning/data.py, fl_sim/learning/models) must offer
+# exactly these (tests/test_registries.py checks), so a config is checked without importing them. Attacks are
+# named by their own registry, fl_sim/contract/attacks.py.
 DATASETS = ("mnist", "cifar10", "imagefolder")
 MODELS = ("lenet", "cnn", "mlp", "resnet20", "resnet18")
-ACTIVE_ATTACKS = ("imprint", "trap")  # a malicious server's analytic attacks (fl_sim/server/active.py)
-PASSIVE_ATTACKS = ("dlg", "idlg", "ig")  # honest-but-curious: they change nothing in the average
-ATTACKS = (*PASSIVE_ATTACKS, *ACTIVE_ATTACKS)
-IMPRINT_BINS = 256  # the imprint preset's rows, when --imprint-bins is 0
-TRAP_MODELS = ("mlp", "cnn")  # the models trap weights reach (fl_sim/server/active.py says why not the others)
-NO_ATTACK = "none"
+IMPRINT_BINS = 256  # the imprint block's rows for an attack that needs it, when --imprint-bins is 0
 TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
                  "left out of the average, so the global model will not change; name the targets with "
                  "--attack-clients (e.g. 0) to let the others train it")
@@ -253,7 +250,8 @@ class RunConfig:
     @property
     def imprint_rows(self) -> int:
         """The imprint block's rows in the architecture every client builds (0: no block)."""
-        return self.imprint_bins or (IMPRINT_BINS if self.attack == "imprint" else 0)
+        spec = find_attack(self.attack)  # None in a process that has not registered the attack (a test's, in Ray)
+        return self.imprint_bins or (IMPRINT_BINS if spec is not None and spec.needs_imprint else 0)
 
     @property
     def settings(self) -> TrainingSettings:
@@ -269,7 +267,7 @@ class RunConfig:
     def check(self) -> None:
         """Every check that needs neither data nor torch, before any work starts (raises ConfigError)."""
         for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("partition", PARTITIONS),
-                              ("attack", (*ATTACKS, NO_ATTACK))):
+                              ("attack", (*attack_names(), NO_ATTACK))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -279,18 +277,22 @@ class RunConfig:
                             ("imprint_blocks", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
-        if self.attack == "trap" and self.model not in TRAP_MODELS:
-            raise ConfigError(f"trap weights reach only {', '.join(TRAP_MODELS)} (a ReLU linear layer that sees the "
-                              f"whole image), not {self.model}: use --attack imprint for it (docs/threat-models.md)")
-        if self.attack == "imprint" and self.imprint_rows % self.imprint_blocks:
+        spec = find_attack(self.attack)
+        if spec is not None and spec.models is not None and not spec.reaches(self.model):
+            others = [other.name for other in attack_specs() if other.active and other.reaches(self.model)]
+            raise ConfigError(f"{spec.name} reaches only {', '.join(spec.models)} ({spec.models_reason}), not "
+                              f"{self.model}: use --attack {' or '.join(others) or 'with another model'} for it "
+                              f"(docs/threat-models.md)")
+        if spec is not None and spec.needs_imprint and self.imprint_rows % self.imprint_blocks:
             raise ConfigError(f"--imprint-bins {self.imprint_rows} must split evenly into --imprint-blocks "
                               f"{self.imprint_blocks}")
         if self.tv_weight is not None and self.tv_weight < 0:
             raise ConfigError(f"--tv-weight must be at least 0, got {self.tv_weight}")
         if self.bn_statistics < 0:
             raise ConfigError(f"--bn-statistics must be at least 0, got {self.bn_statistics}")
-        if self.attack_async and self.attack in ACTIVE_ATTACKS:
-            raise ConfigError(f"--attack-async runs only passive attacks ({', '.join(PASSIVE_ATTACKS)}) in the "
+        if self.attack_async and spec is not None and not spec.may_run_async:
+            background = [other.name for other in attack_specs() if other.may_run_async]
+            raise ConfigError(f"--attack-async runs only passive attacks ({', '.join(background)}) in the "
                               f"background: {self.attack} arms the weights the server sends and decides what of "
                               f"its targets' replies enters the average, so it is part of the round; drop "
                               f"--attack-async or choose a passive attack")
@@ -392,9 +394,11 @@ def to_text(value: object) -> object:
     return value
 
 
-def trap_starves(attack: str, attack_clients) -> bool:
-    """Trap weights on every client leave nothing to average (docs/threat-models.md)."""
-    return attack == "trap" and attack_clients is None
+def trap_starves(attack: str, attack_clients: tuple[int, ...] | None) -> bool:
+    """An attack that keeps nothing of its targets' replies (trap weights), on every client, leaves nothing to
+    average (docs/threat-models.md)."""
+    spec = find_attack(attack)
+    return spec is not None and not spec.averages_targets and attack_clients is None
 
 
 def check_run(config: RunConfig) -> None:

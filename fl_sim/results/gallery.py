@@ -29,7 +29,7 @@ from html import escape
 from numbers import Real
 from pathlib import Path
 
-from fl_sim.contract.run_config import ACTIVE_ATTACKS, PASSIVE_ATTACKS
+from fl_sim.contract.attacks import find_attack
 from fl_sim.results.outputs import atomic_write_bytes, read_jsonl
 from fl_sim.results.plots import plot_rounds
 from fl_sim.results.summary import (
@@ -113,7 +113,8 @@ def write_gallery(out: str | Path) -> Path:
     rounds = sorted(set(global_rows) | {row["round"] for row in rows})
     by_round = {r: sorted((row for row in rows if row["round"] == r), key=_client_order) for r in rounds}
     accuracy = {r: row["accuracy"] for r, row in global_rows.items() if _real(row.get("accuracy"))}
-    passive = run.get("config", {}).get("attack") not in ACTIVE_ATTACKS
+    spec = find_attack(str(run.get("config", {}).get("attack")))
+    passive = spec is None or not spec.active
     plot = len(rounds) > 1 and plot_rounds(rows, accuracy, out / ROUNDS_PLOT, passive) is not None
     head = [_settings(run), _run_counts(rows)]
     if plot:
@@ -225,7 +226,7 @@ def _settings(run: dict) -> str:
     shown.append(("defense", c.get("defense", "none")))
     attack = c.get("attack")
     shown.append(("attack", _attack(c)))
-    if attack in (*PASSIVE_ATTACKS, *ACTIVE_ATTACKS):
+    if find_attack(str(attack)) is not None:
         shown.append(("max attack images", c.get("max-attack-images")))
         if c.get("attack-every") not in (None, 1):
             shown.append(("attack every", f"{c['attack-every']} rounds"))
@@ -239,24 +240,21 @@ def _settings(run: dict) -> str:
 
 
 def _attack(c: dict) -> str:
-    """The attack with only its own settings."""
+    """The attack with only its own settings (those its registry entry says it reads), those left at
+    'the preset's' (an empty value) or off left out."""
     attack = c.get("attack")
-    if attack in PASSIVE_ATTACKS:
-        parts = [f"{c.get('iterations')} iterations"]
-        if c.get("restarts"):
-            parts.append(f"{c['restarts']} restarts")
-        if c.get("tv-weight") not in (None, ""):
-            parts.append(f"tv weight {c['tv-weight']}")
-        if c.get("bn-statistics"):
-            parts.append(f"bn statistics {c['bn-statistics']}")
-        if c.get("no-replay"):
-            parts.append("no replay")
-        return f"{attack} (passive: {', '.join(parts)})"
-    if attack == "imprint":
-        return f"imprint (active: {c.get('imprint-bins') or 256} bins, {c.get('imprint-blocks')} blocks)"
-    if attack == "trap":
-        return "trap (active)"
-    return str(attack)
+    spec = find_attack(str(attack))
+    if spec is None:
+        return str(attack)
+    parts = []
+    for name in spec.settings:
+        value = c.get(name.replace("_", "-"))
+        if value in (None, "", False, 0) and name != "imprint_bins":
+            continue
+        if name == "imprint_bins":  # 0: the imprint preset's 256 rows
+            value = value or 256
+        parts.append(name.replace("_", " ") if value is True else f"{name.replace('_', ' ')} {value}")
+    return f"{attack} ({spec.kind}{': ' + ', '.join(parts) if parts else ''})"
 
 
 def _run_counts(rows: list[dict]) -> str:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fl_sim.contract.run_config import ACTIVE_ATTACKS  # noqa: E402
+from fl_sim.contract.attacks import find_attack  # noqa: E402
 from fl_sim.results.summary import (  # noqa: E402
     RECOVERED_DB,
     attacked,
@@ -165,7 +165,8 @@ def plot_rounds(rows: list[dict], accuracy_by_round: dict[int, float], path: Pat
 def _setting(key: str, value: str) -> str:
     """A legend entry; an attack is marked passive (inverts honest training) or active (a malicious server)."""
     if key == "attack":
-        return f"{value} ({'active' if value in ACTIVE_ATTACKS else 'passive'})"
+        spec = find_attack(str(value))
+        return f"{value} ({spec.kind})" if spec else str(value)
     return f"{key}={value}"
 
 

@@ -1,8 +1,9 @@
 """The malicious server's model surgery: the weights it sends its targets so their update carries the images.
 
-The server's side of the analytic attacks (attacker/analytic.py reads the updates). Each attack, once
-per round, `arm`s the global weights (the targets get those; everyone else the honest ones) and returns
-the readout the attack needs; `aggregated` says what of a target's reply enters the average.
+The server's side of the analytic attacks (attacker/analytic.py reads the updates), as implementations of
+the one `Attack` interface (fl_sim/server/attacks.py). Each attack, once per round, `arm`s the global weights
+by its `surgery` (every target gets the same armed weights; everyone else the honest ones), with the readout
+that reads them back off the updates; `aggregated` says what of a target's reply enters the average.
 
 - `ImprintAttack` (needs the imprint block in the architecture, fl_sim/learning/models/imprint.py): block b's rows
   measure the image along the b-th principal direction of the server's public data (its test split),
@@ -22,19 +23,25 @@ so much that images change bins. The imprint's rows are small (`ALPHA`), and the
 share is set so that one image moves the statistic by DRIFT_SHARE of a bin: far above rounding, far below
 a bin.
 """
+from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attacker import Reconstruction, recover_labels
-from attacker.analytic import ImprintReadout, TrapReadout, recover
+from attacker.analytic import ImprintReadout, Readout, TrapReadout, recover
 from attacker.labels import mean_softmax
 from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.learning.data import ImageDataset
 from fl_sim.learning.models.cnn import ConvNet
 from fl_sim.learning.models.imprint import Imprinted
 from fl_sim.learning.models.mlp import MLP
+from fl_sim.learning.updates import Weights
+from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, SettingValue
 
 ALPHA = 1e-3  # the imprint rows' scale: only the base model's input shift depends on it
 DRIFT_SHARE = 0.15  # K > 1 steps: one image's effect on the rows, in bins of the statistic
@@ -42,31 +49,38 @@ BIAS_RESOLUTION = 1e-4  # K = 1: one image's bias change over the largest bias (
 SERVER_OWNED = ("imprint.", "spread.")  # the imprint block's entries, re-set by the server every round
 
 
-class ActiveAttack:
-    """What the strategy and `fl-sim attack` need of a malicious server's attack."""
+class AnalyticAttack(Attack):
+    """A malicious server's analytic attack: model surgery on what its targets are sent, and a readout of their
+    updates. Every target gets the same armed weights; the readout is the attack's, by its own method."""
 
-    name: str
+    model: nn.Module
+    public: torch.Tensor
+    num_classes: int
 
-    def arm(self, global_weights: dict, settings: TrainingSettings) -> tuple[dict, object]:
+    @abstractmethod
+    def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, Readout]:
         """The weights sent to the targets, and the readout that recovers their images from the update."""
-        raise NotImplementedError
 
-    def aggregated(self, reply: dict, sent_global: dict) -> dict | None:
-        """What of a target's reply enters the average (None: nothing)."""
-        raise NotImplementedError
+    def arm(self, global_weights: Weights, settings: TrainingSettings, targets: Sequence[int]) -> Armed:
+        weights, readout = self.surgery(global_weights, settings)
+        return Armed({target: weights for target in targets}, readout)
 
-    def recover(self, readout, updates: list[dict], settings: TrainingSettings, armed: dict,
-                num_classes: int) -> list[Reconstruction]:
-        labels = [self._labels(armed, update, settings, num_classes) for update in updates]
-        return recover(readout, updates, settings.num_images, None if None in labels else labels)
+    def read(self, observed: Sequence[Observed], armed: Armed | None, seed: int) -> list[Reconstruction]:
+        if armed is None or armed.readout is None:
+            raise ValueError(f"{self.name} reads only updates of the weights it armed")
+        settings, sent = observed[0].settings, observed[0].sent
+        updates = [each.update for each in observed]
+        labels = [self._labels(sent, update, settings) for update in updates]
+        found = [label for label in labels if label is not None]
+        return recover(armed.readout, updates, settings.num_images, found if len(found) == len(labels) else None)
 
-    def _labels(self, armed, update, settings, num_classes):
+    def _labels(self, armed: Weights, update: Weights, settings: TrainingSettings) -> torch.Tensor | None:
         """The round's labels from the last layer (order unknown), or None when they cannot be read."""
         try:
             params = {name: armed[name].float() for name, _ in self.model.named_parameters()}
             shape = tuple(self.public.shape[1:])
             p_mean = mean_softmax(self.model, {**armed}, shape, settings.batchnorm)
-            return recover_labels(self.model, params, update, settings, shape, num_classes, p_mean)
+            return recover_labels(self.model, params, update, settings, shape, self.num_classes, p_mean)
         except Exception:  # labels are a bonus of the analytic attacks, never their failure
             return None
 
@@ -80,16 +94,18 @@ class Imprint:
     thresholds: torch.Tensor
 
 
-class ImprintAttack(ActiveAttack):
+class ImprintAttack(AnalyticAttack):
     name = "imprint"
 
-    def __init__(self, model: Imprinted, public: torch.Tensor, blocks: int, drift_share: float = DRIFT_SHARE):
+    def __init__(self, model: nn.Module, public: torch.Tensor, num_classes: int, blocks: int,
+                 drift_share: float = DRIFT_SHARE):
         if not isinstance(model, Imprinted):
             raise ValueError("the imprint attack needs the imprint block in the clients' model (imprint-bins)")
         rows = model.imprint.out_features
         if blocks < 1 or rows % blocks or rows // blocks < 2:
             raise ValueError(f"imprint: {rows} rows cannot be split into {blocks} blocks of 2 or more bins")
         self.model, self.public, self.drift_share = model, public.float(), drift_share
+        self.num_classes, self.blocks = num_classes, blocks
         flat = self.public.flatten(1)
         centred = flat - flat.mean(0)
         # principal directions, made orthogonal to the mean image: the statistic is then centred near 0,
@@ -107,7 +123,14 @@ class ImprintAttack(ActiveAttack):
         self.gap = float((quantiles[:, 2:] - quantiles[:, 1:-1]).median())  # a typical bin's width
         self.energy = float((flat ** 2).sum(1).mean())  # mean |x|^2: how far one image moves the rows
 
-    def arm(self, global_weights: dict, settings: TrainingSettings) -> tuple[dict, ImprintReadout]:
+    @classmethod
+    def build(cls, context: AttackContext) -> Self:
+        return cls(context.model, context.public(), context.num_classes, context.config.imprint_blocks)
+
+    def settings(self) -> dict[str, SettingValue]:
+        return {"imprint_blocks": self.blocks}
+
+    def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, ImprintReadout]:
         weights = {name: tensor.clone() for name, tensor in global_weights.items()}
         layout, features = self.layout, self.public[0].numel()
         weight = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * ALPHA
@@ -124,11 +147,12 @@ class ImprintAttack(ActiveAttack):
         weights["imprint.weight"], weights["imprint.bias"] = weight, bias
         weights["spread.weight"] = (eps * u)[:, None].expand(features, weight.shape[0]).clone()
         readout = ImprintReadout("imprint.weight", "imprint.bias", layout.rows, layout.directions,
-                                 layout.thresholds, tuple(self.public.shape[1:]))
+                                 layout.thresholds, image_shape(self.public))
         return weights, readout
 
-    def _input_gradient(self, global_weights: dict, settings: TrainingSettings) -> torch.Tensor:
+    def _input_gradient(self, global_weights: Weights, settings: TrainingSettings) -> torch.Tensor:
         """d loss / d input of the base model on one public batch of B, flattened: (B, features)."""
+        assert isinstance(self.model, Imprinted)
         base = self.model.base
         base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
         images = self.public[: max(2, settings.batch_size)].clone().requires_grad_(True)
@@ -140,23 +164,28 @@ class ImprintAttack(ActiveAttack):
         (gradient,) = torch.autograd.grad(loss, images)
         return gradient.flatten(1)
 
-    def aggregated(self, reply: dict, sent_global: dict) -> dict:
+    def aggregated(self, reply: Weights, sent: Weights, global_weights: Weights) -> Weights:
         """The victim's base model as it trained it; the imprint block as the global model has it."""
-        return {name: sent_global[name] if name.startswith(SERVER_OWNED) else tensor for name, tensor in reply.items()}
+        return {name: global_weights[name] if name.startswith(SERVER_OWNED) else tensor
+                for name, tensor in reply.items()}
 
 
-class TrapAttack(ActiveAttack):
+class TrapAttack(AnalyticAttack):
     name = "trap"
 
-    def __init__(self, model: nn.Module, public: torch.Tensor, seed: int = 0, fire_share: float = 1.0):
+    def __init__(self, model: nn.Module, public: torch.Tensor, num_classes: int, seed: int = 0,
+                 fire_share: float = 1.0):
         self.model, self.public, self.seed, self.fire_share = model, public.float(), seed, fire_share
+        self.num_classes = num_classes
+        self.convs: list[str]
         if isinstance(model, MLP):
             self.layer, self.convs = "layers.1", []
         elif isinstance(model, ConvNet):
             self.layer, self.convs = "classifier.0", ["features.0", "features.2", "features.4"]
             channels = public.shape[1]
-            width = model.features[0].out_channels
-            if width < 4 * channels or model.features[4].out_channels < 16 * channels:
+            first, last = model.features[0], model.features[4]
+            assert isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d)
+            if first.out_channels < 4 * channels or last.out_channels < 16 * channels:
                 raise ValueError("trap: this ConvNet is too narrow to pass the image through its strided convolutions")
         else:
             raise ValueError(
@@ -165,7 +194,11 @@ class TrapAttack(ActiveAttack):
                 "convolutions whose second stride-2 layer keeps 768 of 3072 values); the ResNets pool the "
                 "features globally before their only linear layer. Use the imprint attack for those.")
 
-    def arm(self, global_weights: dict, settings: TrainingSettings) -> tuple[dict, TrapReadout]:
+    @classmethod
+    def build(cls, context: AttackContext) -> Self:
+        return cls(context.model, context.public(), context.num_classes, context.config.seed)
+
+    def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, TrapReadout]:
         weights = {name: tensor.clone() for name, tensor in global_weights.items()}
         if self.convs:
             pass_through_convs(weights, self.public.shape[1])
@@ -183,7 +216,7 @@ class TrapAttack(ActiveAttack):
         norm = weights[f"{self.layer}.weight"].norm(dim=1, keepdim=True)
         weights[f"{self.layer}.weight"] = trap / trap.norm(dim=1, keepdim=True) * norm
         weights[f"{self.layer}.bias"] = torch.zeros(rows)
-        readout = TrapReadout(f"{self.layer}.weight", f"{self.layer}.bias", pixels, tuple(self.public.shape[1:]))
+        readout = TrapReadout(f"{self.layer}.weight", f"{self.layer}.bias", pixels, image_shape(self.public))
         return weights, readout
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,11 +239,18 @@ class TrapAttack(ActiveAttack):
             raise ValueError("trap: the convolutions could not pass every pixel through")
         return pixels
 
-    def aggregated(self, reply: dict, sent_global: dict) -> None:
+    def aggregated(self, reply: Weights, sent: Weights, global_weights: Weights) -> None:
+        """Nothing: the victim's whole model was not the global one."""
         return None
 
 
-def pass_through_convs(weights: dict, channels: int) -> None:
+def image_shape(images: torch.Tensor) -> tuple[int, int, int]:
+    """(C, H, W) of a batch of images."""
+    channels, height, width = images.shape[1:]
+    return channels, height, width
+
+
+def pass_through_convs(weights: Weights, channels: int) -> None:
     """Sets the ConvNet's three convolutions in `weights` to carry the image to the linear layer unchanged."""
     live = channels
     for index, stride in ((0, 1), (2, 2), (4, 2)):
@@ -227,17 +267,10 @@ def pass_through_convs(weights: dict, channels: int) -> None:
         weights[f"features.{index}.bias"] = torch.zeros(weight.shape[0])
 
 
-def public_images(dataset, count: int = 2048, seed: int = 0) -> torch.Tensor:
+def public_images(dataset: ImageDataset, count: int = 2048, seed: int = 0) -> torch.Tensor:
     """Up to `count` images of the server's own (public) split, drawn from the seed."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=generator)[:count]
     images, _ = dataset.tensors(order.numpy())
     return images
 
-
-def build_attack(name: str, model: nn.Module, public: torch.Tensor, *, blocks: int, seed: int) -> ActiveAttack:
-    if name == "imprint":
-        return ImprintAttack(model, public, blocks)
-    if name == "trap":
-        return TrapAttack(model, public, seed)
-    raise ValueError(f"{name!r} is not an active attack")

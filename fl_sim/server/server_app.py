@@ -18,7 +18,6 @@ queue is drained (no attack lost) and the rounds it finished are committed, befo
 `app` reads its settings from Flower's run config (`flwr run .`); `fl-sim run` builds one with
 `make_server_app(config)` because run_simulation passes no run config.
 """
-import copy
 import json
 import platform
 import time
@@ -36,7 +35,6 @@ from flwr.serverapp import Grid, ServerApp
 from attacker import Reconstruction, resolve_device
 from fl_sim.contract.protocol import METRICS, PARTITION_ID, TrainMode
 from fl_sim.contract.run_config import (
-    ACTIVE_ATTACKS,
     NO_ATTACK,
     TRAP_EVERYONE,
     ConfigError,
@@ -48,10 +46,12 @@ from fl_sim.learning.accuracy import evaluate_model
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
+from fl_sim.learning.updates import parameter_names
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.gallery import AGGREGATE, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
-from fl_sim.server.active import build_attack, public_images
+from fl_sim.server.active import public_images
+from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
 from fl_sim.server.strategy import (
@@ -61,7 +61,6 @@ from fl_sim.server.strategy import (
     RoundOffset,
     ServerAttack,
     Victim,
-    attack_config,
     flower_strategy,
 )
 
@@ -223,15 +222,11 @@ def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     write_json(out / "run.json", record)
     if done < config.rounds:
         partitions = identify_clients(grid, config.num_clients)
-        active = None if config.attack not in ACTIVE_ATTACKS else build_attack(  # on the server's own test split
-            config.attack, copy.deepcopy(model), public_images(round_end.test, seed=config.seed),
-            blocks=config.imprint_blocks, seed=config.seed)
         attack = None if config.attack == NO_ATTACK else ServerAttack(
-            model, attack_config(config), image_shape=(channels, size, size), num_classes=classes,
-            iterations=config.iterations, seed=config.seed, replay=not config.no_replay, device=device, progress=True,
-            max_images=config.max_attack_images,
-            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None),
-            active=active)
+            build_attack(attack_context(config, model, (channels, size, size), classes, device,
+                                        lambda: public_images(round_end.test, seed=config.seed), progress=True)),
+            tuple(parameter_names(model)), seed=config.seed, max_images=config.max_attack_images,
+            plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None))
         strategy = InvertingStrategy(flower_strategy(config), attack, scoreboard, partitions=partitions,
                                      secure_aggregation=config.defense.secure_aggregation,
                                      max_shard=config.max_shard or len(scoreboard.train), background=attacks)

@@ -2,9 +2,9 @@
 
 Like Flower's own DifferentialPrivacyServerSideFixedClipping, it holds the strategy it wraps and passes
 every hook through to it; before the wrapped strategy aggregates a round, it checks every reply
-(fl_sim/server/validation.py), computes each client's update (the weights it got back minus the global weights
-it sent), hands all of them with the training settings the wrapped strategy sent to the inversion engine
-in one call, and reports the reconstructions to a recorder (the evaluation path, fl_sim/server/server_app.py),
+(fl_sim/server/validation.py), computes each attacked client's update (the weights it got back minus the weights it
+was sent), has the attack (fl_sim/server/attacks.py) read them with the training settings the wrapped strategy
+sent, and reports the reconstructions to a recorder (the evaluation path, fl_sim/server/server_app.py),
 which alone may compare them with the truth. The wrapped strategy (FedAvg, FedProx, FedAdam, FedYogi,
 Krum or a user's own) then aggregates the accepted replies exactly as it would without the wrapper, and
 its aggregate is cast back to the dtypes of the model it sent (`in_sent_dtypes`).
@@ -17,22 +17,23 @@ Flower's SecAgg+ would hand it over. SecAgg+ itself is not used (in flwr 1.41 it
 legacy strategies, not the Message API), so the sum is simulated: the attack targets the mean of the
 accepted updates as one victim holding all their clients' examples.
 
-A malicious server (`ServerAttack.active`, fl_sim/server/active.py: --attack imprint|trap) sends its targets
-(--attack-clients, in the attacked rounds) armed weights in place of the global ones and everyone else
-the honest model; a target's update is taken against what it was sent, read by the analytic attack, and
-only what `active.aggregated` keeps of its reply enters the average.
+Every attack takes one path. In `configure_train` of an attacked round the attack `arm`s what its targets
+(--attack-clients) are sent: a passive attack nothing (everyone gets the global model), an active one
+(fl_sim/server/active.py: --attack imprint|trap) weights of its own, per client; `SentRound.sent_to` keeps what
+each client was sent. In `aggregate_train` the replies are screened, each target's update is taken against
+what it was sent, `attack_round` reads them (the same function `fl-sim attack` runs), the recorder hears of
+it, and only what `Attack.aggregated` keeps of an armed target's reply enters the average.
 
-With `background` (`--attack-async`, fl_sim/server/background.py) a passive attack does not block the round:
-`aggregate_train` screens the replies and computes the updates as always, then hands what the recorder is
-to hear of the round (its left-out replies, then the inversion) to the background queue as one job and
-returns the aggregate at once; the same code records the same rows, later. An active attack is part of the
-round (it arms what is sent and decides what enters the average), so it cannot run in the background.
+With `background` (`--attack-async`, fl_sim/server/background.py) an attack the registry lets run in the
+background (a passive one) does not block the round: `aggregate_train` screens the replies and computes the
+updates as always, then hands what the recorder is to hear of the round (its left-out replies, then the
+reading) to the background queue as one job and returns the aggregate at once; the same code records the same
+rows, later. An active attack is part of the round (it arms what is sent and decides what enters the
+average), so it cannot run in the background.
 """
 import re
-import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
 from typing import Protocol
@@ -43,9 +44,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
-from torch import nn
 
-from attacker import AttackConfig, Reconstruction, Status, invert
+from attacker import Reconstruction
+from fl_sim.contract.attacks import find_attack
 from fl_sim.contract.protocol import (
     ARRAYS,
     CONFIG,
@@ -57,10 +58,14 @@ from fl_sim.contract.protocol import (
     TrainMode,
 )
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import ACTIVE_ATTACKS, RunConfig, StrategyName
-from fl_sim.learning.updates import mean_update, parameter_names, update_norm, weight_change
+from fl_sim.contract.run_config import RunConfig, StrategyName
+from fl_sim.learning.updates import Weights, weight_change
+from fl_sim.server.attacks import Armed, Attack, AttackedRound, Victim, arm_round, attack_round
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.validation import ExpectedReply, reply_problem
+
+__all__ = ["AttackPlan", "InvertingStrategy", "ReplyFault", "RoundOffset", "RoundRecorder", "ServerAttack",
+           "SentRound", "Victim", "flower_strategy", "in_sent_dtypes", "round_seed", "short_error"]
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
@@ -72,19 +77,6 @@ class ReplyFault:
     client: int
     status: ReplyStatus
     reason: str
-
-
-@dataclass(frozen=True)
-class Victim:
-    """Whose update is attacked: one client, or the clients whose sum secure aggregation revealed."""
-
-    clients: tuple[int, ...]
-    secure_aggregate: bool = False
-
-    @property
-    def seed_key(self) -> int | tuple[int, ...]:
-        """What names the victim to the engine's per-victim seeding."""
-        return self.clients if self.secure_aggregate else self.clients[0]
 
 
 class RoundRecorder(Protocol):
@@ -110,51 +102,43 @@ class AttackPlan:
     def round_attacked(self, server_round: int) -> bool:
         return (server_round - 1) % self.every == 0
 
-    def victims(self, server_round: int, partition_ids: Iterable[int]) -> list[Victim]:
-        if not self.round_attacked(server_round):
-            return []
-        return [Victim((p,)) for p in sorted(partition_ids) if self.clients is None or p in self.clients]
+    def targets(self, partition_ids: Iterable[int]) -> frozenset[int]:
+        """The clients among `partition_ids` this plan attacks (in an attacked round)."""
+        return frozenset(p for p in partition_ids if self.clients is None or p in self.clients)
 
 
 @dataclass(frozen=True)
 class ServerAttack:
-    """What the server attacks with: the architecture it sent, the attack and its budget, where it runs.
+    """What the server attacks with: the attack (fl_sim/server/attacks.py), the names of the model's parameters
+    (an update's norm is theirs), its plan, the seed each round's draws derive from, and the most images behind
+    an update it reads (in epochs mode: a client whose shard is larger is not read; its row says so)."""
 
-    `replay=False` attacks as if the update were one gradient (TrainingSettings.as_single_gradient)
-    instead of replaying the client's local steps. An update of more than `max_images` images (in epochs
-    mode: a client whose shard is larger) is not attacked: its row says so.
-    """
-
-    model: nn.Module
-    attack: AttackConfig | None  # None for an active attack
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    iterations: int
-    seed: int = 0
+    attack: Attack
+    parameters: tuple[str, ...]
     plan: AttackPlan = AttackPlan()
-    replay: bool = True
-    device: str | torch.device = "auto"
-    progress: bool = False
+    seed: int = 0
     max_images: int = 64
-    active: object | None = None  # fl_sim.server.active.ActiveAttack: arms the targets' weights, reads their updates
 
     @property
     def name(self) -> str:
-        return self.active.name if self.active else self.attack.name
+        return self.attack.name
 
 
 @dataclass(frozen=True)
 class SentRound:
-    """What the server sent in a round: all it may compare the replies with."""
+    """What the server sent in a round: all it may compare the replies with.
+
+    `sent_to`: what each attacked client (partition id) was sent, the global weights or what the attack armed
+    for it; its update is taken against that. `armed`: the attack's arming of the round (None: nothing armed).
+    """
 
     server_round: int
-    global_weights: dict[str, torch.Tensor]
+    global_weights: Weights
     settings: TrainingSettings
     expected: ExpectedReply
     nodes: tuple[int, ...]
-    armed: dict[str, torch.Tensor] | None = None  # what an active attack sent its targets instead
-    readout: object | None = None
-    targets: frozenset[int] = frozenset()  # the clients (partition ids) sent `armed`
+    sent_to: dict[int, Weights] = field(default_factory=dict)
+    armed: Armed | None = None
 
 
 class InvertingStrategy(Strategy):
@@ -171,7 +155,8 @@ class InvertingStrategy(Strategy):
                  background: AttackQueue | None = None):
         """`max_shard`: the most examples a client may say it trained on in epochs mode (its shard's size).
         `background`: where a round's recording and passive attack run, instead of before the aggregate."""
-        if background is not None and attack is not None and attack.active is not None:
+        spec = find_attack(attack.name) if attack is not None else None
+        if background is not None and attack is not None and (spec is None or not spec.may_run_async):
             raise ValueError(f"the active attack {attack.name} arms the weights it sends and decides what enters "
                              "the average: it cannot run in the background")
         self.strategy, self.attack, self.recorder, self.background = strategy, attack, recorder, background
@@ -186,25 +171,32 @@ class InvertingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sends the round as the wrapped strategy does, keeping what it sent to check and attack the replies."""
+        """Sends the round as the wrapped strategy does, each attacked client what the attack arms for it (by
+        default the same global weights), keeping what it sent to check and attack the replies."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         sent_config = messages[0].content[CONFIG] if messages else config  # with what the strategy added (FedProx)
         settings = TrainingSettings.from_config(sent_config)
         count = range(1, self.max_shard + 1) if settings.mode == TrainMode.EPOCHS else settings.num_images
         expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: count})
         global_weights = arrays.to_torch_state_dict()
-        armed = readout = None
-        targets = frozenset()
-        if self.attack and self.attack.active and self.attack.plan.round_attacked(server_round):
-            design = settings.for_shard(self.attack.max_images)  # epochs mode: the largest shard it will read
-            armed, readout = self.attack.active.arm(global_weights, design.for_mean_of(len(messages))
-                                                    if self.secure_aggregation else design)
-            chosen = self.attack.plan.clients
-            targets = frozenset(p for node, p in self.partitions.items() if chosen is None or p in chosen)
-            messages = [with_arrays(msg, ArrayRecord(armed)) if self.partitions.get(msg.metadata.dst_node_id) in targets
-                        else msg for msg in messages]
+        sent_to: dict[int, Weights] = {}
+        armed = None
+        attack = self.attack
+        if attack and attack.plan.round_attacked(server_round):
+            targets = attack.plan.targets(self.partitions.values())
+            design = settings.for_shard(attack.max_images)  # epochs mode: the largest shard it will read
+            armed = arm_round(attack.attack, global_weights, design, len(messages), targets, self.secure_aggregation)
+            sent_to = {client: armed.weights[client] if armed and client in armed.weights else global_weights
+                       for client in targets}
+            records: dict[int, ArrayRecord] = {}  # one record per distinct armed model, not per message
+            for index, msg in enumerate(messages):
+                client = self.partitions.get(msg.metadata.dst_node_id)
+                if armed is not None and client is not None and client in armed.weights:
+                    weights = armed.weights[client]
+                    record = records.setdefault(id(weights), ArrayRecord(weights))
+                    messages[index] = with_arrays(msg, record)
         self._sent = SentRound(server_round, global_weights, settings, expected,
-                               tuple(msg.metadata.dst_node_id for msg in messages), armed, readout, targets)
+                               tuple(msg.metadata.dst_node_id for msg in messages), sent_to, armed)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -220,28 +212,25 @@ class InvertingStrategy(Strategy):
                 log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
                     fault.reason)
             work.append(partial(self.recorder.record_faults, server_round, faults))
-        if sent.armed is not None:
-            run_all(work)  # an active attack is part of the round: never in the background
-            work = []
-            self._attack_active(sent, accepted)
-        elif self.attack and accepted and self.attack.plan.round_attacked(server_round):
-            updates = {client: weight_change(sent.global_weights, reply.content[ARRAYS].to_torch_state_dict())
-                       for client, reply in accepted.items()}
-            if self.secure_aggregation:
-                victim = Victim(tuple(sorted(updates)), secure_aggregate=True)
-                settings = None if sent.settings.mode == TrainMode.EPOCHS else sent.settings.for_mean_of(len(updates))
-                work.append(partial(self._attack, sent, [victim], [mean_update(list(updates.values()))], [settings]))
-            else:
-                victims = self.attack.plan.victims(server_round, accepted)
-                settings = [sent.settings.for_shard(accepted[v.clients[0]].content[METRICS][self.weighted_by_key])
-                            for v in victims]
-                if victims:
-                    work.append(partial(self._attack, sent, victims, [updates[victim.clients[0]] for victim in victims],
-                                        settings))
-        if work and self.background is not None:
+        attack = self.attack
+        replied = {client: accepted[client].content.array_records[ARRAYS].to_torch_state_dict()
+                   for client in sorted(accepted) if client in sent.sent_to}
+        if attack and replied:
+            updates = {client: weight_change(sent.sent_to[client], reply) for client, reply in replied.items()}
+            counts = {client: example_count(accepted[client], self.weighted_by_key) for client in replied}
+            work.append(partial(self._attack, attack, sent, updates, counts))
+        if work and self.background is not None and sent.armed is None:
             self.background.submit(server_round, partial(run_all, work))
         else:
             run_all(work)
+        if attack and sent.armed is not None:  # only what the attack keeps of an armed target's reply is averaged
+            for client, reply in replied.items():
+                if client in sent.armed.weights:
+                    kept = attack.attack.aggregated(reply, sent.sent_to[client], sent.global_weights)
+                    if kept is None:
+                        del accepted[client]
+                    else:
+                        accepted[client].content[ARRAYS] = ArrayRecord(kept)
         arrays, metrics = self.strategy.aggregate_train(server_round, list(accepted.values()))
         return (arrays if arrays is None else in_sent_dtypes(arrays, sent.global_weights)), metrics
 
@@ -264,7 +253,7 @@ class InvertingStrategy(Strategy):
             answered.add(node)
             if reply.has_error():
                 faults.append(ReplyFault(client, ReplyStatus.CLIENT_ERROR,
-                                         f"error reply: {short_error(reply.error.reason)}"))
+                                         f"error reply: {short_error(reply.error.reason or '')}"))
                 continue
             expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_ID: client})
             problem = reply_problem(reply.content, expected)
@@ -279,72 +268,17 @@ class InvertingStrategy(Strategy):
                                          "no reply before the round's timeout"))
         return accepted, sorted(faults, key=lambda fault: fault.client)
 
-    def _attack_active(self, sent: SentRound, accepted: dict[int, Message]) -> None:
-        """Reads the targets' updates (against the armed weights they got), then keeps of each reply only
-        what the active attack lets into the average; a target it keeps nothing of is left out."""
-        active, names = self.attack.active, parameter_names(self.attack.model)
-        replies = {client: accepted[client].content[ARRAYS].to_torch_state_dict()
-                   for client in sorted(accepted) if client in sent.targets}
-        updates = {client: weight_change(sent.armed, reply) for client, reply in replies.items()}
-        if updates:
-            if self.secure_aggregation:
-                victims = [Victim(tuple(sorted(updates)), secure_aggregate=True)]
-                observed, settings = [mean_update(list(updates.values()))], [sent.settings.for_mean_of(len(updates))]
-            else:  # each target's own count of images: its shard in epochs mode
-                victims = [Victim((client,)) for client in updates]
-                observed = [updates[v.clients[0]] for v in victims]
-                settings = [sent.settings.for_shard(accepted[v.clients[0]].content[METRICS][self.weighted_by_key])
-                            for v in victims]
-            started = time.perf_counter()
-            cap = self.attack.max_images
-            try:  # the rows were armed for at most `cap` images: a larger update is not read (as for passive attacks)
-                results = [too_many_images(each.num_images, cap) if each.num_images > cap else
-                           active.recover(sent.readout, [update], each, sent.armed, self.attack.num_classes)[0]
-                           for each, update in zip(settings, observed)]
-            except Exception as error:  # a failed attack must not stop the federation
-                log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-                results = [Reconstruction.failure(Status.FAILED, f"{type(error).__name__}: {error}") for _ in victims]
-            self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in observed],
-                                        time.perf_counter() - started)
-        for client, reply in replies.items():
-            kept = active.aggregated(reply, sent.global_weights)
-            if kept is None:
-                del accepted[client]
-            else:
-                accepted[client].content[ARRAYS] = ArrayRecord(kept)
-
-    def _attack(self, sent: SentRound, victims: list[Victim], updates: list[dict[str, torch.Tensor]],
-                settings: list[TrainingSettings | None]) -> None:
-        """Inverts every update whose training the server can replay, in one engine call per distinct training
-        (epochs-mode clients differ in shard size); the others get a row that says why they were not attacked."""
-        attack = self.attack
-        log(INFO, "attack round %s: inverting %s update(s) with %s", sent.server_round, len(victims), attack.name)
-        started = time.perf_counter()
-        results: list[Reconstruction | None] = [None] * len(victims)
-        groups: dict[TrainingSettings, list[int]] = {}
-        for index, assumed in enumerate(settings):
-            if assumed is None:
-                results[index] = Reconstruction.failure(
-                    Status.SKIPPED, "secure aggregation of epochs-mode updates: their mean has no one training to replay")
-            elif assumed.num_images > attack.max_images:
-                results[index] = too_many_images(assumed.num_images, attack.max_images)
-            else:
-                groups.setdefault(assumed if attack.replay else assumed.as_single_gradient(), []).append(index)
-        for assumed, members in groups.items():
-            try:
-                found = invert(attack.model, sent.global_weights, [updates[i] for i in members], assumed,
-                               attack.attack, image_shape=attack.image_shape, num_classes=attack.num_classes,
-                               iterations=attack.iterations, seed=round_seed(attack.seed, sent.server_round),
-                               victim_ids=[victims[i].seed_key for i in members], device=attack.device,
-                               progress=attack.progress)
-            except Exception as error:  # a failed attack must not stop the federation: report it per victim
-                log(WARNING, "attack round %s failed:\n%s", sent.server_round, traceback.format_exc())
-                found = [Reconstruction.failure(Status.FAILED, f"{type(error).__name__}: {error}") for _ in members]
-            for index, result in zip(members, found):
-                results[index] = result
-        names = parameter_names(attack.model)
-        self.recorder.record_attack(sent.server_round, victims, results, [update_norm(u, names) for u in updates],
-                                    time.perf_counter() - started)
+    def _attack(self, attack: ServerAttack, sent: SentRound, updates: dict[int, Weights],
+                counts: dict[int, int]) -> None:
+        """Reads the round's updates (attack_round: the victims, the secure-aggregation mean, the skips, the
+        failures) and tells the recorder."""
+        log(INFO, "attack round %s: reading %s update(s) with %s", sent.server_round, len(updates), attack.name)
+        done: AttackedRound = attack_round(
+            attack.attack, updates, sent.sent_to, counts, sent.settings, armed=sent.armed,
+            secure_aggregation=self.secure_aggregation, max_images=attack.max_images,
+            seed=round_seed(attack.seed, sent.server_round), parameters=attack.parameters,
+            label=f"attack round {sent.server_round}")
+        self.recorder.record_attack(sent.server_round, done.victims, done.results, done.update_norms, done.seconds)
 
 
 class RoundOffset(Strategy):
@@ -408,12 +342,6 @@ def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayR
     return ArrayRecord(weights)
 
 
-def too_many_images(count: int, cap: int) -> Reconstruction:
-    """The row of an update that is not attacked because more images are behind it than the server reads."""
-    return Reconstruction.failure(Status.SKIPPED, f"{count} images behind the update, more than "
-                                                  f"--max-attack-images {cap}")
-
-
 def short_error(reason: str) -> str:
     """Flower's error reason in one line: the ClientApp's own message where the simulation wraps it in a
     Ray traceback ("... ClientAppException occurred. Message: <it>'>"), else the whole reason, cut short."""
@@ -421,6 +349,14 @@ def short_error(reason: str) -> str:
     _, wrapped, message = text.rpartition(CLIENT_APP_MESSAGE)
     text = message.removesuffix("'>") if wrapped else text
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
+
+
+def example_count(reply: Message, key: str) -> int:
+    """How many examples a (checked) reply says it trained on."""
+    value = reply.content.metric_records[METRICS][key]
+    if not isinstance(value, int | float):
+        raise ValueError(f"{key} is {value!r}, not a count")
+    return int(value)
 
 
 def run_all(steps: list[Callable[[], None]]) -> None:
@@ -440,12 +376,3 @@ def with_arrays(message: Message, arrays: ArrayRecord) -> Message:
     return Message(content=content, message_type=message.metadata.message_type,
                    dst_node_id=message.metadata.dst_node_id, group_id=message.metadata.group_id)
 
-
-def attack_config(args):
-    """The attack preset `args.attack` (flags or a RunConfig) with its `--restarts`."""
-    from attacker import get_attack  # imported late: torch is slow to import, and only an attack needs it
-
-    if args.attack in ACTIVE_ATTACKS:  # analytic: no optimisation preset (fl_sim/server/active.py)
-        return None
-    return get_attack(args.attack, restarts=args.restarts, bn_statistics=args.bn_statistics,
-                      tv_weight=args.tv_weight)
