@@ -104,7 +104,8 @@ def run_folder(tmp_path, shared_data):
             append_jsonl(out / "metrics.jsonl", {
                 "round": server_round, "client": client, "status": HOSTILE_STATUS if failed else "ok",
                 "psnr": None if failed else 31.5, "ssim": None if failed else 0.9, "mse": None if failed else 1e-3,
-                "label_acc": 0.0 if failed else 1.0, "update_norm": 2.5 * server_round})
+                "label_acc": 0.0 if failed else 1.0, "update_norm": 2.5 * server_round,
+                "true_labels": labels.tolist()})  # as every attacked row has, failed ones too
     return out
 
 
