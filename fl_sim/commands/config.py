@@ -1,8 +1,8 @@
 """Command-line flags shared by `fl-sim attack`, `fl-sim run` and the sweeps, and their checks.
 
-Every check runs before any work starts and fails with one sentence (ConfigError), so a bad flag never
-costs a half-finished run. Light on purpose (no torch, no Flower): the names it offers come from the run
-config's contract (fl_sim/contract/run_config.py).
+Each flag is built from its RunConfig field's declaration (fl_sim/contract/run_config.py: type, default,
+`Setting`), so a setting is declared once. Every check runs before any work starts and fails with one
+sentence (ConfigError), so a bad flag never costs a half-finished run. Light on purpose (no torch, no Flower).
 """
 import argparse
 import types
@@ -29,7 +29,7 @@ from fl_sim.contract.run_config import (
 __all__ = ["ConfigError", "add_settings", "add_task_arguments", "check_task_arguments",
            "defense", "training_settings"]
 
-# What `fl-sim attack` and the sweeps start from: the research setting (one image per step, DLG's LeNet).
+# What `fl-sim attack` starts from: the research setting (one image per step, DLG's LeNet).
 TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model=ModelName.LENET)
 TASK_GROUPS = (Group.DATA, Group.TRAINING, Group.ATTACK, Group.GENERAL)  # the settings every command shares
 
@@ -37,7 +37,8 @@ TASK_GROUPS = (Group.DATA, Group.TRAINING, Group.ATTACK, Group.GENERAL)  # the s
 def add_task_arguments(parser: argparse.ArgumentParser, out_required: bool = True,
                        defaults: RunConfig = TASK_DEFAULTS) -> None:
     """The data, model, training and attack flags every command shares, with the command's own defaults
-    (`fl-sim run` passes RunConfig(); `fl-sim attack` and the sweeps train in steps mode on one image, a LeNet)."""
+    (`fl-sim run` passes RunConfig(); `fl-sim attack` trains in steps mode on one image, a LeNet, as sweeps do).
+    --attack is written here by hand: it lists the attack registry's names, not an enum."""
     for group in TASK_GROUPS:
         container = parser if group == Group.GENERAL else parser.add_argument_group(group.value)
         if group == Group.ATTACK:

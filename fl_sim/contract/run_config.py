@@ -4,8 +4,11 @@
 overrides) are two spellings of the same settings: `RunConfig.from_flower` and `RunConfig.from_values`
 both go through `coerce`, which turns each value into its field's type or raises ConfigError with one
 sentence (`local-steps=1.5` is an error, not 1). Strings live only at those edges: inside the program a
-defense is a DefenseSpec, a fault a Fault, a strategy a StrategyName. Standard library only, so the
-server, the clients and every light sub-command (`fl-sim report`) can import it.
+defense is a DefenseSpec, a fault a Fault, a strategy a StrategyName, a model a ModelName. Each field is
+the one declaration of its setting: type, default and `Setting` (help, bounds, Flower key), from which
+fl_sim/commands/config.py builds the flags and `RunConfig.check` the bounds; pyproject.toml repeats the
+defaults (tests/test_settings.py checks). Standard library only, so the server, the clients and every
+light sub-command (`fl-sim report`) can import it.
 """
 import dataclasses
 import math
