@@ -4,6 +4,7 @@ import torch
 
 from fl_sim.learning.data import DataNotFoundError, load_dataset
 from fl_sim.learning.models import MODELS, build_model, count_parameters
+from fl_sim.learning.partition import partition_indices
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -57,17 +58,20 @@ def test_image_folder_and_missing_data(tiny_image_folder, tmp_path):
 
 
 def test_the_run_configs_names_are_exactly_what_the_registries_offer():
-    """fl_sim/contract/run_config.py lists names without importing the registries (it must stay light); they must agree."""
+    """fl_sim/contract/run_config.py's enums name what the registries offer without importing them (it must stay
+    light); they must agree."""
     from attacker import PRESETS
     from fl_sim.contract import run_config
     from fl_sim.contract.attacks import AttackKind, attack_specs
 
-    assert set(run_config.MODELS) == set(MODELS)
+    assert set(run_config.ModelName) == set(MODELS)
     passive = {spec.name for spec in attack_specs() if spec.kind is AttackKind.PASSIVE}
     assert passive == set(PRESETS)  # every preset is an attack, and every passive attack a preset
     for spec in attack_specs():
         assert spec.models is None or set(spec.models) <= set(MODELS), spec.name
-    for name in run_config.DATASETS:  # each has a loader: an unknown one would say "unknown dataset"
+    for scheme in run_config.PartitionScheme:  # each splits: an unknown one would say "unknown partition scheme"
+        assert len(partition_indices(np.arange(40) % 10, 2, seed=0, scheme=scheme)) == 2
+    for name in run_config.DatasetName:  # each has a loader: an unknown one would say "unknown dataset"
         with pytest.raises(Exception) as error:
             load_dataset(name, "/nonexistent-root-for-this-test")
         assert "unknown dataset" not in str(error.value)

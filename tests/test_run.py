@@ -194,7 +194,8 @@ def test_flwr_run_runs_the_same_apps_and_writes_the_same_outputs(shared_data, tm
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    overrides = (f"num-server-rounds=2 out-dir='{out}' data-root='{shared_data}' iterations=3 restarts=1 seed=2 "
+    overrides = (f"num-server-rounds=2 num-clients=2 out-dir='{out}' data-root='{shared_data}' iterations=3 "
+                 "restarts=1 seed=2 "
                  "strategy='fedadam' server-lr=0.01 train-mode='steps' batch-size=1 model='lenet'")  # FedAdam wrapped: round 2 shows its float64 cast back
     try:
         done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream", "-c", overrides],

@@ -29,7 +29,7 @@ import tomli_w
 
 from fl_sim.commands import config, topology
 from fl_sim.commands.run import config_from_flags, headline, summary
-from fl_sim.contract.run_config import PARTITIONS, ConfigError, RunConfig
+from fl_sim.contract.run_config import ConfigError, Group, RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` submits: this project's checkout
 CERTS_SCRIPT = ROOT / "docker" / "certs.sh"
@@ -47,16 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local = modes.add_parser("local", help="run the deployment as processes on this machine",
                              description="SuperLink, SuperNodes and SuperExecs as local processes; the app "
                                          "runs with `flwr run`; every process is stopped at the end")
-    config.add_task_arguments(local, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size,
-                              model=DEFAULTS.model)
-    fed = local.add_argument_group("federation")
+    config.add_task_arguments(local, defaults=DEFAULTS)
+    fed = local.add_argument_group(Group.FEDERATION.value)
     fed.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one per partition (default 2)")
-    fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")
-    fed.add_argument("--partition", default=DEFAULTS.partition, choices=PARTITIONS, help="iid or dirichlet")
-    fed.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="Dirichlet concentration")
-    fed.add_argument("--attack-every", type=int, default=DEFAULTS.attack_every, help="attack every N-th round")
-    fed.add_argument("--attack-clients", default="all", help="partition ids to attack, e.g. 0,2 (default all)")
-    fed.add_argument("--client-eval", action="store_true", help="clients also evaluate the global model")
+    config.add_settings(fed, Group.FEDERATION, DEFAULTS,
+                        only=("rounds", "partition", "alpha", "attack_every", "attack_clients", "client_eval"))
     dep = local.add_argument_group("deployment")
     dep.add_argument("--port", type=int, default=topology.SUPERLINK_PORT,
                      help=f"the SuperLink's port; SuperNode k listens on port + k (default {topology.SUPERLINK_PORT})")

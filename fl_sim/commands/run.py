@@ -15,12 +15,12 @@ from pathlib import Path
 
 from fl_sim.commands import config
 from fl_sim.contract.run_config import (
-    FAULT_HELP,
-    PARTITIONS,
+    FIELD_TYPES,
+    SETTINGS,
     TRAP_EVERYONE,
     ConfigError,
+    Group,
     RunConfig,
-    StrategyName,
     check_run,
     flower_key,
     trap_starves,
@@ -29,9 +29,9 @@ from fl_sim.results.outputs import read_jsonl
 from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
 
 DEFAULTS = RunConfig()
-# Where and with what a run computes, not what it computes: a resumed run may change these.
-RESUMABLE_ELSEWHERE = ("data_root", "device", "attack_async")
-SETTINGS = frozenset(field.name for field in dataclasses.fields(RunConfig))
+FIELD_NAMES = frozenset(FIELD_TYPES)  # every run setting's name: its flag's argparse dest
+# Where and with what a run computes, not what it computes: a resumed run may change these (Setting.resumable).
+RESUMABLE_ELSEWHERE = tuple(name for name, declared in SETTINGS.items() if declared.resumable)
 RUN_SIMULATION_DEPRECATED = "`run_simulation` function is deprecated"  # Flower 1.41 warns so on every call
 
 
@@ -48,45 +48,13 @@ NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anythi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    config.add_task_arguments(parser, out_required=False, train_mode=DEFAULTS.train_mode, batch_size=DEFAULTS.batch_size,
-                              model=DEFAULTS.model)
-    fed = parser.add_argument_group("federation")
-    fed.add_argument("--num-clients", type=int, default=DEFAULTS.num_clients, help="clients, one per partition")
-    fed.add_argument("--rounds", type=int, default=DEFAULTS.rounds, help="federated rounds")
-    fed.add_argument("--partition", default=DEFAULTS.partition, choices=PARTITIONS,
-                     help="how the training set is split: iid, or dirichlet (label skew, see --alpha)")
-    fed.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
-                     help="Dirichlet concentration: small = each client sees few classes")
-    fed.add_argument("--min-shard", type=int, default=DEFAULTS.min_shard,
-                     help="with --max-shard: the fewest examples a client keeps of its partition")
-    fed.add_argument("--max-shard", type=int, default=DEFAULTS.max_shard,
-                     help="each client keeps a seeded number of its partition's examples, from --min-shard to this "
-                          "(unequal shards); 0 (default): its whole partition")
-    fed.add_argument("--fraction-train", type=float, default=DEFAULTS.fraction_train,
-                     help="the share of clients Flower samples for each round (default 1: all)")
-    fed.add_argument("--max-attack-images", type=int, default=DEFAULTS.max_attack_images,
-                     help="updates of more images (in epochs mode: larger shards) are not attacked; their row says so")
-    fed.add_argument("--attack-async", action=argparse.BooleanOptionalAction, default=DEFAULTS.attack_async,
-                     help="run a passive attack (dlg, idlg, ig) on a background thread beside the next round's "
-                          "training instead of before the aggregate: the same rows; not with imprint or trap "
-                          "(default: off)")
-    fed.add_argument("--strategy", default=DEFAULTS.strategy, choices=list(StrategyName),
-                     help="the Flower strategy the malicious server wraps (default fedavg)")
-    fed.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu,
-                     help="FedProx's proximal weight mu (with --strategy fedprox)")
-    fed.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr,
-                     help="the server optimiser's learning rate eta (with --strategy fedadam or fedyogi)")
-    fed.add_argument("--attack-every", type=int, default=DEFAULTS.attack_every,
-                     help="attack rounds 1, 1+N, 1+2N, ... (default every round)")
-    fed.add_argument("--attack-clients", default="all", help="partition ids to attack, e.g. 0,2 (default all)")
-    fed.add_argument("--client-eval", action="store_true",
-                     help="also have clients evaluate the global model on their share of the test split")
+    config.add_task_arguments(parser, out_required=False, defaults=DEFAULTS)
+    fed = parser.add_argument_group(Group.FEDERATION.value)
+    config.add_settings(fed, Group.FEDERATION, DEFAULTS)
     fed.add_argument("--client-cpus", type=float, default=1.0, help="CPU cores Ray reserves per client")
     fed.add_argument("--client-gpus", type=float, default=0.0, help="GPU share Ray reserves per client")
-    reliability = parser.add_argument_group("faults and interruptions")
-    reliability.add_argument("--inject-faults", default="", metavar="CLIENT=KIND,...",
-                             help=f"clients that send bad replies every round, e.g. 0=nan,2=crash; kinds: "
-                                  f"{', '.join(FAULT_HELP)}")
+    reliability = parser.add_argument_group(Group.FAULTS.value)
+    config.add_settings(reliability, Group.FAULTS, DEFAULTS)
     reliability.add_argument("--resume", metavar="OUT",
                              help="continue the stopped run in OUT after its last finished round, with its config "
                                   "(OUT/run.json); other flags must agree with it, except --data-root, --device, "
@@ -110,7 +78,7 @@ def check(args) -> RunConfig:
 
 def config_from_flags(args, names=None) -> RunConfig:
     """The RunConfig the flags `names` (default: every run setting among them) of a parsed command line give."""
-    values = {name: value for name, value in vars(args).items() if name in SETTINGS}
+    values = {name: value for name, value in vars(args).items() if name in FIELD_NAMES}
     return RunConfig.from_values({name: values[name] for name in (values if names is None else names)})
 
 
@@ -129,7 +97,7 @@ def resumed_config(args) -> RunConfig:
         raise ConfigError(f"--resume {str(out)!r}: run.json cannot be read ({error})") from None
     run_config = RunConfig.from_flower({key: value for key, value in stored.items() if key != "out-dir"})
     typed = set(args.given_flags if hasattr(args, "given_flags") else changed_from_defaults(args))
-    typed = (typed & SETTINGS) - {"out"}
+    typed = (typed & FIELD_NAMES) - {"out"}
     given = config_from_flags(args, typed)
     changes = {}
     for name in sorted(typed):

@@ -4,15 +4,18 @@
 overrides) are two spellings of the same settings: `RunConfig.from_flower` and `RunConfig.from_values`
 both go through `coerce`, which turns each value into its field's type or raises ConfigError with one
 sentence (`local-steps=1.5` is an error, not 1). Strings live only at those edges: inside the program a
-defense is a DefenseSpec, a fault a Fault, a strategy a StrategyName. Standard library only, so the
-server, the clients and every light sub-command (`fl-sim report`) can import it.
+defense is a DefenseSpec, a fault a Fault, a strategy a StrategyName, a model a ModelName. Each field is
+the one declaration of its setting: type, default and `Setting` (help, bounds, Flower key), from which
+fl_sim/commands/config.py builds the flags and `RunConfig.check` the bounds; pyproject.toml repeats the
+defaults (tests/test_settings.py checks). Standard library only, so the server, the clients and every
+light sub-command (`fl-sim report`) can import it.
 """
 import dataclasses
 import math
 import tempfile
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -20,21 +23,57 @@ from pathlib import Path
 from fl_sim.contract.attacks import NO_ATTACK, attack_names, attack_specs, find_attack
 from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
 
-# The names a run config may hold; the registries (fl_sim/learning/data.py, fl_sim/learning/models) must offer
-# exactly these (tests/test_registries.py checks), so a config is checked without importing them. Attacks are
-# named by their own registry, fl_sim/contract/attacks.py.
-DATASETS = ("mnist", "cifar10", "imagefolder")
-MODELS = ("lenet", "cnn", "mlp", "resnet20", "resnet18")
+# Attacks are named by their own registry, fl_sim/contract/attacks.py.
 IMPRINT_BINS = 256  # the imprint block's rows for an attack that needs it, when --imprint-bins is 0
 TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
                  "left out of the average, so the global model will not change; name the targets with "
                  "--attack-clients (e.g. 0) to let the others train it")
-PARTITIONS = ("iid", "dirichlet")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
+
+
+class Name(StrEnum):
+    """A name a registry outside the contract must offer exactly (tests/test_registries.py checks), so a config
+    is checked without importing the registry; a wrong one is an "unknown <setting>" error."""
+
+
+class DatasetName(Name):
+    """The data sets fl_sim/learning/data.py loads."""
+
+    MNIST = "mnist"
+    CIFAR10 = "cifar10"
+    IMAGEFOLDER = "imagefolder"
+
+
+class ModelName(Name):
+    """The models fl_sim/learning/models builds."""
+
+    LENET = "lenet"
+    CNN = "cnn"
+    MLP = "mlp"
+    RESNET20 = "resnet20"
+    RESNET18 = "resnet18"
+
+
+class PartitionScheme(Name):
+    """How fl_sim/learning/partition.py splits the training set among the clients."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+
+
+class Device(StrEnum):
+    """Where the attack computes (attacker.resolve_device); `cuda:N` names one GPU as well."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+# The names as tuples, for the modules that list them in messages.
+DATASETS, MODELS, PARTITIONS = tuple(DatasetName), tuple(ModelName), tuple(PartitionScheme)
 
 
 class StrategyName(StrEnum):
@@ -104,7 +143,8 @@ class DefenseSpec:
         """'clip:4+noise:0.01' -> DefenseSpec; anything else gets a ConfigError saying what is wrong."""
         if text.strip() == NO_DEFENSE:
             return cls()
-        steps, secure = [], False
+        steps: list[tuple[DefenseKind, float | None]] = []
+        secure = False
         for part in (part.strip() for part in text.split("+")):
             kind, colon, number = part.partition(":")
             if kind == SECURE_AGGREGATION:
@@ -171,55 +211,157 @@ def parse_client_list(text: str) -> tuple[int, ...] | None:
         raise ConfigError(f"--attack-clients must be partition ids like 0,2,5 (or all), got {text!r}") from None
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Every setting of one federated run; see `fl-sim run --help` for what each means.
+class Group(StrEnum):
+    """Where a setting's flag is listed in a command's --help (its argparse group)."""
 
-    Field names are the argparse names of `fl-sim run`; Flower's keys are the same with hyphens
-    (FLOWER_NAMES lists the two that differ). Built directly, from flags or from Flower's run config,
-    every value is coerced to its field's type (__post_init__), so a RunConfig is always typed.
+    DATA = "data and model"
+    TRAINING = "client training (what the server configures)"
+    ATTACK = "attack"
+    FEDERATION = "federation"
+    FAULTS = "faults and interruptions"
+    GENERAL = "general"  # the command's own top-level flags (--out, --seed)
+
+
+T = typing.TypeVar("T")
+SETTING = "setting"  # the key of a RunConfig field's metadata that holds its Setting
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a RunConfig field declares besides its type and default: its flag, its bounds, its Flower key.
+
+    fl_sim/commands/config.py builds each field's flag from this (`--name-with-hyphens`, argparse `type` from
+    the annotation, help, group), RunConfig.check applies the bounds, and from_flower/to_flower use
+    `flower_key`. `help` may say `%(default)s`: argparse fills in the default of the command that shows it
+    (sweeps and `fl-sim attack` default to a different model and training than `fl-sim run`). The training
+    settings' bounds are TrainingSettings' (fl_sim/contract/protocol.py): the client checks them too.
     """
 
-    out: str = "out/run"
-    rounds: int = 3
-    num_clients: int = 2
-    dataset: str = "mnist"
-    data_root: str | None = None  # None: $FL_SIM_DATA, else ./data
-    model: str = "cnn"  # a ReLU ConvNet, as federations train (DLG's sigmoid LeNet hardly learns: --model lenet)
-    init: str = "default"
-    partition: str = "iid"
-    alpha: float = 0.5
-    min_shard: int = 48  # with max_shard: each client keeps a seeded number of its partition's examples in between
-    max_shard: int = 64  # 0: every client keeps its whole partition
-    fraction_train: float = 1.0  # the share of clients Flower samples each round
-    strategy: StrategyName = StrategyName.FEDAVG
-    proximal_mu: float = 0.0  # FedProx's mu (strategy fedprox only)
-    server_lr: float = 0.01  # FedAdam's / FedYogi's server learning rate (eta)
-    train_mode: TrainMode = TrainMode.EPOCHS
-    local_steps: int = 1
-    batch_size: int = 16
-    epochs: int = 2
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batchnorm: BatchNormMode = BatchNormMode.TRAIN
-    defense: DefenseSpec = DefenseSpec()
-    attack: str = "imprint"
-    iterations: int = 300
-    restarts: int | None = None  # None: the attack preset's
-    bn_statistics: float = 0.0  # weight of the batch-norm statistics term (GradInversion); 0: off
-    tv_weight: float | None = None  # weight of the total-variation image prior; None: the attack preset's
-    no_replay: bool = False
-    max_attack_images: int = 64  # an update of more images (epochs mode: a larger shard) is not attacked
-    attack_async: bool = False  # a passive attack runs beside the next round's training (fl_sim/server/background.py)
-    attack_every: int = 1
-    attack_clients: tuple[int, ...] | None = None  # None: every client
-    imprint_bins: int = 0  # rows of the imprint block clients build in front of the model; 0: 256 with --attack imprint
-    imprint_blocks: int = 4  # the imprint's rows measure this many statistics (the server's choice only)
-    client_eval: bool = False
-    device: str = "auto"
-    seed: int = 0
-    inject_faults: dict[int, Fault] = field(default_factory=dict)  # partition id -> fault
+    help: str
+    group: Group
+    least: float | None = None  # the value must be at least this (a None value of an optional field is not checked)
+    above: float | None = None  # the value must be greater than this ...
+    most: float | None = None  # ... and at most this
+    choices: bool = False  # argparse refuses a value outside the field's enum (else RunConfig does, in one sentence)
+    negatable: bool = False  # a bool flag with a --no- form too
+    metavar: str | None = None
+    flag_default: str | None = None  # the flag's default where the field's does not read as a flag value
+    given: bool = False  # the command line has no default for it: the command names it (the field's is Flower's)
+    flower_key: str | None = None  # Flower's run-config key where it is not the field's name with hyphens
+    resumable: bool = False  # where and with what a run computes, not what: `fl-sim run --resume` may change it
+
+    def violation(self, flag: str, value: float) -> str | None:
+        """The sentence saying how `value` breaks this setting's bounds, or None when it keeps them."""
+        if self.least is not None and not value >= self.least:
+            return f"{flag} must be at least {self.least}, got {value}"
+        if self.above is not None and self.most is not None and not self.above < value <= self.most:
+            return f"{flag} must be in ({self.above}, {self.most}], got {value}"
+        if self.above == 0 and not value > 0:
+            return f"{flag} must be positive, got {value}"
+        if self.above is not None and not value > self.above:
+            return f"{flag} must be greater than {self.above}, got {value}"
+        return None
+
+
+def setting(default: T, declared: Setting) -> T:
+    """A RunConfig field with its default and its declaration."""
+    return field(default=default, metadata={SETTING: declared})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one federated run, each declared once: its type, default and `Setting` (help, bounds).
+
+    Field names are the argparse names of `fl-sim run`; Flower's keys are the same with hyphens (two
+    differ: Setting.flower_key). Built directly, from flags or from Flower's run config, every value is
+    coerced to its field's type (__post_init__), so a RunConfig is always typed. The order of the fields
+    is the order of their flags in --help, of the keys in run.json and in pyproject.toml.
+    """
+
+    out: str = setting("out/flwr-run", Setting("output folder", Group.GENERAL, given=True, flower_key="out-dir"))
+    rounds: int = setting(3, Setting("federated rounds", Group.FEDERATION, least=1, flower_key="num-server-rounds"))
+    num_clients: int = setting(2, Setting("clients, one per partition", Group.FEDERATION, least=1))
+    dataset: DatasetName = setting(DatasetName.MNIST, Setting(
+        f"one of {', '.join(DatasetName)} (default %(default)s)", Group.DATA))
+    data_root: str | None = setting(None, Setting(  # None: $FL_SIM_DATA, else ./data
+        "folder holding the data (default $FL_SIM_DATA, else ./data)", Group.DATA, resumable=True))
+    # a ReLU ConvNet, as federations train (DLG's sigmoid LeNet hardly learns: --model lenet)
+    model: ModelName = setting(ModelName.CNN, Setting(f"one of {', '.join(ModelName)} (default %(default)s)",
+                                                      Group.DATA))
+    init: str = setting("default", Setting(
+        "'default' (PyTorch's, seeded), 'paper' (U(-0.5, 0.5), as DLG) or a checkpoint path", Group.DATA))
+    partition: PartitionScheme = setting(PartitionScheme.IID, Setting(
+        "how the training set is split: iid, or dirichlet (label skew, see --alpha)", Group.FEDERATION, choices=True))
+    alpha: float = setting(0.5, Setting("Dirichlet concentration: small = each client sees few classes",
+                                        Group.FEDERATION, above=0))
+    # with max_shard: each client keeps a seeded number of its partition's examples in between
+    min_shard: int = setting(48, Setting("with --max-shard: the fewest examples a client keeps of its partition",
+                                        Group.FEDERATION, least=1))
+    max_shard: int = setting(64, Setting(  # 0: every client keeps its whole partition
+        "each client keeps a seeded number of its partition's examples, from --min-shard to this (unequal shards; "
+        "default %(default)s); 0: its whole partition", Group.FEDERATION, least=0))
+    fraction_train: float = setting(1.0, Setting(  # the share of clients Flower samples each round
+        "the share of clients Flower samples for each round (default %(default)g: all)", Group.FEDERATION,
+        above=0, most=1))
+    strategy: StrategyName = setting(StrategyName.FEDAVG, Setting(
+        "the Flower strategy the malicious server wraps (default %(default)s)", Group.FEDERATION, choices=True))
+    proximal_mu: float = setting(0.0, Setting(  # FedProx's mu (strategy fedprox only)
+        "FedProx's proximal weight mu (with --strategy fedprox)", Group.FEDERATION))
+    server_lr: float = setting(0.01, Setting(  # FedAdam's / FedYogi's server learning rate (eta)
+        "the server optimiser's learning rate eta (with --strategy fedadam or fedyogi)", Group.FEDERATION, above=0))
+    train_mode: TrainMode = setting(TrainMode.EPOCHS, Setting(
+        "fedsgd: one step on B examples; steps: K steps of B examples drawn each round; epochs: E epochs over the "
+        "client's whole shard in shuffled batches of B (default %(default)s)", Group.TRAINING, choices=True))
+    local_steps: int = setting(1, Setting("K SGD steps per round (steps mode)", Group.TRAINING))
+    batch_size: int = setting(16, Setting("B examples per step (default %(default)s)", Group.TRAINING))
+    epochs: int = setting(2, Setting(
+        "E passes over the shard (epochs mode) or over the K x B round examples (steps mode)", Group.TRAINING))
+    lr: float = setting(0.05, Setting("client learning rate", Group.TRAINING))
+    momentum: float = setting(0.9, Setting("client SGD momentum", Group.TRAINING))
+    weight_decay: float = setting(0.0, Setting("client SGD weight decay", Group.TRAINING))
+    batchnorm: BatchNormMode = setting(BatchNormMode.TRAIN, Setting(
+        "batch-norm layers in local training: batch statistics (train, default) or the model's running ones, not "
+        "updated (frozen)", Group.TRAINING, choices=True))
+    defense: DefenseSpec = setting(DefenseSpec(), Setting(
+        f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or steps joined by '+', "
+        "e.g. clip:4+noise:0.01 (see clients/defenses.py)", Group.TRAINING, metavar="SPEC"))
+    attack: str = "imprint"  # its flag is written by hand in fl_sim/commands/config.py (the attack registry's names)
+    iterations: int = setting(300, Setting(
+        "optimiser iterations per victim (an L-BFGS iteration is up to 20 updates, as in DLG)", Group.ATTACK,
+        least=1))
+    restarts: int | None = setting(None, Setting(  # None: the attack preset's
+        "random restarts per victim (default: the preset's)", Group.ATTACK, least=1))
+    bn_statistics: float = setting(0.0, Setting(  # weight of the batch-norm statistics term (GradInversion); 0: off
+        "weight of a term matching the batch-norm running statistics the client sent to those the replay produces "
+        "(GradInversion; 0: off, default; see docs/findings.md section 6)", Group.ATTACK, least=0, metavar="WEIGHT"))
+    tv_weight: float | None = setting(None, Setting(  # None: the attack preset's
+        "weight of the total-variation image prior (default: the preset's; ig 0.01, dlg and idlg 0); the best "
+        "weight depends on the model (docs/benchmarks.md)", Group.ATTACK, least=0, metavar="WEIGHT"))
+    no_replay: bool = setting(False, Setting(
+        "treat the weight change / (steps x lr) as one gradient instead of replaying K steps", Group.ATTACK))
+    max_attack_images: int = setting(64, Setting(  # an update of more images (epochs mode: a larger shard)
+        "updates of more images (in epochs mode: larger shards) are not attacked; their row says so",
+        Group.FEDERATION, least=1))
+    attack_async: bool = setting(False, Setting(  # beside the next round's training (fl_sim/server/background.py)
+        "run a passive attack (dlg, idlg, ig) on a background thread beside the next round's training instead of "
+        "before the aggregate: the same rows; not with imprint or trap (default: off)", Group.FEDERATION,
+        negatable=True, resumable=True))
+    attack_every: int = setting(1, Setting("attack rounds 1, 1+N, 1+2N, ... (default every round)", Group.FEDERATION,
+                                           least=1))
+    attack_clients: tuple[int, ...] | None = setting(None, Setting(  # None: every client
+        "partition ids to attack, e.g. 0,2 (default all)", Group.FEDERATION, flag_default="all"))
+    imprint_bins: int = setting(0, Setting(  # 0: 256 with --attack imprint
+        "rows of the imprint block the clients build (default 256 with --attack imprint)", Group.ATTACK, least=0))
+    imprint_blocks: int = setting(4, Setting(  # the server's choice only
+        "statistics the imprint rows measure; more blocks, fewer images sharing every bin (default %(default)s)",
+        Group.ATTACK, least=1))
+    client_eval: bool = setting(False, Setting(
+        "also have clients evaluate the global model on their share of the test split", Group.FEDERATION))
+    device: str = setting(Device.AUTO, Setting(f"{', '.join(Device)}", Group.ATTACK, resumable=True))
+    seed: int = setting(0, Setting("seed of the run's random draws (default %(default)s)", Group.GENERAL, least=0))
+    inject_faults: dict[int, Fault] = field(default_factory=dict, metadata={SETTING: Setting(  # partition id -> fault
+        f"clients that send bad replies every round, e.g. 0=nan,2=crash; kinds: {', '.join(FAULT_HELP)}",
+        Group.FAULTS, metavar="CLIENT=KIND,...")})
 
     def __post_init__(self):
         for spec in fields(self):
@@ -231,7 +373,8 @@ class RunConfig:
         unknown = sorted(set(values) - {spec.name for spec in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
-        return dataclasses.replace(defaults or cls(), **values)
+        raw: dict[str, typing.Any] = dict(values)  # untyped as given: __post_init__ coerces each to its field's type
+        return dataclasses.replace(defaults or cls(), **raw)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object], defaults: "RunConfig | None" = None) -> "RunConfig":
@@ -266,17 +409,15 @@ class RunConfig:
 
     def check(self) -> None:
         """Every check that needs neither data nor torch, before any work starts (raises ConfigError)."""
-        for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("partition", PARTITIONS),
-                              ("attack", (*attack_names(), NO_ATTACK))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name, least in (("rounds", 1), ("num_clients", 1), ("iterations", 1), ("attack_every", 1), ("seed", 0),
-                            ("min_shard", 1), ("max_shard", 0), ("max_attack_images", 1), ("imprint_bins", 0),
-                            ("imprint_blocks", 1)):
-            if getattr(self, name) < least:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        if self.attack not in (*attack_names(), NO_ATTACK):
+            raise ConfigError(f"unknown attack {self.attack!r}: choose one of {', '.join((*attack_names(), NO_ATTACK))}")
+        if self.device not in set(Device) and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be {', '.join(Device)} (or cuda:N), got {self.device!r}")
+        for name, declared in SETTINGS.items():  # the bounds each setting declares
+            value = getattr(self, name)
+            problem = None if value is None else declared.violation(flag_of(name), value)
+            if problem:
+                raise ConfigError(problem)
         spec = find_attack(self.attack)
         if spec is not None and spec.models is not None and not spec.reaches(self.model):
             others = [other.name for other in attack_specs() if other.active and other.reaches(self.model)]
@@ -286,23 +427,12 @@ class RunConfig:
         if spec is not None and spec.needs_imprint and self.imprint_rows % self.imprint_blocks:
             raise ConfigError(f"--imprint-bins {self.imprint_rows} must split evenly into --imprint-blocks "
                               f"{self.imprint_blocks}")
-        if self.tv_weight is not None and self.tv_weight < 0:
-            raise ConfigError(f"--tv-weight must be at least 0, got {self.tv_weight}")
-        if self.bn_statistics < 0:
-            raise ConfigError(f"--bn-statistics must be at least 0, got {self.bn_statistics}")
         if self.attack_async and spec is not None and not spec.may_run_async:
             background = [other.name for other in attack_specs() if other.may_run_async]
             raise ConfigError(f"--attack-async runs only passive attacks ({', '.join(background)}) in the "
                               f"background: {self.attack} arms the weights the server sends and decides what of "
                               f"its targets' replies enters the average, so it is part of the round; drop "
                               f"--attack-async or choose a passive attack")
-        if self.restarts is not None and self.restarts < 1:
-            raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
-        for name in ("alpha", "server_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 < self.fraction_train <= 1:
-            raise ConfigError(f"--fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.max_shard and self.max_shard < self.min_shard:
             raise ConfigError(f"--max-shard {self.max_shard} is below --min-shard {self.min_shard}")
         if self.proximal_mu and self.strategy != StrategyName.FEDPROX:
@@ -319,28 +449,44 @@ class RunConfig:
                               "sees only their sum, so leave it out")
 
 
-# Flower keys whose field is named differently (the flag is --rounds / --out; Flower's usual keys are these).
-FLOWER_NAMES = {"rounds": "num-server-rounds", "out": "out-dir"}
 FIELD_TYPES = typing.get_type_hints(RunConfig)
+SETTINGS: dict[str, Setting] = {spec.name: spec.metadata[SETTING] for spec in fields(RunConfig)
+                                if SETTING in spec.metadata}
+
+
+def flag_of(name: str) -> str:
+    """Field `name`'s command-line flag: `--name-with-hyphens`."""
+    return f"--{name.replace('_', '-')}"
 
 
 def flower_key(name: str) -> str:
-    return FLOWER_NAMES.get(name, name.replace("_", "-"))
+    """Field `name`'s key in Flower's run config: its declared `flower_key`, else the name with hyphens."""
+    declared = SETTINGS.get(name)
+    if declared is not None and declared.flower_key is not None:
+        return declared.flower_key
+    return name.replace("_", "-")
 
 
 def coerce(name: str, value: object) -> object:
     """`value` as field `name`'s type, or a ConfigError naming the flag and what it must be."""
     kind = FIELD_TYPES[name]
-    flag = f"--{name.replace('_', '-')}"
+    flag = flag_of(name)
     if name == "attack_clients":
-        return parse_client_list(value) if isinstance(value, str) else (
-            None if value is None else tuple(sorted({coerce_scalar(int, v, flag) for v in value})))
+        if value is None or isinstance(value, str):
+            return None if value is None else parse_client_list(value)
+        if not isinstance(value, Iterable):
+            raise ConfigError(f"{flag} must be partition ids like 0,2,5 (or all), got {value!r}")
+        return tuple(sorted({typing.cast(int, coerce_scalar(int, v, flag)) for v in value}))
     if name == "inject_faults":
-        return parse_faults(value) if isinstance(value, str) else \
-            parse_faults(",".join(f"{client}={fault}" for client, fault in value.items()))
+        if isinstance(value, Mapping):
+            value = ",".join(f"{client}={fault}" for client, fault in value.items())
+        return parse_faults(typing.cast(str, coerce_scalar(str, value, flag)))
     if name == "defense":
-        return value if isinstance(value, DefenseSpec) else DefenseSpec.parse(coerce_scalar(str, value, flag))
-    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: TOML has no null: "" (and 0 for a count) mean None
+        if isinstance(value, DefenseSpec):
+            return value
+        return DefenseSpec.parse(typing.cast(str, coerce_scalar(str, value, flag)))
+    # `X | None`: TOML has no null: "" (and 0 for a count) mean None
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         if value is None or value == "" or (kind is int and value == 0):  # a weight of 0 is a weight
             return None
@@ -369,11 +515,16 @@ def coerce_scalar(kind: type, value: object, flag: str) -> object:
             except ValueError:
                 pass
         raise ConfigError(f"{flag} must be a number, got {value!r}")
+    if isinstance(kind, type) and issubclass(kind, Name):
+        if not isinstance(value, str):
+            raise ConfigError(f"{flag} must be text, got {value!r}")
+        if value not in set(kind):
+            raise ConfigError(f"unknown {flag[2:]} {value!r}: choose one of {', '.join(kind)}")
+        return kind(value)
     if isinstance(kind, type) and issubclass(kind, StrEnum):
-        try:
+        if isinstance(value, str) and value in set(kind):
             return kind(value)
-        except ValueError:
-            raise ConfigError(f"{flag} must be one of {', '.join(kind)}, got {value!r}") from None
+        raise ConfigError(f"{flag} must be one of {', '.join(kind)}, got {value!r}")
     if kind is str:
         if isinstance(value, str):
             return value
