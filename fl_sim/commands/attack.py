@@ -24,7 +24,7 @@ import torch
 from attacker import invert, resolve_device
 from clients.defenses import defense_seed, sent_weights
 from clients.training import local_train
-from fl_sim.commands import config
+from fl_sim.commands import config, guard
 from fl_sim.contract.run_config import ACTIVE_ATTACKS, RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
@@ -68,6 +68,8 @@ def check(args) -> None:
     if args.victims_at_once is not None and args.victims_at_once < 1:
         raise config.ConfigError(f"--victims-at-once must be at least 1, got {args.victims_at_once}")
     check_out(Path(args.out), getattr(args, "force", False))
+    guard.check_outside_data(args.out, args.data_root)
+    guard.check_device(args.device)
 
 
 def check_out(out: Path, force: bool) -> None:
