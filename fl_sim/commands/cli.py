@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             return module.main(args)
     except guard.Interrupted as interrupt:
         print(interrupt.message(args.command), file=sys.stderr)
-        if guard.lingering_threads():  # a Flower server thread still waiting for clients that are gone
+        if interrupt.end_process:  # a Flower server thread still waits for clients that are gone
             guard.exit_now(interrupt.exit_code)
         return interrupt.exit_code
     except ConfigError as error:

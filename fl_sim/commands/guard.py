@@ -32,6 +32,9 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, detail: str = ""):
         super().__init__(signum)
         self.signum, self.detail = signum, detail
+        # set by a command that leaves threads no one can stop (Flower's server thread waiting for clients that
+        # are gone): the process then ends at once, with exit_code, instead of waiting for them forever
+        self.end_process = False
 
     @property
     def exit_code(self) -> int:
@@ -83,12 +86,6 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def lingering_threads() -> bool:
-    """Whether a non-daemon thread besides this one is alive (the interpreter would wait for it at exit)."""
-    return any(thread.is_alive() and not thread.daemon and thread is not threading.current_thread()
-               for thread in threading.enumerate())
 
 
 # --- resources -------------------------------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def stop_interrupted(out: Path, interrupt: guard.Interrupted, continue_with: str
     """
     from fl_sim.server.resume import freeze_commits
 
+    interrupt.end_process = True
     try:
         done = freeze_commits(out)
     except ConfigError:

@@ -74,15 +74,10 @@ def load_checkpoint(out) -> Checkpoint | None:
             from None
 
 
-def rewind(out, last_round: int) -> None:
-    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go.
-
-    Only a last line without its newline is taken for one torn by a kill (and dropped): any other line that
-    is not a row of a round is damage, which stops the resume with its file and line number before anything is
-    rewritten, instead of a committed row lost in silence.
-    """
-    out = Path(out)
-    kept = {}
+def round_rows(out) -> dict[str, list[dict]]:
+    """The rows of OUT's round files (metrics.jsonl, global.jsonl), each with its round number, read strictly:
+    a damaged line is a ConfigError naming the file and line (checked before a resume starts)."""
+    out, found = Path(out), {}
     for name in ROUND_FILES:
         if (out / name).exists():
             try:
@@ -93,9 +88,20 @@ def rewind(out, last_round: int) -> None:
                 if type(row.get("round")) is not int or row["round"] < 1:
                     raise ConfigError(f"{str(out / name)!r} line {number} is not a row of a round "
                                       f"(no round number): repair or remove it to resume (nothing was changed)")
-            kept[name] = [row for _, row in rows if row["round"] <= last_round]
-    for name, rows in kept.items():
-        rewrite_jsonl(out / name, rows)
+            found[name] = [row for _, row in rows]
+    return found
+
+
+def rewind(out, last_round: int) -> None:
+    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go.
+
+    Only a last line without its newline is taken for one torn by a kill (and dropped): any other line that
+    is not a row of a round is damage, which stops the resume with its file and line number before anything is
+    rewritten, instead of a committed row lost in silence.
+    """
+    out = Path(out)
+    for name, rows in round_rows(out).items():
+        rewrite_jsonl(out / name, [row for row in rows if row["round"] <= last_round])
     for folder in out.iterdir():
         match = ROUND_FOLDER.fullmatch(folder.name)
         if match and int(match.group(1)) > last_round and folder.is_dir() and not folder.is_symlink():

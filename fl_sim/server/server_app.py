@@ -54,7 +54,7 @@ from fl_sim.results.outputs import append_jsonl, inside, write_json
 from fl_sim.server import lock
 from fl_sim.server.active import build_attack, public_images
 from fl_sim.server.background import AttackQueue
-from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
+from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
 from fl_sim.server.strategy import (
     AttackPlan,
     InvertingStrategy,
@@ -186,6 +186,7 @@ def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
         raise ConfigError(f"{config.out!r} holds no run to resume (no run.json)")
     if resume:
         load_checkpoint(config.out)  # one that cannot be read is said now
+        round_rows(config.out)  # and so is a damaged row
     scoreboard = Scoreboard(config)
     scoreboard.check_partitions()
     return scoreboard
