@@ -16,6 +16,7 @@ import torch
 
 from fl_sim.commands import cli, guard, pretrain, sweep
 from fl_sim.commands import run as run_command
+from fl_sim.contract.protocol import TrainMode
 from fl_sim.contract.run_config import ConfigError, RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
@@ -50,6 +51,7 @@ def test_an_interrupted_run_stops_within_seconds_and_resumes_with_nothing_double
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     process = subprocess.Popen([str(FL_SIM), *small_run(shared_data, out)], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
     try:
         deadline = time.monotonic() + 300
         while not (out / CHECKPOINT).exists():
@@ -77,7 +79,9 @@ def test_an_interrupted_run_stops_within_seconds_and_resumes_with_nothing_double
     assert code == 128 + signum, stderr[-3000:]
     assert took < 15, f"took {took:.1f} s to stop"
     assert not left, f"processes left behind: {left}"
-    stopped_after = load_checkpoint(out).server_round
+    checkpoint = load_checkpoint(out)
+    assert checkpoint is not None
+    stopped_after = checkpoint.server_round
     assert stopped_after < 3, "the run finished before it could be interrupted"
     message = f"interrupted ({signal.Signals(signum).name}) after round {stopped_after}; continue with: " \
               f"fl-sim run --resume {out}"
@@ -116,7 +120,7 @@ def test_an_interrupted_sweep_says_where_it_stopped_and_how_to_go_on(tmp_path, s
 def stopped_run(tmp_path, shared_data) -> Path:
     """A run folder as a run killed after round 1 leaves it: run.json, a checkpoint, round 1's rows."""
     out = tmp_path / "stopped"
-    config = RunConfig(out=str(out), rounds=3, num_clients=2, iterations=2, seed=4, train_mode="steps",
+    config = RunConfig(out=str(out), rounds=3, num_clients=2, iterations=2, seed=4, train_mode=TrainMode.STEPS,
                        batch_size=1, model="lenet", data_root=str(shared_data))
     write_json(out / "run.json", {"config": config.to_flower(), "seed": 4})
     weights = build_model("lenet", 1, 28, 10).state_dict()
@@ -128,6 +132,7 @@ def test_a_second_writer_is_refused_naming_the_holder(stopped_run, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fl_sim.server import lock; "
                                f"lock.acquire({str(stopped_run)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
