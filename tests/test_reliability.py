@@ -190,6 +190,10 @@ def test_memory_the_machine_lacks_is_refused_with_the_flag_that_lowers_it(shared
     assert needed * 2**30 >= per_copy * (4 + 2 * 2 + 5)  # the models and replies of 2 clients, 1 worker at least
     assert not (tmp_path / "run").exists()
     run_command.check(cli.parse_args(small_run(shared_data, tmp_path / "ok")))  # a small run fits in 2 GiB
+    assert cli.main(["attack", "--dataset", "mnist", "--data-root", str(shared_data), "--attack", "imprint",
+                     "--imprint-bins", "100000", "--num-victims", "4", "--out", str(tmp_path / "attack")]) == 2
+    assert "(4 victim(s), 599 MiB per copy of the model) but the machine has 2.0 GiB free: lower --imprint-bins" \
+        in capsys.readouterr().err
 
 
 def test_run_and_sweep_leave_a_folder_they_did_not_write_alone(shared_data, tmp_path, capsys):
@@ -340,3 +344,22 @@ def test_run_json_keeps_an_absolute_data_root(shared_data, tmp_path, monkeypatch
     monkeypatch.chdir(shared_data.parent)
     config = run_command.check(cli.parse_args(small_run(Path(shared_data.name), tmp_path / "run")))
     assert config.data_root == str(shared_data.resolve())
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_the_run_resumes(shared_data, tmp_path, monkeypatch, capfd):
+    from fl_sim.server import resume as commits
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(commits, "atomic_write_bytes", full)  # round 1's checkpoint cannot be written
+    out = tmp_path / "run"
+    assert cli.main(small_run(shared_data, out, "--attack", "none")) == 2
+    err = capfd.readouterr().err
+    assert f"No space left on device writing {str(out / CHECKPOINT)!r}: free space (or write elsewhere) and run " \
+           "the command again with --resume" in err
+    assert "Traceback" not in err
+    assert not (out / lock.LOCK_FILE).exists()
+    monkeypatch.undo()
+    assert cli.main(["run", "--resume", str(out)]) == 0
+    assert [row["round"] for row in read_jsonl(out / "global.jsonl")] == [1, 2, 3]

@@ -111,15 +111,17 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
 def run(args) -> dict:
     started = time.perf_counter()
     check(args)
+    dataset = load_dataset(args.dataset, args.data_root, train=True)
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    imprint_rows = RunConfig(attack=args.attack, imprint_bins=args.imprint_bins).imprint_rows
+    guard.check_memory(guard.model_bytes(args.model, shape, dataset.num_classes, imprint_rows), args.num_victims, 1,
+                       "--imprint-bins" if imprint_rows else "--num-victims", "victim(s)")  # before --force clears
     clear_out(Path(args.out))
     settings = config.training_settings(args)
     defense = config.defense(args)
     attack = attack_config(args)
     device = resolve_device(args.device)
-    dataset = load_dataset(args.dataset, args.data_root, train=True)
-    shape = (dataset.channels, dataset.image_size, dataset.image_size)
     active = args.attack in ACTIVE_ATTACKS
-    imprint_rows = RunConfig(attack=args.attack, imprint_bins=args.imprint_bins).imprint_rows
     model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed,
                         imprint=imprint_rows)
     global_weights = weights(model)

@@ -164,13 +164,13 @@ def run_memory(copy_bytes: int, clients: int, workers: int) -> int:
     return copy_bytes * (4 + 2 * clients + 5 * workers)
 
 
-def check_memory(copy_bytes: int, clients: int, workers: int, lower: str) -> None:
+def check_memory(copy_bytes: int, clients: int, workers: int, lower: str, senders: str = "client(s)") -> None:
     """Refuses a run whose models and replies would not fit into the machine's free memory, with the figure and
-    the flag (`lower`) that makes it smaller."""
+    the flag (`lower`) that makes it smaller; `senders` names who sends the replies (clients, victims)."""
     need, free = run_memory(copy_bytes, clients, workers), available_memory()
     if free is not None and need > free:
-        raise ConfigError(f"this run needs about {need / 2**30:.1f} GiB for its models and replies ({clients} "
-                          f"client(s), {copy_bytes / 2**20:.0f} MiB per copy of the model) but the machine has "
+        raise ConfigError(f"this needs about {need / 2**30:.1f} GiB for its models and replies ({clients} "
+                          f"{senders}, {copy_bytes / 2**20:.0f} MiB per copy of the model) but the machine has "
                           f"{free / 2**30:.1f} GiB free: lower {lower}")
 
 
