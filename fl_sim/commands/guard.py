@@ -11,6 +11,7 @@ Every refusal is a ConfigError (one sentence, exit code 2).
 """
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,8 +82,6 @@ def as_interrupt(error: SystemExit) -> Interrupted | None:
 def exit_now(code: int) -> None:
     """Ends the process at once with `code`, when threads a library started would keep it alive (a Flower
     server thread waiting for clients that are gone). Everything written so far is committed or rewound."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
