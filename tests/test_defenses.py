@@ -104,7 +104,7 @@ def test_specs_parse_into_client_steps_and_secure_aggregation():
     ("fp16:2", "fp16 takes no number"),
     ("secagg:2", "secagg takes no number"),
     ("secagg+secagg", "comes once"),
-    ("none+fp16", "'none' is not a defense"),
+    ("none+fp16", "'none' means no defense and stands alone; to defend, join only the steps, e.g. fp16"),
     ("blur:3", "'blur:3' is not a defense; write steps joined by '+'"),
     ("", "'' is not a defense"),
 ])

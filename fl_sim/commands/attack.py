@@ -26,7 +26,7 @@ import torch
 from attacker import resolve_device
 from clients.defenses import defense_seed, sent_weights
 from clients.training import local_train
-from fl_sim.commands import config
+from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
@@ -70,6 +70,8 @@ def check(args) -> None:
     if args.victims_at_once is not None and args.victims_at_once < 1:
         raise config.ConfigError(f"--victims-at-once must be at least 1, got {args.victims_at_once}")
     check_out(Path(args.out), getattr(args, "force", False))
+    guard.check_outside_data(args.out, args.data_root)
+    guard.check_device(args.device)
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -113,14 +115,16 @@ def victim_indices(dataset_size: int, victims: int, per_victim: int, seed: int) 
 def run(args) -> dict:
     started = time.perf_counter()
     check(args)
-    clear_out(Path(args.out))
+    dataset = load_dataset(args.dataset, args.data_root, train=True)
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
     run_config = config.task_config(args)
+    imprint_rows = run_config.imprint_rows
+    guard.check_memory(guard.model_bytes(args.model, shape, dataset.num_classes, imprint_rows), args.num_victims, 1,
+                       "--imprint-bins" if imprint_rows else "--num-victims", "victim(s)")  # before --force clears
+    clear_out(Path(args.out))
     settings = config.training_settings(args)
     defense = config.defense(args)
     device = resolve_device(args.device)
-    dataset = load_dataset(args.dataset, args.data_root, train=True)
-    shape = (dataset.channels, dataset.image_size, dataset.image_size)
-    imprint_rows = run_config.imprint_rows
     model = build_model(args.model, *shape[:2], dataset.num_classes, init=args.init, seed=args.seed,
                         imprint=imprint_rows)
     global_weights = weights(model)

@@ -4,11 +4,14 @@
 at once; the modules of the other commands import them when they run.
 """
 import argparse
+import errno
 import importlib
 import sys
 
 from fl_sim.contract.run_config import ConfigError
 
+# A full disk, a quota or a read-only disk: the machine's state, not a bug (exit code 2, one line).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 COMMANDS = {
     "attack": ("fl_sim.commands.attack",
                "invert victims' updates once, without Flower, and score the reconstructions"),
@@ -55,11 +58,20 @@ def suppress_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the chosen command; what goes wrong ends in one line and an exit code (README, "Exit codes")."""
+    from fl_sim.commands import guard
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return module.main(args)
+        with guard.interruptible():
+            return module.main(args)
+    except guard.Interrupted as interrupt:
+        print(interrupt.message(args.command), file=sys.stderr)
+        if interrupt.end_process:  # a Flower server thread still waits for clients that are gone
+            guard.exit_now(interrupt.exit_code)
+        return interrupt.exit_code
     except ConfigError as error:
         print(f"fl-sim {args.command}: {error}", file=sys.stderr)
         return 2
@@ -67,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if type(error).__name__ != "DataNotFoundError":  # fl_sim.learning.data's, not imported here: it needs torch
             raise
         print(f"fl-sim {args.command}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in NO_ROOM:
+            raise
+        where = f" writing {error.filename!r}" if error.filename else ""
+        print(f"fl-sim {args.command}: {error.strerror or error}{where}: free space (or write elsewhere) and "
+              f"run the command again{' with --resume' if args.command == 'run' else ''}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attacker import resolve_device
+from fl_sim.commands import guard
 from fl_sim.contract.run_config import ConfigError, check_writable
 from fl_sim.learning.data import DATASETS, load_dataset
 from fl_sim.learning.models import MODELS, build_model
@@ -46,7 +47,17 @@ def check(args) -> None:
         raise ConfigError(f"--lr must be positive, got {args.lr}")
     if args.init not in ("default", "paper") and not Path(args.init).is_file():
         raise ConfigError(f"--init {args.init!r} is neither 'default', 'paper' nor an existing checkpoint file")
-    check_writable(Path(args.out).parent)
+    out = Path(args.out)
+    for path in (out, Path(f"{out}.json")):  # never replace a file it did not write (or one it did: say so)
+        if path.is_dir():
+            raise ConfigError(f"--out {str(out)!r}: {str(path)!r} is a folder; give the checkpoint's file name, "
+                              "e.g. ckpt.pt")
+        if path.exists() or path.is_symlink():
+            raise ConfigError(f"--out {str(out)!r}: {str(path)!r} exists already; choose a new name, or delete it "
+                              "first to replace it")
+    guard.check_outside_data(out, args.data_root)
+    guard.check_device(args.device)
+    check_writable(out.parent)
 
 
 def pretrain(args) -> dict:

@@ -101,8 +101,27 @@ def _write_index(out: Path, record: dict, columns: list[str], rows: list[dict], 
     atomic_write_bytes(out / "index.html", page.encode("utf-8"))
 
 
+def check_records(out: Path) -> None:
+    """run.json and sweep.json, when there, must be the JSON objects fl-sim wrote: a damaged one is named in one
+    line (exit code 2) instead of a traceback from deep inside the page code."""
+    for name, keys in (("run.json", ()), ("sweep.json", ("grid", "points"))):
+        path = out / name
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            whole = isinstance(record, dict) and all(key in record for key in keys)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{str(path)!r} is damaged ({type(error).__name__}: {str(error)[:80]}): it is not the "
+                              "record fl-sim wrote; restore it, or rebuild the folder") from None
+        if not whole:
+            raise ConfigError(f"{str(path)!r} is not a record fl-sim wrote (a JSON object with "
+                              f"{', '.join(keys) or 'the run'}): restore it, or rebuild the folder")
+
+
 def main(args) -> int:
     out = Path(args.out)
+    check_records(out)
     if (out / "sweep.json").is_file():
         rows = build_sweep(out)
         print(f"fl-sim report: {len(rows)} point(s) -> {out / 'index.html'}, {out / 'results.csv'}")

@@ -13,7 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from fl_sim.commands import config
+from fl_sim.commands import config, guard
+from fl_sim.contract.records import REPLY_FAULTS
 from fl_sim.contract.run_config import (
     FIELD_TYPES,
     SETTINGS,
@@ -25,8 +26,9 @@ from fl_sim.contract.run_config import (
     flower_key,
     trap_starves,
 )
-from fl_sim.results.outputs import read_jsonl
+from fl_sim.results.outputs import JSONL_LOCK, read_jsonl
 from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
+from fl_sim.server import lock
 
 DEFAULTS = RunConfig()
 FIELD_NAMES = frozenset(FIELD_TYPES)  # every run setting's name: its flag's argparse dest
@@ -63,17 +65,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args) -> RunConfig:
     """The run's config, checked with its data before Ray starts (bad flags cost no simulation)."""
-    from fl_sim.learning.data import cached_dataset  # imported late: torch is slow to import
+    from fl_sim.learning.data import cached_dataset, resolve_data_root  # imported late: torch is slow to import
 
     if (args.out is None) == (args.resume is None):
         raise ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
+    if args.resume is None:
+        guard.check_new_folder(args.out, "run", "run.json")
     run_config = resumed_config(args) if args.resume else config_from_flags(args)
+    # run.json keeps the data root absolute: a resume from another folder finds the same data
+    run_config = dataclasses.replace(run_config, data_root=str(resolve_data_root(run_config.data_root).resolve()))
     check_run(run_config)
-    if not args.client_cpus > 0 or args.client_gpus < 0:
-        raise ConfigError("--client-cpus must be positive and --client-gpus non-negative")
+    check_machine(run_config, args.client_cpus, args.client_gpus)
+    guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
     for train in (True, False):
         cached_dataset(run_config.dataset, run_config.data_root, train)  # DataNotFoundError says what to do
+    check_model(run_config, args.client_cpus)
     return run_config
+
+
+def check_machine(run_config: RunConfig, client_cpus: float, client_gpus: float) -> None:
+    """What the run asks of the machine that it does not have (cores, GPUs, CUDA), refused before Ray starts."""
+    guard.check_client_resources(client_cpus, client_gpus)
+    guard.check_device(run_config.device)
+
+
+def check_model(run_config: RunConfig, client_cpus: float = 1.0) -> None:
+    """The model fits the machine's free memory with every client's reply, and --init holds its weights."""
+    from fl_sim.learning.data import cached_dataset, image_spec
+    from fl_sim.learning.models import build_model
+
+    shape, classes = image_spec(cached_dataset(run_config.dataset, run_config.data_root, False))
+    copy_bytes = guard.model_bytes(run_config.model, shape, classes, run_config.imprint_rows)
+    workers = min(run_config.num_clients, max(1, int(guard.cpu_cores() // client_cpus)))
+    guard.check_memory(copy_bytes, run_config.num_clients, workers,
+                       "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or use a "
+                       "smaller --model")
+    if run_config.init not in ("default", "paper"):  # a file that is no checkpoint of this model: said now
+        build_model(run_config.model, shape[0], shape[1], classes, init=run_config.init, seed=run_config.seed)
 
 
 def config_from_flags(args, names=None) -> RunConfig:
@@ -125,28 +153,92 @@ def default_arguments() -> argparse.Namespace:
     return parser.parse_args([])
 
 
-def run(args) -> dict:
+def run(args, continue_with: str | None = None) -> dict:
+    """Runs (or continues) the simulation; returns its summary numbers.
+
+    Holds OUT's lock (fl_sim/server/lock.py) while it writes. SIGINT or SIGTERM stop it within seconds: the
+    rounds committed stay, Ray is shut down, and `guard.Interrupted` goes on with where it stopped and how to
+    continue (`continue_with`, default: fl-sim run --resume OUT).
+    """
     run_config = check(args)
+    resume = args.resume is not None
+    if resume and finished(run_config):
+        return {**summary(run_config.out, 0.0), "attack": run_config.attack,
+                "attack_clients": run_config.attack_clients, "finished_before": True}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline by default; set it to 1 to allow Flower's
     from flwr.simulation import run_simulation  # imported late: it is slow, and flags are checked first
 
     from clients.app import make_client_app  # the one place fl_sim imports clients: a simulation runs both sides
+    from fl_sim.server import resume as commits
     from fl_sim.server.server_app import make_server_app, preflight
 
-    resume = args.resume is not None
     preflight(run_config, resume)
+    out = Path(run_config.out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    commits.STOPPED.clear()
     started = time.perf_counter()
     hide = HideRunSimulationDeprecation()
     logging.getLogger("flwr").addFilter(hide)
     try:
-        run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
-                       num_supernodes=run_config.num_clients,
-                       backend_config={"client_resources": {"num_cpus": args.client_cpus,
-                                                            "num_gpus": args.client_gpus}})
+        with lock.hold(out):
+            try:
+                run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
+                               num_supernodes=run_config.num_clients,
+                               backend_config={"client_resources": {"num_cpus": args.client_cpus,
+                                                                    "num_gpus": args.client_gpus}})
+            except SystemExit as error:  # Ray's own SIGTERM handler, once Ray runs
+                interrupt = guard.as_interrupt(error)
+                if interrupt is None:
+                    raise
+                raise interrupt from None
+    except guard.Interrupted as interrupt:
+        stop_interrupted(out, interrupt, continue_with or f"fl-sim run --resume {out}")
+        raise
     finally:
         logging.getLogger("flwr").removeFilter(hide)
+        if created and out.is_dir() and not any(out.iterdir()):  # nothing written: no empty folder left
+            out.rmdir()
     return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
             "attack_clients": run_config.attack_clients}
+
+
+def finished(run_config: RunConfig) -> bool:
+    """Whether the run in OUT has finished every round (a resume has nothing to do)."""
+    from fl_sim.server.resume import load_checkpoint
+
+    record = json.loads((Path(run_config.out) / "run.json").read_text())
+    checkpoint = load_checkpoint(run_config.out)
+    return bool(record.get("finished")) and checkpoint is not None and checkpoint.server_round >= run_config.rounds
+
+
+def stop_interrupted(out: Path, interrupt: guard.Interrupted, continue_with: str) -> None:
+    """Freezes an interrupted run where it stands and stops Ray; says where in `interrupt.detail`.
+
+    No round is committed after the one it names (the server thread may still be waiting for clients), no
+    row is being written when the process ends (JSONL_LOCK stays held), and a resume goes on from there.
+    """
+    from fl_sim.server.resume import freeze_commits
+
+    interrupt.end_process = True
+    try:
+        done = freeze_commits(out)
+    except ConfigError:
+        done = 0
+    JSONL_LOCK.acquire(timeout=30)  # held on purpose until the process ends: no row is torn by its end
+    lock.release(out, every=True)  # the server thread holds it too, and will not return to let it go
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # Ray half torn down by the signal itself: its processes die with their driver
+        pass
+    if (out / "run.json").exists():
+        where = f"after round {done}" if done else "before round 1 finished"
+        interrupt.detail = f"{where}; continue with: {continue_with}"
+    else:
+        interrupt.detail = "before the run started; nothing was written"
 
 
 def summary(out, seconds: float) -> dict:
@@ -206,6 +298,9 @@ def failure(result: dict, attack: str, attack_clients=None) -> str | None:
 
 def main(args) -> int:
     result = run(args)
+    if result.get("finished_before"):
+        print(f"fl-sim run: {args.resume} finished all its {result['rounds']} round(s) already; nothing to do")
+        return 0
     psnr, accuracy = headline(result)
     print(f"fl-sim run: {result['rounds']} round(s), {counts_line(result)}; {recovered_line(result)}, "
           f"PSNR median {psnr}; final global accuracy {accuracy}, {result['seconds']:.1f} s "

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fl_sim.commands import attack, config, report, run
+from fl_sim.commands import attack, config, guard, report, run
 from fl_sim.contract.records import REPLY_FAULTS
 from fl_sim.contract.run_config import check_run
 from fl_sim.learning.data import load_dataset
@@ -167,7 +167,13 @@ def check(args) -> list[tuple[dict, Path, argparse.Namespace, bool]]:
         raise config.ConfigError("fl-sim sweep continues by itself: run the same command again with the same --out")
     if args.out is None:
         raise config.ConfigError("fl-sim sweep needs --out")
+    guard.check_new_folder(args.out, "sweep", "sweep.json")
+    guard.check_outside_data(args.out, args.data_root)
+    guard.check_device(args.device)
+    if args.mode == "run":
+        guard.check_client_resources(args.client_cpus, args.client_gpus)
     grid = parse_grid(args.grid, sweep_parser(), args.mode)
+    _check_sweep_record(Path(args.out), args.mode, grid)
     planned, names = [], {}
     for settings in points(grid):
         name = point_name(settings)
@@ -184,17 +190,29 @@ def check(args) -> list[tuple[dict, Path, argparse.Namespace, bool]]:
         elif point_args.resume is None:  # a stopped run is checked by fl-sim run --resume itself
             check_run(run.config_from_flags(point_args))
         planned.append((settings, folder, point_args, done))
-    _check_sweep_record(Path(args.out), args.mode, grid)
     return planned
 
 
 def _check_sweep_record(out: Path, mode: str, grid: dict) -> None:
-    """A folder holding another mode's sweep would mix incomparable points: refused."""
-    record = out / "sweep.json"
-    if record.exists():
-        previous = json.loads(record.read_text()).get("mode")
-        if previous != mode:
-            raise config.ConfigError(f"{str(out)!r} holds a --mode {previous} sweep; use another --out")
+    """A folder holding another mode's sweep, or a sweep over other keys, would mix incomparable points in one
+    table (empty cells, plots of nothing): refused. The same keys with more values widen the sweep."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+        previous, keys = record["mode"], list(record["grid"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise config.ConfigError(f"{str(path)!r} cannot be read ({type(error).__name__}): it is not a sweep record "
+                                 "fl-sim wrote; use another --out") from None
+    if previous != mode:
+        raise config.ConfigError(f"{str(out)!r} holds a --mode {previous} sweep; use another --out")
+    wanted = [dest.replace("_", "-") for dest in grid]
+    if sorted(keys) != sorted(wanted):
+        held = " ".join(f"{key}={','.join(map(str, values))}" for key, values in record["grid"].items())
+        raise config.ConfigError(f"{str(out)!r} holds a sweep over --grid \"{held}\", not over "
+                                 f"{', '.join(wanted)}: a grid may add values to those keys; sweep other keys "
+                                 "into another --out")
 
 
 def run_sweep(args) -> list[dict]:
@@ -213,7 +231,12 @@ def run_sweep(args) -> list[dict]:
             shutil.rmtree(folder)
         else:
             print(f"{label}: running", flush=True)
-        summary = run_point(args.mode, point_args, folder)
+        try:
+            summary = run_point(args.mode, point_args, folder)
+        except guard.Interrupted as interrupt:
+            interrupt.detail = (f"at point {number} of {len(planned)} ({point_name(settings)}); the finished "
+                                f"points are kept: continue with the same fl-sim sweep command")
+            raise
         print(f"{label}: PSNR median {_number(summary.get('psnr_median'))} dB, "
               f"{summary['seconds']:.1f} s", flush=True)
     return report.build_sweep(out)

@@ -152,6 +152,10 @@ class DefenseSpec:
                     raise ConfigError(f"--defense {text!r}: secagg takes no number and comes once")
                 secure = True
                 continue
+            if kind == NO_DEFENSE:
+                others = "+".join(step.strip() for step in text.split("+") if step.strip() != NO_DEFENSE)
+                raise ConfigError(f"--defense {text!r}: 'none' means no defense and stands alone; to defend, "
+                                  f"join only the steps, e.g. {others or 'noise:0.01'}")
             if kind not in set(DefenseKind):
                 raise ConfigError(f"--defense {text!r}: {part!r} is not a defense; write steps joined by '+', "
                                   f"each one of {', '.join(DEFENSE_KINDS)} (none alone)")

@@ -7,6 +7,7 @@ a root without the files gets one clear error that says what to do. For CIFAR-10
 """
 import functools
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from fl_sim.contract.run_config import DATASETS
+from fl_sim.contract.run_config import DATASETS, ConfigError
 
 DATA_ROOT_ENV = "FL_SIM_DATA"
 
@@ -81,20 +82,43 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, train: b
 def _torchvision_dataset(cls, name: str, root: Path, train: bool) -> ImageDataset:
     try:
         dataset = cls(str(root), train=train, download=False)
-    except RuntimeError:
-        try:
-            dataset = cls(str(root), train=train, download=True)
-        except Exception as error:  # no network, or a mirror is down
-            raise DataNotFoundError(
-                f"{name} is not under {str(root)!r} and could not be downloaded ({error.__class__.__name__}). "
-                f"Point --data-root (or ${DATA_ROOT_ENV}) at a folder holding it, e.g. ../shared/data "
-                f"offline, or run once with internet to download it there."
-            ) from None
+    except RuntimeError as error:
+        if "not found" not in str(error):  # the files are there but cannot be read: not a download's job
+            raise damaged(name, root, error) from None
+        dataset = _download(cls, name, root, train)
+    except Exception as error:  # a truncated or overwritten file torchvision found and could not parse
+        raise damaged(name, root, error) from None
     pixels = np.asarray(dataset.data)
     if pixels.ndim == 3:
         pixels = pixels[..., None]
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return ImageDataset(name, labels, len(dataset.classes), pixels.shape[-1], pixels.shape[1], _pixels=pixels)
+
+
+def _download(cls, name: str, root: Path, train: bool):
+    """torchvision's download into an existing root; a failed one leaves no folder behind, and a root that does
+    not exist (mistyped) is never created."""
+    missing = DataNotFoundError(
+        f"{name} is not under {str(root)!r}{'' if root.is_dir() else ' (no such folder)'} and could not be "
+        f"downloaded. Point --data-root (or ${DATA_ROOT_ENV}) at a folder holding it, e.g. ../shared/data "
+        f"offline, or run once with internet to download it there.")
+    if not root.is_dir():
+        raise missing
+    before = set(root.iterdir())
+    try:
+        return cls(str(root), train=train, download=True)
+    except Exception:  # no network, or a mirror is down
+        for made in set(root.iterdir()) - before:  # the download's empty folders (MNIST/raw), nothing with data
+            if made.is_dir() and not made.is_symlink() and not any(path.is_file() for path in made.rglob("*")):
+                shutil.rmtree(made)
+        raise missing from None
+
+
+def damaged(name: str, root: Path, error: Exception) -> ConfigError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+    return ConfigError(f"{name} under {str(root)!r} is there but cannot be read ({reason}): a file of it is damaged "
+                       f"(a download cut short?); delete its folder and download it again, or point --data-root "
+                       f"elsewhere")
 
 
 def _image_folder(folder: Path, name: str) -> ImageDataset:
@@ -107,9 +131,18 @@ def _image_folder(folder: Path, name: str) -> ImageDataset:
         dataset = torchvision.datasets.ImageFolder(str(folder))
     except FileNotFoundError as error:
         raise DataNotFoundError(f"no images in {str(folder)!r}: {error}") from None
-    with Image.open(dataset.samples[0][0]) as first:
-        channels = 1 if first.mode in ("L", "1", "I;16") else 3
-        size = first.size[0]
+    if len(dataset.classes) < 2:
+        raise ConfigError(f"{str(folder)!r} holds one class ({dataset.classes[0]!r}): a classifier needs at least "
+                          "two class sub-folders (with one, every label is right and training changes nothing)")
+    first_file = dataset.samples[0][0]
+    try:
+        with Image.open(first_file) as first:
+            first.load()
+            channels = 1 if first.mode in ("L", "1", "I;16") else 3
+            size = first.size[0]
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ConfigError(f"{first_file!r} is not an image that can be read ({type(error).__name__}): replace or "
+                          f"remove it") from None
     files = [path for path, _ in dataset.samples]
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return ImageDataset(name, labels, len(dataset.classes), channels, size, _files=files)

@@ -96,6 +96,43 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
+class DamagedFileError(ValueError):
+    """A JSON-lines file with a line that is neither a row nor the torn end a kill leaves."""
+
+
+def read_jsonl_strict(path) -> list[tuple[int, dict]]:
+    """(line number, row) of every row of a JSON-lines file, for a file about to be rewritten.
+
+    A kill mid-append can leave only the last line torn, and such a line lacks its newline: that one is
+    skipped. Any other line that is not a JSON object raises DamagedFileError with its line number, so a
+    damaged row is never dropped (and so lost) in silence.
+    """
+    path = Path(path)
+    with JSONL_LOCK:
+        data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines.pop() if lines else b""  # what follows the last newline: b"" in a whole file
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if not isinstance(row, dict):
+            raise DamagedFileError(f"{str(path)!r} line {number} is damaged (not a JSON row): {line[:60]!r}")
+        rows.append((number, row))
+    if torn.strip():
+        try:
+            row = json.loads(torn.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):  # whole, only its newline missing
+            rows.append((len(lines) + 1, row))
+    return rows
+
+
 def inside(out, relative) -> Path:
     """OUT/relative, refused when it would resolve outside OUT (names built from config or replies)."""
     root = Path(out).resolve()

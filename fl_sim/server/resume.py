@@ -14,17 +14,22 @@ global row of the round it lags included), and the resumed run trains and attack
 import io
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fl_sim.contract.run_config import ConfigError
-from fl_sim.results.outputs import atomic_write_bytes, read_jsonl, rewrite_jsonl
+from fl_sim.results.outputs import DamagedFileError, atomic_write_bytes, read_jsonl_strict, rewrite_jsonl
 
 CHECKPOINT = "checkpoint.pt"
 ROUND_FILES = ("metrics.jsonl", "global.jsonl")
 ROUND_FOLDER = re.compile(r"round-(\d+)")
+# An interrupted run (fl_sim/commands/run.py) freezes its commits: under COMMIT_LOCK it sets STOPPED and reads
+# the last committed round, so the round it names is the one a resume goes on from.
+COMMIT_LOCK = threading.Lock()
+STOPPED = threading.Event()
 
 
 @dataclass
@@ -38,7 +43,18 @@ def save_checkpoint(out, checkpoint: Checkpoint) -> None:
     buffer = io.BytesIO()
     torch.save({"round": checkpoint.server_round, "model": checkpoint.weights,
                 "elapsed_seconds": checkpoint.elapsed_seconds}, buffer)
-    atomic_write_bytes(Path(out) / CHECKPOINT, buffer.getvalue())
+    with COMMIT_LOCK:
+        if STOPPED.is_set():  # the run was interrupted: rounds after the one it reported stay uncommitted
+            return
+        atomic_write_bytes(Path(out) / CHECKPOINT, buffer.getvalue())
+
+
+def freeze_commits(out) -> int:
+    """Stops every later commit and returns the last round committed (0: none)."""
+    with COMMIT_LOCK:
+        STOPPED.set()
+        checkpoint = load_checkpoint(out) if (Path(out) / CHECKPOINT).exists() else None
+        return checkpoint.server_round if checkpoint else 0
 
 
 def load_checkpoint(out) -> Checkpoint | None:
@@ -58,14 +74,34 @@ def load_checkpoint(out) -> Checkpoint | None:
             from None
 
 
-def rewind(out, last_round: int) -> None:
-    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go."""
-    out = Path(out)
+def round_rows(out) -> dict[str, list[dict]]:
+    """The rows of OUT's round files (metrics.jsonl, global.jsonl), each with its round number, read strictly:
+    a damaged line is a ConfigError naming the file and line (checked before a resume starts)."""
+    out, found = Path(out), {}
     for name in ROUND_FILES:
         if (out / name).exists():
-            rows = read_jsonl(out / name)
-            rewrite_jsonl(out / name, [row for row in rows
-                                       if type(row.get("round")) is int and 1 <= row["round"] <= last_round])
+            try:
+                rows = read_jsonl_strict(out / name)
+            except DamagedFileError as error:
+                raise ConfigError(f"{error}: repair or remove that line to resume (nothing was changed)") from None
+            for number, row in rows:
+                if type(row.get("round")) is not int or row["round"] < 1:
+                    raise ConfigError(f"{str(out / name)!r} line {number} is not a row of a round "
+                                      f"(no round number): repair or remove it to resume (nothing was changed)")
+            found[name] = [row for _, row in rows]
+    return found
+
+
+def rewind(out, last_round: int) -> None:
+    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go.
+
+    Only a last line without its newline is taken for one torn by a kill (and dropped): any other line that
+    is not a row of a round is damage, which stops the resume with its file and line number before anything is
+    rewritten, instead of a committed row lost in silence.
+    """
+    out = Path(out)
+    for name, rows in round_rows(out).items():
+        rewrite_jsonl(out / name, [row for row in rows if row["round"] <= last_round])
     for folder in out.iterdir():
         match = ROUND_FOLDER.fullmatch(folder.name)
         if match and int(match.group(1)) > last_round and folder.is_dir() and not folder.is_symlink():

@@ -50,10 +50,11 @@ from fl_sim.learning.updates import parameter_names
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.gallery import AGGREGATE, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
+from fl_sim.server import lock
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
-from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, save_checkpoint
+from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
 from fl_sim.server.strategy import (
     AttackPlan,
     InvertingStrategy,
@@ -184,6 +185,7 @@ def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
         raise ConfigError(f"{config.out!r} holds no run to resume (no run.json)")
     if resume:
         load_checkpoint(config.out)  # one that cannot be read is said now
+        round_rows(config.out)  # and so is a damaged row
     scoreboard = Scoreboard(config)
     scoreboard.check_partitions()
     return scoreboard
@@ -192,9 +194,17 @@ def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
 def run_federation(grid: Grid, config: RunConfig, resume: bool = False) -> None:
     """The whole run: check, set up, train `config.rounds` rounds, and record everything under config.out.
 
-    With `resume`, config.out holds a run that was stopped: it goes on after its last checkpoint.
+    With `resume`, config.out holds a run that was stopped: it goes on after its last checkpoint. The run's
+    folder is locked while it is written (fl_sim/server/lock.py): a second writer is refused, naming this one.
     """
     scoreboard = preflight(config, resume)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    with lock.hold(config.out):
+        federate(grid, config, resume, scoreboard)
+
+
+def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboard") -> None:
+    """run_federation's rounds and records, with the run's folder locked."""
     if trap_starves(config.attack, config.attack_clients):  # under fl-sim run and flwr run alike
         log(WARNING, TRAP_EVERYONE)
     started = time.perf_counter()

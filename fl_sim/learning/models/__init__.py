@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fl_sim.contract.run_config import ConfigError
 from fl_sim.learning.models.cnn import ConvNet
 from fl_sim.learning.models.imprint import Imprinted
 from fl_sim.learning.models.lenet import LeNet
@@ -49,17 +50,37 @@ def build_model(
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Loads a state dict saved by `fl-sim pretrain` (or torch.save(model.state_dict())), weights only."""
+    """Loads a state dict saved by `fl-sim pretrain` (or torch.save(model.state_dict())), weights only.
+
+    A file that is not such a checkpoint, or one of another model, is a ConfigError naming the file and what is
+    wrong (never torch's advice to load it with weights_only=False, which would run any code the file holds).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--init {str(path)!r} is neither 'default', 'paper' nor a checkpoint file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise ConfigError(f"--init {str(path)!r} is neither 'default', 'paper' nor a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights-only errors alike: the file is not a weights file
+        reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else type(error).__name__
+        if "weights_only" in reason or "WeightsUnpickler" in reason:
+            reason = "it holds objects other than tensors"
+        raise ConfigError(f"--init {str(path)!r} is not a checkpoint of weights ({reason}): give a file fl-sim "
+                          "pretrain wrote") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ConfigError(f"--init {str(path)!r} holds no state dict (names to tensors): give a file fl-sim "
+                          "pretrain wrote")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(state) if expected[name].shape != state[name].shape)
+    if missing or unexpected or wrong:
+        said = [f"{label} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("other shapes:", wrong))
+                if names]
+        raise ConfigError(f"--init {str(path)!r} holds the weights of another model ({'; '.join(said)}): give "
+                          f"the --model (and data set) it was trained for, or a checkpoint of this one")
+    model.load_state_dict(state)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,199 @@
+"""What the commands check and do so that no flag, file or signal ends in a traceback or a hang.
+
+- Interrupts: `interruptible()` turns SIGINT and SIGTERM into `Interrupted`, which each command turns into one
+  line ("interrupted after round N; continue with: ...") and exit code 130 (SIGINT) or 143 (SIGTERM).
+- Resources: a client's CPU or GPU share the machine cannot give, `--device cuda` without CUDA, and a run
+  whose models and replies would not fit into the memory the machine has free, are refused with the numbers
+  before anything starts (Ray would otherwise wait forever for an actor it cannot place).
+- Output folders: a command writes only into a folder that is new, empty or its own, never inside the data.
+
+Every refusal is a ConfigError (one sentence, exit code 2).
+"""
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from fl_sim.contract.run_config import ConfigError
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """The user (SIGINT, Ctrl-C) or the system (SIGTERM) asked the command to stop.
+
+    A BaseException, as KeyboardInterrupt is, so no `except Exception` on the way (Flower's, Ray's) swallows it.
+    `detail` says where the command stopped and how to continue; the command that knows sets it.
+    """
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum)
+        self.signum, self.detail = signum, detail
+        # set by a command that leaves threads no one can stop (Flower's server thread waiting for clients that
+        # are gone): the process then ends at once, with exit_code, instead of waiting for them forever
+        self.end_process = False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def message(self, command: str) -> str:
+        return f"fl-sim {command}: interrupted ({self.name}){' ' + self.detail if self.detail else ''}"
+
+
+_STOPPING = threading.Event()
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    if _STOPPING.is_set():  # a second signal while the first one's stop is under way: that stop goes on
+        return
+    _STOPPING.set()
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in the main thread for the duration (elsewhere: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in INTERRUPT_SIGNALS}
+    _STOPPING.clear()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def as_interrupt(error: SystemExit) -> Interrupted | None:
+    """Ray's driver replaces the SIGTERM handler with one that exits with code SIGTERM: that is an interrupt."""
+    return Interrupted(signal.SIGTERM) if error.code == signal.SIGTERM else None
+
+
+def exit_now(code: int) -> None:
+    """Ends the process at once with `code`, when threads a library started would keep it alive (a Flower
+    server thread waiting for clients that are gone). Everything written so far is committed or rewound."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# --- resources -------------------------------------------------------------------------------------------------
+
+def cpu_cores() -> int:
+    """The cores this process may use (its affinity, which containers and taskset narrow), as Ray counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_client_resources(client_cpus: float, client_gpus: float) -> None:
+    """A client's share must fit the machine: Ray cannot place an actor that needs more, and Flower then waits
+    for it forever ("ActorPool is empty")."""
+    if not client_cpus > 0 or not client_gpus >= 0:
+        raise ConfigError("--client-cpus must be positive and --client-gpus non-negative")
+    cores = cpu_cores()
+    if client_cpus > cores:
+        raise ConfigError(f"--client-cpus {client_cpus:g}: this machine has {cores} CPU core(s), so no client "
+                          f"could be placed; use at most {cores}")
+    if client_gpus > 0:
+        gpus = gpu_count()
+        if client_gpus > gpus:
+            have = "no CUDA GPU" if not gpus else f"{gpus} GPU(s)"
+            raise ConfigError(f"--client-gpus {client_gpus:g}: this machine has {have}, so no client could be "
+                              f"placed; use --client-gpus 0{'' if not gpus else f' to {gpus}'}")
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_device(device: str) -> None:
+    """`--device cuda` (or cuda:N) on a machine without it, refused before any folder is made."""
+    if not device.startswith("cuda"):
+        return
+    gpus = gpu_count()
+    index = device.partition(":")[2]
+    if not gpus:
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU; use --device cpu (or auto)")
+    if index and (not index.isdigit() or int(index) >= gpus):
+        raise ConfigError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
+
+
+def available_memory() -> int | None:
+    """Bytes the machine can give without swapping (MemAvailable of /proc/meminfo), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def model_bytes(model_name: str, shape: tuple[int, int, int], classes: int, imprint_rows: int) -> int:
+    """The bytes of one copy of the model's weights (parameters and buffers: what a reply carries), counted on
+    torch's meta device, so even a model too large for the machine costs no memory to measure."""
+    import torch
+
+    from fl_sim.learning.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_name, shape[0], shape[1], classes, imprint=imprint_rows)
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+def run_memory(copy_bytes: int, clients: int, workers: int) -> int:
+    """A rough figure of a run's peak memory: the server's global, armed and aggregated models and every
+    client's reply (each one copy), and per client worker (Ray actor) the model, its gradient, the optimiser's
+    state, the received and the sent weights (five copies)."""
+    return copy_bytes * (4 + 2 * clients + 5 * workers)
+
+
+def check_memory(copy_bytes: int, clients: int, workers: int, lower: str, senders: str = "client(s)") -> None:
+    """Refuses a run whose models and replies would not fit into the machine's free memory, with the figure and
+    the flag (`lower`) that makes it smaller; `senders` names who sends the replies (clients, victims)."""
+    need, free = run_memory(copy_bytes, clients, workers), available_memory()
+    if free is not None and need > free:
+        raise ConfigError(f"this needs about {need / 2**30:.1f} GiB for its models and replies ({clients} "
+                          f"{senders}, {copy_bytes / 2**20:.0f} MiB per copy of the model) but the machine has "
+                          f"{free / 2**30:.1f} GiB free: lower {lower}")
+
+
+# --- output folders --------------------------------------------------------------------------------------------
+
+def check_new_folder(out: str | os.PathLike, command: str, own: str) -> None:
+    """A new output folder must be new or empty: `own` is the file that marks one of `command`'s folders (said
+    in the message); a folder holding it is the command's to judge, anything else is not written into."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a file, not a folder")
+    if not path.is_dir() or (path / own).exists():
+        return
+    entries = sorted(entry.name for entry in path.iterdir() if entry.name != ".fl-sim.lock")
+    if entries:
+        raise ConfigError(f"--out {str(path)!r} holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}"
+                          f", which fl-sim {command} did not write (no {own}): choose a new or empty folder")
+
+
+def check_outside_data(out: str | os.PathLike, data_root: str | None, flag: str = "--out") -> None:
+    """An output inside the data folder would become part of it (an ImageFolder class of its own)."""
+    from fl_sim.learning.data import resolve_data_root
+
+    root = resolve_data_root(data_root).resolve()
+    target = Path(out).resolve()
+    if target == root or target.is_relative_to(root):
+        raise ConfigError(f"{flag} {str(out)!r} lies inside the data folder {str(root)!r}: write outputs elsewhere")
