@@ -210,7 +210,7 @@ def test_an_error_on_the_attack_thread_is_raised_in_the_main_thread(shared_data,
     assert committed(out) == 1  # round 2's rows are not all there: never committed
     attacked = {(row["round"], row["client"]) for row in rows(out) if row["status"] == "ok"}
     assert {(1, 0), (1, 1), (3, 0), (3, 1)} <= attacked  # the queue was drained: round 3 was still attacked
-    assert not (2, 0) in attacked
+    assert (2, 0) not in attacked
 
 
 def test_the_queue_raises_each_error_once_and_drains_everything():

@@ -72,7 +72,7 @@ def option(command: list[str], flag: str) -> str:
 def test_the_images_follow_the_flwr_that_pyproject_installs():
     pyproject = (ROOT / "pyproject.toml").read_text()
     spec = re.search(r'"flwr\[simulation\]([^"]*)"', pyproject).group(1)
-    assert topology.FLWR_VERSION == flwr.__version__
+    assert flwr.__version__ == topology.FLWR_VERSION
     assert flwr.__version__ in SpecifierSet(spec)
 
 

@@ -42,7 +42,7 @@ def test_real_mnist_and_cifar_subset(shared_data):
     mnist = load_dataset("mnist", shared_data, train=False)
     images, labels = mnist.tensors([0, 1])
     assert len(mnist) == 10000 and images.shape == (2, 1, 28, 28) and labels.tolist() == [7, 2]
-    assert 0 <= images.min() and images.max() <= 1 and images.max() > 0.9
+    assert images.min() >= 0 and images.max() <= 1 and images.max() > 0.9
     cifar = load_dataset("cifar10", shared_data, train=True)
     assert (cifar.channels, cifar.image_size, cifar.num_classes) == (3, 32, 10) and len(cifar) == 3728
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from fl_sim.commands import config, guard
-from fl_sim.contract.records import REPLY_FAULTS
 from fl_sim.contract.run_config import (
     FIELD_TYPES,
     SETTINGS,

@@ -21,7 +21,7 @@ queue is drained (no attack lost) and the rounds it finished are committed, befo
 import json
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from logging import INFO, WARNING
 from pathlib import Path
@@ -310,7 +310,7 @@ def wait_for_clients(grid: Grid, expected: int, timeout: float = 120.0, settle: 
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def versions() -> dict:
