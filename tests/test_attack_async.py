@@ -8,6 +8,7 @@ error on the attack thread raised in the main thread.
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from flower_helpers import LocalGrid
 
 from clients.app import make_client_app
 from fl_sim.commands import cli
-from fl_sim.contract.run_config import ConfigError, RunConfig
+from fl_sim.contract.protocol import TrainMode
+from fl_sim.contract.run_config import ConfigError, Fault, ModelName, RunConfig
 from fl_sim.results import evaluation
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server import server_app
@@ -28,14 +30,15 @@ TIMING = {"seconds", "round_attack_seconds", "elapsed_seconds"}
 
 
 def config_for(shared_data, out: Path, **changes) -> RunConfig:
-    return RunConfig(out=str(out), rounds=ROUNDS, num_clients=CLIENTS, data_root=str(shared_data), model="lenet",
-                     train_mode="steps", batch_size=1, attack="idlg", iterations=2, restarts=1, seed=3,
-                     inject_faults={FAULTY: "nan"}, device="cpu", **changes)
+    return RunConfig(out=str(out), rounds=ROUNDS, num_clients=CLIENTS, data_root=str(shared_data),
+                     model=ModelName.LENET, train_mode=TrainMode.STEPS, batch_size=1, attack="idlg", iterations=2,
+                     restarts=1, seed=3, inject_faults={FAULTY: Fault.NAN}, device="cpu", **changes)
 
 
 def federate(config: RunConfig, resume: bool = False) -> None:
     """`fl-sim run`'s ServerApp over the project's ClientApps, in this process."""
-    server_app.run_federation(LocalGrid(make_client_app(config), config.num_clients), config, resume)
+    grid: Any = LocalGrid(make_client_app(config), config.num_clients)  # a Grid in all but its base class
+    server_app.run_federation(grid, config, resume)
 
 
 def rows(out: Path, name: str = "metrics.jsonl") -> list[dict]:

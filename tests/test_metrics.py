@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacker import Reconstruction
+from attacker import Reconstruction, Status
 from fl_sim.results import metrics
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.summary import NOT_ATTACKED
@@ -81,7 +81,7 @@ def _victim(truth: torch.Tensor, error: float | None) -> dict:
     """A metrics row as fl-sim attack writes it: a reconstruction off by `error`, or a failed attack."""
     labels = torch.arange(len(truth))
     if error is None:
-        result = Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), "diverged")
+        result = Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), Status.DIVERGED)
     else:
         result = Reconstruction((truth + error).clamp(0, 1), labels, 0.1)
     return score_and_save(result, truth, labels, folder=None)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from fl_sim.commands import cli, run
 from fl_sim.commands.config import ConfigError
-from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.protocol import TrainMode
+from fl_sim.contract.run_config import ModelName, RunConfig
 from fl_sim.results.gallery import client_folder
 from fl_sim.results.outputs import append_jsonl, read_jsonl, write_json
 from fl_sim.server.resume import CHECKPOINT, Checkpoint, load_checkpoint, rewind, save_checkpoint
@@ -72,8 +73,8 @@ def test_a_row_appended_after_a_torn_one_is_kept_whole(tmp_path):
 def stopped_run(tmp_path, shared_data):
     """An output folder as `fl-sim run` leaves it when killed before round 1 finished."""
     out = tmp_path / "stopped"
-    config = RunConfig(out="/elsewhere/not/here", rounds=3, num_clients=3, iterations=5, seed=4, train_mode="steps", model="lenet",
-                       data_root=str(shared_data))
+    config = RunConfig(out="/elsewhere/not/here", rounds=3, num_clients=3, iterations=5, seed=4,
+                       train_mode=TrainMode.STEPS, model=ModelName.LENET, data_root=str(shared_data))
     write_json(out / "run.json", {"config": config.to_flower(), "seed": 4})
     return out
 
@@ -116,7 +117,8 @@ def test_resume_refuses_a_typed_flag_even_when_it_is_the_default(tmp_path, share
 
 def test_a_run_killed_after_round_one_resumes_to_its_last_round(shared_data, tmp_path):
     out = tmp_path / "run"
-    flags = ["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "3", "--rounds", "3",
+    flags = ["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist",
+             "--data-root", str(shared_data), "--num-clients", "3", "--rounds", "3",
              "--attack", "idlg", "--restarts", "1", "--iterations", "5", "--seed", "2", "--out", str(out)]
     fl_sim = Path(sys.executable).parent / "fl-sim"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_flags(shared_data, out, *extra):
-    return ["run", "--train-mode", "steps", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet", "--num-clients", "2",
+    return ["run", "--train-mode", "steps", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "lenet",
+            "--num-clients", "2",
             "--rounds", "2", "--local-steps", "1", "--batch-size", "1", "--attack", "idlg", "--restarts", "1",
             "--iterations", "5", "--seed", "1", "--out", str(out),
             "--max-shard", "0", "--epochs", "1", "--lr", "0.1", "--momentum", "0", *extra]  # not the demo-like defaults
@@ -196,7 +197,8 @@ def test_flwr_run_runs_the_same_apps_and_writes_the_same_outputs(shared_data, tm
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     overrides = (f"num-server-rounds=2 num-clients=2 out-dir='{out}' data-root='{shared_data}' iterations=3 "
                  "restarts=1 seed=2 "
-                 "strategy='fedadam' server-lr=0.01 train-mode='steps' batch-size=1 model='lenet'")  # FedAdam wrapped: round 2 shows its float64 cast back
+                 # FedAdam wrapped: round 2 shows its float64 cast back
+                 "strategy='fedadam' server-lr=0.01 train-mode='steps' batch-size=1 model='lenet'")
     try:
         done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream", "-c", overrides],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passes over the training examples (fractions allowed: 0.1 = a tenth of one)")
     parser.add_argument("--train-examples", type=int, default=None, help="use only this many training examples")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (Adam: sigmoid LeNet barely moves under plain SGD)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (Adam: sigmoid LeNet barely moves under plain SGD)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="checkpoint file to write, e.g. ckpt.pt")

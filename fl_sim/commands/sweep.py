@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fl_sim.commands import attack, config, guard, report, run
 from fl_sim.contract.records import REPLY_FAULTS
@@ -76,10 +77,12 @@ def _typed(key: str, action: argparse.Action, value: str):
         if value.lower() in TRUE_WORDS | FALSE_WORDS:
             return value.lower() in TRUE_WORDS
         raise config.ConfigError(f"--grid {key}: {value!r} is neither true nor false")
+    convert = action.type if callable(action.type) else None
     try:
-        typed = action.type(value) if action.type else value
+        typed = convert(value) if convert else value
     except ValueError:
-        raise config.ConfigError(f"--grid {key}: {value!r} is not a valid {action.type.__name__}") from None
+        raise config.ConfigError(f"--grid {key}: {value!r} is not a valid {getattr(convert, '__name__', 'value')}") \
+            from None
     if action.choices is not None and typed not in action.choices:
         raise config.ConfigError(f"--grid {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     return typed
@@ -121,7 +124,8 @@ def point_arguments(args, mode: str, settings: dict, folder: Path, fresh: bool =
 
 def point_config(mode: str, point_args: argparse.Namespace) -> dict:
     """What decides a point's result: its command and every flag of it (as JSON would store them)."""
-    flags = {dest.replace("_", "-"): value for dest, value in sorted(vars(point_args).items()) if dest not in NOT_COMPARED}
+    flags = {dest.replace("_", "-"): value for dest, value in sorted(vars(point_args).items())
+             if dest not in NOT_COMPARED}
     return json.loads(json.dumps({"mode": mode, "flags": flags}, default=str))
 
 
@@ -150,7 +154,8 @@ def finished_and_same(folder: Path, wanted: dict, force: bool) -> bool:
         return stored == wanted
     if stored is None:
         raise config.ConfigError(f"point {folder.name!r} was run without a record of its config ({POINT_CONFIG}), so "
-                                 "it cannot be checked against this sweep: add --force to run it again, or use another --out")
+                                 "it cannot be checked against this sweep: add --force to run it again, or use "
+                                 "another --out")
     before, now = stored.get("flags", {}), wanted["flags"]
     differing = [f"--{key} {before.get(key, '(unset)')} (this sweep: {now.get(key, '(unset)')})"
                  for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
@@ -174,7 +179,8 @@ def check(args) -> list[tuple[dict, Path, argparse.Namespace, bool]]:
         guard.check_client_resources(args.client_cpus, args.client_gpus)
     grid = parse_grid(args.grid, sweep_parser(), args.mode)
     _check_sweep_record(Path(args.out), args.mode, grid)
-    planned, names = [], {}
+    planned: list = []
+    names: dict[str, dict] = {}
     for settings in points(grid):
         name = point_name(settings)
         if name in names:
@@ -218,7 +224,8 @@ def _check_sweep_record(out: Path, mode: str, grid: dict) -> None:
 def run_sweep(args) -> list[dict]:
     planned = check(args)
     out = Path(args.out)
-    grid = {dest: [_text(v) for v in values] for dest, values in parse_grid(args.grid, sweep_parser(), args.mode).items()}
+    grid = {dest: [_text(v) for v in values]
+            for dest, values in parse_grid(args.grid, sweep_parser(), args.mode).items()}
     record = _merged_record(out, args.mode, grid, [settings for settings, _, _, _ in planned])
     write_json(out / "sweep.json", record)
     for number, (settings, folder, point_args, done) in enumerate(planned, 1):
@@ -245,7 +252,7 @@ def run_sweep(args) -> list[dict]:
 def _merged_record(out: Path, mode: str, grid: dict, planned: list[dict]) -> dict:
     """sweep.json: this grid joined with an earlier one in OUT, so widening a grid keeps the points already run."""
     path = out / "sweep.json"
-    record = json.loads(path.read_text()) if path.exists() else {"mode": mode, "grid": {}, "points": []}
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"mode": mode, "grid": {}, "points": []}
     for dest, values in grid.items():
         known = record["grid"].setdefault(dest.replace("_", "-"), [])
         known.extend(value for value in values if value not in known)

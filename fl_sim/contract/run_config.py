@@ -414,7 +414,8 @@ class RunConfig:
     def check(self) -> None:
         """Every check that needs neither data nor torch, before any work starts (raises ConfigError)."""
         if self.attack not in (*attack_names(), NO_ATTACK):
-            raise ConfigError(f"unknown attack {self.attack!r}: choose one of {', '.join((*attack_names(), NO_ATTACK))}")
+            known = ", ".join((*attack_names(), NO_ATTACK))
+            raise ConfigError(f"unknown attack {self.attack!r}: choose one of {known}")
         if self.device not in set(Device) and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be {', '.join(Device)} (or cuda:N), got {self.device!r}")
         for name, declared in SETTINGS.items():  # the bounds each setting declares

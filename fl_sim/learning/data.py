@@ -50,16 +50,17 @@ class ImageDataset:
         if self._pixels is not None:
             pixels = self._pixels[indices]
         else:
-            pixels = np.stack([self._read(self._files[i]) for i in indices]) if len(indices) else (
+            files = self._files or []  # an image folder's: one of the two is always set
+            pixels = np.stack([self._read(files[i]) for i in indices]) if len(indices) else (
                 np.zeros((0, self.image_size, self.image_size, self.channels), np.uint8))
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         return images.contiguous(), torch.from_numpy(self.labels[indices])
 
     def _read(self, path: str) -> np.ndarray:
-        with Image.open(path) as image:
-            image = image.convert("L" if self.channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("L" if self.channels == 1 else "RGB")
             if image.size != (self.image_size, self.image_size):
-                image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+                image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
 
 

@@ -4,6 +4,7 @@ Only this side ever holds ground truth; the engine never does. Figures over vict
 fl_sim/results/summary.py (`summarise`, re-exported here), which counts failed attacks rather than skipping them.
 """
 from pathlib import Path
+from typing import Any
 
 from attacker import Reconstruction, Status
 from attacker.analytic import UNRECOVERED
@@ -24,6 +25,7 @@ def score_and_save(result: Reconstruction, true_images, true_labels, folder: Pat
 
     A failed attack's row has no PSNR, SSIM or MSE (None) and recovered nothing: none of its images,
     none of its labels."""
+    row: dict[str, Any]  # a metrics.jsonl row: JSON values
     if not result.ok:
         row = {"status": failure_status(result), "reason": result.reason, "psnr": None, "ssim": None, "mse": None,
                **{recovered_key(db): 0.0 for db in RECOVERED_DB},

@@ -97,6 +97,8 @@ def client_folder(server_round: int, client: int | str) -> str:
     server_round = operator.index(server_round)  # ints only, never other text
     if client == AGGREGATE and server_round >= 0:
         return f"round-{server_round:03d}/{AGGREGATE}"
+    if isinstance(client, str):
+        raise ValueError(f"client {client!r} is neither a client number nor {AGGREGATE!r}")
     client = operator.index(client)
     if server_round < 0 or client < 0:
         raise ValueError(f"round {server_round} and client {client} must be non-negative")

@@ -152,7 +152,7 @@ def image_strip(images: "torch.Tensor", scale: int = 2) -> Image.Image:
     if pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     image = Image.fromarray(pixels)
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
 
 
 def save_images(path, images: "torch.Tensor", scale: int = 2) -> None:

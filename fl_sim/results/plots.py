@@ -45,7 +45,7 @@ def plot_against(rows: list[dict], grid: dict[str, list[str]], key: str, path: P
     others = [other for other in grid if other != key]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     values = [value for value in grid[key] if any(row.get(key) == value for row in rows)]  # finished points only
-    positions = {value: index for index, value in enumerate(values)}
+    positions: dict[object, int] = {value: index for index, value in enumerate(values)}
     for combination in itertools.product(*(grid[other] for other in others)):
         fixed = dict(zip(others, combination, strict=True))
         line = sorted((row for row in rows if all(row.get(k) == v for k, v in fixed.items())),
@@ -88,8 +88,8 @@ def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for (row, x, y), marker in zip(points, itertools.cycle("osD^v<>ph*")):
         low, high = _number(row.get("psnr_min")), _number(row.get("psnr_max"))
-        spread = [[y - low], [high - y]] if low is not None and high is not None else None
-        axis.errorbar([x], [y], yerr=spread, marker=marker, markersize=8, capsize=4, alpha=0.8,
+        spread = [[y - low], [high - y]] if low is not None and high is not None and y is not None else None
+        axis.errorbar([float(x or 0)], [float(y or 0)], yerr=spread, marker=marker, markersize=8, capsize=4, alpha=0.8,
                       label=", ".join(f"{key}={row.get(key)}" for key in grid))
     axis.set_xlabel("global test accuracy after the last round")
     axis.set_ylabel("attack PSNR median (dB), bar: min to max")

@@ -82,7 +82,7 @@ def image_count(row: dict) -> int:
     return 1
 
 
-def recovered_count(row: dict, db: float) -> int:
+def recovered_count(row: dict, db: int) -> int:
     """The victim's images at `db` dB or more; 0 for a failed attack."""
     psnrs = image_psnrs(row)
     if psnrs is not None:

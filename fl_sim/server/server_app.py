@@ -1,11 +1,11 @@
 """The Flower ServerApp: a Flower strategy (FedAvg by default) run by a server that inverts every update.
 
 `run_federation` wires three parts. The strategy (fl_sim/server/strategy.py) wraps the Flower strategy the run
-names, which trains the federation, and inverts the updates before it aggregates them. The global evaluation scores the model on the test split after each
-round (OUT/global.jsonl), so users see it learn. The evaluation path (`Scoreboard`) re-derives each
-attacked client's round examples from the seed, scores the reconstruction against them and keeps
-the images (OUT/metrics.jsonl, OUT/round-RRR/client-CCC/). A real server would not have that truth;
-only the scoreboard reads it, never the strategy or the engine. Replies the strategy left out get a
+names, which trains the federation, and inverts the updates before it aggregates them. The global evaluation
+scores the model on the test split after each round (OUT/global.jsonl), so users see it learn. The evaluation
+path (`Scoreboard`) re-derives each attacked client's round examples from the seed, scores the reconstruction
+against them and keeps the images (OUT/metrics.jsonl, OUT/round-RRR/client-CCC/). A real server would not
+have that truth; only the scoreboard reads it, never the strategy or the engine. Replies the strategy left out get a
 row too, with their status and reason. Each round ends with OUT/checkpoint.pt, its commit point
 (fl_sim/server/resume.py): a killed run resumes after the last round it finished, with nothing doubled.
 
@@ -105,7 +105,8 @@ class Scoreboard:
             images, labels = self.truth(server_round, victim)
             named = {"client": AGGREGATE, "clients": list(victim.clients)} if victim.secure_aggregate \
                 else {"client": victim.clients[0]}
-            folder = inside(self.out, client_folder(server_round, named["client"]))
+            folder = inside(self.out, client_folder(server_round, AGGREGATE if victim.secure_aggregate
+                                                    else victim.clients[0]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
             append_jsonl(self.out / "metrics.jsonl", row)
@@ -141,7 +142,8 @@ class RoundEnd:
         (channels, size, _), classes = image_spec(self.test)
         self.model = build_model(config.model, channels, size, classes, imprint=config.imprint_rows).to(device)
         self.started = time.perf_counter() - elapsed_before
-        self.previous = None  # the weights of the round before, to tell whether a round aggregated anything
+        # the weights of the round before, to tell whether a round aggregated anything
+        self.previous: dict[str, torch.Tensor] | None = None
         self.uncommitted: list[Checkpoint] = []  # finished rounds whose attack may still run, oldest first
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -243,7 +245,8 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
         initial = checkpoint.weights if checkpoint else model.state_dict()
         try:
             RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
-                                              train_config=ConfigRecord(settings.to_config()), evaluate_fn=round_end)
+                                              train_config=ConfigRecord(dict(settings.to_config())),
+                                              evaluate_fn=round_end)
         except BaseException:
             finish_attacks(attacks, round_end, raise_errors=False)  # the run's own error goes on, not a worker's
             raise
@@ -276,9 +279,9 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[
     for reply in grid.send_and_receive(asks, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise ConfigError(f"node {node} did not say its partition: {reply.error.reason.strip()}")
-        metrics = reply.content.metric_records.get(METRICS) or {}
-        partition = metrics.get(PARTITION_ID)
+            raise ConfigError(f"node {node} did not say its partition: {(reply.error.reason or '').strip()}")
+        metrics = reply.content.metric_records.get(METRICS)
+        partition = metrics.get(PARTITION_ID) if metrics is not None else None
         if type(partition) is not int or not 0 <= partition < expected:
             raise ConfigError(f"node {node} says it holds partition {partition!r}, not one of 0..{expected - 1}")
         partitions[node] = partition
@@ -313,8 +316,8 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def versions() -> dict:
-    found = {"python": platform.python_version()}
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
     for package in ("fl-sim", "flwr", "torch", "numpy", "ray"):
         try:
             found[package] = version(package)

@@ -36,14 +36,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Result, Strategy
 
 from attacker import Reconstruction
 from fl_sim.contract.attacks import find_attack
@@ -293,12 +293,16 @@ class RoundOffset(Strategy):
     def __init__(self, strategy: Strategy, done: int):
         self.strategy, self.done = strategy, done
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *, evaluate_fn=None, **options):
-        def evaluate_in_run_rounds(flower_round: int, arrays: ArrayRecord):
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        def evaluate_in_run_rounds(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            assert evaluate_fn is not None
             return evaluate_fn(flower_round + self.done if flower_round else 0, arrays)
 
-        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.done,
-                             evaluate_fn=evaluate_fn and evaluate_in_run_rounds, **options)
+        return super().start(grid, initial_arrays, num_rounds=num_rounds - self.done, timeout=timeout,
+                             train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_in_run_rounds if evaluate_fn else None)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -319,8 +323,9 @@ class RoundOffset(Strategy):
 def flower_strategy(config: RunConfig) -> Strategy:
     """The Flower strategy a run names: it waits for all `num_clients` clients, then samples `fraction_train`
     of them for each round (Flower's own sampling)."""
-    options = dict(fraction_train=config.fraction_train, min_train_nodes=1, min_available_nodes=config.num_clients,
-                   fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
+    options: dict[str, Any] = dict(  # Flower's keyword arguments, the same for every strategy
+        fraction_train=config.fraction_train, min_train_nodes=1, min_available_nodes=config.num_clients,
+        fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
     if config.strategy == StrategyName.FEDPROX:
         return FedProx(proximal_mu=config.proximal_mu, **options)
     if config.strategy == StrategyName.FEDADAM:
