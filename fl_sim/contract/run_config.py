@@ -318,7 +318,7 @@ class RunConfig:
         "client's whole shard in shuffled batches of B (default %(default)s)", Group.TRAINING, choices=True))
     local_steps: int = setting(1, Setting("K SGD steps per round (steps mode)", Group.TRAINING))
     batch_size: int = setting(16, Setting("B examples per step (default %(default)s)", Group.TRAINING))
-    epochs: int = setting(2, Setting(
+    epochs: int = setting(1, Setting(
         "E passes over the shard (epochs mode) or over the K x B round examples (steps mode)", Group.TRAINING))
     lr: float = setting(0.05, Setting("client learning rate", Group.TRAINING))
     momentum: float = setting(0.9, Setting("client SGD momentum", Group.TRAINING))
