@@ -78,9 +78,7 @@ def test_an_attack_sweep_reports_seconds_per_victim_and_marks_passive_and_active
     for index, point in enumerate(points):
         (out / "points" / point["folder"]).mkdir()
         summary = {"psnr_median": 20.0, "recovered_at_30db": 0.5, "recovered_at_40db": 0.25, "victims": 4,
-                   "attack_seconds": 8.0}
-        if index == 0:  # a summary from before fl-sim attack reported seconds per victim
-            summary["attack_seconds_per_victim"] = 3.0
+                   "attack_seconds": 8.0, "attack_seconds_per_victim": 3.0 if index == 0 else 2.0}
         (out / "points" / point["folder"] / "summary.json").write_text(json.dumps(summary))
     legends = []
     real_plot = plots.plt.Axes.plot

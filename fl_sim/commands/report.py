@@ -39,7 +39,7 @@ def build_sweep(out: str | Path) -> list[dict]:
     for point in record["points"]:
         summary_path = out / "points" / point["folder"] / "summary.json"
         if summary_path.exists():
-            rows.append({**point["settings"], **_figures(_with_per_victim(json.loads(summary_path.read_text()))),
+            rows.append({**point["settings"], **_figures(json.loads(summary_path.read_text())),
                          "folder": point["folder"]})
     columns = list(grid) + [c for c in METRICS if any(c in row for row in rows)]
     columns += sorted({c for row in rows for c in row} - set(columns) - {"folder"})
@@ -56,14 +56,6 @@ def build_sweep(out: str | Path) -> list[dict]:
         figures.append(leakage)
     _write_index(out, record, columns, text_rows, [row["folder"] for row in rows], figures)
     return text_rows
-
-
-def _with_per_victim(summary: dict) -> dict:
-    """Attack seconds per victim, derived for summaries written before fl-sim attack reported it."""
-    if "attack_seconds_per_victim" not in summary and summary.get("attack_seconds") is not None \
-            and summary.get("victims"):
-        return {**summary, "attack_seconds_per_victim": summary["attack_seconds"] / summary["victims"]}
-    return summary
 
 
 def _figures(summary: dict) -> dict:
