@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.serverapp.strategy import FedAvg
 
 from attacker import TrainingSettings, get_attack
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names
 from fl_sim.server.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
@@ -100,3 +101,13 @@ def live_commands() -> list[tuple[int, str]]:
         if entry.name.isdigit() and command:
             found.append((int(entry.name), command))
     return found
+
+
+# The run settings the tests of the apps were written against, in place of the demo federation that RunConfig's
+# defaults are (imprint on shards of 48-64, momentum 0.9): iDLG, whole partitions, plain SGD at 0.1, batches of 32.
+PLAIN = dict(attack="idlg", min_shard=1, max_shard=0, batch_size=32, lr=0.1, momentum=0.0)
+
+
+def plain_config(**settings) -> RunConfig:
+    """RunConfig(**settings) over PLAIN instead of the demo defaults."""
+    return RunConfig(**{**PLAIN, **settings})

@@ -1,14 +1,13 @@
 """The ClientApp, called directly with hand-built Flower messages (no Ray): it trains as configured, on its data."""
 import pytest
 import torch
-from flower_helpers import lenet, node_context, train_message
+from flower_helpers import lenet, node_context, plain_config, train_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from attacker import TrainingSettings
 from clients.app import make_client_app
 from clients.training import local_train
 from fl_sim.contract.protocol import PARTITION_ID
-from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.partition import partition_indices, round_examples
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 @pytest.fixture(scope="module")
 def config(shared_data, tmp_path_factory):
-    return RunConfig(out=str(tmp_path_factory.mktemp("out")), num_clients=3, data_root=str(shared_data), seed=5,
+    return plain_config(out=str(tmp_path_factory.mktemp("out")), num_clients=3, data_root=str(shared_data), seed=5,
                      train_mode="steps", batch_size=1, model="lenet")
 
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from flower_helpers import lenet, node_context, train_message
+from flower_helpers import lenet, node_context, plain_config, train_message
 from flwr.clientapp.mod import LocalDpMod
 
 from attacker import TrainingSettings
 from clients.app import make_client_app
 from clients.defenses import defend, defense_seed, sent_weights
 from fl_sim.commands import cli
-from fl_sim.contract.run_config import ConfigError, DefenseKind, DefenseSpec, RunConfig
+from fl_sim.contract.run_config import ConfigError, DefenseKind, DefenseSpec
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import partition_indices, round_examples
@@ -133,7 +133,7 @@ SETTINGS = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
 
 @pytest.fixture(scope="module")
 def config(shared_data, tmp_path_factory):
-    return RunConfig(out=str(tmp_path_factory.mktemp("out")), num_clients=2, data_root=str(shared_data),
+    return plain_config(out=str(tmp_path_factory.mktemp("out")), num_clients=2, data_root=str(shared_data),
                      train_mode="steps", batch_size=1, model="lenet")
 
 
@@ -196,7 +196,7 @@ def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(s
 
     assert [type(mod) for mod in app._mods] == [FaultMod, DefenseMod]
     weights = lenet().state_dict()
-    base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet"}
+    base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet", "attack": "idlg"}
     replies = {spec: app(train_message(weights, SETTINGS, server_round=1),
                          node_context(1, 2, run_config={**base, "defense": spec})).content["arrays"]
                for spec in ("none", "prune:0.9")}

@@ -2,7 +2,7 @@
 recorded with its reason; and a real 5-client simulation with three faulty clients finishes its rounds."""
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, plain_config
 from flwr.app import ArrayRecord, ConfigRecord
 
 from attacker import Reconstruction, Status, TrainingSettings
@@ -41,7 +41,7 @@ def test_every_fault_kind_has_a_test():
 
 @pytest.mark.parametrize("kind", sorted(Fault))
 def test_a_faulty_reply_is_neither_attacked_nor_averaged_and_is_recorded(kind, shared_data, tmp_path):
-    config = RunConfig(out=str(tmp_path), num_clients=2, data_root=str(shared_data), inject_faults={0: kind},
+    config = plain_config(out=str(tmp_path), num_clients=2, data_root=str(shared_data), inject_faults={0: kind},
                        train_mode="steps", batch_size=1, model="lenet")
     grid = LocalGrid(make_client_app(config), num_clients=2)
     recorder = Recorder()
@@ -105,7 +105,7 @@ def test_a_federation_with_three_faulty_clients_trains_and_attacks_the_others(sh
 
 
 def test_the_scoreboard_records_failed_attacks_and_left_out_replies_with_reasons(shared_data, tmp_path):
-    scoreboard = Scoreboard(RunConfig(out=str(tmp_path), num_clients=3, data_root=str(shared_data),
+    scoreboard = Scoreboard(plain_config(out=str(tmp_path), num_clients=3, data_root=str(shared_data),
                                       train_mode="steps", batch_size=1, model="lenet"))
     scoreboard.record_faults(2, [ReplyFault(0, CLIENT_ERROR, "error reply: boom")])
     scoreboard.record_attack(2, [Victim((1,)), Victim((2,))],

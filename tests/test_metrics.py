@@ -102,5 +102,7 @@ def test_failed_victims_count_as_0_db_and_nothing_recovered():
 
     # a client left out before the attack (rejected reply) is no victim
     left_out = {"status": sorted(NOT_ATTACKED)[0], "psnr": None, "label_acc": None}
-    assert summarise(rows + [left_out]) == summary
+    with_left_out = summarise(rows + [left_out])
+    assert with_left_out["left_out"] == 1 and summary["left_out"] == 0
+    assert {**with_left_out, "left_out": 0} == summary
     assert summarise([])["psnr_median"] is None and summarise([])["failed"] == 0

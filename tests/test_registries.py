@@ -32,7 +32,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     torch.save(source.state_dict(), tmp_path / "w.pt")
     loaded = build_model("lenet", 1, 28, 10, init=str(tmp_path / "w.pt"), seed=9)
     assert all(torch.equal(x, y) for x, y in zip(source.parameters(), loaded.parameters()))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="holds the weights of another model"):
         build_model("lenet", 3, 32, 10, init=str(tmp_path / "w.pt"))
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vgg", 3, 32, 10)

@@ -56,8 +56,12 @@ def test_the_flags_defaults_are_run_configs_and_the_tasks():
 
     attack_args = cli.parse_args(["attack", "--out", "o"])
     task = task_config(attack_args)
+    # the research setting: one image a step, DLG's LeNet, plain SGD at 0.1, iDLG; the rest as fl-sim run's
     assert (task.model, task.batch_size, task.train_mode) == ("lenet", 1, "steps")
-    for name in ("dataset", "init", "local_steps", "epochs", "lr", "defense", "attack", "iterations", "restarts",
+    assert (task.epochs, task.lr, task.momentum, task.attack) == (1, 0.1, 0.0, "idlg")
+    for name in ("model", "batch_size", "train_mode", "epochs", "lr", "momentum", "attack"):
+        assert getattr(task, name) == getattr(TASK_DEFAULTS, name), name
+    for name in ("dataset", "init", "local_steps", "defense", "iterations", "restarts",
                  "tv_weight", "bn_statistics", "imprint_bins", "imprint_blocks", "device", "seed"):
         assert getattr(task, name) == getattr(TASK_DEFAULTS, name) == getattr(RunConfig(), name), name
 

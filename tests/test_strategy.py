@@ -4,7 +4,7 @@ would alone, and leaves out (and records) bad replies."""
 import numpy as np
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet
+from flower_helpers import LocalGrid, Recorder, inverting_fedavg, lenet, plain_config
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 @pytest.fixture(scope="module")
 def config(shared_data, tmp_path_factory):
-    return RunConfig(out=str(tmp_path_factory.mktemp("out")), num_clients=CLIENTS, data_root=str(shared_data),
+    return plain_config(out=str(tmp_path_factory.mktemp("out")), num_clients=CLIENTS, data_root=str(shared_data),
                      train_mode="steps", batch_size=1, model="lenet")
 
 
@@ -237,7 +237,6 @@ def test_error_reasons_are_cut_to_the_client_apps_own_message():
 
 
 def test_the_strategy_a_run_names_is_the_one_wrapped():
-    from fl_sim.contract.run_config import RunConfig
     from fl_sim.server.strategy import flower_strategy as named
 
     assert type(named(RunConfig(strategy="fedyogi"))) is FedYogi
