@@ -231,6 +231,6 @@ def test_ctrl_c_during_a_tls_deployment_stops_every_process(shared_data, tmp_pat
         if run.poll() is None:
             run.kill()
     assert run.returncode == 130, output[-3000:]
-    assert "interrupted; every process was stopped" in output
+    assert "interrupted (SIGINT); every process was stopped" in output
     assert not processes_on(range(port, port + 3))
     assert "https://127.0.0.1" in (tmp_path / "out" / "deploy-logs" / "superlink.log").read_text()

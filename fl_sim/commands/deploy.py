@@ -27,7 +27,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fl_sim.commands import config, topology
+from fl_sim.commands import config, guard, topology
 from fl_sim.commands.run import config_from_flags, headline, summary
 from fl_sim.contract.run_config import ConfigError, Group, RunConfig
 
@@ -79,9 +79,12 @@ def main(args) -> int:
     except DeployError as error:
         print(f"fl-sim deploy: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fl-sim deploy: interrupted; every process was stopped", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, guard.Interrupted) as interrupt:  # deploy_local has stopped every process
+        if isinstance(interrupt, KeyboardInterrupt):
+            print("fl-sim deploy: interrupted; every process was stopped", file=sys.stderr)
+            return 130
+        interrupt.detail = "; every process was stopped"
+        raise
     psnr, accuracy = headline(result)
     print(f"fl-sim deploy local: {args.supernodes} SuperNode(s), {result['rounds']} round(s), "
           f"{result['attacked']} attacked update(s) ({result['failed']} failed), PSNR median {psnr}, "

@@ -46,7 +46,8 @@ class Interrupted(BaseException):
         return signal.Signals(self.signum).name
 
     def message(self, command: str) -> str:
-        return f"fl-sim {command}: interrupted ({self.name}){' ' + self.detail if self.detail else ''}"
+        detail = self.detail if self.detail.startswith(";") else " " + self.detail if self.detail else ""
+        return f"fl-sim {command}: interrupted ({self.name}){detail}"
 
 
 _STOPPING = threading.Event()
