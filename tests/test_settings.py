@@ -67,6 +67,8 @@ def test_the_flags_defaults_are_run_configs_and_the_tasks():
 
     sweep = cli.parse_args(["sweep", "--grid", "lr=0.1"])
     assert (sweep.model, sweep.batch_size, sweep.train_mode) == ("lenet", 1, "steps")
+    assert (sweep.epochs, sweep.lr, sweep.momentum, sweep.attack) == (1, 0.1, 0.0, "idlg")
+    assert (sweep.min_shard, sweep.max_shard) == (1, 0)  # whole partitions in run mode
 
 
 def test_help_lists_the_enums_names_and_the_commands_default(capsys):
