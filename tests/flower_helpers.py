@@ -1,4 +1,6 @@
 """Hand-built Flower messages and contexts, to call the apps and the strategy without Ray or a SuperLink."""
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names
 from fl_sim.server.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
 from fl_sim.server.passive import PassiveInversion
+from fl_sim.server.resume import CHECKPOINT
 from fl_sim.server.strategy import InvertingStrategy, ServerAttack
 
 
@@ -111,3 +114,14 @@ PLAIN = dict(attack="idlg", min_shard=1, max_shard=0, batch_size=32, lr=0.1, mom
 def plain_config(**settings) -> RunConfig:
     """RunConfig(**settings) over PLAIN instead of the demo defaults."""
     return RunConfig(**{**PLAIN, **settings})
+
+
+def wait_for_round_one(process: subprocess.Popen, out: Path, limit: float = 300) -> None:
+    """Waits until the `fl-sim run` in `process` has committed round 1 (OUT/checkpoint.pt); fails if the run
+    ends first or takes longer than `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while not (out / CHECKPOINT).exists():
+        if process.poll() is not None:
+            raise AssertionError(f"fl-sim run ended early: {process.stderr.read()[-3000:] if process.stderr else ''}")
+        assert time.monotonic() < deadline, f"round 1 did not finish in {limit:.0f} s"
+        time.sleep(0.05)

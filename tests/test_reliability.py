@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_helpers import wait_for_round_one
 
 from fl_sim.commands import cli, guard, pretrain, sweep
 from fl_sim.commands import run as run_command
@@ -53,11 +54,7 @@ def test_an_interrupted_run_stops_within_seconds_and_resumes_with_nothing_double
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
-        deadline = time.monotonic() + 300
-        while not (out / CHECKPOINT).exists():
-            assert process.poll() is None, f"fl-sim run ended early: {process.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "round 1 did not finish in 300 s"
-            time.sleep(0.05)
+        wait_for_round_one(process, out)
         sent = time.monotonic()
         if to_group:  # Ctrl-C in a terminal: the whole foreground group, Ray's processes too
             os.killpg(process.pid, signum)

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from flower_helpers import wait_for_round_one
 from PIL import Image
 
 from fl_sim.commands import cli, run
@@ -126,11 +126,7 @@ def test_a_run_killed_after_round_one_resumes_to_its_last_round(shared_data, tmp
     process = subprocess.Popen([str(fl_sim), *flags], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / CHECKPOINT).exists():
-            assert process.poll() is None, f"fl-sim run ended early: {process.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "round 1 did not finish in 300 s"
-            time.sleep(0.05)
+        wait_for_round_one(process, out)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
