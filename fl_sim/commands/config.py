@@ -33,6 +33,9 @@ __all__ = ["ConfigError", "add_settings", "add_task_arguments", "check_task_argu
 # Its training and attack stay the research setting's whatever `fl-sim run`'s (a demo federation) are.
 TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model=ModelName.LENET, epochs=1, lr=0.1,
                           momentum=0.0, attack="idlg")
+# Where it differs from fl-sim run's (RunConfig's) defaults: what sweeps take over to default to the same setting.
+TASK_OVERRIDES = {name: getattr(TASK_DEFAULTS, name) for name in FIELD_TYPES
+                  if getattr(TASK_DEFAULTS, name) != getattr(RunConfig(), name)}
 TASK_GROUPS = (Group.DATA, Group.TRAINING, Group.ATTACK, Group.GENERAL)  # the settings every command shares
 
 

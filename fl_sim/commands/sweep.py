@@ -33,15 +33,12 @@ POINT_CONFIG = "point.json"  # a finished point's config, compared before it is 
 # Flags that do not change a point's result (as `fl-sim run --resume` allows them to change) or are the sweep's.
 NOT_COMPARED = {"out", "resume", "force", "help", "data_root", "device", "client_cpus", "client_gpus"}
 TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
-# The settings in which fl-sim attack's defaults (config.TASK_DEFAULTS) differ from fl-sim run's.
-RESEARCH_SETTINGS = ("train_mode", "batch_size", "model", "epochs", "lr", "momentum", "attack")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_arguments(parser)  # the task and federation flags; attack mode ignores the federation ones
     # sweeps default to the research setting of fl-sim attack (not fl-sim run's demo federation), whole shards
-    parser.set_defaults(**{name: getattr(config.TASK_DEFAULTS, name) for name in RESEARCH_SETTINGS}, min_shard=1,
-                        max_shard=0)
+    parser.set_defaults(**config.TASK_OVERRIDES, min_shard=1, max_shard=0)
     parser.add_argument("--num-victims", type=int, default=4, help="attack mode: clients attacked at each point")
     parser.add_argument("--grid", required=True, metavar='"KEY=v1,v2 [KEY2=...]"',
                         help="flags (without dashes) and the values to try; every combination is one point, "

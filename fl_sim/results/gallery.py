@@ -30,6 +30,7 @@ from numbers import Real
 from pathlib import Path
 
 from fl_sim.contract.attacks import find_attack
+from fl_sim.contract.run_config import IMPRINT_BINS
 from fl_sim.results.outputs import atomic_write_bytes, read_jsonl
 from fl_sim.results.plots import plot_rounds
 from fl_sim.results.summary import (
@@ -253,8 +254,8 @@ def _attack(c: dict) -> str:
         value = c.get(name.replace("_", "-"))
         if value in (None, "", False, 0) and name != "imprint_bins":
             continue
-        if name == "imprint_bins":  # 0: the imprint preset's 256 rows
-            value = value or 256
+        if name == "imprint_bins":  # 0: the imprint block's preset rows
+            value = value or IMPRINT_BINS
         parts.append(name.replace("_", " ") if value is True else f"{name.replace('_', ' ')} {value}")
     return f"{attack} ({spec.kind}{': ' + ', '.join(parts) if parts else ''})"
 
