@@ -19,6 +19,7 @@ from fl_sim.learning.updates import parameter_names
 from .context import node_partition, run_config_of
 from .defenses import defense_seed, sent_weights
 from .faults import InjectedCrash, spoil_reply
+from .secagg import SecAggPlusMod
 
 
 class DefenseMod:
@@ -63,10 +64,12 @@ class FaultMod:
 
 
 def mods_for(config: RunConfig | None) -> list:
-    """The mods a ClientApp needs: for a known config only those it turns on; else both (they read it)."""
+    """The mods a ClientApp needs: for a known config only those it turns on; else all (they read it).
+    Flower's SecAgg+ (clients/secagg.py) is outermost: the faults and the defense act on what it then masks."""
     if config is None:
-        return [FaultMod(), DefenseMod()]
-    return [mod for mod, on in ((FaultMod(config), bool(config.inject_faults)),
+        return [SecAggPlusMod(), FaultMod(), DefenseMod()]
+    return [mod for mod, on in ((SecAggPlusMod(config), config.defense.protocol),
+                                (FaultMod(config), bool(config.inject_faults)),
                                 (DefenseMod(config), bool(config.defense.steps))) if on]
 
 

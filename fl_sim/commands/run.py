@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_settings(fed, Group.FEDERATION, DEFAULTS)
     fed.add_argument("--client-cpus", type=float, default=1.0, help="CPU cores Ray reserves per client")
     fed.add_argument("--client-gpus", type=float, default=0.0, help="GPU share Ray reserves per client")
+    fed.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None, metavar="ADDR",
+                     help="attach the simulation to this running Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for "
+                          "the one started on this machine) instead of starting Ray in this process; default "
+                          "$RAY_ADDRESS; README says how to spread a run over machines")
+    secagg = parser.add_argument_group(Group.DEFENSE.value)
+    config.add_settings(secagg, Group.DEFENSE, DEFAULTS)
     reliability = parser.add_argument_group(Group.FAULTS.value)
     config.add_settings(reliability, Group.FAULTS, DEFAULTS)
     reliability.add_argument("--resume", metavar="OUT",
@@ -74,7 +80,10 @@ def check(args) -> RunConfig:
     # run.json keeps the data root absolute: a resume from another folder finds the same data
     run_config = dataclasses.replace(run_config, data_root=str(resolve_data_root(run_config.data_root).resolve()))
     check_run(run_config)
-    check_machine(run_config, args.client_cpus, args.client_gpus)
+    if ray_address(args) is None:  # on a cluster the clients' cores and GPUs are the cluster's, not this machine's
+        check_machine(run_config, args.client_cpus, args.client_gpus)
+    else:
+        guard.check_device(run_config.device)
     guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
     for train in (True, False):
         cached_dataset(run_config.dataset, run_config.data_root, train)  # DataNotFoundError says what to do
@@ -184,8 +193,7 @@ def run(args, continue_with: str | None = None) -> dict:
             try:
                 run_simulation(server_app=make_server_app(run_config, resume), client_app=make_client_app(run_config),
                                num_supernodes=run_config.num_clients,
-                               backend_config={"client_resources": {"num_cpus": args.client_cpus,
-                                                                    "num_gpus": args.client_gpus}})
+                               backend_config=backend_config(args))
             except SystemExit as error:  # Ray's own SIGTERM handler, once Ray runs
                 interrupt = guard.as_interrupt(error)
                 if interrupt is None:
@@ -200,6 +208,22 @@ def run(args, continue_with: str | None = None) -> dict:
             out.rmdir()
     return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
             "attack_clients": run_config.attack_clients}
+
+
+def ray_address(args) -> str | None:
+    """The running Ray cluster the simulation attaches to (--ray-address, default $RAY_ADDRESS), or None."""
+    return getattr(args, "ray_address", None) or None
+
+
+def backend_config(args) -> dict[str, dict[str, str | float]]:
+    """Flower's simulation backend: each client's Ray resources, and with --ray-address the cluster `ray.init`
+    attaches to (its `address`) instead of starting Ray in this process."""
+    config: dict[str, dict[str, str | float]] = {"client_resources": {"num_cpus": args.client_cpus,
+                                                                      "num_gpus": args.client_gpus}}
+    address = ray_address(args)
+    if address is not None:
+        config["init_args"] = {"address": address}
+    return config
 
 
 def finished(run_config: RunConfig) -> bool:

@@ -24,6 +24,7 @@ from fl_sim.contract.attacks import NO_ATTACK, attack_names, attack_specs, find_
 from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
 
 # Attacks are named by their own registry, fl_sim/contract/attacks.py.
+SECAGG_MODULUS = 2**32  # SecAgg+'s masks are drawn modulo this (Flower's default modulus_range, kept)
 IMPRINT_BINS = 256  # the imprint block's rows for an attack that needs it, when --imprint-bins is 0
 TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
                  "left out of the average, so the global model will not change; name the targets with "
@@ -119,8 +120,9 @@ class DefenseKind(StrEnum):
     FP16 = "fp16"  # round the change to half precision
 
 
-NO_DEFENSE, SECURE_AGGREGATION = "none", "secagg"
-DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION)
+NO_DEFENSE, SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED = "none", "secagg", "secagg-emulated"
+DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION,
+                 SECURE_AGGREGATION_EMULATED)
 # kind -> (what its number means, the check it must pass); None: the kind takes no number.
 DEFENSE_NUMBERS = {
     DefenseKind.NOISE: ("SIGMA, a positive number", lambda value: 0 < value < math.inf),
@@ -133,10 +135,18 @@ DEFENSE_NUMBERS = {
 @dataclass(frozen=True)
 class DefenseSpec:
     """A parsed --defense: the client's steps in order (clients/defenses.py), and whether the server
-    sees only the sum of the updates (secure aggregation)."""
+    sees only the sum of the updates (secure aggregation): through Flower's SecAgg+ protocol (`secagg`,
+    fl_sim/server/secagg.py), or, with `emulated` (`secagg-emulated`), by averaging the replies itself, which is
+    faster at many clients but shows neither the protocol's quantization nor its dropouts."""
 
     steps: tuple[tuple[DefenseKind, float | None], ...] = ()
     secure_aggregation: bool = False
+    emulated: bool = False
+
+    @property
+    def protocol(self) -> bool:
+        """Whether the run goes through Flower's real SecAgg+ (not the emulation)."""
+        return self.secure_aggregation and not self.emulated
 
     @classmethod
     def parse(cls, text: str) -> "DefenseSpec":
@@ -144,13 +154,14 @@ class DefenseSpec:
         if text.strip() == NO_DEFENSE:
             return cls()
         steps: list[tuple[DefenseKind, float | None]] = []
-        secure = False
+        secure = emulated = False
         for part in (part.strip() for part in text.split("+")):
             kind, colon, number = part.partition(":")
-            if kind == SECURE_AGGREGATION:
+            if kind in (SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED):
                 if colon or secure:
-                    raise ConfigError(f"--defense {text!r}: secagg takes no number and comes once")
-                secure = True
+                    raise ConfigError(f"--defense {text!r}: {kind} takes no number, and secure aggregation "
+                                      f"({SECURE_AGGREGATION} or {SECURE_AGGREGATION_EMULATED}) comes once")
+                secure, emulated = True, kind == SECURE_AGGREGATION_EMULATED
                 continue
             if kind == NO_DEFENSE:
                 others = "+".join(step.strip() for step in text.split("+") if step.strip() != NO_DEFENSE)
@@ -174,11 +185,12 @@ class DefenseSpec:
             if not valid(value):
                 raise ConfigError(f"--defense {text!r}: {kind} needs {meaning}, got {number!r}")
             steps.append((kind, value))
-        return cls(tuple(steps), secure)
+        return cls(tuple(steps), secure, emulated)
 
     def __str__(self) -> str:
         parts = [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
-        parts += [SECURE_AGGREGATION] if self.secure_aggregation else []
+        if self.secure_aggregation:
+            parts.append(SECURE_AGGREGATION_EMULATED if self.emulated else SECURE_AGGREGATION)
         return "+".join(parts) or NO_DEFENSE
 
 
@@ -223,6 +235,7 @@ class Group(StrEnum):
     ATTACK = "attack"
     FEDERATION = "federation"
     FAULTS = "faults and interruptions"
+    DEFENSE = "secure aggregation (Flower's SecAgg+, --defense secagg)"
     GENERAL = "general"  # the command's own top-level flags (--out, --seed)
 
 
@@ -329,6 +342,25 @@ class RunConfig:
     defense: DefenseSpec = setting(DefenseSpec(), Setting(
         f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or steps joined by '+', "
         "e.g. clip:4+noise:0.01 (see clients/defenses.py)", Group.TRAINING, metavar="SPEC"))
+    secagg_shares: float = setting(3.0, Setting(  # SecAggPlusWorkflow's num_shares
+        "SecAgg+: shares each client's secrets are split into, among its neighbours: a count above 2, or a "
+        "fraction (at most 1) of the round's clients (default %(default)s, Flower's example)", Group.DEFENSE,
+        above=0))
+    secagg_threshold: float = setting(2.0, Setting(  # SecAggPlusWorkflow's reconstruction_threshold
+        "SecAgg+: shares that rebuild a secret (a dropped client's mask): a count below --secagg-shares, or a "
+        "fraction (at most 1) of the shares (default %(default)s)", Group.DEFENSE, above=0))
+    secagg_clipping_range: float = setting(8.0, Setting(
+        "SecAgg+: each client's example-weighted parameters are clipped to +-this before quantization "
+        "(default %(default)s, Flower's)", Group.DEFENSE, above=0))
+    secagg_quantization_range: int = setting(2**22, Setting(
+        "SecAgg+: quantization levels over the clipping range (default %(default)s = 2^22, Flower's; below "
+        "2^32 / clients a round, the masks' modulus)", Group.DEFENSE, above=1, most=SECAGG_MODULUS - 1))
+    secagg_max_weight: float = setting(1000.0, Setting(
+        "SecAgg+: the largest example count a client may weigh in with; weights are num-examples / this, "
+        "so a smaller one quantizes finer (default %(default)s, Flower's)", Group.DEFENSE, above=0))
+    secagg_timeout: float = setting(0.0, Setting(  # 0: wait for every reply (a simulation's crash is a reply)
+        "SecAgg+: seconds each of the protocol's four stages waits for replies; a client that misses it has "
+        "dropped out (default 0: wait for all)", Group.DEFENSE, least=0))
     attack: str = "imprint"  # its flag is written by hand in fl_sim/commands/config.py (the attack registry's names)
     iterations: int = setting(300, Setting(
         "optimiser iterations per victim (an L-BFGS iteration is up to 20 updates, as in DLG)", Group.ATTACK,
@@ -452,6 +484,26 @@ class RunConfig:
         if self.attack_clients is not None and self.defense.secure_aggregation:
             raise ConfigError("--attack-clients cannot pick clients under secure aggregation: the server "
                               "sees only their sum, so leave it out")
+        if self.defense.protocol:
+            self.check_secagg()
+
+    def check_secagg(self) -> None:
+        """What Flower's SecAggPlusWorkflow would refuse, or could not run, said before Ray starts."""
+        shares, threshold = self.secagg_shares, self.secagg_threshold
+        if self.num_clients < 2:
+            raise ConfigError("--defense secagg needs at least 2 clients a round (SecAgg+ sums several clients' "
+                              "masked updates)")
+        if shares > 1 and (not shares.is_integer() or shares <= 2):
+            raise ConfigError(f"--secagg-shares must be a count above 2 or a fraction up to 1, got {shares:g}")
+        if threshold > 1 and not threshold.is_integer():
+            raise ConfigError(f"--secagg-threshold must be a count or a fraction up to 1, got {threshold:g}")
+        if threshold > 1 and shares > 1 and threshold >= shares:
+            raise ConfigError(f"--secagg-threshold {threshold:g} must be below --secagg-shares {shares:g}")
+        per_round = math.ceil(self.num_clients * self.fraction_train)
+        if per_round * self.secagg_quantization_range >= SECAGG_MODULUS:
+            raise ConfigError(f"--secagg-quantization-range {self.secagg_quantization_range} x {per_round} clients a "
+                              f"round overflows SecAgg+'s modulus 2^32 (the sum would wrap around): use at most "
+                              f"{(SECAGG_MODULUS - 1) // per_round} levels")
 
 
 FIELD_TYPES = typing.get_type_hints(RunConfig)

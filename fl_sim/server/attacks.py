@@ -168,7 +168,7 @@ class AttackedRound:
 def attack_round(attack: Attack, updates: Mapping[int, Weights], sent: Mapping[int, Weights],
                  counts: Mapping[int, int], settings: TrainingSettings, *, armed: Armed | None,
                  secure_aggregation: bool, max_images: int | None, seed: int, parameters: Sequence[str],
-                 label: str = "attack") -> AttackedRound:
+                 label: str = "attack", revealed: tuple[Weights, Weights] | None = None) -> AttackedRound:
     """Reads one round's updates (client -> its update against `sent[client]`, what it was sent).
 
     The victims are the clients, or with `secure_aggregation` one victim, their mean update, holding all their
@@ -177,16 +177,24 @@ def attack_round(attack: Attack, updates: Mapping[int, Weights], sent: Mapping[i
     training to replay); their rows say so. Victims that share their training and sent weights are read in
     one `attack.read` call; one that raises fails only its own victims (a failed attack must not stop the
     federation).
+
+    `revealed`: (update, sent) of the secure aggregate that Flower's SecAgg+ revealed (fl_sim/server/secagg.py):
+    its weighted mean of the replies against the same mean of what they were sent; `updates` is then empty and
+    `counts` names the clients behind it. Without it, a secure aggregate is the plain mean of `updates` (the
+    emulation, --defense secagg-emulated, and fl-sim attack).
     """
     started = time.perf_counter()
-    clients = sorted(updates)
+    clients = sorted(counts) if revealed is not None else sorted(updates)
     observed: list[tuple[Victim, Weights, Weights, TrainingSettings | None]]
     if secure_aggregation:
-        mean_sent = sent[clients[0]] if all(sent[c] is sent[clients[0]] for c in clients) else \
-            mean_update([sent[c] for c in clients])
+        if revealed is not None:
+            mean, mean_sent = revealed
+        else:
+            mean_sent = sent[clients[0]] if all(sent[c] is sent[clients[0]] for c in clients) else \
+                mean_update([sent[c] for c in clients])
+            mean = mean_update([updates[c] for c in clients])
         assumed = None if settings.mode == TrainMode.EPOCHS else settings.for_mean_of(len(clients))
-        observed = [(Victim(tuple(clients), secure_aggregate=True), mean_update([updates[c] for c in clients]),
-                     mean_sent, assumed)]
+        observed = [(Victim(tuple(clients), secure_aggregate=True), mean, mean_sent, assumed)]
     else:  # each client's own count of images: its shard in epochs mode
         observed = [(Victim((c,)), updates[c], sent[c], settings.for_shard(counts[c])) for c in clients]
     results: list[Reconstruction | None] = [None] * len(observed)

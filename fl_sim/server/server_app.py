@@ -55,6 +55,7 @@ from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
+from fl_sim.server.secagg import ProtocolSettings, SecAggPlusFace, run_secagg
 from fl_sim.server.strategy import (
     AttackPlan,
     InvertingStrategy,
@@ -243,10 +244,15 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
                                      secure_aggregation=config.defense.secure_aggregation,
                                      max_shard=config.max_shard or len(scoreboard.train), background=attacks)
         initial = checkpoint.weights if checkpoint else model.state_dict()
+        train_config = ConfigRecord(dict(settings.to_config()))
         try:
-            RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
-                                              train_config=ConfigRecord(dict(settings.to_config())),
-                                              evaluate_fn=round_end)
+            if config.defense.protocol:  # Flower's SecAgg+, on the legacy path (fl_sim/server/secagg.py)
+                face = SecAggPlusFace(strategy, grid, ProtocolSettings.of(config), names=tuple(initial),
+                                      initial=initial, train_config=train_config, round_end=round_end, done=done)
+                run_secagg(grid, face, config.rounds - done)
+            else:
+                RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
+                                                  train_config=train_config, evaluate_fn=round_end)
         except BaseException:
             finish_attacks(attacks, round_end, raise_errors=False)  # the run's own error goes on, not a worker's
             raise

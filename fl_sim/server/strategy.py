@@ -12,10 +12,12 @@ its aggregate is cast back to the dtypes of the model it sent (`in_sent_dtypes`)
 A reply that is an error, missing, or would poison the average is neither attacked nor aggregated;
 the recorder gets its client and reason.
 
-With `secure_aggregation` (`--defense secagg`) the server learns only the clients' mean update, as
-Flower's SecAgg+ would hand it over. SecAgg+ itself is not used (in flwr 1.41 its workflow needs the
-legacy strategies, not the Message API), so the sum is simulated: the attack targets the mean of the
-accepted updates as one victim holding all their clients' examples.
+With `secure_aggregation` the server learns only the clients' mean update. Under `--defense secagg` that is
+Flower's real SecAgg+ (fl_sim/server/secagg.py: the protocol runs on the legacy hooks, and its face there passes
+every round to this strategy's configure_train and hands the attack the revealed aggregate). Under
+`--defense secagg-emulated` this strategy emulates it: `aggregate_train` gets every reply, and the attack targets
+the plain mean of the accepted updates as one victim holding all their clients' examples (no quantization, no
+masks, no dropouts of the protocol's; faster at many clients).
 
 Every attack takes one path. In `configure_train` of an attacked round the attack `arm`s what its targets
 (--attack-clients) are sent: a passive attack nothing (everyone gets the global model), an active one
@@ -164,6 +166,11 @@ class InvertingStrategy(Strategy):
         self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self._sent: SentRound | None = None
 
+    @property
+    def sent_round(self) -> SentRound | None:
+        """What the last configured round sent (fl_sim/server/secagg.py reads the SecAgg+ aggregate against it)."""
+        return self._sent
+
     def summary(self) -> None:
         log(INFO, "\t├── InvertingStrategy: %s, secure aggregation %s, around:",
             self.attack.name if self.attack else "no attack", self.secure_aggregation)
@@ -272,7 +279,9 @@ class InvertingStrategy(Strategy):
                 counts: dict[int, int]) -> None:
         """Reads the round's updates (attack_round: the victims, the secure-aggregation mean, the skips, the
         failures) and tells the recorder."""
-        log(INFO, "attack round %s: reading %s update(s) with %s", sent.server_round, len(updates), attack.name)
+        log(INFO, "attack round %s: reading %s update(s) with %s%s", sent.server_round, len(updates), attack.name,
+            " as their EMULATED secure aggregate (the server's own mean of the replies, not SecAgg+)"
+            if self.secure_aggregation else "")
         done: AttackedRound = attack_round(
             attack.attack, updates, sent.sent_to, counts, sent.settings, armed=sent.armed,
             secure_aggregation=self.secure_aggregation, max_images=attack.max_images,

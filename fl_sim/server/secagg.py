@@ -1,0 +1,301 @@
+"""The malicious server behind Flower's real SecAgg+ (`--defense secagg`): the protocol's rounds, and the attack
+reading only what the protocol reveals.
+
+In flwr 1.41 SecAgg+ runs only on the legacy path: `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` over a
+`LegacyContext` whose strategy has the legacy hooks (configure_fit / aggregate_fit / evaluate ...). `SecAggPlusFace`
+is the malicious strategy's face there. It holds the run's `InvertingStrategy` (fl_sim/server/strategy.py) and
+passes each hook to it in Message-API form, so sampling, arming, the records and the wrapped Flower strategy are
+the same code as without secure aggregation:
+
+- `configure_fit` has the strategy configure the round (`configure_train`, which arms each target's own weights)
+  and turns every message into that client's FitIns: per-client weights reach each client.
+- SecAggPlusWorkflow then runs the protocol's four stages (setup, key sharing, masked vectors, unmasking) with
+  the clients' `secaggplus_mod` (clients/secagg.py), and hands `aggregate_fit` only what it reveals: every
+  survivor's FitRes carries the same unmasked aggregate, its own num-examples and its metrics.
+- `aggregate_fit` takes the attack's view of that aggregate (`revealed_update`) and has `attack_round` read it
+  as one victim (`Victim(clients, secure_aggregate=True)`), recorded and scored as every secure aggregate is;
+  then the wrapped strategy aggregates it as a single reply holding all the survivors' examples.
+
+What the aggregate is, exactly (flwr/client/mod/secure_aggregation/secaggplus_mod.py and
+flwr/server/workflow/secure_aggregation/secaggplus_workflow.py): client i weighs in with
+w_i = round(n_i / max_weight x Q) / Q (n_i its num-examples, Q the quantization range); it sends its *full*
+parameters p_i (not its update) as w_i p_i clipped to +-clipping_range, mapped to Q levels over that range with
+stochastic rounding, plus masks modulo 2^32. The server unmasks the sum of the survivors' quantized vectors
+and dequantizes it to
+
+    aggregate = sum_i clip(w_i p_i, +-c) / sum_i w_i      (each term off by up to one level, 2c/Q)
+
+the example-weighted mean of the survivors' parameters, to within len(survivors) x 2c / Q / sum_i w_i per entry
+(`ProtocolSettings.resolution`). The attack's update is that aggregate minus the same weighted mean of what the
+survivors were sent; a dropped client (an error reply, or no reply within --secagg-timeout) is in neither.
+The server cannot check a survivor's weights (it never sees them), only its metrics.
+"""
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    log,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, TRAIN_LOSS
+from fl_sim.contract.records import ReplyStatus
+from fl_sim.contract.run_config import SECAGG_MODULUS, RunConfig
+from fl_sim.learning.updates import Weights
+from fl_sim.server.attacks import attack_round
+from fl_sim.server.strategy import InvertingStrategy, ReplyFault, in_sent_dtypes, round_seed, run_all, short_error
+
+RoundEndFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """SecAgg+'s settings as the run declares them (--secagg-*), and what follows from them."""
+
+    shares: int | float
+    threshold: int | float
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    max_weight: float = 1000.0
+    timeout: float | None = None
+
+    @classmethod
+    def of(cls, config: RunConfig) -> "ProtocolSettings":
+        """A count is an int, a fraction (at most 1) a float, as SecAggPlusWorkflow tells them apart."""
+        def count_or_share(value: float) -> int | float:
+            return int(value) if value > 1 else float(value)
+
+        return cls(count_or_share(config.secagg_shares), count_or_share(config.secagg_threshold),
+                   config.secagg_clipping_range, config.secagg_quantization_range, config.secagg_max_weight,
+                   config.secagg_timeout or None)
+
+    def workflow(self) -> SecAggPlusWorkflow:
+        return SecAggPlusWorkflow(self.shares, self.threshold, max_weight=self.max_weight,
+                                  clipping_range=self.clipping_range, quantization_range=self.quantization_range,
+                                  modulus_range=SECAGG_MODULUS, timeout=self.timeout)
+
+    def weight(self, num_examples: int) -> float:
+        """The weight a client of `num_examples` examples gets in the aggregate (its quantized ratio)."""
+        return round(num_examples / self.max_weight * self.quantization_range) / self.quantization_range
+
+    def resolution(self, counts: Sequence[int]) -> float:
+        """The most by which an entry of the aggregate of clients with `counts` examples may differ from their
+        example-weighted mean (unclipped): one quantization level per client, over the summed weights."""
+        return len(counts) * 2 * self.clipping_range / self.quantization_range / sum(map(self.weight, counts))
+
+
+def protocol_mean(weights: Sequence[Weights], factors: Sequence[float]) -> Weights:
+    """sum_i factors_i weights_i / sum_i factors_i, in float64 (one pass, no stack of copies)."""
+    total = sum(factors)
+    mean: Weights = {}
+    for entry, factor in zip(weights, factors, strict=True):
+        for name, tensor in entry.items():
+            term = tensor.double() * (factor / total)
+            mean[name] = term if name not in mean else mean[name].add_(term)
+    return mean
+
+
+def revealed_update(aggregate: Weights, sent: Sequence[Weights], factors: Sequence[float]) -> tuple[Weights, Weights]:
+    """The attack's view of a SecAgg+ aggregate: (aggregate - mean sent, mean sent), the mean weighted as the
+    aggregate is, in the dtypes of the model (float32 parameters)."""
+    mean_sent = protocol_mean(sent, factors)
+    update = {name: (aggregate[name].double() - mean_sent[name]).to(sent[0][name].dtype)
+              if sent[0][name].is_floating_point() else aggregate[name] - sent[0][name] for name in aggregate}
+    return update, {name: mean_sent[name].to(sent[0][name].dtype) for name in mean_sent}
+
+
+class SecAggPlusFace(LegacyStrategy):
+    """The malicious strategy (`InvertingStrategy`) on Flower's legacy hooks, for SecAggPlusWorkflow.
+
+    `names`: the model's state-dict names (the legacy path's arrays are unnamed, in that order); `initial`:
+    the weights round 1 is sent; `done`: rounds finished before (a resumed run); `round_end`: fl-sim's
+    evaluate_fn (the global model scored and the round committed, fl_sim/server/server_app.py).
+    """
+
+    def __init__(self, strategy: InvertingStrategy, grid: Grid, protocol: ProtocolSettings, *,
+                 names: Sequence[str], initial: Weights, train_config: ConfigRecord, round_end: RoundEndFn,
+                 done: int = 0):
+        self.strategy, self.grid, self.protocol = strategy, grid, protocol
+        self.names, self.initial, self.train_config = tuple(names), initial, train_config
+        self.round_end, self.done = round_end, done
+        self.proxies: dict[int, ClientProxy] = {}
+        self.configured: int | None = None  # the last round configured, until it is aggregated
+
+    def __repr__(self) -> str:
+        return f"SecAggPlusFace({self.strategy.attack.name if self.strategy.attack else 'no attack'})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters([self.initial[name].numpy() for name in self.names])
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """The strategy's train messages (each target's armed weights) as each client's FitIns."""
+        run_round = server_round + self.done
+        messages = self.strategy.configure_train(run_round, self.arrays(parameters), self.train_config, self.grid)
+        self.configured = run_round
+        as_parameters: dict[int, Parameters] = {}  # one serialisation per distinct model sent
+        instructions = []
+        for msg in messages:
+            record = msg.content[ARRAYS]
+            sent = as_parameters.setdefault(id(record), compat.arrayrecord_to_parameters(record, keep_input=True))
+            config: dict[str, Scalar] = dict(msg.content[CONFIG])  # type: ignore[arg-type]
+            instructions.append((self.proxy(msg.metadata.dst_node_id), FitIns(sent, config)))
+        return instructions
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Attacks the revealed aggregate, records the dropouts, then lets the wrapped strategy aggregate it."""
+        run_round = server_round + self.done
+        self.configured = None
+        reasons = [short_error(str(failure)) for failure in failures if isinstance(failure, BaseException)]
+        survivors = {proxy.node_id: fitres for proxy, fitres in results}
+        arrays, metrics = self.aggregate_revealed(run_round, survivors, reasons)
+        if arrays is None:
+            return None, {}
+        scalars: dict[str, Scalar] = dict(metrics) if metrics is not None else {}  # type: ignore[arg-type]
+        return compat.arrayrecord_to_parameters(arrays, keep_input=True), scalars
+
+    def aggregate_revealed(self, run_round: int, survivors: Mapping[int, FitRes],
+                           reasons: list[str]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's aggregate (the same in every survivor's FitRes) read by the attack, then aggregated."""
+        strategy, sent = self.strategy, self.strategy.sent_round
+        if sent is None or sent.server_round != run_round:
+            raise RuntimeError(f"SecAgg+ revealed round {run_round}, but that round was not configured")
+        partitions = strategy.partitions
+        dropped = [node for node in sent.nodes if node not in survivors and node in partitions]
+        work: list[Callable[[], None]] = []
+        if dropped:
+            why = f": {reasons[0]}" if len(reasons) == 1 == len(dropped) else ""
+            faults = [ReplyFault(partitions[node], ReplyStatus.CLIENT_ERROR if reasons else ReplyStatus.NO_REPLY,
+                                 f"dropped out of the SecAgg+ round (the protocol unmasked the others' sum without "
+                                 f"it){why}") for node in dropped]
+            for fault in faults:
+                log(WARNING, "round %s: client %s dropped out of SecAgg+: %s", run_round, fault.client, fault.reason)
+            work.append(lambda: strategy.recorder.record_faults(run_round, sorted(faults, key=lambda f: f.client)))
+        if not survivors:
+            run_all(work)
+            return None, None
+        first = next(iter(survivors.values()))
+        aggregate = dict(zip(self.names, (torch.from_numpy(np.array(array))
+                                          for array in parameters_to_ndarrays(first.parameters)), strict=True))
+        clients = {node: partitions[node] for node in survivors}
+        counts = {clients[node]: fitres.num_examples for node, fitres in survivors.items()}
+        for node, fitres in survivors.items():
+            said = fitres.metrics.get(PARTITION_ID)
+            if said != clients[node]:  # its weights are in the sum all the same: SecAgg+ cannot leave them out
+                log(WARNING, "round %s: node %s says partition %r, not %s", run_round, node, said, clients[node])
+        factors = [self.protocol.weight(counts[client]) for client in sorted(counts)]
+        global_weights = sent.global_weights
+        sent_to = [sent.sent_to.get(client, global_weights) for client in sorted(counts)]
+        update, mean_sent = revealed_update(aggregate, sent_to, factors)
+        attack = strategy.attack
+        if attack is not None and sent.sent_to:
+            def read() -> None:
+                log(INFO, "attack round %s: reading the SecAgg+ aggregate of %s client(s) with %s", run_round,
+                    len(counts), attack.name)
+                done = attack_round(attack.attack, {}, sent.sent_to, counts, sent.settings, armed=sent.armed,
+                                    secure_aggregation=True, max_images=attack.max_images,
+                                    seed=round_seed(attack.seed, run_round), parameters=attack.parameters,
+                                    label=f"attack round {run_round}", revealed=(update, mean_sent))
+                strategy.recorder.record_attack(run_round, done.victims, done.results, done.update_norms,
+                                                done.seconds)
+            work.append(read)
+        if work and strategy.background is not None and sent.armed is None:
+            strategy.background.submit(run_round, lambda: run_all(work))
+        else:
+            run_all(work)
+        kept: Weights | None = {name: tensor.to(global_weights[name].dtype) if global_weights[name].is_floating_point()
+                                else tensor for name, tensor in aggregate.items()}  # integers: rounded below
+        if attack is not None and sent.armed is not None and kept is not None:
+            kept = attack.attack.aggregated(kept, mean_sent, global_weights)
+        if kept is None:
+            return None, None
+        losses = [float(fitres.metrics.get(TRAIN_LOSS, 0.0)) for fitres in survivors.values()]  # type: ignore[arg-type]
+        total = sum(counts.values())
+        reply = Message(RecordDict({ARRAYS: ArrayRecord(kept), METRICS: MetricRecord({
+            TRAIN_LOSS: sum(loss * count for loss, count in zip(losses, counts.values(), strict=True)) / total,
+            strategy.weighted_by_key: total})}), dst_node_id=0, message_type=MessageType.TRAIN)
+        arrays, metrics = strategy.strategy.aggregate_train(run_round, [reply])
+        return (None if arrays is None else in_sent_dtypes(arrays, global_weights)), metrics
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        messages = self.strategy.configure_evaluate(server_round + self.done, self.arrays(parameters),
+                                                    ConfigRecord(), self.grid)
+        return [(self.proxy(msg.metadata.dst_node_id),
+                 EvaluateIns(compat.arrayrecord_to_parameters(msg.content[ARRAYS], keep_input=True),
+                             dict(msg.content[CONFIG])))  # type: ignore[arg-type]
+                for msg in messages]
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        replies = [Message(RecordDict({METRICS: MetricRecord(dict(res.metrics))}),  # type: ignore[arg-type]
+                           dst_node_id=proxy.node_id, message_type=MessageType.EVALUATE) for proxy, res in results]
+        metrics = self.strategy.aggregate_evaluate(server_round + self.done, replies)
+        if metrics is None:
+            return None, {}
+        loss = metrics.get("loss")
+        return (float(loss) if isinstance(loss, int | float) else None), dict(metrics)  # type: ignore[arg-type]
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """fl-sim's evaluate_fn at the end of each round (round 0: the initial model), in the run's rounds. A round
+        the protocol halted (too few clients left to unmask) aggregated nothing: its clients get a row saying so."""
+        run_round = server_round + self.done if server_round else 0
+        if server_round and self.configured == run_round:
+            self.configured = None
+            sent = self.strategy.sent_round
+            if sent is not None and sent.server_round == run_round:
+                self.strategy.recorder.record_faults(run_round, [
+                    ReplyFault(self.strategy.partitions[node], ReplyStatus.NO_REPLY,
+                               "the SecAgg+ round halted: too few clients were left to unmask the sum "
+                               "(--secagg-threshold)") for node in sent.nodes if node in self.strategy.partitions])
+        metrics = self.round_end(run_round, self.arrays(parameters))
+        if metrics is None:
+            return None
+        loss = metrics.get("loss")
+        scalars: dict[str, Scalar] = dict(metrics)  # type: ignore[arg-type]
+        return (float(loss) if isinstance(loss, int | float) else 0.0), scalars
+
+    def arrays(self, parameters: Parameters) -> ArrayRecord:
+        """The legacy path's unnamed arrays as the model's named ArrayRecord."""
+        arrays = parameters_to_ndarrays(parameters)
+        if len(arrays) != len(self.names):
+            raise RuntimeError(f"{len(arrays)} arrays for a model of {len(self.names)}")
+        return ArrayRecord({name: torch.from_numpy(np.array(array)) for name, array in zip(self.names, arrays,
+                                                                                           strict=True)})
+
+    def proxy(self, node: int) -> ClientProxy:
+        """SecAggPlusWorkflow names each client by a proxy; it only reads its node id."""
+        return self.proxies.setdefault(node, GridClientProxy(node, self.grid, 0))
+
+
+def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
+    """Runs `rounds` rounds of Flower's DefaultWorkflow with SecAggPlusWorkflow as its fit workflow."""
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=rounds), strategy=face)
+    log(INFO, "SecAgg+: %s shares, threshold %s, clipping +-%s, %s levels, max weight %s", face.protocol.shares,
+        face.protocol.threshold, face.protocol.clipping_range, face.protocol.quantization_range,
+        face.protocol.max_weight)
+    DefaultWorkflow(fit_workflow=face.protocol.workflow())(grid, context)
