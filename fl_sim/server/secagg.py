@@ -168,7 +168,9 @@ class SecAggPlusFace(LegacyStrategy):
         """Attacks the revealed aggregate, records the dropouts, then lets the wrapped strategy aggregate it."""
         run_round = server_round + self.done
         self.configured = None
-        reasons = [short_error(str(failure)) for failure in failures if isinstance(failure, BaseException)]
+        # SecAggPlusWorkflow lists a client's error once per loop over the replies: each reason once
+        reasons = list(dict.fromkeys(short_error(str(failure)) for failure in failures
+                                     if isinstance(failure, BaseException)))
         survivors = {proxy.node_id: fitres for proxy, fitres in results}
         arrays, metrics = self.aggregate_revealed(run_round, survivors, reasons)
         if arrays is None:
@@ -299,3 +301,25 @@ def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
         face.protocol.threshold, face.protocol.clipping_range, face.protocol.quantization_range,
         face.protocol.max_weight)
     DefaultWorkflow(fit_workflow=face.protocol.workflow())(grid, context)
+
+
+def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protocol: ProtocolSettings) -> Weights:
+    """What SecAgg+ reveals of `replies` (clients' full weights, with `counts` examples): Flower's own client-side
+    weighting, clipping and stochastic quantization and its server-side dequantization, without the masks (they
+    cancel exactly modulo 2^32). For checks and `fl-sim attack`, which run no federation."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    names = list(replies[0])
+    ratios = [round(count / protocol.max_weight * protocol.quantization_range) for count in counts]
+    total: list[np.ndarray] | None = None
+    for reply, ratio in zip(replies, ratios, strict=True):
+        scaled = [reply[name].double().numpy() * (ratio / protocol.quantization_range) for name in names]
+        levels = [array.astype(np.int64) for array in quantize(scaled, protocol.clipping_range,
+                                                                protocol.quantization_range)]
+        total = levels if total is None else [a + b for a, b in zip(total, levels, strict=True)]
+    assert total is not None
+    summed = dequantize([array % SECAGG_MODULUS for array in total], protocol.clipping_range,
+                        protocol.quantization_range)
+    offset = -(len(replies) - 1) * protocol.clipping_range
+    scale = protocol.quantization_range / sum(ratios)
+    return {name: torch.from_numpy((array + offset) * scale) for name, array in zip(names, summed, strict=True)}
