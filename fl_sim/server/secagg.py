@@ -36,7 +36,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -65,6 +65,7 @@ from fl_sim.learning.updates import Weights
 from fl_sim.server.attacks import attack_round
 from fl_sim.server.strategy import InvertingStrategy, ReplyFault, in_sent_dtypes, round_seed, run_all, short_error
 
+FLOAT32_EPSILON = 2.0**-24  # float32's relative rounding: Flower's client quantizes float32 parameters in float32
 RoundEndFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
@@ -100,8 +101,12 @@ class ProtocolSettings:
 
     def resolution(self, counts: Sequence[int]) -> float:
         """The most by which an entry of the aggregate of clients with `counts` examples may differ from their
-        example-weighted mean (unclipped): one quantization level per client, over the summed weights."""
-        return len(counts) * 2 * self.clipping_range / self.quantization_range / sum(map(self.weight, counts))
+        example-weighted mean (unclipped): per client one quantization level, plus the float32 rounding of the
+        client's quantization arithmetic (values up to 2c, rounded twice; it caps the useful levels near 2^23),
+        over the summed weights."""
+        level = 2 * self.clipping_range / self.quantization_range
+        rounding = 2 * 2 * self.clipping_range * FLOAT32_EPSILON
+        return len(counts) * (level + rounding) / sum(map(self.weight, counts))
 
 
 def protocol_mean(weights: Sequence[Weights], factors: Sequence[float]) -> Weights:
@@ -169,7 +174,7 @@ class SecAggPlusFace(LegacyStrategy):
         run_round = server_round + self.done
         self.configured = None
         # SecAggPlusWorkflow lists a client's error once per loop over the replies: each reason once
-        reasons = list(dict.fromkeys(short_error(str(failure)) for failure in failures
+        reasons = list(dict.fromkeys(failure_reason(failure) for failure in failures
                                      if isinstance(failure, BaseException)))
         survivors = {proxy.node_id: fitres for proxy, fitres in results}
         arrays, metrics = self.aggregate_revealed(run_round, survivors, reasons)
@@ -293,6 +298,12 @@ class SecAggPlusFace(LegacyStrategy):
         return self.proxies.setdefault(node, GridClientProxy(node, self.grid, 0))
 
 
+def failure_reason(failure: BaseException) -> str:
+    """The reason of a client's error as SecAggPlusWorkflow keeps it (an Exception around the reply's Error)."""
+    error = failure.args[0] if failure.args else None
+    return short_error(error.reason or "") if isinstance(error, Error) else short_error(str(failure))
+
+
 def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
     """Runs `rounds` rounds of Flower's DefaultWorkflow with SecAggPlusWorkflow as its fit workflow."""
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -313,7 +324,8 @@ def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protoc
     ratios = [round(count / protocol.max_weight * protocol.quantization_range) for count in counts]
     total: list[np.ndarray] | None = None
     for reply, ratio in zip(replies, ratios, strict=True):
-        scaled = [reply[name].double().numpy() * (ratio / protocol.quantization_range) for name in names]
+        # in the reply's dtype (float32), as Flower's client computes: its rounding is part of the aggregate
+        scaled = [reply[name].numpy() * (ratio / protocol.quantization_range) for name in names]
         levels = [array.astype(np.int64) for array in quantize(scaled, protocol.clipping_range,
                                                                 protocol.quantization_range)]
         total = levels if total is None else [a + b for a, b in zip(total, levels, strict=True)]
