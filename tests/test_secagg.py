@@ -182,10 +182,10 @@ def test_ray_address_comes_from_the_flag_or_ray_address(monkeypatch):
     assert "init_args" not in run_command.backend_config(parser.parse_args([]))
 
 
-def test_a_simulation_runs_on_a_two_node_ray_cluster_it_attaches_to(shared_data, tmp_path):
+def test_a_simulation_runs_on_a_two_node_ray_cluster_it_attaches_to(shared_data, tmp_path, monkeypatch):
     """A head and a second node on this machine, one CPU each: two clients of one CPU each need both nodes.
-    The run attaches (--ray-address), finishes, and leaves the cluster running with both nodes; then it is torn
-    down."""
+    The run attaches (--ray-address), finishes, and its client actors lived on both of the cluster's nodes (the
+    cluster's actor table keeps them); the cluster outlives the run with both nodes, and is then torn down."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -193,6 +193,7 @@ def test_a_simulation_runs_on_a_two_node_ray_cluster_it_attaches_to(shared_data,
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)  # Cluster sets it: the flag alone must attach the run
         out = tmp_path / "run"
         assert cli.main(["run", "--out", str(out), "--data-root", str(shared_data), "--num-clients", "2",
                          "--rounds", "1", "--model", "lenet", "--train-mode", "fedsgd", "--batch-size", "2",
@@ -201,8 +202,11 @@ def test_a_simulation_runs_on_a_two_node_ray_cluster_it_attaches_to(shared_data,
         assert [row["model_changed"] for row in read_jsonl(out / "global.jsonl")] == [True]
         ray.init(address=cluster.address)
         try:
-            alive = [node for node in ray.nodes() if node["Alive"]]
+            alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
             assert len(alive) == 2 and ray.cluster_resources()["CPU"] == 2
+            actors = [actor for actor in ray._private.state.actors().values()
+                      if actor.get("ActorClassName") == "ClientAppActor" and actor.get("State") == "DEAD"]
+            assert {actor["Address"]["NodeID"] for actor in actors} == alive
         finally:
             ray.shutdown()
     finally:
