@@ -4,8 +4,11 @@ The round is `fl-sim run`'s own (fl_sim/server/attacks.py): the attack arms what
 (`arm_round`; a passive attack sends the global model), each victim trains locally on its own images with
 the real client code (clients/training.py) and applies the --defense as a client of `fl-sim run` would
 (clients/defenses.py), and `attack_round` reads the weight changes, each against what its victim was
-sent; the evaluation path scores them against the truth. With `secagg` the attack gets only the victims'
-mean update, read as one victim holding all their images. Unlike `fl-sim run`, no update is too large to read.
+sent; the evaluation path scores them against the truth. With `secagg` the attack gets only what Flower's
+SecAgg+ would reveal of the victims' replies (their example-weighted mean, clipped and quantized as the protocol
+does under the --secagg-* settings: fl_sim/server/secagg.py `protocol_aggregate`; no network, so no masks and no
+dropouts), with `secagg-emulated` their plain mean update; either is read as one victim holding all their
+images. Unlike `fl-sim run`, no update is too large to read.
 
 --out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
 if it holds nothing but what fl-sim attack or a sweep point writes).
@@ -28,6 +31,7 @@ from clients.defenses import defense_seed, sent_weights
 from clients.training import local_train
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
+from fl_sim.contract.run_config import Group
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
@@ -36,6 +40,7 @@ from fl_sim.results.outputs import rewrite_jsonl, write_json
 from fl_sim.results.summary import RECOVERED_DB, recovered_key
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
+from fl_sim.server.secagg import ProtocolSettings, protocol_aggregate, revealed_update
 
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
 EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
@@ -46,6 +51,7 @@ OWN_FILES = re.compile(r"(summary\.json|metrics\.jsonl|point\.json|victim-\d{3,}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_task_arguments(parser)
+    config.add_settings(parser.add_argument_group(Group.DEFENSE.value), Group.DEFENSE, config.TASK_DEFAULTS)
     parser.add_argument("--num-victims", type=int, default=8, help="victims (clients) to attack")
     parser.add_argument("--shard-size", type=int, default=32,
                         help="--train-mode epochs: the examples each victim holds and trains on (default 32)")
@@ -138,7 +144,7 @@ def run(args) -> dict:
                                    else global_weights for victim in victims}
     parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
-    updates, truth = {}, []
+    updates, truth, replies = {}, [], []
     for victim, examples in enumerate(indices):
         images, labels = dataset.tensors(examples)
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=imprint_rows)
@@ -147,11 +153,21 @@ def run(args) -> dict:
         sent = sent_weights(defense, sent_to[victim], weights(client), parameters, defense_seed(args.seed, victim))
         updates[victim] = weight_change(sent_to[victim], sent)
         truth.append((images, labels))
+        if defense.protocol:
+            replies.append(sent)
     if defense.secure_aggregation:  # the server learns only the mean update: one victim with every image
         truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
-    done = attack_round(attack, updates, sent_to, {victim: len(examples) for victim, examples in enumerate(indices)},
-                        settings, armed=armed, secure_aggregation=defense.secure_aggregation, max_images=None,
-                        seed=args.seed, parameters=parameters)
+    counts = {victim: len(examples) for victim, examples in enumerate(indices)}
+    revealed = None
+    if defense.protocol:  # what SecAgg+ reveals of the replies: Flower's quantized weighted mean (no network here)
+        protocol = ProtocolSettings.of(run_config)
+        revealed = revealed_update(protocol_aggregate(replies, list(counts.values()), protocol),
+                                   [sent_to[victim] for victim in victims],
+                                   [protocol.weight(count) for count in counts.values()])
+        updates = {}
+    done = attack_round(attack, updates, sent_to, counts, settings, armed=armed,
+                        secure_aggregation=defense.secure_aggregation, max_images=None, seed=args.seed,
+                        parameters=parameters, revealed=revealed)
     if device.type == "cuda":
         torch.cuda.synchronize()
     attack_seconds = done.seconds
