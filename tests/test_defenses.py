@@ -1,5 +1,6 @@
 """Client-side defenses (clients/defenses.py): each step does what it says, bad specs are refused, the
-ClientApp sends the defended update, and a Flower run carries it to the server (with secagg, only the sum)."""
+ClientApp sends the defended update, and a Flower run carries it to the server (with secagg-emulated, only the sum;
+the real protocol's: tests/test_secagg.py)."""
 import dataclasses
 import json
 import math
@@ -103,6 +104,7 @@ def test_specs_parse_into_client_steps_and_secure_aggregation():
     ("prune:1", "1 would send no update"),
     ("fp16:2", "fp16 takes no number"),
     ("secagg:2", "secagg takes no number"),
+    ("secagg-emulated:2", "secagg-emulated takes no number"),
     ("secagg+secagg", "comes once"),
     ("none+fp16", "'none' means no defense and stands alone; to defend, join only the steps, e.g. fp16"),
     ("blur:3", "'blur:3' is not a defense; write steps joined by '+'"),
@@ -117,7 +119,7 @@ def test_bad_specs_are_refused_in_one_sentence(spec, message):
 def test_only_parameters_change_and_without_client_steps_nothing_does():
     global_weights = {"w": torch.zeros(10), "running_mean": torch.zeros(3)}
     trained = {"w": torch.linspace(-1, 1, 10), "running_mean": torch.ones(3)}
-    for spec in ("none", "secagg"):
+    for spec in ("none", "secagg", "secagg-emulated"):
         assert sent_weights(DefenseSpec.parse(spec), global_weights, trained, ["w"], seed=0) is trained
     sent = sent_weights(DefenseSpec.parse("prune:0.5"), global_weights, trained, ["w"], seed=0)
     assert int((sent["w"] == 0).sum()) == 5 and torch.equal(sent["running_mean"], trained["running_mean"])
@@ -164,13 +166,15 @@ def test_the_client_app_sends_the_defended_update(config):
 
 def test_a_flower_run_carries_the_defense_to_the_server_and_secagg_shows_it_only_the_sum(shared_data, tmp_path):
     """Ray simulation, 2 clients, 1 round: the new global model moved in at most 2 x 10% of each tensor's
-    entries (both clients pruned 90%), and the attack had one victim: the aggregate of both clients.
+    entries (both clients pruned 90%), and the attack had one victim: the aggregate of both clients. Emulated
+    secure aggregation: SecAgg+'s stochastic quantization would move every entry (tests/test_secagg.py runs it).
     IG, boxed: unboxed iDLG's pixels run off on a pruned update, and a diverged victim has no images to check."""
     out = tmp_path / "run"
     assert cli.main(["run", "--train-mode", "steps", "--batch-size", "1", "--model", "lenet", "--dataset", "mnist",
                      "--data-root", str(shared_data), "--num-clients", "2",
                      "--rounds", "1", "--attack", "ig", "--restarts", "1", "--iterations", "3", "--seed", "1",
-                     "--defense", "prune:0.9+secagg", "--device", "cpu", "--max-shard", "0", "--out", str(out)]) == 0
+                     "--defense", "prune:0.9+secagg-emulated", "--device", "cpu", "--max-shard", "0",
+                     "--out", str(out)]) == 0
     initial = build_model("lenet", 1, 28, 10, init="default", seed=1).state_dict()
     after = load_checkpoint(out).weights
     for name, tensor in initial.items():
@@ -185,7 +189,7 @@ def test_a_flower_run_carries_the_defense_to_the_server_and_secagg_shows_it_only
     assert len(row["psnr_images"]) == 2  # one attack on a batch of both clients' images
     assert (out / "round-001" / "aggregate" / "reconstruction.png").is_file()
     assert "round-001/aggregate/reconstruction.png" in (out / "gallery.html").read_text()
-    assert json.loads((out / "run.json").read_text())["config"]["defense"] == "prune:0.9+secagg"
+    assert json.loads((out / "run.json").read_text())["config"]["defense"] == "prune:0.9+secagg-emulated"
 
 
 @pytest.mark.usefixtures("server_identity")
@@ -193,8 +197,9 @@ def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(s
     """`flwr run` loads clients.app:app, built before any run config exists: its mods read `defense` per message."""
     from clients.app import app
     from clients.mods import DefenseMod, FaultMod
+    from clients.secagg import SecAggPlusMod
 
-    assert [type(mod) for mod in app._mods] == [FaultMod, DefenseMod]
+    assert [type(mod) for mod in app._mods] == [SecAggPlusMod, FaultMod, DefenseMod]
     weights = lenet().state_dict()
     base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet", "attack": "idlg"}
     replies = {spec: app(train_message(weights, SETTINGS, server_round=1),

@@ -148,6 +148,7 @@ def test_a_round_through_flowers_secagg_plus_survives_a_dropout_and_leaks_as_muc
         fault, attacked = sorted(found, key=lambda row: str(row["client"]))
         assert (fault["client"], fault["status"]) == (1, "client-error")
         assert (attacked["client"], attacked["clients"], attacked["status"]) == ("aggregate", [0, 2, 3], "ok")
+        assert attacked["secure_aggregation"] == {"real": "secagg+", "emulated": "emulated"}[name]
         assert len(attacked["psnr_images"]) == 24
         shares[name] = attacked["recovered_at_30db"]
     print(f"imprint through 3 of 4 clients' aggregate, share at >= 30 dB: {shares}")
@@ -165,6 +166,8 @@ def test_a_round_through_flowers_secagg_plus_survives_a_dropout_and_leaks_as_muc
               (("real", real), ("emulated", emulated))}
     assert (config["real"]["defense"], config["emulated"]["defense"]) == ("secagg", "secagg-emulated")
     assert "secagg-emulated" in (emulated / "gallery.html").read_text()
+    assert "secure aggregate (emulated)" in (emulated / "gallery.html").read_text()
+    assert "secure aggregate (emulated)" not in (real / "gallery.html").read_text()
 
 
 def test_ray_address_comes_from_the_flag_or_ray_address(monkeypatch):

@@ -45,6 +45,7 @@ from fl_sim.results.summary import (
 )
 
 AGGREGATE = "aggregate"  # the client of a row that attacked a secure aggregate (--defense secagg)
+EMULATED = "emulated"  # a secure aggregate row's `secure_aggregation` under --defense secagg-emulated (else "secagg+")
 ROUNDS_PLOT = "leakage-by-round.png"  # images recovered, accuracy and the rest against the round
 PAGE = "gallery.html"  # the run's page (the overview of a run split into pages); a round's first page
 PAGE_CLIENTS = 50  # client rows on one page at most
@@ -333,7 +334,9 @@ def _client(out: Path, base: str, row: dict) -> str:
     named = _count(row.get("client")) or row.get("client") == AGGREGATE
     folder = client_folder(row["round"], row["client"]) if named else None
     status = str(row.get("status"))
-    name = "secure aggregate" if row.get("client") == AGGREGATE else f"client {row.get('client')}"
+    name = f"client {row.get('client')}"
+    if row.get("client") == AGGREGATE:  # emulated: the server's own mean of the replies, not SecAgg+'s
+        name = "secure aggregate (emulated)" if row.get("secure_aggregation") == EMULATED else "secure aggregate"
     summary = summarise([row])
     if succeeded(row):
         images = summary["images"]

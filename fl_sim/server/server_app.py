@@ -48,7 +48,7 @@ from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
 from fl_sim.learning.updates import parameter_names
 from fl_sim.results.evaluation import score_and_save, summarise
-from fl_sim.results.gallery import AGGREGATE, client_folder, write_gallery
+from fl_sim.results.gallery import AGGREGATE, EMULATED, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
 from fl_sim.server import lock
 from fl_sim.server.active import public_images
@@ -104,8 +104,9 @@ class Scoreboard:
         rows = []
         for victim, result, norm in zip(victims, results, update_norms):
             images, labels = self.truth(server_round, victim)
-            named = {"client": AGGREGATE, "clients": list(victim.clients)} if victim.secure_aggregate \
-                else {"client": victim.clients[0]}
+            named = {"client": AGGREGATE, "clients": list(victim.clients),
+                     "secure_aggregation": EMULATED if self.config.defense.emulated else "secagg+"} \
+                if victim.secure_aggregate else {"client": victim.clients[0]}
             folder = inside(self.out, client_folder(server_round, AGGREGATE if victim.secure_aggregate
                                                     else victim.clients[0]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
