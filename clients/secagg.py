@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
+from flwr.compat.common import recorddict_compat as compat  # flwr's own legacy records (not public API: pinned)
 
 from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
 from fl_sim.contract.run_config import RunConfig
@@ -68,7 +68,7 @@ def legacy_fit(msg: Message, context: Context, call_next, names: tuple[str, ...]
     metrics = dict(reply.content.metric_records[METRICS])
     count = metrics.pop(NUM_EXAMPLES)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([arrays[name].numpy() for name in arrays]),
-                    int(count), metrics)  # type: ignore[arg-type]  # MetricRecord values are Flower scalars
+                    int(count), metrics)
     reply.content = compat.fitres_to_recorddict(fitres, keep_input=False)
     return reply
 
@@ -84,8 +84,10 @@ def legacy_evaluate(msg: Message, context: Context, call_next, names: tuple[str,
     if reply.has_error():
         return reply
     metrics = dict(reply.content.metric_records[METRICS])
-    res = EvaluateRes(Status(Code.OK, ""), float(metrics[LOSS]), int(metrics[NUM_EXAMPLES]),  # type: ignore[arg-type]
-                      metrics)  # type: ignore[arg-type]
+    loss, count = metrics[LOSS], metrics[NUM_EXAMPLES]
+    if not isinstance(loss, int | float) or not isinstance(count, int | float):
+        raise ValueError(f"the evaluate reply's {LOSS} and {NUM_EXAMPLES} are {loss!r} and {count!r}, not numbers")
+    res = EvaluateRes(Status(Code.OK, ""), float(loss), int(count), metrics)
     reply.content = compat.evaluateres_to_recorddict(res)
     return reply
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl_sim.commands import config, guard
 from fl_sim.contract.run_config import (
@@ -28,6 +29,9 @@ from fl_sim.contract.run_config import (
 from fl_sim.results.outputs import JSONL_LOCK, read_jsonl
 from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
 from fl_sim.server import lock
+
+if TYPE_CHECKING:  # flwr is imported only once a run starts
+    from fl_sim.server.flower_private import BackendConfig
 
 DEFAULTS = RunConfig()
 FIELD_NAMES = frozenset(FIELD_TYPES)  # every run setting's name: its flag's argparse dest
@@ -215,11 +219,10 @@ def ray_address(args) -> str | None:
     return getattr(args, "ray_address", None) or None
 
 
-def backend_config(args) -> dict[str, dict[str, str | float]]:
+def backend_config(args) -> "BackendConfig":
     """Flower's simulation backend: each client's Ray resources, and with --ray-address the cluster `ray.init`
     attaches to (its `address`) instead of starting Ray in this process."""
-    config: dict[str, dict[str, str | float]] = {"client_resources": {"num_cpus": args.client_cpus,
-                                                                      "num_gpus": args.client_gpus}}
+    config: BackendConfig = {"client_resources": {"num_cpus": args.client_cpus, "num_gpus": args.client_gpus}}
     address = ray_address(args)
     if address is not None:
         config["init_args"] = {"address": address}

@@ -9,14 +9,19 @@ The daemons' flag parsers cost half a second to import, so they are loaded only 
 """
 from flwr.cli.config_utils import load_and_validate  # flwr's own check of [tool.flwr.app] in pyproject.toml
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # what a real SuperLink stamps on messages
+from flwr.common.secure_aggregation.quantization import dequantize, quantize  # SecAgg+'s own (fl_sim/server/secagg.py)
+from flwr.compat.common import recorddict_compat  # the legacy records (FitIns/FitRes ...) SecAgg+'s workflow speaks
+from flwr.server.compat.grid_client_proxy import GridClientProxy  # how the legacy workflows name a client
+from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig  # run_simulation's backend_config type
 from flwr.serverapp.strategy.strategy_utils import (  # FedAvg's own averaging and reply checks
     aggregate_arrayrecords,
     validate_message_reply_consistency,
 )
 from flwr.supercore.task_identity import TaskIdentity  # who creates a Message: set by the runtime's process
 
-__all__ = ["ErrorCode", "SUPERLINK_NODE_ID", "TaskIdentity", "aggregate_arrayrecords", "daemon_flag_parsers",
-           "load_and_validate", "validate_message_reply_consistency"]
+__all__ = ["BackendConfig", "ErrorCode", "GridClientProxy", "SUPERLINK_NODE_ID", "TaskIdentity",
+           "aggregate_arrayrecords", "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize",
+           "recorddict_compat", "validate_message_reply_consistency"]
 
 
 def daemon_flag_parsers() -> dict:

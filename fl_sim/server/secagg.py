@@ -48,12 +48,9 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.compat.common import recorddict_compat as compat
-from flwr.server import ServerConfig
+from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -63,6 +60,8 @@ from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import SECAGG_MODULUS, RunConfig
 from fl_sim.learning.updates import Weights
 from fl_sim.server.attacks import attack_round
+from fl_sim.server.flower_private import GridClientProxy, dequantize, quantize
+from fl_sim.server.flower_private import recorddict_compat as compat
 from fl_sim.server.strategy import InvertingStrategy, ReplyFault, in_sent_dtypes, round_seed, run_all, short_error
 
 FLOAT32_EPSILON = 2.0**-24  # float32's relative rounding: Flower's client quantizes float32 parameters in float32
@@ -161,7 +160,7 @@ class SecAggPlusFace(LegacyStrategy):
         as_parameters: dict[int, Parameters] = {}  # one serialisation per distinct model sent
         instructions = []
         for msg in messages:
-            record = msg.content[ARRAYS]
+            record = msg.content.array_records[ARRAYS]
             sent = as_parameters.setdefault(id(record), compat.arrayrecord_to_parameters(record, keep_input=True))
             config: dict[str, Scalar] = dict(msg.content[CONFIG])  # type: ignore[arg-type]
             instructions.append((self.proxy(msg.metadata.dst_node_id), FitIns(sent, config)))
@@ -238,7 +237,7 @@ class SecAggPlusFace(LegacyStrategy):
             kept = attack.attack.aggregated(kept, mean_sent, global_weights)
         if kept is None:
             return None, None
-        losses = [float(fitres.metrics.get(TRAIN_LOSS, 0.0)) for fitres in survivors.values()]  # type: ignore[arg-type]
+        losses = [float(fitres.metrics.get(TRAIN_LOSS, 0.0)) for fitres in survivors.values()]
         total = sum(counts.values())
         reply = Message(RecordDict({ARRAYS: ArrayRecord(kept), METRICS: MetricRecord({
             TRAIN_LOSS: sum(loss * count for loss, count in zip(losses, counts.values(), strict=True)) / total,
@@ -251,7 +250,7 @@ class SecAggPlusFace(LegacyStrategy):
         messages = self.strategy.configure_evaluate(server_round + self.done, self.arrays(parameters),
                                                     ConfigRecord(), self.grid)
         return [(self.proxy(msg.metadata.dst_node_id),
-                 EvaluateIns(compat.arrayrecord_to_parameters(msg.content[ARRAYS], keep_input=True),
+                 EvaluateIns(compat.arrayrecord_to_parameters(msg.content.array_records[ARRAYS], keep_input=True),
                              dict(msg.content[CONFIG])))  # type: ignore[arg-type]
                 for msg in messages]
 
@@ -318,8 +317,6 @@ def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protoc
     """What SecAgg+ reveals of `replies` (clients' full weights, with `counts` examples): Flower's own client-side
     weighting, clipping and stochastic quantization and its server-side dequantization, without the masks (they
     cancel exactly modulo 2^32). For checks and `fl-sim attack`, which run no federation."""
-    from flwr.common.secure_aggregation.quantization import dequantize, quantize
-
     names = list(replies[0])
     ratios = [round(count / protocol.max_weight * protocol.quantization_range) for count in counts]
     total: list[np.ndarray] | None = None
