@@ -119,8 +119,16 @@ class DefenseKind(StrEnum):
     FP16 = "fp16"  # round the change to half precision
 
 
-NO_DEFENSE, SECURE_AGGREGATION = "none", "secagg"
-DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION)
+class InspectionMode(StrEnum):
+    """What a client with `--defense inspect` does with a model that fails its checks (clients/inspection.py)."""
+
+    REFUSE = "refuse"  # an error reply saying why, instead of training (the server records it as refused)
+    FLAG = "flag"  # train as usual and say which checks failed in the reply's metrics (recorded in metrics.jsonl)
+
+
+NO_DEFENSE, SECURE_AGGREGATION, INSPECT = "none", "secagg", "inspect"
+DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION,
+                 f"{INSPECT}[:{'|'.join(InspectionMode)}]")
 # kind -> (what its number means, the check it must pass); None: the kind takes no number.
 DEFENSE_NUMBERS = {
     DefenseKind.NOISE: ("SIGMA, a positive number", lambda value: 0 < value < math.inf),
@@ -132,11 +140,13 @@ DEFENSE_NUMBERS = {
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A parsed --defense: the client's steps in order (clients/defenses.py), and whether the server
-    sees only the sum of the updates (secure aggregation)."""
+    """A parsed --defense: the client's steps in order (clients/defenses.py), whether the server
+    sees only the sum of the updates (secure aggregation), and whether clients inspect the model they are
+    sent before training, refusing it or flagging it when it fails (`inspect`, clients/inspection.py; None: no)."""
 
     steps: tuple[tuple[DefenseKind, float | None], ...] = ()
     secure_aggregation: bool = False
+    inspection: InspectionMode | None = None
 
     @classmethod
     def parse(cls, text: str) -> "DefenseSpec":
@@ -145,8 +155,15 @@ class DefenseSpec:
             return cls()
         steps: list[tuple[DefenseKind, float | None]] = []
         secure = False
+        inspection: InspectionMode | None = None
         for part in (part.strip() for part in text.split("+")):
             kind, colon, number = part.partition(":")
+            if kind == INSPECT:
+                if inspection is not None or (colon and number not in set(InspectionMode)):
+                    raise ConfigError(f"--defense {text!r}: inspect comes once, as inspect (refuse) or "
+                                      f"inspect:{' or inspect:'.join(InspectionMode)}")
+                inspection = InspectionMode(number) if colon else InspectionMode.REFUSE
+                continue
             if kind == SECURE_AGGREGATION:
                 if colon or secure:
                     raise ConfigError(f"--defense {text!r}: secagg takes no number and comes once")
@@ -174,10 +191,11 @@ class DefenseSpec:
             if not valid(value):
                 raise ConfigError(f"--defense {text!r}: {kind} needs {meaning}, got {number!r}")
             steps.append((kind, value))
-        return cls(tuple(steps), secure)
+        return cls(tuple(steps), secure, inspection)
 
     def __str__(self) -> str:
-        parts = [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
+        parts = [f"{INSPECT}:{self.inspection}"] if self.inspection is not None else []
+        parts += [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
         parts += [SECURE_AGGREGATION] if self.secure_aggregation else []
         return "+".join(parts) or NO_DEFENSE
 
@@ -328,7 +346,9 @@ class RunConfig:
         "updated (frozen)", Group.TRAINING, choices=True))
     defense: DefenseSpec = setting(DefenseSpec(), Setting(
         f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or steps joined by '+', "
-        "e.g. clip:4+noise:0.01 (see clients/defenses.py)", Group.TRAINING, metavar="SPEC"))
+        "e.g. clip:4+noise:0.01 (see clients/defenses.py); inspect: clients check the model they are sent and "
+        "refuse it (inspect:flag: train and flag it) when it fails (clients/inspection.py)", Group.TRAINING,
+        metavar="SPEC"))
     attack: str = "imprint"  # its flag is written by hand in fl_sim/commands/config.py (the attack registry's names)
     iterations: int = setting(300, Setting(
         "optimiser iterations per victim (an L-BFGS iteration is up to 20 updates, as in DLG)", Group.ATTACK,
