@@ -85,10 +85,7 @@ def inspect_model(received: Weights, honest: Architecture, previous: Weights | N
     client's first round); empty when it looks like an honest federation's model."""
     names, expected = set(received), set(honest.entries)
     if names != expected:
-        extra, missing = sorted(names - expected), sorted(expected - names)
-        said = [f"{label} {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
-                for label, found in (("entries the model does not have:", extra), ("missing:", missing)) if found]
-        return [Finding(Check.ARCHITECTURE, "; ".join(said))]
+        return [Finding(Check.ARCHITECTURE, _other_entries(names, expected))]
     wrong = [name for name, (shape, dtype) in honest.entries.items()
              if tuple(received[name].shape) != shape or received[name].dtype != dtype]
     if wrong:
@@ -111,6 +108,23 @@ def inspect_model(received: Weights, honest: Architecture, previous: Weights | N
     if previous is not None:
         findings += _against_previous(received, previous, honest)
     return findings
+
+
+def _other_entries(names: set[str], expected: set[str]) -> str:
+    """What is wrong with the entries' names: the model wrapped in another with entries of its own (the imprint
+    block), or entries missing and extra."""
+    def listed(found: list[str]) -> str:
+        return ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+
+    any_name = next(iter(expected))
+    for name in names:  # a prefix under which every announced entry appears: the model sits inside another
+        prefix = name.removesuffix(any_name)
+        if prefix != name and prefix and {prefix + entry for entry in expected} <= names:
+            own = sorted(name for name in names if not name.startswith(prefix))
+            return f"the announced model sits inside another (as {prefix}*) with entries of its own: {listed(own)}"
+    extra, missing = sorted(names - expected), sorted(expected - names)
+    return "; ".join(f"{label} {listed(found)}" for label, found in
+                     (("entries the model does not have:", extra), ("missing:", missing)) if found)
 
 
 def largest_row_cosine(rows: torch.Tensor) -> float:
