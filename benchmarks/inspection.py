@@ -10,7 +10,8 @@ ig) sends exactly these models, so its detection rate is this false-positive rat
 Each active attack then targets every client from its first sampled round on: the client is sent the attack's
 arming of that round's global model instead (fl_sim/server/active.py, the server's own code, built on the honest
 run's global models), inspects it against its own last passed model (a model that failed never becomes the
-reference), and every flag is a detection. The table says which checks fired.
+reference), and every flag is a detection. The table says which checks fired. The quiet trap (the evader) is
+also measured switched on halfway through a run, after honest rounds: "from round R" counts its rounds from R.
 
     OMP_NUM_THREADS=1 python benchmarks/inspection.py --rounds 24 --clients 5
 """
@@ -79,6 +80,11 @@ def measure(model: str, dataset: str, args: argparse.Namespace) -> list[str]:
             continue
         attack = build(name, model, channels, size, classes, public, args.seed)
         rows.append(row(model, dataset, name, *inspect_run(sampled, history, honest, (attack, design))))
+        if name == "trap-quiet":
+            start = args.rounds // 2 + 1
+            attack = build(name, model, channels, size, classes, public, args.seed)
+            rows.append(row(model, dataset, f"{name} from round {start}",
+                            *inspect_run(sampled, history, honest, (attack, design), start)))
     return rows
 
 
@@ -120,15 +126,20 @@ def build(name: str, model: str, channels: int, size: int, classes: int, public:
 
 
 def inspect_run(sampled: list[list[int]], history: list[Weights], honest: Architecture,
-                attack: tuple[AnalyticAttack, TrainingSettings] | None) -> tuple[int, int, Counter]:
+                attack: tuple[AnalyticAttack, TrainingSettings] | None, start: int = 1) -> tuple[int, int, Counter]:
     """(client-rounds, flagged, how often each check fired) over the run, each client keeping its last passed
-    model as InspectMod does; with `attack` (the attack and the training it arms for) every client-round is
-    sent the attack's arming of the round's global model."""
+    model as InspectMod does; with `attack` (the attack and the training it arms for) every client-round from
+    round `start` on is sent the attack's arming of the round's global model (and only those are counted)."""
     passed: dict[int, Weights] = {}
-    total, flagged, fired = 0, 0, Counter()
-    for clients, global_weights in zip(sampled, history):
-        sent = global_weights if attack is None else arm(attack[0], global_weights, attack[1])
+    total, flagged, fired = 0, 0, Counter[str]()
+    for server_round, (clients, global_weights) in enumerate(zip(sampled, history), start=1):
+        armed = attack is not None and server_round >= start
+        sent = arm(attack[0], global_weights, attack[1]) if attack is not None and armed else global_weights
         for client in clients:
+            if attack is not None and not armed:  # an honest round before the attack starts: not counted
+                if not inspect_model(sent, honest, passed.get(client)):
+                    passed[client] = sent
+                continue
             findings = inspect_model(sent, honest, passed.get(client))
             total += 1
             if findings:

@@ -15,6 +15,9 @@ checks, before training (`inspect_model`):
   columns wherever a feature carries no pixel);
 - `zero-bias`: no conv or linear layer's bias is exactly zero everywhere (PyTorch initialises biases at random and
   training moves them; trap weights zero the trapped layer's biases);
+- `peaked`: no output unit's weights are one or a few taps standing far out of the rest, a row kurtosis above
+  PEAKED (honest rows, fresh or after 40 FedAvg rounds: at most 5; a pass-through convolution's row is a
+  single 1 among zeros or noise: 286);
 - `duplicate-rows`: no two output units of a layer have (nearly) the same weights, |cosine| >= DUPLICATE_COSINE
   (the imprint's rows repeat their directions; a pass-through conv's unused channels are all zero);
 - `jump`: no conv or linear weight moved by more than JUMP of its norm since the last model that passed (one
@@ -39,6 +42,7 @@ Weights = Mapping[str, torch.Tensor]
 
 ZERO_SHARE = 0.01  # more exact zeros than this share of a weight tensor: structured, not trained
 DUPLICATE_COSINE = 0.9999  # two rows of a layer this parallel are one row written twice
+PEAKED = 20.0  # a row's kurtosis above this: one tap and noise (honest rows: at most 5; Gaussian 3)
 JUMP = 0.75  # a weight tensor's change since the last passed model, over its norm (honest rounds: <= 0.27)
 
 
@@ -102,6 +106,9 @@ def inspect_model(received: Weights, honest: Architecture, previous: Weights | N
             findings.append(Finding(Check.ZERO_ENTRIES, f"{weight} is {zeros:.1%} exact zeros"))
         if bias is not None and bool((received[bias] == 0).all()):
             findings.append(Finding(Check.ZERO_BIAS, f"{bias} is zero everywhere"))
+        kurtosis = largest_row_kurtosis(rows)
+        if kurtosis > PEAKED:
+            findings.append(Finding(Check.PEAKED, f"a row of {weight} has kurtosis {kurtosis:.0f}"))
         cosine = largest_row_cosine(rows)
         if cosine >= DUPLICATE_COSINE:
             findings.append(Finding(Check.DUPLICATE_ROWS, f"two rows of {weight} have cosine {cosine:.6f}"))
@@ -125,6 +132,16 @@ def _other_entries(names: set[str], expected: set[str]) -> str:
     extra, missing = sorted(names - expected), sorted(expected - names)
     return "; ".join(f"{label} {listed(found)}" for label, found in
                      (("entries the model does not have:", extra), ("missing:", missing)) if found)
+
+
+def largest_row_kurtosis(rows: torch.Tensor) -> float:
+    """The largest kurtosis (4th central moment over the squared variance) of a row that is not constant."""
+    centred = rows.double() - rows.double().mean(1, keepdim=True)
+    variance = (centred ** 2).mean(1)
+    live = variance > 0
+    if not bool(live.any()):
+        return 0.0
+    return float(((centred[live] ** 4).mean(1) / variance[live] ** 2).max())
 
 
 def largest_row_cosine(rows: torch.Tensor) -> float:

@@ -104,17 +104,26 @@ def test_a_layer_left_as_it_was_while_the_rest_trained_is_frozen(shared_data):
     assert inspection_labels(InspectionCheck.FROZEN | InspectionCheck.JUMP) == ["jump", "frozen"]
 
 
-def test_the_quiet_trap_passes_in_its_first_round_and_after(shared_data):
-    honest = Architecture.of(cnn_mnist())
+def test_the_quiet_trap_passes_through_the_mlp_in_its_first_round_and_after(shared_data):
+    mlp = build_model("mlp", 1, 28, 10)
+    honest = Architecture.of(mlp)
     test = cached_dataset("mnist", str(shared_data), False)
-    attack = QuietTrapAttack(cnn_mnist(), public_images(test, 256), 10)
-    first = weights(cnn_mnist(seed=2))
+    attack = QuietTrapAttack(mlp, public_images(test, 256), 10)
+    first = weights(build_model("mlp", 1, 28, 10, seed=2))
     armed, _ = attack.surgery(first, SETTINGS)
     assert inspect_model(armed, honest) == []
-    again, _ = attack.surgery(trained(cnn_mnist(seed=2), shared_data), SETTINGS)  # the federation trained on
-    assert inspect_model(again, honest, armed) == []
-    # it is the trap all the same: the pass-through taps are there, under noise
-    assert float(armed["features.0.weight"][0, 0, 1, 1]) == pytest.approx(1.0, abs=1e-3)
+    again, _ = attack.surgery(trained(build_model("mlp", 1, 28, 10, seed=2), shared_data), SETTINGS)
+    assert inspect_model(again, honest, armed) == []  # the federation trained on; the trap rows moved with it
+    assert {finding.check for finding in inspect_model(armed, honest, first)} == {InspectionCheck.JUMP}
+
+
+def test_the_quiet_trap_cannot_hide_the_convnets_pass_through_taps(shared_data):
+    test = cached_dataset("mnist", str(shared_data), False)
+    attack = QuietTrapAttack(cnn_mnist(), public_images(test, 256), 10)
+    armed, _ = attack.surgery(weights(cnn_mnist(seed=2)), SETTINGS)
+    assert float(armed["features.0.weight"][0, 0, 1, 1]) == pytest.approx(1.0, abs=1e-3)  # the tap, under noise
+    assert {finding.check for finding in inspect_model(armed, Architecture.of(cnn_mnist()))} == \
+        {InspectionCheck.PEAKED}
 
 
 def test_the_mod_keeps_the_last_passed_model_in_the_context_state(shared_data):
@@ -180,7 +189,7 @@ def test_flags_reach_metrics_jsonl_across_rounds_of_a_real_simulation(shared_dat
     """The quiet trap arms client 0 in round 1 (it passes, and becomes the client's reference in context.state);
     round 2 sends it the honest model, which jumped away from that reference: flagged in a row of its own."""
     out = tmp_path / "run"
-    flags = ["run", "--model", "cnn", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "2",
+    flags = ["run", "--model", "mlp", "--dataset", "mnist", "--data-root", str(shared_data), "--num-clients", "2",
              "--rounds", "2", "--train-mode", "steps", "--batch-size", "4", "--attack", "trap-quiet",
              "--attack-clients", "0", "--attack-every", "2", "--defense", "inspect:flag", "--seed", "1",
              "--out", str(out)]

@@ -38,6 +38,7 @@ class InspectionCheck(IntFlag):
     DUPLICATE_ROWS = 16
     JUMP = 32
     FROZEN = 64
+    PEAKED = 128
 
     @property
     def label(self) -> str:
