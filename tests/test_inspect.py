@@ -198,3 +198,16 @@ def test_flags_reach_metrics_jsonl_across_rounds_of_a_real_simulation(shared_dat
     assert sorted(rows) == [(1, 0), (2, 0)]
     assert rows[1, 0]["status"] == "ok" and rows[1, 0]["inspect_flags"] == []  # the evader passed
     assert rows[2, 0]["status"] == FLAGGED and "jump" in rows[2, 0]["inspect_flags"]
+
+
+def test_fl_sim_attack_victims_refuse_or_flag_trap_weights(shared_data, tmp_path, capsys):
+    common = ["attack", "--attack", "trap", "--model", "mlp", "--dataset", "mnist", "--data-root", str(shared_data),
+              "--batch-size", "8", "--num-victims", "2", "--seed", "0"]
+    assert cli.main([*common, "--defense", "inspect", "--out", str(tmp_path / "refuse")]) == 3
+    assert "every victim refused the model it was sent" in capsys.readouterr().out
+    rows = read_jsonl(tmp_path / "refuse" / "metrics.jsonl")
+    assert [(row["victim"], row["status"]) for row in rows] == [(0, ReplyStatus.REFUSED), (1, ReplyStatus.REFUSED)]
+    assert rows[0]["reason"] == "zero-bias: layers.1.bias is zero everywhere"
+    assert cli.main([*common, "--defense", "inspect:flag", "--out", str(tmp_path / "flag")]) == 0
+    rows = read_jsonl(tmp_path / "flag" / "metrics.jsonl")
+    assert [(row["status"], row["inspect_flags"]) for row in rows] == [("ok", ["zero-bias"])] * 2
