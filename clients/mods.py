@@ -2,16 +2,17 @@
 
 A mod wraps the ClientApp's handling of a message (`mod(msg, context, call_next) -> reply`), as Flower's
 own LocalDpMod does; these act on train messages only and pass everything else through. `DefenseMod`
-changes the trained weights before they leave the client (clients/defenses.py); `FaultMod` spoils the
-reply, or raises, on purpose (clients/faults.py). Each reads its setting from the run config (Flower's,
+changes the trained weights before they leave the client (clients/defenses.py); `InspectMod` checks the model
+the server sent before the client trains it, and refuses it or flags it (clients/inspection.py); `FaultMod`
+spoils the reply, or raises, on purpose (clients/faults.py). Each reads its setting from the run config (Flower's,
 over the defaults `fl-sim run` gives) and passes the reply through unchanged when the setting is off.
 """
 import functools
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, server_round_of
-from fl_sim.contract.run_config import Fault, RunConfig
+from fl_sim.contract.protocol import ARRAYS, CONFIG, INSPECT_FLAGS, INSPECTION_REFUSED, METRICS, server_round_of
+from fl_sim.contract.run_config import Fault, InspectionMode, RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names
@@ -19,7 +20,10 @@ from fl_sim.learning.updates import parameter_names
 from .context import node_partition, run_config_of
 from .defenses import defense_seed, sent_weights
 from .faults import InjectedCrash, spoil_reply
+from .inspection import Architecture, inspect_model, mask_of
 from .secagg import SecAggPlusMod
+
+PASSED = "inspect.passed"  # the client's context.state: the last model it was sent that passed inspection
 
 
 class DefenseMod:
@@ -63,13 +67,53 @@ class FaultMod:
                                                 dict(reply.content.metric_records[METRICS])))
 
 
+class InspectMod:
+    """`--defense inspect`: checks the model a train message brings before the client trains it.
+
+    A model that fails (clients/inspection.py) is refused with an error reply of code INSPECTION_REFUSED whose
+    reason names the failed checks (`inspect`, `inspect:refuse`), or trained all the same, the reply's metrics
+    then saying which checks failed as a bit mask, `inspect-flags`, 0 when it passed (`inspect:flag`). The last
+    model that passed stays in the node's `context.state` (kept from round to round in a simulation and by a
+    SuperNode) for the checks against the previous round; a model that failed is never the reference.
+    """
+
+    def __init__(self, defaults: RunConfig | None = None):
+        self.defaults = defaults
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        config = run_config_of(context, self.defaults)
+        mode = config.defense.inspection
+        if msg.metadata.message_type != MessageType.TRAIN or mode is None:
+            return call_next(msg, context)
+        received = msg.content.array_records[ARRAYS].to_torch_state_dict()
+        passed = context.state.array_records.get(PASSED)
+        findings = inspect_model(received, honest_architecture(config),
+                                 passed.to_torch_state_dict() if passed is not None else None)
+        if not findings:
+            context.state[PASSED] = ArrayRecord(received)
+        elif mode == InspectionMode.REFUSE:
+            partition_id, _ = node_partition(context)
+            more = f"; and {len(findings) - 3} more" if len(findings) > 3 else ""
+            reason = f"client {partition_id} refused the model it was sent (inspect): " + \
+                "; ".join(map(str, findings[:3])) + more
+            return Message(Error(INSPECTION_REFUSED, reason), reply_to=msg)
+        reply = call_next(msg, context)
+        if mode != InspectionMode.FLAG or reply.has_error():
+            return reply
+        metrics = dict(reply.content.metric_records[METRICS])
+        metrics[INSPECT_FLAGS] = mask_of(findings)
+        return with_content(reply, reply.content.array_records[ARRAYS].to_torch_state_dict(), metrics)
+
+
 def mods_for(config: RunConfig | None) -> list:
-    """The mods a ClientApp needs: for a known config only those it turns on; else all (they read it).
-    Flower's SecAgg+ (clients/secagg.py) is outermost: the faults and the defense act on what it then masks."""
+    """The mods a ClientApp needs, outermost first: for a known config only those it turns on; else all (they
+    read it). Flower's SecAgg+ (clients/secagg.py) is outermost: the faults and the defense act on what it then
+    masks. Inspection comes before training and the defense's steps after it."""
     if config is None:
-        return [SecAggPlusMod(), FaultMod(), DefenseMod()]
+        return [SecAggPlusMod(), FaultMod(), InspectMod(), DefenseMod()]
     return [mod for mod, on in ((SecAggPlusMod(config), config.defense.protocol),
                                 (FaultMod(config), bool(config.inject_faults)),
+                                (InspectMod(config), config.defense.inspection is not None),
                                 (DefenseMod(config), bool(config.defense.steps))) if on]
 
 
@@ -83,6 +127,18 @@ def with_content(reply: Message, arrays: dict, metrics: dict) -> Message:
 def _parameter_names(model: str, dataset: str, data_root: str | None, imprint: int) -> tuple[str, ...]:
     (channels, size, _), classes = image_spec(cached_dataset(dataset, data_root, True))
     return tuple(parameter_names(build_model(model, channels, size, classes, imprint=imprint)))
+
+
+@functools.lru_cache(maxsize=8)
+def _architecture(model: str, dataset: str, data_root: str | None) -> Architecture:
+    (channels, size, _), classes = image_spec(cached_dataset(dataset, data_root, True))
+    return Architecture.of(build_model(model, channels, size, classes))
+
+
+def honest_architecture(config: RunConfig) -> Architecture:
+    """What an honest client knows it trains: the registry's `--model` for the data set, without an imprint block
+    (no registered model has one; only a server that reads images out of the updates needs it)."""
+    return _architecture(config.model, config.dataset, config.data_root)
 
 
 def model_parameters(config: RunConfig) -> list[str]:

@@ -80,17 +80,22 @@ class LocalGrid:
 
 
 class Recorder(list):
-    """Collects what the strategy reports: (round, victims, results) per attack, (round, fault) in .faults."""
+    """Collects what the strategy reports: (round, victims, results) per attack, (round, fault) in .faults,
+    (round, flags, attacked) in .inspections."""
 
     def __init__(self):
         super().__init__()
         self.faults = []
+        self.inspections = []
 
     def record_attack(self, server_round, victims, results, update_norms, seconds):
         self.append((server_round, victims, results))
 
     def record_faults(self, server_round, faults):
         self.faults.extend((server_round, fault) for fault in faults)
+
+    def record_inspection(self, server_round, flags, attacked):
+        self.inspections.append((server_round, dict(flags), attacked))
 
 
 def live_commands() -> list[tuple[int, str]]:

@@ -104,7 +104,7 @@ def test_the_client_answers_the_legacy_fit_instruction_with_a_legacy_fitres(shar
     seen = {}
 
     def train(message: Message, context) -> Message:
-        seen.update(message.content["arrays"].to_torch_state_dict())
+        seen.update(message.content.array_records["arrays"].to_torch_state_dict())
         trained = {name: tensor + 1 for name, tensor in seen.items()}
         return Message(RecordDict({"arrays": ArrayRecord(trained),
                                    "metrics": MetricRecord({"num-examples": 2, "train-loss": 0.5,

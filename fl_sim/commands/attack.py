@@ -13,6 +13,11 @@ images. Unlike `fl-sim run`, no update is too large to read.
 --out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
 if it holds nothing but what fl-sim attack or a sweep point writes).
 
+With `--defense inspect` each victim first checks what it was sent, as `InspectMod` does in a ClientApp
+(clients/inspection.py; one round, so against the announced architecture and the weights' own statistics, with no
+earlier model to compare): a victim that refuses sends nothing (its row: status `refused`, and the reason), one
+that flags (`inspect:flag`) trains all the same and its row says `inspect_flags`.
+
 With an active attack (`--attack imprint|trap`) the server is malicious (fl_sim/server/active.py): the victims
 train the weights it armed (with the imprint, the architecture holds the imprint block), and the analytic
 attack reads their images off the updates (attacker/analytic.py).
@@ -28,10 +33,12 @@ import torch
 
 from attacker import resolve_device
 from clients.defenses import defense_seed, sent_weights
+from clients.inspection import Architecture, Finding, inspect_model
 from clients.training import local_train
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
-from fl_sim.contract.run_config import Group
+from fl_sim.contract.records import ReplyStatus
+from fl_sim.contract.run_config import Group, InspectionMode
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
@@ -144,9 +151,16 @@ def run(args) -> dict:
                                    else global_weights for victim in victims}
     parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
+    found: dict[int, list[Finding]] = {}
+    if defense.inspection is not None:  # what an honest client knows: the registry's model, no imprint block
+        honest = Architecture.of(build_model(args.model, *shape[:2], dataset.num_classes))
+        found = {victim: inspect_model(sent_to[victim], honest) for victim in victims}
+    refused = {victim for victim, findings in found.items() if findings and defense.inspection == InspectionMode.REFUSE}
     updates, truth, replies = {}, [], []
     for victim, examples in enumerate(indices):
         images, labels = dataset.tensors(examples)
+        if victim in refused:
+            continue
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=imprint_rows)
         client.load_state_dict(sent_to[victim])
         local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1))
@@ -155,34 +169,42 @@ def run(args) -> dict:
         truth.append((images, labels))
         if defense.protocol:
             replies.append(sent)
-    if defense.secure_aggregation:  # the server learns only the mean update: one victim with every image
+    if defense.secure_aggregation and truth:  # the server learns only the mean update: one victim with every image
         truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
-    counts = {victim: len(examples) for victim, examples in enumerate(indices)}
+    counts = {victim: len(examples) for victim, examples in enumerate(indices) if victim in updates}
     revealed = None
-    if defense.protocol:  # what SecAgg+ reveals of the replies: Flower's quantized weighted mean (no network here)
+    if defense.protocol and updates:  # what SecAgg+ reveals of the replies: Flower's quantized weighted mean
         protocol = ProtocolSettings.of(run_config)
         revealed = revealed_update(protocol_aggregate(replies, list(counts.values()), protocol),
-                                   [sent_to[victim] for victim in victims],
+                                   [sent_to[victim] for victim in counts],
                                    [protocol.weight(count) for count in counts.values()])
         updates = {}
     done = attack_round(attack, updates, sent_to, counts, settings, armed=armed,
                         secure_aggregation=defense.secure_aggregation, max_images=None, seed=args.seed,
-                        parameters=parameters, revealed=revealed)
+                        parameters=parameters, revealed=revealed) if counts else None
     if device.type == "cuda":
         torch.cuda.synchronize()
-    attack_seconds = done.seconds
+    attack_seconds = done.seconds if done else 0.0
     out = Path(args.out)
     rows = []
-    for victim, (result, norm, (images, labels)) in enumerate(zip(done.results, done.update_norms, truth,
-                                                                  strict=True)):
+    read = sorted(counts) if not defense.secure_aggregation else [min(counts)] if counts else []
+    for victim, result, norm, (images, labels) in zip(read, done.results if done else [],
+                                                       done.update_norms if done else [], truth, strict=True):
         row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
                "update_norm": norm}
+        if found and not defense.secure_aggregation:
+            row["inspect_flags"] = [finding.check.label for finding in found[victim]]
         rows.append(row)
+    for victim in sorted(refused):
+        rows.append({"victim": victim, "status": ReplyStatus.REFUSED, "psnr": None, "ssim": None, "mse": None,
+                     "label_acc": None, "reason": "; ".join(map(str, found[victim][:3]))})
+    rows.sort(key=lambda row: row["victim"])
     rewrite_jsonl(out / "metrics.jsonl", rows)
     own = attack.settings()
+    norms = [row["update_norm"] for row in rows if "update_norm" in row]
     summary = {
         **summarise(rows),
-        "update_norm_median": float(np.median([row["update_norm"] for row in rows])),
+        "update_norm_median": float(np.median(norms)) if norms else None,
         "iterations": own.get("iterations"),
         "attack_seconds": attack_seconds,
         "attack_seconds_per_victim": attack_seconds / len(rows),
@@ -207,6 +229,10 @@ def main(args) -> int:
     print(f"attack {summary['attack']}: {summary['victims']} victims ({summary['failed']} failed), PSNR median "
           f"{_fmt(summary['psnr_median'])} dB (min {_fmt(summary['psnr_min'])}), images recovered {recovered}, "
           f"labels right {_fmt(summary['label_share'], '.0%')}, attack {summary['attack_seconds']:.1f} s -> {args.out}")
+    if summary["victims"] == 0:
+        print(f"fl-sim attack: every victim refused the model it was sent (--defense {summary['defense']}): exit "
+              f"status {ALL_FAILED}")
+        return ALL_FAILED
     if summary["failed"] == summary["victims"]:
         print(f"fl-sim attack: the attack failed for every victim (see {args.out}/metrics.jsonl): exit status "
               f"{ALL_FAILED}")

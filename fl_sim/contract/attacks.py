@@ -111,3 +111,7 @@ register(AttackSpec(
     "trap", AttackKind.ACTIVE, "fl_sim.server.active:TrapAttack",
     "trap weights (Boenisch et al. 2023): rows of the first linear layer that fire for few images",
     models=("mlp", "cnn"), models_reason="a ReLU linear layer that sees the whole image", averages_targets=False))
+register(AttackSpec(
+    "trap-quiet", AttackKind.ACTIVE, "fl_sim.server.active:QuietTrapAttack",
+    "trap weights made to pass --defense inspect: noise where the trap writes zeros, every parameter jittered",
+    models=("mlp", "cnn"), models_reason="a ReLU linear layer that sees the whole image", averages_targets=False))

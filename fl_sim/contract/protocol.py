@@ -7,7 +7,7 @@ importing it. The run config that both sides read lives beside it, in fl_sim/con
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from enum import StrEnum
+from enum import IntFlag, StrEnum
 
 # Record names and keys of the messages (Flower's defaults where Flower has one).
 ARRAYS = "arrays"  # the ArrayRecord of a train message and of its reply
@@ -20,6 +20,35 @@ TRAIN_LOSS = "train-loss"
 # Simulation only: Flower gives the server random node ids, so each client says which partition it holds
 # (once when asked, and in every train reply); the server strips it before aggregating.
 PARTITION_ID = "partition-id"
+# `--defense inspect` (clients/inspection.py): in flag mode every train reply says which checks the model it was
+# sent failed, as a bit mask of clients.inspection.Check (0: none); in refuse mode a client that refuses
+# sends an error reply of this code, whose reason names the failed checks.
+INSPECT_FLAGS = "inspect-flags"
+INSPECTION_REFUSED = 4024  # an Error code of the ClientApp's own (Flower's run from 0 to a few)
+
+
+class InspectionCheck(IntFlag):
+    """The checks of a received model a client may fail (clients/inspection.py says what each looks at);
+    a reply's `inspect-flags` metric is their bit mask."""
+
+    ARCHITECTURE = 1
+    NON_FINITE = 2
+    ZERO_ENTRIES = 4
+    ZERO_BIAS = 8
+    DUPLICATE_ROWS = 16
+    JUMP = 32
+    FROZEN = 64
+    PEAKED = 128
+
+    @property
+    def label(self) -> str:
+        """The check's name in reasons and metrics rows: `duplicate-rows`."""
+        return (self.name or str(int(self))).lower().replace("_", "-")
+
+
+def inspection_labels(mask: int) -> list[str]:
+    """The names of the checks in an `inspect-flags` bit mask, in InspectionCheck's order ([] for 0)."""
+    return [check.label for check in InspectionCheck if mask & check]
 
 
 class BatchNormMode(StrEnum):

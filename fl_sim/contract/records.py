@@ -12,6 +12,8 @@ class ReplyStatus(StrEnum):
     REJECTED = "rejected"
     CLIENT_ERROR = "client-error"
     NO_REPLY = "no-reply"
+    REFUSED = "refused"  # the client inspected the model it was sent and refused to train it (--defense inspect)
 
 
 REPLY_FAULTS = frozenset(ReplyStatus)
+FLAGGED = "flagged"  # a client-round not attacked whose client flagged the model it was sent (inspect:flag)

@@ -120,9 +120,17 @@ class DefenseKind(StrEnum):
     FP16 = "fp16"  # round the change to half precision
 
 
+class InspectionMode(StrEnum):
+    """What a client with `--defense inspect` does with a model that fails its checks (clients/inspection.py)."""
+
+    REFUSE = "refuse"  # an error reply saying why, instead of training (the server records it as refused)
+    FLAG = "flag"  # train as usual and say which checks failed in the reply's metrics (recorded in metrics.jsonl)
+
+
 NO_DEFENSE, SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED = "none", "secagg", "secagg-emulated"
+INSPECT = "inspect"
 DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION,
-                 SECURE_AGGREGATION_EMULATED)
+                 SECURE_AGGREGATION_EMULATED, f"{INSPECT}[:{'|'.join(InspectionMode)}]")
 # kind -> (what its number means, the check it must pass); None: the kind takes no number.
 DEFENSE_NUMBERS = {
     DefenseKind.NOISE: ("SIGMA, a positive number", lambda value: 0 < value < math.inf),
@@ -134,14 +142,17 @@ DEFENSE_NUMBERS = {
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A parsed --defense: the client's steps in order (clients/defenses.py), and whether the server
+    """A parsed --defense: the client's steps in order (clients/defenses.py); whether the server
     sees only the sum of the updates (secure aggregation): through Flower's SecAgg+ protocol (`secagg`,
     fl_sim/server/secagg.py), or, with `emulated` (`secagg-emulated`), by averaging the replies itself, which is
-    faster at many clients but shows neither the protocol's quantization nor its dropouts."""
+    faster at many clients but shows neither the protocol's quantization nor its dropouts; and whether clients
+    inspect the model they are sent before training, refusing it or flagging it when it fails (`inspect`,
+    clients/inspection.py; None: no)."""
 
     steps: tuple[tuple[DefenseKind, float | None], ...] = ()
     secure_aggregation: bool = False
     emulated: bool = False
+    inspection: InspectionMode | None = None
 
     @property
     def protocol(self) -> bool:
@@ -155,8 +166,15 @@ class DefenseSpec:
             return cls()
         steps: list[tuple[DefenseKind, float | None]] = []
         secure = emulated = False
+        inspection: InspectionMode | None = None
         for part in (part.strip() for part in text.split("+")):
             kind, colon, number = part.partition(":")
+            if kind == INSPECT:
+                if inspection is not None or (colon and number not in set(InspectionMode)):
+                    raise ConfigError(f"--defense {text!r}: inspect comes once, as inspect (refuse) or "
+                                      f"inspect:{' or inspect:'.join(InspectionMode)}")
+                inspection = InspectionMode(number) if colon else InspectionMode.REFUSE
+                continue
             if kind in (SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED):
                 if colon or secure:
                     raise ConfigError(f"--defense {text!r}: {kind} takes no number, and secure aggregation "
@@ -185,10 +203,11 @@ class DefenseSpec:
             if not valid(value):
                 raise ConfigError(f"--defense {text!r}: {kind} needs {meaning}, got {number!r}")
             steps.append((kind, value))
-        return cls(tuple(steps), secure, emulated)
+        return cls(tuple(steps), secure, emulated, inspection)
 
     def __str__(self) -> str:
-        parts = [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
+        parts = [f"{INSPECT}:{self.inspection}"] if self.inspection is not None else []
+        parts += [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
         if self.secure_aggregation:
             parts.append(SECURE_AGGREGATION_EMULATED if self.emulated else SECURE_AGGREGATION)
         return "+".join(parts) or NO_DEFENSE
@@ -341,7 +360,9 @@ class RunConfig:
         "updated (frozen)", Group.TRAINING, choices=True))
     defense: DefenseSpec = setting(DefenseSpec(), Setting(
         f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or steps joined by '+', "
-        "e.g. clip:4+noise:0.01 (see clients/defenses.py)", Group.TRAINING, metavar="SPEC"))
+        "e.g. clip:4+noise:0.01 (see clients/defenses.py); inspect: clients check the model they are sent and "
+        "refuse it (inspect:flag: train and flag it) when it fails (clients/inspection.py)", Group.TRAINING,
+        metavar="SPEC"))
     secagg_shares: float = setting(3.0, Setting(  # SecAggPlusWorkflow's num_shares
         "SecAgg+: shares each client's secrets are split into, among its neighbours: a count above 2, or a "
         "fraction (at most 1) of the round's clients (default %(default)s, Flower's example)", Group.DEFENSE,

@@ -10,20 +10,21 @@ the same everywhere (docs/attacks.md, "Scores"):
   images and of right labels are pooled: recovered images / all images of all victims.
 - Rows of clients the server never attacked are not victims: a rejected, crashed or missing reply (left
   out of the attack and of the average) and an update the attack did not read (status "skipped": more
-  images behind it than --max-attack-images, say). `update_counts` counts every kind of row.
+  images behind it than --max-attack-images, say; status "flagged": a client not attacked that flagged the
+  model it was sent, under --defense inspect:flag, counted with the skipped). `update_counts` counts every kind of row.
 """
 import math
 from numbers import Real
 
 import numpy as np
 
-from fl_sim.contract.records import REPLY_FAULTS
+from fl_sim.contract.records import FLAGGED, REPLY_FAULTS
 
 FAILED_PSNR = 0.0  # dB: the field's "no reconstruction"
 FAILED_SSIM = 0.0
 RECOVERED_DB = (30, 40)  # thresholds of the recovered_at_<T>db figures
 SKIPPED = "skipped"  # an update the attack did not read (its row's reason says why)
-NOT_ATTACKED = REPLY_FAULTS | {SKIPPED}  # client-rounds the attack never read: not victims
+NOT_ATTACKED = REPLY_FAULTS | {SKIPPED, FLAGGED}  # client-rounds the attack never read: not victims
 COUNT_KEYS = ("updates", "attacked", "recovered", "unrecovered", "failed", "skipped", "left_out")
 
 
@@ -45,7 +46,7 @@ def update_counts(rows: list[dict]) -> dict[str, int]:
     skipped an update the attack did not read and left_out a faulty reply (neither attacked nor averaged).
     """
     left_out = sum(row.get("status") in REPLY_FAULTS for row in rows)
-    skipped = sum(row.get("status") == SKIPPED for row in rows)
+    skipped = sum(row.get("status") in (SKIPPED, FLAGGED) for row in rows)
     victims = [row for row in rows if attacked(row)]
     failed = sum(not succeeded(row) for row in victims)
     recovered = sum(succeeded(row) and recovered_count(row, RECOVERED_DB[0]) > 0 for row in victims)

@@ -16,6 +16,13 @@ that reads them back off the updates; `aggregated` says what of a target's reply
   scaled so each row fires for 1 in K x B of the public images; for the ConvNet the convolutions before it
   are set to pass the image through (space-to-depth, 12 or 48 channels of the 32 and 64 there).
   A victim's update is left out of the average: its whole model was not the global one.
+- `QuietTrapAttack` (`--attack trap-quiet`): the trap, made to pass the clients' own inspection
+  (clients/inspection.py, `--defense inspect`), as SEER asks of every malicious-server attack. Where the trap
+  writes exact zeros (the pass-through convolutions' unused taps, the trapped layer's dead columns, every
+  bias it sets) it writes noise of QUIET times the honest layer's spread, and it jitters every parameter by as
+  much again, with fresh draws each round, so no layer is ever exactly as it was. Armed from a client's first
+  round on, it never jumps away from the model the client saw last. What it gives up for that is measured in
+  docs/findings.md ("Clients that inspect the model").
 
 Scales, for float32: the server reads new - sent in float32, so a row's change from one image must stand
 far above its weights' resolution (6e-8 of them), while within a round of K steps the rows must not move
@@ -28,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -242,6 +250,34 @@ class TrapAttack(AnalyticAttack):
     def aggregated(self, reply: Weights, sent: Weights, global_weights: Weights) -> None:
         """Nothing: the victim's whole model was not the global one."""
         return None
+
+
+QUIET = 1e-3  # the quiet trap's noise, in units of each honest tensor's standard deviation
+
+
+class QuietTrapAttack(TrapAttack):
+    name = "trap-quiet"
+
+    def __init__(self, model: nn.Module, public: torch.Tensor, num_classes: int, seed: int = 0,
+                 quiet: float = QUIET):
+        super().__init__(model, public, num_classes, seed)
+        self.quiet, self.armings = quiet, 0
+
+    def settings(self) -> dict[str, SettingValue]:
+        return {"quiet": self.quiet}
+
+    def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, TrapReadout]:
+        """The trap's weights with no exact zero left and every parameter moved a little (fresh each arming)."""
+        weights, readout = super().surgery(global_weights, settings)
+        self.armings += 1
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.armings])
+                                                     .generate_state(1)[0]))
+        for name, _ in self.model.named_parameters():
+            honest = global_weights[name].float()
+            spread = float(honest.std()) if honest.numel() > 1 else float(honest.abs().mean())
+            noise = torch.randn(honest.shape, generator=generator) * self.quiet * max(spread, 1e-6)
+            weights[name] = weights[name] + noise
+        return weights, readout
 
 
 def image_shape(images: torch.Tensor) -> tuple[int, int, int]:

@@ -33,7 +33,8 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
-from fl_sim.contract.protocol import METRICS, PARTITION_ID, TrainMode
+from fl_sim.contract.protocol import METRICS, PARTITION_ID, TrainMode, inspection_labels
+from fl_sim.contract.records import FLAGGED
 from fl_sim.contract.run_config import (
     NO_ATTACK,
     TRAP_EVERYONE,
@@ -76,6 +77,7 @@ class Scoreboard:
 
     def __init__(self, config: RunConfig):
         self.out, self.config, self.settings = Path(config.out), config, config.settings
+        self.flags: dict[tuple[int, int], list[str]] = {}  # (round, client) -> the checks its model failed
         self.train = cached_dataset(config.dataset, config.data_root, True)
         try:
             self.partitions = client_shards(self.train.labels, config.num_clients, config.partition, config.alpha,
@@ -111,6 +113,11 @@ class Scoreboard:
                                                     else victim.clients[0]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
+            flags = {client: self.flags.pop((server_round, client)) for client in victim.clients
+                     if (server_round, client) in self.flags}
+            if flags:  # inspect:flag: what the victims' own checks said of the model they were sent
+                row["inspect_flags"] = {str(client): found for client, found in flags.items()} \
+                    if victim.secure_aggregate else flags[victim.clients[0]]
             append_jsonl(self.out / "metrics.jsonl", row)
             rows.append(row)
         summary = summarise(rows)
@@ -118,6 +125,19 @@ class Scoreboard:
         log(INFO, "attack round %s: %s client(s) in %.1f s, PSNR median %s dB, labels right %.0f%%, %s failed",
             server_round, len(rows), seconds, "n/a" if psnr is None else f"{psnr:.1f}",
             100 * (summary["label_share"] or 0), summary["failed"])
+
+    def record_inspection(self, server_round: int, flags: dict[int, int], attacked: frozenset[int]) -> None:
+        """inspect:flag: an attacked client's flags go into its attack row (`inspect_flags`, the failed checks'
+        names, [] when it passed); a client not attacked that flagged its model gets a row of its own."""
+        for client, mask in sorted(flags.items()):
+            if client in attacked:
+                self.flags[(server_round, client)] = inspection_labels(mask)
+            elif mask:
+                failed = inspection_labels(mask)
+                append_jsonl(self.out / "metrics.jsonl", {
+                    "round": server_round, "client": client, "status": FLAGGED, "inspect_flags": failed,
+                    "reason": f"not attacked; the client flagged the model it was sent: {', '.join(failed)}",
+                    "psnr": None, "ssim": None, "mse": None, "label_acc": None})
 
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
         """A row per client-round the strategy left out: neither attacked nor averaged."""

@@ -10,7 +10,10 @@ Krum or a user's own) then aggregates the accepted replies exactly as it would w
 its aggregate is cast back to the dtypes of the model it sent (`in_sent_dtypes`).
 
 A reply that is an error, missing, or would poison the average is neither attacked nor aggregated;
-the recorder gets its client and reason.
+the recorder gets its client and reason. A client that inspected the model it was sent and refused it
+(`--defense inspect`, clients/inspection.py) sent an error reply of code INSPECTION_REFUSED: it is recorded
+as refused. Under `inspect:flag` every reply carries `inspect-flags` (the checks the model it was sent
+failed, as a bit mask); the strategy takes it off the reply before aggregating and tells the recorder.
 
 With `secure_aggregation` the server learns only the clients' mean update. Under `--defense secagg` that is
 Flower's real SecAgg+ (fl_sim/server/secagg.py: the protocol runs on the legacy hooks, and its face there passes
@@ -38,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -52,6 +55,8 @@ from fl_sim.contract.attacks import find_attack
 from fl_sim.contract.protocol import (
     ARRAYS,
     CONFIG,
+    INSPECT_FLAGS,
+    INSPECTION_REFUSED,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
@@ -88,6 +93,10 @@ class RoundRecorder(Protocol):
 
     def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
                       update_norms: list[float], seconds: float) -> None: ...
+
+    def record_inspection(self, server_round: int, flags: dict[int, int], attacked: frozenset[int]) -> None:
+        """Under inspect:flag, before the attack's rows: each client's `inspect-flags` (0: passed), and which of
+        them the attack is about to read."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,8 @@ class InvertingStrategy(Strategy):
         if sent is None or sent.server_round != server_round:
             raise RuntimeError(f"replies of round {server_round} arrived, but that round was not configured")
         accepted, faults = self._screen(sent, list(replies))
+        flags = {client: int(cast(float, reply.content.metric_records[METRICS].pop(INSPECT_FLAGS)))
+                 for client, reply in accepted.items() if INSPECT_FLAGS in reply.content.metric_records[METRICS]}
         work: list[Callable[[], None]] = []  # what the recorder is to hear of the round, in order
         if faults:
             for fault in faults:
@@ -222,6 +233,13 @@ class InvertingStrategy(Strategy):
         attack = self.attack
         replied = {client: accepted[client].content.array_records[ARRAYS].to_torch_state_dict()
                    for client in sorted(accepted) if client in sent.sent_to}
+        if flags:
+            for client, mask in sorted(flags.items()):
+                if mask:
+                    log(WARNING, "round %s: client %s flagged the model it was sent (inspect-flags %s)",
+                        server_round, client, mask)
+            work.append(partial(self.recorder.record_inspection, server_round, flags,
+                                frozenset(replied) if attack else frozenset()))
         if attack and replied:
             updates = {client: weight_change(sent.sent_to[client], reply) for client, reply in replied.items()}
             counts = {client: example_count(accepted[client], self.weighted_by_key) for client in replied}
@@ -259,10 +277,14 @@ class InvertingStrategy(Strategy):
                 continue
             answered.add(node)
             if reply.has_error():
-                faults.append(ReplyFault(client, ReplyStatus.CLIENT_ERROR,
-                                         f"error reply: {short_error(reply.error.reason or '')}"))
+                refused = reply.error.code == INSPECTION_REFUSED
+                faults.append(ReplyFault(client, ReplyStatus.REFUSED if refused else ReplyStatus.CLIENT_ERROR,
+                                         f"{'refused' if refused else 'error reply'}: "
+                                         f"{short_error(reply.error.reason or '')}"))
                 continue
-            expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_ID: client})
+            flagged = INSPECT_FLAGS in reply.content.metric_records.get(METRICS, {})
+            expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_ID: client,
+                                                            **({INSPECT_FLAGS: range(0, 2**31)} if flagged else {})})
             problem = reply_problem(reply.content, expected)
             if problem:
                 faults.append(ReplyFault(client, ReplyStatus.REJECTED, problem))
