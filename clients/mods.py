@@ -5,13 +5,32 @@ own LocalDpMod does; these act on train messages only and pass everything else t
 changes the trained weights before they leave the client (clients/defenses.py); `FaultMod` spoils the
 reply, or raises, on purpose (clients/faults.py). Each reads its setting from the run config (Flower's,
 over the defaults `fl-sim run` gives) and passes the reply through unchanged when the setting is off.
+
+Two settings run Flower's own mods (flwr.clientapp.mod), not code of ours:
+
+- `--defense ...+ldp:clip=C:eps=E:delta=D` runs Flower's `LocalDpMod(C, C, E, D)` (sensitivity C: the clipped
+  update's norm), outside DefenseMod, so it clips and noises what the hand-written steps left.
+- `--server-dp client:noise=Z:clip=C` runs Flower's `fixedclipping_mod`, outermost of the defenses (Flower:
+  it should be the last to touch the parameters); it reads C from the config that Flower's
+  DifferentialPrivacyClientSideFixedClipping wrapper adds to every train message (fl_sim/server/strategy.py).
+
+Flower's 1.41 mods act on every message and answer one without exactly one ArrayRecord (the server's query,
+an evaluate reply) with an error, so each runs inside `TrainOnly`, which hands them train messages only.
+The hand-written `noise:SIGMA` and `clip:C` stay ours (clients/defenses.py says why: seeded, parameters only,
+composable in any order, and usable by `fl-sim attack`, which has no Flower message chain); for a model
+without batch norm `clip:C` does what fixedclipping_mod does.
+
+For a known config (`fl-sim run`) `mods_for` lists Flower's mods themselves; `flwr run` builds its ClientApp
+before any run config exists, so there `FlowerDpMods` reads the run config per message and runs the same mods.
 """
 import functools
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, server_round_of
-from fl_sim.contract.run_config import Fault, RunConfig
+from fl_sim.contract.run_config import Fault, LocalDp, RunConfig, ServerDpSide
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names
@@ -62,12 +81,56 @@ class FaultMod:
                                                 dict(reply.content.metric_records[METRICS])))
 
 
-def mods_for(config: RunConfig | None) -> list:
-    """The mods a ClientApp needs: for a known config only those it turns on; else both (they read it)."""
+class TrainOnly:
+    """Runs `mod` (one of Flower's) on train messages only; every other message passes it by."""
+
+    def __init__(self, mod: Mod):
+        self.mod = mod
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        return self.mod(msg, context, call_next)
+
+
+def local_dp_mod(spec: LocalDp) -> LocalDpMod:
+    """Flower's LocalDpMod for `ldp:clip=C:eps=E:delta=D`: clipping norm C, sensitivity C."""
+    return LocalDpMod(clipping_norm=spec.clip, sensitivity=spec.clip, epsilon=spec.epsilon, delta=spec.delta)
+
+
+def flower_mods(config: RunConfig) -> list[Mod]:
+    """Flower's own mods the config turns on, outermost first: fixedclipping_mod, then LocalDpMod."""
+    mods: list[Mod] = []
+    if config.server_dp.side == ServerDpSide.CLIENT:
+        mods.append(TrainOnly(fixedclipping_mod))
+    if config.defense.local_dp is not None:
+        mods.append(TrainOnly(local_dp_mod(config.defense.local_dp)))
+    return mods
+
+
+class FlowerDpMods:
+    """Flower's mods (`flower_mods`) for the run config of each message: `flwr run`'s ClientApp has none before."""
+
+    def __init__(self, defaults: RunConfig | None = None):
+        self.defaults = defaults
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        chain = call_next
+        for mod in reversed(flower_mods(run_config_of(context, self.defaults))):
+            chain = functools.partial(mod, call_next=chain)
+        return chain(msg, context)
+
+
+def mods_for(config: RunConfig | None) -> list[Mod]:
+    """The mods a ClientApp needs, outermost first: for a known config only those it turns on (Flower's own
+    for ldp and client-side clipping); else ours, which read the run config of each message."""
     if config is None:
-        return [FaultMod(), DefenseMod()]
-    return [mod for mod, on in ((FaultMod(config), bool(config.inject_faults)),
-                                (DefenseMod(config), bool(config.defense.steps))) if on]
+        return [FaultMod(), FlowerDpMods(), DefenseMod()]
+    faults: list[Mod] = [FaultMod(config)] if config.inject_faults else []
+    defense: list[Mod] = [DefenseMod(config)] if config.defense.steps else []
+    return faults + flower_mods(config) + defense
 
 
 def with_content(reply: Message, arrays: dict, metrics: dict) -> Message:

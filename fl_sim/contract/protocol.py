@@ -20,6 +20,10 @@ TRAIN_LOSS = "train-loss"
 # Simulation only: Flower gives the server random node ids, so each client says which partition it holds
 # (once when asked, and in every train reply); the server strips it before aggregating.
 PARTITION_ID = "partition-id"
+# --defense dpsgd: the epsilon a client's DP-SGD spent in this round, and in rounds 1..this one (clients/privacy.py)
+DP_EPSILON_ROUND = "dp-epsilon-round"
+DP_EPSILON = "dp-epsilon"
+DP_METRICS = (DP_EPSILON_ROUND, DP_EPSILON)
 
 
 class BatchNormMode(StrEnum):
