@@ -119,8 +119,15 @@ class FlowerDpMods:
             return call_next(msg, context)
         chain = call_next
         for mod in reversed(flower_mods(run_config_of(context, self.defaults))):
-            chain = functools.partial(mod, call_next=chain)
+            chain = _link(mod, chain)
         return chain(msg, context)
+
+
+def _link(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
+    """`mod` in front of `call_next`: one link of a mod chain, as Flower's ClientApp builds its own."""
+    def handle(msg: Message, context: Context) -> Message:
+        return mod(msg, context, call_next)
+    return handle
 
 
 def mods_for(config: RunConfig | None) -> list[Mod]:
