@@ -196,6 +196,8 @@ def test_flowers_local_dp_mod_acts_on_train_messages_only(config, shared_data):
                   "min-shard": 1, "max-shard": 0, "defense": "ldp:clip=0.5:eps=50:delta=1e-5"}
     query = Message(RecordDict(), dst_node_id=100, message_type=MessageType.QUERY)
     assert not app(query, node_context(0, 2, run_config)).has_error()
+    known = make_client_app(dataclasses.replace(config, defense="ldp:clip=0.5:eps=50"))  # fl-sim run's: TrainOnly
+    assert not known(query, node_context(0, 2)).has_error()
     weights = lenet().state_dict()
     reply = app(train_message(weights, SETTINGS, server_round=1), node_context(0, 2, run_config))
     assert not reply.has_error()
