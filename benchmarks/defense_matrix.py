@@ -6,7 +6,8 @@
 Rows are what the clients (or the server's Flower wrapper) do, columns the server's attack; ROWS and COLUMNS
 below hold their flags. Each cell runs `fl-sim run` (Ray simulation: 3 clients, 2 rounds, MNIST, the ConvNet,
 plain SGD at lr 0.1, shards of 64 examples) into OUT/cells/<row>__<col>/, then writes cell.json there: the
-share of the attacked clients' images recovered at >= 30 and 40 dB over both rounds, the federation's final
+share of the attacked clients' images recovered at >= 30 and 40 dB (over both rounds; IG, the slow one, reads
+round 1 only: one step of one image, the setting where it works), the federation's final
 test accuracy, the largest DP-SGD epsilon spent by the end, and the command. A cell whose cell.json holds the
 same command is not run again; `--redo` runs the named cells again (after a merge changes what a flag does).
 

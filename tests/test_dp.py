@@ -2,6 +2,7 @@
 the client's mods, Flower's central DP wrappers (`--server-dp`) inside the malicious server's wrapper."""
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ from fl_sim.server import server_app
 from fl_sim.server.strategy import flower_strategy, server_dp_caveat
 
 SETTINGS = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
+ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' RDP orders (RDPAccountant's)
 
 
@@ -256,3 +258,26 @@ def test_a_federation_records_each_clients_epsilon_in_its_rows(config, tmp_path)
         assert row["epsilon"] == pytest.approx(accountant_epsilon(1.0, rate, 2 * row["round"], 1e-5), rel=1e-9)
         assert row["epsilon_round"] == pytest.approx(accountant_epsilon(1.0, rate, 2, 1e-5), rel=1e-9)
     assert "DP-SGD epsilon" in (tmp_path / "run" / "gallery.html").read_text()
+
+
+def test_the_matrix_dp_rows_spend_the_epsilon_they_are_named_for():
+    """benchmarks/defense_matrix.py: the noise it picks for dpsgd-eps1 and -eps8 makes the clients' own accounting
+    (clients/privacy.py) end the run at that epsilon; flags of other branches are pending, not run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("defense_matrix", ROOT / "benchmarks" / "defense_matrix.py")
+    assert spec is not None and spec.loader is not None
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    for column in ("ig", "imprint"):
+        settings = TrainingSettings(lr=0.1, local_steps=matrix.COLUMNS[column].local_steps,
+                                    batch_size=matrix.COLUMNS[column].batch_size)
+        for row, target in (("dpsgd-eps1", 1.0), ("dpsgd-eps8", 8.0)):
+            flags = matrix.defense_flags(row, matrix.COLUMNS[column])
+            dp = DefenseSpec.parse(flags[1]).dpsgd
+            assert dp is not None
+            assert spent(dp, settings, matrix.SHARD, matrix.ROUNDS)[1] == pytest.approx(target, rel=0.02)
+    assert matrix.missing("none", matrix.COLUMNS["ig"]) is None
+    matrix.ROWS["later"] = ["--defense", "blur:3"]
+    assert matrix.missing("later", matrix.COLUMNS["ig"]) == "--defense blur:3 is not in this checkout"
+    assert matrix.missing("none", matrix.Column("nonesuch", 1, 1)) == "--attack nonesuch is not in this checkout"
