@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def cell_command(row: str, name: str, folder: Path, data_root: str, init: str) -
             *(["--attack-clients", "0"] if column.targets and not secure else []), *flags, "--out", str(folder)]
 
 
-def run_cell(row: str, name: str, out: Path, data_root: str, init: str, redo: bool, lock: str | None) -> dict:
+def run_cell(row: str, name: str, out: Path, data_root: str, init: str, redo: bool, lock: str | None,
+             table_only: bool = False) -> dict:
     """The cell's figures: from its cell.json when it ran with the same command, else from a new run."""
     folder = out / "cells" / f"{row}__{name}"
     reason = missing(row, COLUMNS[name])
@@ -141,6 +143,8 @@ def run_cell(row: str, name: str, out: Path, data_root: str, init: str, redo: bo
         cached = json.loads(record.read_text())
         if cached.get("command") == shown and cached.get("status") == "ok":
             return cached
+    if table_only:
+        return {"row": row, "column": name, "status": "not run"}
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished or outdated cell of this script's own folder
     folder.mkdir(parents=True)
@@ -241,6 +245,10 @@ def main() -> int:
                         help="the federation's starting weights (fl-sim run --init): a checkpoint of `fl-sim pretrain "
                              "--model cnn` makes the accuracy column mean something in 2 rounds (default: untrained)")
     parser.add_argument("--redo", action="store_true", help="run the chosen cells again even when cached")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: the table and heat map of the cells finished so far (others: 'not run')")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="cells run at once (each a Ray simulation of about 3 GB; default 1)")
     parser.add_argument("--lock", help="run each cell under `flock LOCK` (a machine shared with other runs)")
     args = parser.parse_args()
     rows, cols = names(args.rows, ROWS, "--rows"), names(args.cols, COLUMNS, "--cols")
@@ -248,8 +256,11 @@ def main() -> int:
         print("defense_matrix: give --data-root (or set FL_SIM_DATA)", file=sys.stderr)
         return 2
     out = Path(args.out)
-    cells = {(row, col): run_cell(row, col, out, args.data_root, args.init, args.redo, args.lock)
-             for col in sorted(cols, key=lambda col: col == "ig") for row in rows}  # slow IG last
+    order = [(row, col) for col in sorted(cols, key=lambda col: col == "ig") for row in rows]  # slow IG last
+    with ThreadPoolExecutor(args.parallel) as pool:  # each cell is its own fl-sim process
+        futures = {key: pool.submit(run_cell, *key, out, args.data_root, args.init, args.redo, args.lock,
+                                    args.table_only) for key in order}
+        cells = {key: future.result() for key, future in futures.items()}
     markdown = table(cells, rows, cols)
     (out / "matrix.md").write_text(markdown)
     write_json(out / "matrix.json", [cells[row, col] for row in rows for col in cols])
