@@ -281,3 +281,21 @@ def test_the_matrix_dp_rows_spend_the_epsilon_they_are_named_for():
     matrix.ROWS["later"] = ["--defense", "blur:3"]
     assert matrix.missing("later", matrix.COLUMNS["ig"]) == "--defense blur:3 is not in this checkout"
     assert matrix.missing("none", matrix.Column("nonesuch", 1, 1)) == "--attack nonesuch is not in this checkout"
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_client_side_clipping_runs_flowers_mod_with_the_norm_flowers_wrapper_sends(config, monkeypatch):
+    """--server-dp client: Flower's wrapper puts C in the train config, Flower's fixedclipping_mod on each client
+    clips to it, so the updates the attack reads have norm C."""
+    clipped = dataclasses.replace(config, server_dp="client:noise=0:clip=0.05")
+    strategy = inverting_fedavg(Recorder(), 2, "idlg", 1, wrapped=flower_strategy(clipped))
+    read: dict[int, float] = {}
+    monkeypatch.setattr(strategy, "_attack", lambda attack, sent, updates, counts: read.update(
+        {client: math.sqrt(sum(float((change ** 2).sum()) for change in update.values()))
+         for client, update in updates.items()}))
+    grid = LocalGrid(make_client_app(clipped), 2)
+    messages = list(strategy.configure_train(1, ArrayRecord(lenet().state_dict()), ConfigRecord(SETTINGS.to_config()),
+                                             grid))
+    assert all(msg.content["config"]["clipping_norm"] == 0.05 for msg in messages)
+    strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert sorted(read) == [0, 1] and all(value == pytest.approx(0.05, rel=1e-3) for value in read.values())
