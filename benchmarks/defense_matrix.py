@@ -144,7 +144,8 @@ def run_cell(row: str, name: str, out: Path, data_root: str, init: str, redo: bo
         if cached.get("command") == shown and cached.get("status") == "ok":
             return cached
     if table_only:
-        return {"row": row, "column": name, "status": "not run"}
+        failed = json.loads((folder / "failed.json").read_text()) if (folder / "failed.json").exists() else {}
+        return failed if failed.get("command") == shown else {"row": row, "column": name, "status": "not run"}
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished or outdated cell of this script's own folder
     folder.mkdir(parents=True)
