@@ -3,8 +3,9 @@
 Each round a client takes the global weights and the training settings the server sent, takes its
 shard (fl_sim/learning/partition.py): the whole shard in epochs mode, else the K x B examples drawn for the round,
 trains with clients/training.py and replies as any Flower client does: its new weights and its example
-count (plus its training loss). In epochs mode it shuffles with a seed of its own (`order_seed`), which
-the server never learns.
+count (plus its training loss). With `--defense dpsgd:...` it trains with DP-SGD and also reports the epsilon
+it spent in the round and in the run so far (`dp-epsilon-round`, `dp-epsilon`; clients/privacy.py). In
+epochs mode it shuffles with a seed of its own (`order_seed`), which the server never learns.
 The run's `--defense` and `--inject-faults` are Flower mods around it (clients/mods.py), not part of it.
 
 One addition a real deployment would not need: the client says its `partition-id`, once when the server
@@ -24,6 +25,8 @@ from flwr.clientapp import ClientApp
 from fl_sim.contract.protocol import (
     ARRAYS,
     CONFIG,
+    DP_EPSILON,
+    DP_EPSILON_ROUND,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
@@ -40,6 +43,7 @@ from fl_sim.learning.partition import client_shards, partition_indices, training
 from .context import node_partition, run_config_of
 from .defenses import defense_seed
 from .mods import mods_for
+from .privacy import DP_STREAM, spent
 from .training import local_train
 
 
@@ -60,11 +64,16 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         images, labels = dataset.tensors(examples)
         model = received_model(msg.content.array_records[ARRAYS].to_torch_state_dict(), config, dataset)
         device = next(model.parameters()).device
+        dp = config.defense.dpsgd
         loss = local_train(model, images.to(device), labels.to(device), settings,
-                           order_seed=order_seed(config.seed, partition_id, server_round))
+                           order_seed=order_seed(config.seed, partition_id, server_round), dp=dp,
+                           noise_seed=defense_seed(config.seed, partition_id, server_round, DP_STREAM))
         arrays = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         metrics: dict[str, int | float | list[int] | list[float]] = {
             TRAIN_LOSS: loss, NUM_EXAMPLES: len(examples), PARTITION_ID: partition_id}
+        if dp is not None:
+            metrics[DP_EPSILON_ROUND], metrics[DP_EPSILON] = spent(dp, settings, len(shards[partition_id]),
+                                                                   server_round)
         return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.query()

@@ -8,11 +8,16 @@
     prune:P     zero the fraction P of each tensor's smallest-magnitude entries (DLG's gradient pruning)
     fp16        round the change to half precision (what a client sending float16 updates reveals)
     secagg      secure aggregation: the server learns only the sum of the clients' updates
+    dpsgd:noise=Z:clip=C:delta=D   DP-SGD in the local training itself (Opacus; clients/training.py), not a step
+    ldp:clip=C:eps=E:delta=D       Flower's own LocalDpMod on the reply, after the steps (clients/mods.py)
 
 `clip:C+noise:SIGMA` is the mechanism of Flower's LocalDpMod (clip the update, then add noise); it is
 computed here in torch, seeded, and on the parameters only: LocalDpMod draws from numpy's global,
-unseeded generator (a sweep could not be repeated), also noises BatchNorm statistics and integer
-buffers, and runs only inside a Flower message chain, which `fl-sim attack` does not have.
+unseeded generator (a sweep could not be repeated), also noises BatchNorm statistics, and runs only
+inside a Flower message chain, which `fl-sim attack` does not have. So the two hand-written steps stay
+(and keep their names); who wants Flower's code itself writes `ldp:...`, which runs LocalDpMod unchanged
+(sensitivity C, its noise sigma = C sqrt(2 ln(1.25/D)) / E), and `--server-dp client:...` runs Flower's
+fixedclipping_mod (for a model without batch norm it sends what `clip:C` sends: tests/test_defenses.py).
 
 The client applies its steps to the change of its parameters (new - global) and sends global + the
 defended change; buffers (BatchNorm statistics) go as trained. `secagg` is no client step: the

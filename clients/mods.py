@@ -6,13 +6,32 @@ changes the trained weights before they leave the client (clients/defenses.py); 
 the server sent before the client trains it, and refuses it or flags it (clients/inspection.py); `FaultMod`
 spoils the reply, or raises, on purpose (clients/faults.py). Each reads its setting from the run config (Flower's,
 over the defaults `fl-sim run` gives) and passes the reply through unchanged when the setting is off.
+
+Two settings run Flower's own mods (flwr.clientapp.mod), not code of ours:
+
+- `--defense ...+ldp:clip=C:eps=E:delta=D` runs Flower's `LocalDpMod(C, C, E, D)` (sensitivity C: the clipped
+  update's norm), outside DefenseMod, so it clips and noises what the hand-written steps left.
+- `--server-dp client:noise=Z:clip=C` runs Flower's `fixedclipping_mod`, outermost of the defenses (Flower:
+  it should be the last to touch the parameters); it reads C from the config that Flower's
+  DifferentialPrivacyClientSideFixedClipping wrapper adds to every train message (fl_sim/server/strategy.py).
+
+Flower's 1.41 mods act on every message and answer one without exactly one ArrayRecord (the server's query,
+an evaluate reply) with an error, so each runs inside `TrainOnly`, which hands them train messages only.
+The hand-written `noise:SIGMA` and `clip:C` stay ours (clients/defenses.py says why: seeded, parameters only,
+composable in any order, and usable by `fl-sim attack`, which has no Flower message chain); for a model
+without batch norm `clip:C` does what fixedclipping_mod does.
+
+For a known config (`fl-sim run`) `mods_for` lists Flower's mods themselves; `flwr run` builds its ClientApp
+before any run config exists, so there `FlowerDpMods` reads the run config per message and runs the same mods.
 """
 import functools
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fl_sim.contract.protocol import ARRAYS, CONFIG, INSPECT_FLAGS, INSPECTION_REFUSED, METRICS, server_round_of
-from fl_sim.contract.run_config import Fault, InspectionMode, RunConfig
+from fl_sim.contract.run_config import Fault, InspectionMode, LocalDp, RunConfig, ServerDpSide
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names
@@ -105,16 +124,67 @@ class InspectMod:
         return with_content(reply, reply.content.array_records[ARRAYS].to_torch_state_dict(), metrics)
 
 
-def mods_for(config: RunConfig | None) -> list:
-    """The mods a ClientApp needs, outermost first: for a known config only those it turns on; else all (they
-    read it). Flower's SecAgg+ (clients/secagg.py) is outermost: the faults and the defense act on what it then
-    masks. Inspection comes before training and the defense's steps after it."""
+class TrainOnly:
+    """Runs `mod` (one of Flower's) on train messages only; every other message passes it by."""
+
+    def __init__(self, mod: Mod):
+        self.mod = mod
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        return self.mod(msg, context, call_next)
+
+
+def local_dp_mod(spec: LocalDp) -> LocalDpMod:
+    """Flower's LocalDpMod for `ldp:clip=C:eps=E:delta=D`: clipping norm C, sensitivity C."""
+    return LocalDpMod(clipping_norm=spec.clip, sensitivity=spec.clip, epsilon=spec.epsilon, delta=spec.delta)
+
+
+def flower_mods(config: RunConfig) -> list[Mod]:
+    """Flower's own mods the config turns on, outermost first: fixedclipping_mod, then LocalDpMod."""
+    mods: list[Mod] = []
+    if config.server_dp.side == ServerDpSide.CLIENT:
+        mods.append(TrainOnly(fixedclipping_mod))
+    if config.defense.local_dp is not None:
+        mods.append(TrainOnly(local_dp_mod(config.defense.local_dp)))
+    return mods
+
+
+class FlowerDpMods:
+    """Flower's mods (`flower_mods`) for the run config of each message: `flwr run`'s ClientApp has none before."""
+
+    def __init__(self, defaults: RunConfig | None = None):
+        self.defaults = defaults
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        chain = call_next
+        for mod in reversed(flower_mods(run_config_of(context, self.defaults))):
+            chain = _link(mod, chain)
+        return chain(msg, context)
+
+
+def _link(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
+    """`mod` in front of `call_next`: one link of a mod chain, as Flower's ClientApp builds its own."""
+    def handle(msg: Message, context: Context) -> Message:
+        return mod(msg, context, call_next)
+    return handle
+
+
+def mods_for(config: RunConfig | None) -> list[Mod]:
+    """The mods a ClientApp needs, outermost first: for a known config only those it turns on (Flower's own
+    for ldp and client-side clipping); else ours, which read the run config of each message. Flower's SecAgg+
+    (clients/secagg.py) is outermost: the faults and the defenses act on what it then masks. Inspection comes
+    before training, the defense's steps after it, and Flower's DP mods on what the steps leave."""
     if config is None:
-        return [SecAggPlusMod(), FaultMod(), InspectMod(), DefenseMod()]
-    return [mod for mod, on in ((SecAggPlusMod(config), config.defense.protocol),
-                                (FaultMod(config), bool(config.inject_faults)),
-                                (InspectMod(config), config.defense.inspection is not None),
-                                (DefenseMod(config), bool(config.defense.steps))) if on]
+        return [SecAggPlusMod(), FaultMod(), InspectMod(), FlowerDpMods(), DefenseMod()]
+    outer: list[Mod] = [mod for mod, on in ((SecAggPlusMod(config), config.defense.protocol),
+                                            (FaultMod(config), bool(config.inject_faults)),
+                                            (InspectMod(config), config.defense.inspection is not None)) if on]
+    defense: list[Mod] = [DefenseMod(config)] if config.defense.steps else []
+    return outer + flower_mods(config) + defense
 
 
 def with_content(reply: Message, arrays: dict, metrics: dict) -> Message:

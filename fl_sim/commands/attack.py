@@ -34,6 +34,7 @@ import torch
 from attacker import resolve_device
 from clients.defenses import defense_seed, sent_weights
 from clients.inspection import Architecture, Finding, inspect_model
+from clients.privacy import DP_STREAM, spent
 from clients.training import local_train
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
@@ -44,7 +45,7 @@ from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.outputs import rewrite_jsonl, write_json
-from fl_sim.results.summary import RECOVERED_DB, recovered_key
+from fl_sim.results.summary import EPSILON, EPSILON_ROUND, RECOVERED_DB, recovered_key
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
 from fl_sim.server.secagg import ProtocolSettings, protocol_aggregate, revealed_update
@@ -76,6 +77,9 @@ def check(args) -> None:
     if args.train_mode == "epochs" and config.defense(args).secure_aggregation:
         raise config.ConfigError("--defense secagg is attacked in fedsgd or steps mode: the mean of epochs-mode "
                                  "updates has no single training to replay")
+    if config.defense(args).local_dp is not None:
+        raise config.ConfigError("--defense ldp runs Flower's LocalDpMod in a ClientApp's message chain, which fl-sim "
+                                 "attack has not: use fl-sim run (or fl-sim sweep --mode run)")
     if args.attack == NO_ATTACK:
         raise config.ConfigError(f"fl-sim attack needs an attack: choose one of {', '.join(attack_names())}")
     if args.num_victims < 1:
@@ -163,7 +167,8 @@ def run(args) -> dict:
             continue
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=imprint_rows)
         client.load_state_dict(sent_to[victim])
-        local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1))
+        local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1),
+                    dp=defense.dpsgd, noise_seed=defense_seed(args.seed, victim, 1, DP_STREAM))
         sent = sent_weights(defense, sent_to[victim], weights(client), parameters, defense_seed(args.seed, victim))
         updates[victim] = weight_change(sent_to[victim], sent)
         truth.append((images, labels))
@@ -194,6 +199,8 @@ def run(args) -> dict:
                "update_norm": norm}
         if found and not defense.secure_aggregation:
             row["inspect_flags"] = [finding.check.label for finding in found[victim]]
+        if defense.dpsgd is not None:  # a victim holds its K x B examples only, and trains one round
+            row[EPSILON_ROUND], row[EPSILON] = spent(defense.dpsgd, settings, settings.num_images, 1)
         rows.append(row)
     for victim in sorted(refused):
         rows.append({"victim": victim, "status": ReplyStatus.REFUSED, "psnr": None, "ssim": None, "mse": None,

@@ -49,6 +49,10 @@ class InspectionCheck(IntFlag):
 def inspection_labels(mask: int) -> list[str]:
     """The names of the checks in an `inspect-flags` bit mask, in InspectionCheck's order ([] for 0)."""
     return [check.label for check in InspectionCheck if mask & check]
+# --defense dpsgd: the epsilon a client's DP-SGD spent in this round, and in rounds 1..this one (clients/privacy.py)
+DP_EPSILON_ROUND = "dp-epsilon-round"
+DP_EPSILON = "dp-epsilon"
+DP_METRICS = (DP_EPSILON_ROUND, DP_EPSILON)
 
 
 class BatchNormMode(StrEnum):

@@ -129,8 +129,10 @@ class InspectionMode(StrEnum):
 
 NO_DEFENSE, SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED = "none", "secagg", "secagg-emulated"
 INSPECT = "inspect"
-DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", SECURE_AGGREGATION,
-                 SECURE_AGGREGATION_EMULATED, f"{INSPECT}[:{'|'.join(InspectionMode)}]")
+DPSGD, LOCAL_DP = "dpsgd", "ldp"  # DP-SGD in the client's training (Opacus); Flower's LocalDpMod on its reply
+DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", "dpsgd:noise=Z:clip=C:delta=D",
+                 "ldp:clip=C:eps=E:delta=D", SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED,
+                 f"{INSPECT}[:{'|'.join(InspectionMode)}]")
 # kind -> (what its number means, the check it must pass); None: the kind takes no number.
 DEFENSE_NUMBERS = {
     DefenseKind.NOISE: ("SIGMA, a positive number", lambda value: 0 < value < math.inf),
@@ -138,21 +140,120 @@ DEFENSE_NUMBERS = {
     DefenseKind.PRUNE: ("P, a fraction in [0, 1) (1 would send no update)", lambda value: 0 <= value < 1),
     DefenseKind.FP16: None,
 }
+DEFAULT_DELTA = 1e-5
+
+
+def _positive(value: float) -> bool:
+    return 0 < value < math.inf
+
+
+def _probability(value: float) -> bool:
+    return 0 < value < 1
+
+
+def parse_named_numbers(what: str, text: str, example: str,
+                        keys: Mapping[str, tuple[str, typing.Callable[[float], bool], float | None]]
+                        ) -> dict[str, float]:
+    """'noise=1:clip=2' -> {'noise': 1.0, 'clip': 2.0} for a setting written KEY=NUMBER joined by ':'.
+
+    `keys`: name -> (what it must be, its check, its default or None when it must be given). ':' and not ','
+    joins them because a sweep's --grid separates its values with commas. `what` and `example` name the
+    setting in the one-sentence ConfigError.
+    """
+    if "," in text:
+        raise ConfigError(f"{what}: join the settings with ':', not ',' (commas separate a sweep's values), "
+                          f"e.g. {example}")
+    found: dict[str, float] = {}
+    for item in filter(None, text.split(":")):
+        key, equals, number = item.partition("=")
+        if not equals or key not in keys:
+            raise ConfigError(f"{what}: {item!r} is not one of {', '.join(f'{k}=...' for k in keys)}; "
+                              f"e.g. {example}")
+        if key in found:
+            raise ConfigError(f"{what}: {key} is given twice")
+        meaning, valid, _ = keys[key]
+        try:
+            value = float(number)
+        except ValueError:
+            value = math.nan
+        if not valid(value):
+            raise ConfigError(f"{what}: {key} must be {meaning}, got {number!r}")
+        found[key] = value
+    for key, (meaning, _, default) in keys.items():
+        if key not in found:
+            if default is None:
+                raise ConfigError(f"{what}: {key}= is missing ({meaning}); e.g. {example}")
+            found[key] = default
+    return found
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """DP-SGD in the client's local training (clients/training.py, with Opacus): every example's gradient is
+    clipped to L2 norm `clip`, the batch's sum gets Gaussian noise of standard deviation `noise` x `clip`, and
+    Opacus' RDP accountant turns the steps into epsilon at `delta` (clients/privacy.py)."""
+
+    noise: float
+    clip: float = 1.0
+    delta: float = DEFAULT_DELTA
+
+    EXAMPLE: typing.ClassVar[str] = "dpsgd:noise=1.0:clip=1.0:delta=1e-5"
+
+    @classmethod
+    def parse(cls, text: str, spec: str) -> "DpSgd":
+        values = parse_named_numbers(f"--defense {spec!r}: dpsgd", text, cls.EXAMPLE, {
+            "noise": ("the noise multiplier Z, a positive number", _positive, None),
+            "clip": ("the per-example clipping norm C, a positive number", _positive, 1.0),
+            "delta": ("a probability in (0, 1)", _probability, DEFAULT_DELTA)})
+        return cls(values["noise"], values["clip"], values["delta"])
+
+    def __str__(self) -> str:
+        return f"{DPSGD}:noise={self.noise:g}:clip={self.clip:g}:delta={self.delta:g}"
+
+
+@dataclass(frozen=True)
+class LocalDp:
+    """Flower's LocalDpMod (flwr.clientapp.mod) on the client's reply: the update clipped to L2 norm `clip`,
+    then Gaussian noise calibrated to (`epsilon`, `delta`) with sensitivity `clip` (clients/mods.py)."""
+
+    clip: float
+    epsilon: float
+    delta: float = DEFAULT_DELTA
+
+    EXAMPLE: typing.ClassVar[str] = "ldp:clip=1.0:eps=8:delta=1e-5"
+
+    @classmethod
+    def parse(cls, text: str, spec: str) -> "LocalDp":
+        values = parse_named_numbers(f"--defense {spec!r}: ldp", text, cls.EXAMPLE, {
+            "clip": ("the update's clipping norm C, a positive number", _positive, None),
+            "eps": ("the budget epsilon of one update, a positive number", _positive, None),
+            "delta": ("a probability in (0, 1)", _probability, DEFAULT_DELTA)})
+        return cls(values["clip"], values["eps"], values["delta"])
+
+    @property
+    def noise_std(self) -> float:
+        """The noise LocalDpMod adds to every entry: the Gaussian mechanism's sigma for sensitivity `clip`."""
+        return self.clip * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
+
+    def __str__(self) -> str:
+        return f"{LOCAL_DP}:clip={self.clip:g}:eps={self.epsilon:g}:delta={self.delta:g}"
 
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A parsed --defense: the client's steps in order (clients/defenses.py); whether the server
-    sees only the sum of the updates (secure aggregation): through Flower's SecAgg+ protocol (`secagg`,
-    fl_sim/server/secagg.py), or, with `emulated` (`secagg-emulated`), by averaging the replies itself, which is
-    faster at many clients but shows neither the protocol's quantization nor its dropouts; and whether clients
-    inspect the model they are sent before training, refusing it or flagging it when it fails (`inspect`,
-    clients/inspection.py; None: no)."""
+    """A parsed --defense: the client's steps in order (clients/defenses.py), DP-SGD in its training (`dpsgd`),
+    Flower's LocalDpMod after the steps (`local_dp`); whether the server sees only the sum of the updates (secure
+    aggregation): through Flower's SecAgg+ protocol (`secagg`, fl_sim/server/secagg.py), or, with `emulated`
+    (`secagg-emulated`), by averaging the replies itself, which is faster at many clients but shows neither the
+    protocol's quantization nor its dropouts; and whether clients inspect the model they are sent before
+    training, refusing it or flagging it when it fails (`inspect`, clients/inspection.py; None: no)."""
 
     steps: tuple[tuple[DefenseKind, float | None], ...] = ()
     secure_aggregation: bool = False
     emulated: bool = False
     inspection: InspectionMode | None = None
+    dpsgd: DpSgd | None = None
+    local_dp: LocalDp | None = None
 
     @property
     def protocol(self) -> bool:
@@ -167,6 +268,8 @@ class DefenseSpec:
         steps: list[tuple[DefenseKind, float | None]] = []
         secure = emulated = False
         inspection: InspectionMode | None = None
+        dpsgd: DpSgd | None = None
+        local_dp: LocalDp | None = None
         for part in (part.strip() for part in text.split("+")):
             kind, colon, number = part.partition(":")
             if kind == INSPECT:
@@ -181,6 +284,19 @@ class DefenseSpec:
                                       f"({SECURE_AGGREGATION} or {SECURE_AGGREGATION_EMULATED}) comes once")
                 secure, emulated = True, kind == SECURE_AGGREGATION_EMULATED
                 continue
+            if kind == DPSGD:
+                if dpsgd is not None:
+                    raise ConfigError(f"--defense {text!r}: dpsgd comes once")
+                dpsgd = DpSgd.parse(number, text)
+                continue
+            if kind == LOCAL_DP:
+                if local_dp is not None:
+                    raise ConfigError(f"--defense {text!r}: ldp comes once")
+                local_dp = LocalDp.parse(number, text)
+                continue
+            if local_dp is not None:  # LocalDpMod is a mod around the steps: it acts on what they leave
+                raise ConfigError(f"--defense {text!r}: ldp (Flower's LocalDpMod) acts last, on what the other "
+                                  f"steps send: write it after them")
             if kind == NO_DEFENSE:
                 others = "+".join(step.strip() for step in text.split("+") if step.strip() != NO_DEFENSE)
                 raise ConfigError(f"--defense {text!r}: 'none' means no defense and stands alone; to defend, "
@@ -203,14 +319,58 @@ class DefenseSpec:
             if not valid(value):
                 raise ConfigError(f"--defense {text!r}: {kind} needs {meaning}, got {number!r}")
             steps.append((kind, value))
-        return cls(tuple(steps), secure, emulated, inspection)
+        return cls(tuple(steps), secure, emulated, inspection, dpsgd, local_dp)
 
     def __str__(self) -> str:
         parts = [f"{INSPECT}:{self.inspection}"] if self.inspection is not None else []
+        parts += [str(self.dpsgd)] if self.dpsgd else []
         parts += [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
+        parts += [str(self.local_dp)] if self.local_dp else []
         if self.secure_aggregation:
             parts.append(SECURE_AGGREGATION_EMULATED if self.emulated else SECURE_AGGREGATION)
         return "+".join(parts) or NO_DEFENSE
+
+    @property
+    def client_mods(self) -> bool:
+        """Whether anything acts on the client's reply (a hand-written step or Flower's LocalDpMod)."""
+        return bool(self.steps) or self.local_dp is not None
+
+
+class ServerDpSide(StrEnum):
+    """Where Flower's central DP wrapper has the updates clipped (fl_sim/server/strategy.py `flower_strategy`)."""
+
+    SERVER = "server"  # DifferentialPrivacyServerSideFixedClipping: the server clips every reply, then noises the sum
+    CLIENT = "client"  # DifferentialPrivacyClientSideFixedClipping: Flower's fixedclipping_mod clips on the client
+
+
+@dataclass(frozen=True)
+class ServerDp:
+    """A parsed --server-dp: Flower's central DP wrapper around the strategy (None side: off). The server
+    adds Gaussian noise of standard deviation `noise` x `clip` / (clients sampled) to the aggregate, after
+    clipping each update to `clip` itself or having the clients clip theirs."""
+
+    side: ServerDpSide | None = None
+    noise: float = 0.0
+    clip: float = 0.0
+
+    EXAMPLE: typing.ClassVar[str] = "server:noise=1.0:clip=1.0"
+
+    @classmethod
+    def parse(cls, text: str) -> "ServerDp":
+        text = text.strip()
+        if text == NO_DEFENSE:
+            return cls()
+        side, _, rest = text.partition(":")
+        if side not in set(ServerDpSide):
+            raise ConfigError(f"--server-dp {text!r}: write none, or server: or client: (who clips) and the "
+                              f"settings, e.g. {cls.EXAMPLE} or client:noise=1.0:clip=1.0")
+        values = parse_named_numbers(f"--server-dp {text!r}", rest, cls.EXAMPLE, {
+            "noise": ("the noise multiplier Z, a non-negative number", lambda value: 0 <= value < math.inf, None),
+            "clip": ("the update's clipping norm C, a positive number", _positive, None)})
+        return cls(ServerDpSide(side), values["noise"], values["clip"])
+
+    def __str__(self) -> str:
+        return NO_DEFENSE if self.side is None else f"{self.side}:noise={self.noise:g}:clip={self.clip:g}"
 
 
 def parse_faults(text: str) -> dict[int, Fault]:
@@ -360,7 +520,8 @@ class RunConfig:
         "updated (frozen)", Group.TRAINING, choices=True))
     defense: DefenseSpec = setting(DefenseSpec(), Setting(
         f"what clients do to their update before sending it: {', '.join(DEFENSE_KINDS)}, or steps joined by '+', "
-        "e.g. clip:4+noise:0.01 (see clients/defenses.py); inspect: clients check the model they are sent and "
+        "e.g. clip:4+noise:0.01 (see clients/defenses.py); dpsgd and ldp use Opacus' and Flower's code, e.g. "
+        f"{DpSgd.EXAMPLE} or {LocalDp.EXAMPLE}; inspect: clients check the model they are sent and "
         "refuse it (inspect:flag: train and flag it) when it fails (clients/inspection.py)", Group.TRAINING,
         metavar="SPEC"))
     secagg_shares: float = setting(3.0, Setting(  # SecAggPlusWorkflow's num_shares
@@ -382,6 +543,10 @@ class RunConfig:
     secagg_timeout: float = setting(0.0, Setting(  # 0: wait for every reply (a simulation's crash is a reply)
         "SecAgg+: seconds each of the protocol's four stages waits for replies; a client that misses it has "
         "dropped out (default 0: wait for all)", Group.DEFENSE, least=0))
+    server_dp: ServerDp = setting(ServerDp(), Setting(
+        f"Flower's central DP wrapper around the strategy: none (default), {ServerDp.EXAMPLE} (the server clips "
+        "and noises) or client:noise=Z:clip=C (Flower's fixedclipping_mod clips on the clients); the attack reads "
+        "the replies before it, as a malicious server would", Group.FEDERATION, metavar="SPEC"))
     attack: str = "imprint"  # its flag is written by hand in fl_sim/commands/config.py (the attack registry's names)
     iterations: int = setting(300, Setting(
         "optimiser iterations per victim (an L-BFGS iteration is up to 20 updates, as in DLG)", Group.ATTACK,
@@ -502,6 +667,7 @@ class RunConfig:
         outside = sorted(c for c in self.inject_faults if not 0 <= c < self.num_clients)
         if outside:
             raise ConfigError(f"--inject-faults names {outside}, not clients 0..{self.num_clients - 1}")
+        self.check_privacy()
         if self.attack_clients is not None and self.defense.secure_aggregation:
             raise ConfigError("--attack-clients cannot pick clients under secure aggregation: the server "
                               "sees only their sum, so leave it out")
@@ -527,6 +693,23 @@ class RunConfig:
                               f"{(SECAGG_MODULUS - 1) // per_round} levels")
 
 
+    def check_privacy(self) -> None:
+        """The models and settings DP-SGD can work with (Opacus' per-example gradients).
+
+        Flower's LocalDpMod and central DP wrappers run on any model; on one with batch norm they also clip and
+        noise its running statistics (clients/mods.py)."""
+        if self.defense.dpsgd and self.model not in MODELS_WITHOUT_BATCHNORM:
+            raise ConfigError(f"--defense dpsgd needs every example's own gradient, which Opacus cannot compute "
+                              f"through {self.model}'s batch norm (it mixes the examples of a batch): use --model "
+                              f"{', '.join(MODELS_WITHOUT_BATCHNORM)}")
+        if self.defense.dpsgd and self.proximal_mu:
+            raise ConfigError("--defense dpsgd clips and noises the examples' gradients only; FedProx's proximal "
+                              "term would bypass them: drop --proximal-mu or dpsgd")
+
+
+# The models with no batch norm: Opacus computes their per-example gradients (tests/test_dp.py checks the list
+# against the models).
+MODELS_WITHOUT_BATCHNORM = (ModelName.LENET, ModelName.CNN, ModelName.MLP)
 FIELD_TYPES = typing.get_type_hints(RunConfig)
 SETTINGS: dict[str, Setting] = {spec.name: spec.metadata[SETTING] for spec in fields(RunConfig)
                                 if SETTING in spec.metadata}
@@ -563,6 +746,10 @@ def coerce(name: str, value: object) -> object:
         if isinstance(value, DefenseSpec):
             return value
         return DefenseSpec.parse(typing.cast(str, coerce_scalar(str, value, flag)))
+    if name == "server_dp":
+        if isinstance(value, ServerDp):
+            return value
+        return ServerDp.parse(typing.cast(str, coerce_scalar(str, value, flag)))
     # `X | None`: TOML has no null: "" (and 0 for a count) mean None
     if typing.get_origin(kind) in (types.UnionType, typing.Union):
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
@@ -618,7 +805,7 @@ def to_text(value: object) -> object:
         return ",".join(map(str, value))
     if isinstance(value, dict):
         return format_faults(value)
-    if isinstance(value, (StrEnum, DefenseSpec)):
+    if isinstance(value, (StrEnum, DefenseSpec, ServerDp)):
         return str(value)
     return value
 

@@ -34,6 +34,8 @@ from fl_sim.contract.run_config import IMPRINT_BINS
 from fl_sim.results.outputs import atomic_write_bytes, read_jsonl
 from fl_sim.results.plots import plot_rounds
 from fl_sim.results.summary import (
+    EPSILON,
+    EPSILON_ROUND,
     RECOVERED_DB,
     attacked,
     image_count,
@@ -228,6 +230,8 @@ def _settings(run: dict) -> str:
     if c.get("batchnorm") not in (None, "train"):
         shown.append(("batchnorm", c["batchnorm"]))
     shown.append(("defense", c.get("defense", "none")))
+    if c.get("server-dp") not in (None, "", "none"):
+        shown.append(("server DP", f"{c['server-dp']}: {run.get('server_dp') or 'Flower central DP wrapper'}"))
     attack = c.get("attack")
     shown.append(("attack", _attack(c)))
     if find_attack(str(attack)) is not None:
@@ -276,6 +280,8 @@ def _counts_text(rows: list[dict]) -> str:
     if summary["images"]:
         shares = ", ".join(f"{_number(summary[recovered_key(db)], '.0%')} at \u2265 {db} dB" for db in RECOVERED_DB)
         text += f"; images recovered: {shares} (of {summary['images']})"
+    if summary["epsilon"] is not None:
+        text += f"; DP-SGD epsilon spent by then: up to {_number(summary['epsilon'], '.3g')}"
     return text
 
 
@@ -345,6 +351,9 @@ def _client(out: Path, base: str, row: dict) -> str:
                    f"SSIM {_number(row.get('ssim'), '.3f')}, labels right "
                    f"{_number(row.get('label_share', row.get('label_acc')), '.0%')}, "
                    f"update norm {_number(row.get('update_norm'), '.3g')}")
+        if _real(row.get(EPSILON)):
+            figures += (f", DP-SGD epsilon {_number(row.get(EPSILON_ROUND), '.3g')} this round, "
+                        f"{_number(row.get(EPSILON), '.3g')} in rounds 1..{row.get('round')}")
     else:
         kind = "failed" if attacked(row) else "not attacked"
         figures = f"{kind} ({status}): {row.get('reason') or 'no reason given'}"

@@ -25,6 +25,8 @@ FAILED_SSIM = 0.0
 RECOVERED_DB = (30, 40)  # thresholds of the recovered_at_<T>db figures
 SKIPPED = "skipped"  # an update the attack did not read (its row's reason says why)
 NOT_ATTACKED = REPLY_FAULTS | {SKIPPED, FLAGGED}  # client-rounds the attack never read: not victims
+# A row's DP-SGD epsilon (--defense dpsgd): spent in rounds 1..its round, and in its round alone (clients/privacy.py).
+EPSILON, EPSILON_ROUND = "epsilon", "epsilon_round"
 COUNT_KEYS = ("updates", "attacked", "recovered", "unrecovered", "failed", "skipped", "left_out")
 
 
@@ -130,8 +132,14 @@ def summarise(rows: list[dict]) -> dict:
     for db in RECOVERED_DB:
         summary[recovered_key(db)] = sum(recovered_count(row, db) for row in rows) / images if rows else None
     summary.update(victims=len(rows), failed=counts["failed"], images=images, recovered_victims=counts["recovered"],
-                   skipped=counts["skipped"], left_out=counts["left_out"])
+                   skipped=counts["skipped"], left_out=counts["left_out"], epsilon=largest_epsilon(rows))
     return summary
+
+
+def largest_epsilon(rows: list[dict]) -> float | None:
+    """The largest DP-SGD epsilon the rows carry (the most any victim had spent by then); None: no DP-SGD."""
+    values = [value for value in (_number(row.get(EPSILON)) for row in rows) if value is not None]
+    return max(values) if values else None
 
 
 def _number(value) -> float | None:

@@ -33,7 +33,15 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
-from fl_sim.contract.protocol import METRICS, PARTITION_ID, TrainMode, inspection_labels
+from fl_sim.contract.protocol import (
+    DP_EPSILON,
+    DP_EPSILON_ROUND,
+    DP_METRICS,
+    METRICS,
+    PARTITION_ID,
+    TrainMode,
+    inspection_labels,
+)
 from fl_sim.contract.records import FLAGGED
 from fl_sim.contract.run_config import (
     NO_ATTACK,
@@ -51,6 +59,7 @@ from fl_sim.learning.updates import parameter_names
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.gallery import AGGREGATE, EMULATED, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
+from fl_sim.results.summary import EPSILON, EPSILON_ROUND
 from fl_sim.server import lock
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
@@ -65,6 +74,7 @@ from fl_sim.server.strategy import (
     ServerAttack,
     Victim,
     flower_strategy,
+    server_dp_caveat,
 )
 
 
@@ -84,6 +94,7 @@ class Scoreboard:
                                             config.seed, config.min_shard, config.max_shard)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        self.spent: dict[int, dict[int, dict[str, float]]] = {}  # round -> client -> DP-SGD's epsilons
 
     def check_partitions(self) -> None:
         """Every shard must hold a round's K x B examples (steps mode); said before any round runs."""
@@ -112,7 +123,8 @@ class Scoreboard:
             folder = inside(self.out, client_folder(server_round, AGGREGATE if victim.secure_aggregate
                                                     else victim.clients[0]))
             row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
-                   "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds}
+                   "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds,
+                   **self.epsilons(server_round, victim.clients)}
             flags = {client: self.flags.pop((server_round, client)) for client in victim.clients
                      if (server_round, client) in self.flags}
             if flags:  # inspect:flag: what the victims' own checks said of the model they were sent
@@ -138,6 +150,24 @@ class Scoreboard:
                     "round": server_round, "client": client, "status": FLAGGED, "inspect_flags": failed,
                     "reason": f"not attacked; the client flagged the model it was sent: {', '.join(failed)}",
                     "psnr": None, "ssim": None, "mse": None, "label_acc": None})
+
+    def record_privacy(self, server_round: int, spent: dict[int, dict[str, float]]) -> None:
+        """Each client's DP-SGD epsilons of the round (its reply's), for the round's rows; logged too."""
+        self.spent = {server_round: spent}  # only the round being recorded is needed
+        cumulative = max(values[DP_EPSILON] for values in spent.values())
+        log(INFO, "round %s: DP-SGD spent epsilon %.3g this round, %.3g in rounds 1..%s (delta %g, largest over "
+            "clients)", server_round, max(values[DP_EPSILON_ROUND] for values in spent.values()), cumulative,
+            server_round, self.config.defense.dpsgd.delta if self.config.defense.dpsgd else float("nan"))
+
+    def epsilons(self, server_round: int, clients: tuple[int, ...]) -> dict[str, float]:
+        """`epsilon` (rounds 1..server_round) and `epsilon_round` of a victim (of a secure aggregate: the largest
+        of its clients'), or nothing when the clients reported none."""
+        spent = [self.spent.get(server_round, {}).get(client) for client in clients]
+        known = [values for values in spent if values is not None]
+        if not known:
+            return {}
+        return {EPSILON: max(values[DP_EPSILON] for values in known),
+                EPSILON_ROUND: max(values[DP_EPSILON_ROUND] for values in known)}
 
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
         """A row per client-round the strategy left out: neither attacked nor averaged."""
@@ -253,6 +283,10 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
     else:
         record = {"config": config.to_flower(), "seed": config.seed, "device": str(device), "started": now(),
                   "versions": versions()}
+    caveat = server_dp_caveat(config)
+    if caveat is not None:
+        log(WARNING, caveat)
+        record["server_dp"] = caveat
     write_json(out / "run.json", record)
     if done < config.rounds:
         partitions = identify_clients(grid, config.num_clients)
@@ -263,7 +297,8 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
             plan=AttackPlan(config.attack_every, frozenset(config.attack_clients) if config.attack_clients else None))
         strategy = InvertingStrategy(flower_strategy(config), attack, scoreboard, partitions=partitions,
                                      secure_aggregation=config.defense.secure_aggregation,
-                                     max_shard=config.max_shard or len(scoreboard.train), background=attacks)
+                                     max_shard=config.max_shard or len(scoreboard.train), background=attacks,
+                                     reported_metrics=DP_METRICS if config.defense.dpsgd else ())
         initial = checkpoint.weights if checkpoint else model.state_dict()
         train_config = ConfigRecord(dict(settings.to_config()))
         try:

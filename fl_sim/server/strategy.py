@@ -22,6 +22,18 @@ every round to this strategy's configure_train and hands the attack the revealed
 the plain mean of the accepted updates as one victim holding all their clients' examples (no quantization, no
 masks, no dropouts of the protocol's; faster at many clients).
 
+With `--defense dpsgd:...` each client's reply also holds the epsilon its DP-SGD spent (`dp-epsilon-round`,
+`dp-epsilon`): the strategy expects them (`reported_metrics`), and tells the recorder each round's values by
+client before the attack's reading, so the rows of metrics.jsonl carry them.
+
+`--server-dp` wraps the Flower strategy in Flower's own central DP wrapper (`flower_strategy`):
+DifferentialPrivacyServerSideFixedClipping, or DifferentialPrivacyClientSideFixedClipping with Flower's
+fixedclipping_mod on the clients. The malicious wrapper sits outside it, as a server that wants the clients'
+updates would put it: it sees every reply before Flower's wrapper clips and noises the aggregate, so the
+central wrappers protect the updates from whoever sees only the aggregate (other clients, the final model's
+users), never from the server, which can skip them (docs/threat-models.md). Client-side clipping does act
+before the server: the attack then reads clipped updates.
+
 Every attack takes one path. In `configure_train` of an attacked round the attack `arm`s what its targets
 (--attack-clients) are sent: a passive attack nothing (everyone gets the global model), an active one
 (fl_sim/server/active.py: --attack imprint|trap) weights of its own, per client; `SentRound.sent_to` keeps what
@@ -37,7 +49,7 @@ rows, later. An active attack is part of the round (it arms what is sent and dec
 average), so it cannot run in the background.
 """
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
@@ -48,7 +60,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Result, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+    Result,
+    Strategy,
+)
 
 from attacker import Reconstruction
 from fl_sim.contract.attacks import find_attack
@@ -65,14 +86,14 @@ from fl_sim.contract.protocol import (
     TrainMode,
 )
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import RunConfig, StrategyName
+from fl_sim.contract.run_config import RunConfig, ServerDpSide, StrategyName
 from fl_sim.learning.updates import Weights, weight_change
 from fl_sim.server.attacks import Armed, Attack, AttackedRound, Victim, arm_round, attack_round
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.validation import ExpectedReply, reply_problem
 
 __all__ = ["AttackPlan", "InvertingStrategy", "ReplyFault", "RoundOffset", "RoundRecorder", "ServerAttack",
-           "SentRound", "Victim", "flower_strategy", "in_sent_dtypes", "round_seed", "short_error"]
+           "SentRound", "Victim", "flower_strategy", "in_sent_dtypes", "round_seed", "server_dp_caveat", "short_error"]
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
@@ -97,6 +118,8 @@ class RoundRecorder(Protocol):
     def record_inspection(self, server_round: int, flags: dict[int, int], attacked: frozenset[int]) -> None:
         """Under inspect:flag, before the attack's rows: each client's `inspect-flags` (0: passed), and which of
         them the attack is about to read."""
+
+    def record_privacy(self, server_round: int, spent: dict[int, dict[str, float]]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -163,9 +186,10 @@ class InvertingStrategy(Strategy):
 
     def __init__(self, strategy: Strategy, attack: ServerAttack | None, recorder: RoundRecorder, *,
                  partitions: Mapping[int, int], secure_aggregation: bool = False, max_shard: int = 10**6,
-                 background: AttackQueue | None = None):
+                 background: AttackQueue | None = None, reported_metrics: Sequence[str] = ()):
         """`max_shard`: the most examples a client may say it trained on in epochs mode (its shard's size).
-        `background`: where a round's recording and passive attack run, instead of before the aggregate."""
+        `background`: where a round's recording and passive attack run, instead of before the aggregate.
+        `reported_metrics`: numbers every reply must also hold (DP-SGD's epsilons), handed to the recorder."""
         spec = find_attack(attack.name) if attack is not None else None
         if background is not None and attack is not None and (spec is None or not spec.may_run_async):
             raise ValueError(f"the active attack {attack.name} arms the weights it sends and decides what enters "
@@ -173,6 +197,7 @@ class InvertingStrategy(Strategy):
         self.strategy, self.attack, self.recorder, self.background = strategy, attack, recorder, background
         self.partitions, self.secure_aggregation, self.max_shard = dict(partitions), secure_aggregation, max_shard
         self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
+        self.reported_metrics = tuple(reported_metrics)
         self._sent: SentRound | None = None
 
     @property
@@ -193,7 +218,8 @@ class InvertingStrategy(Strategy):
         sent_config = messages[0].content[CONFIG] if messages else config  # with what the strategy added (FedProx)
         settings = TrainingSettings.from_config(sent_config)
         count = range(1, self.max_shard + 1) if settings.mode == TrainMode.EPOCHS else settings.num_images
-        expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: count})
+        expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: count,
+                                               **dict.fromkeys(self.reported_metrics)})
         global_weights = arrays.to_torch_state_dict()
         sent_to: dict[int, Weights] = {}
         armed = None
@@ -230,6 +256,10 @@ class InvertingStrategy(Strategy):
                 log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
                     fault.reason)
             work.append(partial(self.recorder.record_faults, server_round, faults))
+        spent = {client: {key: float(reply.content[METRICS][key]) for key in self.reported_metrics}  # type: ignore[arg-type]
+                 for client, reply in sorted(accepted.items())}
+        if self.reported_metrics and spent:
+            work.append(partial(self.recorder.record_privacy, server_round, spent))
         attack = self.attack
         replied = {client: accepted[client].content.array_records[ARRAYS].to_torch_state_dict()
                    for client in sorted(accepted) if client in sent.sent_to}
@@ -353,17 +383,45 @@ class RoundOffset(Strategy):
 
 def flower_strategy(config: RunConfig) -> Strategy:
     """The Flower strategy a run names: it waits for all `num_clients` clients, then samples `fraction_train`
-    of them for each round (Flower's own sampling)."""
+    of them for each round (Flower's own sampling); with --server-dp inside Flower's central DP wrapper."""
     options: dict[str, Any] = dict(  # Flower's keyword arguments, the same for every strategy
         fraction_train=config.fraction_train, min_train_nodes=1, min_available_nodes=config.num_clients,
         fraction_evaluate=1.0 if config.client_eval else 0.0, min_evaluate_nodes=config.num_clients)
+    strategy: Strategy
     if config.strategy == StrategyName.FEDPROX:
-        return FedProx(proximal_mu=config.proximal_mu, **options)
-    if config.strategy == StrategyName.FEDADAM:
-        return FedAdam(eta=config.server_lr, **options)
-    if config.strategy == StrategyName.FEDYOGI:
-        return FedYogi(eta=config.server_lr, **options)
-    return FedAvg(**options)
+        strategy = FedProx(proximal_mu=config.proximal_mu, **options)
+    elif config.strategy == StrategyName.FEDADAM:
+        strategy = FedAdam(eta=config.server_lr, **options)
+    elif config.strategy == StrategyName.FEDYOGI:
+        strategy = FedYogi(eta=config.server_lr, **options)
+    else:
+        strategy = FedAvg(**options)
+    dp = config.server_dp
+    if dp.side is None:
+        return strategy
+    wrapper = DifferentialPrivacyServerSideFixedClipping if dp.side == ServerDpSide.SERVER \
+        else DifferentialPrivacyClientSideFixedClipping
+    sampled = max(1, int(config.num_clients * config.fraction_train))  # as FedAvg samples them
+    return wrapper(strategy, noise_multiplier=dp.noise, clipping_norm=dp.clip, num_sampled_clients=sampled)
+
+
+SERVER_DP_CAVEAT = ("--server-dp {dp}: Flower's {wrapper} clips and noises the aggregate on the server, after the "
+                    "attack has read every reply: a malicious server skips it at will. It protects the clients' "
+                    "updates only from those who see the aggregate alone (the other clients, the final model's users), "
+                    "if the server runs it.{client}")
+CLIENT_CLIPPING = (" The clients clip their own updates (Flower's fixedclipping_mod), so the attack reads clipped "
+                   "updates; but the clipping norm is the server's to send.")
+
+
+def server_dp_caveat(config: RunConfig) -> str | None:
+    """What --server-dp does and does not protect, in plain words for the log and run.json (None: off)."""
+    dp = config.server_dp
+    if dp.side is None:
+        return None
+    wrapper = "DifferentialPrivacyServerSideFixedClipping" if dp.side == ServerDpSide.SERVER \
+        else "DifferentialPrivacyClientSideFixedClipping"
+    return SERVER_DP_CAVEAT.format(dp=dp, wrapper=wrapper,
+                                   client=CLIENT_CLIPPING if dp.side == ServerDpSide.CLIENT else "")
 
 
 def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayRecord:
