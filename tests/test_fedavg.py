@@ -95,3 +95,41 @@ def test_path_label_recovery_is_the_global_one_for_one_step_and_moves_with_the_c
     moved = path_mean_softmax(model, params, update, many, (1, 8, 8))
     assert float((moved - at_global).abs().max()) > 1e-3
     assert torch.allclose(moved.sum(), torch.tensor(1.0), atol=1e-5)
+
+
+def test_the_truth_fits_the_fedavg_attacks_model_of_the_update_and_not_ig_s():
+    """The client's images in its own per-epoch orders score zero under the fedavg attack's loss (update
+    distance and epoch prior; TV off); the same images in one order for every epoch (ig's replay) do not.
+    Then the whole attack runs on the update: n images and n labels come back, each a recovered label."""
+    from dataclasses import replace
+
+    from attacker import get_attack, invert
+    from attacker.engine import _Problem
+
+    settings = TrainingSettings(lr=0.1, batch_size=2, epochs=3, mode="epochs", momentum=0.5)
+    model = build_model("lenet", 1, 8, 3, seed=0)
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(5, 1, 8, 8, generator=generator)
+    labels = torch.tensor([0, 2, 1, 2, 0])
+    before = weights(model)
+    local_train(model, images, labels, settings, order_seed=11)
+    update = weight_change(before, weights(model))
+    settings = settings.for_shard(5)
+    params = {name: before[name] for name, _ in model.named_parameters()}
+    observed = {name: update[name].unsqueeze(0) * (-1 / settings.lr) for name in params}
+    orders = _client_orders(5, 3, 11)
+
+    def loss_at(attack: str, pictures: torch.Tensor, targets: torch.Tensor) -> float:
+        problem = _Problem(model, params, {}, settings, replace(get_attack(attack), tv_weight=0.0), (1, 8, 8), 3)
+        _, value = problem.batched(pictures.reshape(1, -1), targets.unsqueeze(0), observed)
+        return float(value[0])
+
+    copies = torch.cat([images[order] for order in orders])
+    one_hot = torch.nn.functional.one_hot
+    assert loss_at("fedavg", copies, one_hot(torch.cat([labels[o] for o in orders]), 3).float()) < 1e-5
+    assert loss_at("ig", images, one_hot(labels, 3).float()) > 1e-3
+
+    [found] = invert(model, before, [update], settings, get_attack("fedavg"), image_shape=(1, 8, 8), num_classes=3,
+                     iterations=3, device="cpu")
+    assert found.ok and found.images.shape == (5, 1, 8, 8) and found.labels.shape == (5,)
+    assert float(found.images.min()) >= 0 and float(found.images.max()) <= 1
