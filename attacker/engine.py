@@ -26,7 +26,10 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from .labels import label_assignments, mean_softmax, recover_labels
+from fl_sim.contract.protocol import TrainMode
+
+from .fedavg import deal_labels, epoch_prior, merge_copies
+from .labels import label_assignments, mean_softmax, path_mean_softmax, recover_labels
 from .objectives import OBJECTIVES, total_variation
 from .optim import make_optimizer, optimizer_bytes_per_row
 from .replay import LocalTraining
@@ -108,7 +111,9 @@ class _Problem:
         self.objective = OBJECTIVES[attack.objective]
         self.attack, self.settings = attack, settings
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
-        self.count = settings.num_images
+        # epochs mode with the FedAvg attack: one copy of the n images per epoch (attacker/fedavg.py)
+        self.copies = settings.epochs if attack.epoch_copies and settings.mode == TrainMode.EPOCHS else 1
+        self.count = settings.num_images * self.copies
         self.scale = -1.0 / settings.lr  # compare updates as gradients: better conditioned than tiny changes
         self.image_dims = self.count * int(torch.Size(image_shape).numel())
         self.dims = self.image_dims + (self.count * num_classes if attack.labels == "joint" else 0)
@@ -142,6 +147,10 @@ class _Problem:
             loss = loss + self.attack.bn_statistics * self._statistics_loss(running, observed)
         if self.attack.tv_weight:
             loss = loss + self.attack.tv_weight * total_variation(images)
+        if self.copies > 1 and self.attack.epoch_prior:
+            shape = (self.copies, self.settings.num_images)
+            loss = loss + self.attack.epoch_prior * epoch_prior(images.reshape(*shape, *self.image_shape),
+                                                                targets.reshape(*shape, self.num_classes))
         return loss
 
     def _statistics_loss(self, running: Params, observed: Params) -> torch.Tensor:
@@ -358,8 +367,15 @@ def _targets(problem: _Problem, params, observed, seed: int, victim_id: int) -> 
     recovered labels to steps (fixed), or a placeholder when the labels are learnt jointly."""
     if problem.attack.labels != "analytic":
         return [torch.zeros(problem.count, problem.num_classes, device=observed[next(iter(observed))].device)]
+    p_mean = problem.p_mean
+    if problem.attack.label_path:  # this victim's own path from the global weights to its final ones
+        p_mean = path_mean_softmax(problem.model, params, observed, problem.settings, problem.image_shape,
+                                   problem.replay.buffers)
     labels = recover_labels(problem.model, params, observed, problem.settings, problem.image_shape,
-                            problem.num_classes, problem.p_mean)
+                            problem.num_classes, p_mean)
+    if problem.copies > 1:  # the client reshuffles every epoch: each copy gets its own random deal
+        dealt = deal_labels(labels, problem.copies, _row_seed(seed, victim_id, -1, 0))
+        return [nn.functional.one_hot(dealt, problem.num_classes).float().to(labels.device)]
     assignments = label_assignments(labels, problem.settings.steps_per_epoch, problem.settings.batch_size,
                                     problem.attack.label_assignments, _row_seed(seed, victim_id, -1, 0))
     return [nn.functional.one_hot(a, problem.num_classes).float().to(labels.device) for a in assignments]
@@ -448,6 +464,8 @@ def _best(problem: _Problem, victim: int, attack: AttackConfig, results, targets
     z = results[keys[best]][0]
     images, logits = problem.split(z)
     labels = (logits if logits is not None else targets[keys[best][1]].cpu()).argmax(-1)
+    if problem.copies > 1:  # the per-epoch copies matched to the first and averaged: the n images
+        images, labels = merge_copies(images.clamp(0, 1), labels, problem.copies)
     if not torch.isfinite(torch.tensor(losses[best])):
         return Reconstruction(images.clamp(0, 1), labels, losses[best], Status.DIVERGED,
                               "every restart of the attack diverged (its loss grew or turned non-finite, or its "

@@ -104,3 +104,34 @@ def label_assignments(labels: torch.Tensor, steps: int, batch: int, limit: int, 
             if len(found) >= limit:
                 break
     return [torch.tensor([label for step in assignment for label in step]) for assignment in found]
+
+
+PATH_POINTS = 32  # most points on the path from the global to the client's final weights that label recovery visits
+
+
+def path_mean_softmax(model: nn.Module, global_params: dict, update: dict, settings: TrainingSettings,
+                      image_shape: tuple, buffers: dict | None = None, samples: int = 64) -> torch.Tensor:
+    """The model's mean prediction on random images along the client's training, for label recovery over
+    many steps (after Dimitrov et al. 2022, who estimate the label-count parameters at every FedAvg step).
+
+    Step s of S computes its gradient at weights the server never sees; it takes them on the straight line
+    from the global weights to the client's final ones (global + update, which it has): w_s = w + (s/S) x update.
+    The mean softmax at each step (at most PATH_POINTS distinct points, each step counted at the nearest one)
+    is averaged with the steps' weights in the total update (step_weights: momentum counts early steps more),
+    so recover_labels' estimate n (p - signal / W) compares like with like. `buffers`: the running statistics
+    frozen batch-norm layers use.
+    """
+    total = settings.total_steps
+    weights = torch.tensor(step_weights(settings), dtype=torch.float64)
+    points = min(total, PATH_POINTS)
+    nearest = torch.round(torch.arange(total, dtype=torch.float64) * (points - 1) / max(1, total - 1)).long()
+    mass = torch.zeros(points, dtype=torch.float64).index_add_(0, nearest, weights)
+    mean = None
+    for j in range(points):
+        fraction = (j * (total - 1) / max(1, points - 1)) / total
+        state = {name: tensor + fraction * update[name].to(tensor) if name in update else tensor
+                 for name, tensor in global_params.items()}
+        p = mean_softmax(model, {**state, **(buffers or {})}, image_shape, settings.batchnorm, samples).double()
+        mean = mass[j] * p if mean is None else mean + mass[j] * p
+    assert mean is not None
+    return (mean / weights.sum()).float()

@@ -86,14 +86,23 @@ class LocalTraining:
 
         Each epoch visits the same n images in the same order, in the settings' batches (the last one short
         when B does not divide n): the client's own shuffle in epochs mode is unknown, so this is the order
-        the attack assumes.
+        the attack assumes. Given E x n images and targets (E the settings' epochs), epoch e trains on its own
+        block e instead: per-epoch copies of the n images, each in the order of that epoch's batches (the
+        FedAvg attack's view of a client that reshuffles every epoch, attacker/fedavg.py).
         """
         s = self.settings
+        n = s.num_images
+        if images.shape[0] not in (n, s.epochs * n):
+            raise ValueError(f"the replay takes {n} images, or {s.epochs} x {n} (one copy per epoch), "
+                             f"got {images.shape[0]}")
+        copies = images.shape[0] // n
         params, velocity = self.params, None
         running = {f"{name}.{kind}": self.buffers[f"{name}.{kind}"] for name in self.norms
                    for kind in ("running_mean", "running_var") if f"{name}.{kind}" in self.buffers}
-        for _ in range(s.epochs):
+        for epoch in range(s.epochs):
+            offset = n * epoch if copies > 1 else 0
             for batch in s.batch_slices():
+                batch = slice(batch.start + offset, batch.stop + offset)
                 gradient, statistics = self._grad(params, images[batch], targets[batch])
                 for name, (mean, var) in statistics.items():
                     m = self.norms[name]

@@ -46,6 +46,11 @@ class AttackConfig:
     #                           replay produces; 0 ignores them
     label_assignments: int = 8  # with K > 1 and recovered labels: ways of dealing them into steps, each with
     #                             its own restarts; the best by the attack's own loss is kept
+    epoch_copies: bool = False  # epochs mode: one copy of the images per epoch, the client's unknown
+    #                             reshuffle (attacker/fedavg.py); off: one order for every epoch
+    epoch_prior: float = 0.0  # weight of the order-free prior tying the epoch copies together
+    label_path: bool = False  # label recovery counts the model's predictions along the client's steps
+    #                           (labels.path_mean_softmax), not at the global weights only
 
     def __post_init__(self):
         for field, kind in (("objective", Objective), ("optimizer", Optimizer), ("labels", LabelStrategy)):
@@ -53,8 +58,9 @@ class AttackConfig:
                 object.__setattr__(self, field, kind(getattr(self, field)))
             except ValueError:
                 raise ValueError(f"{field} must be one of {', '.join(kind)}, got {getattr(self, field)!r}") from None
-        if self.bn_statistics < 0:
-            raise ValueError(f"bn_statistics must be at least 0, got {self.bn_statistics}")
+        for field in ("bn_statistics", "epoch_prior"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be at least 0, got {getattr(self, field)}")
         for field in ("restarts", "history", "label_assignments"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
@@ -70,6 +76,11 @@ PRESETS: dict[str, AttackConfig] = {
     # Geiping et al. 2020: cosine distance, TV prior, signed Adam with step decay, pixels boxed to [0, 1].
     "ig": AttackConfig("ig", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2,
                        box=True, lr=0.1, lr_decay=True, restarts=1),
+    # Dimitrov et al. 2022 on IG's optimisation: per-epoch copies of the images tied by an order-free prior,
+    # labels counted along the client's steps (attacker/fedavg.py)
+    "fedavg": AttackConfig("fedavg", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2,
+                           box=True, lr=0.1, lr_decay=True, restarts=1, epoch_copies=True, epoch_prior=1.0,
+                           label_path=True),
 }
 
 

@@ -235,7 +235,8 @@ def main(args) -> int:
     recovered = ", ".join(f"{_fmt(summary[recovered_key(db)], '.0%')} at {db} dB" for db in RECOVERED_DB)
     print(f"attack {summary['attack']}: {summary['victims']} victims ({summary['failed']} failed), PSNR median "
           f"{_fmt(summary['psnr_median'])} dB (min {_fmt(summary['psnr_min'])}), images recovered {recovered}, "
-          f"labels right {_fmt(summary['label_share'], '.0%')}, attack {summary['attack_seconds']:.1f} s -> {args.out}")
+          f"labels right {_fmt(summary['label_share'], '.0%')}, attack {summary['attack_seconds']:.1f} s "
+          f"({summary['attack_seconds_per_victim']:.1f} s per victim) -> {args.out}")
     if summary["victims"] == 0:
         print(f"fl-sim attack: every victim refused the model it was sent (--defense {summary['defense']}): exit "
               f"status {ALL_FAILED}")

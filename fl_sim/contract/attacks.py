@@ -100,7 +100,9 @@ def find_attack(name: str) -> AttackSpec | None:
 
 for _name, _summary in (("dlg", "Deep Leakage from Gradients (Zhu et al. 2019): L-BFGS on images and soft labels"),
                         ("idlg", "iDLG (Zhao et al. 2020): labels read off the last layer, then DLG's optimisation"),
-                        ("ig", "Inverting Gradients (Geiping et al. 2020): cosine distance, TV prior, signed Adam")):
+                        ("ig", "Inverting Gradients (Geiping et al. 2020): cosine distance, TV prior, signed Adam"),
+                        ("fedavg", "FedAvg-aware IG (Dimitrov et al. 2022): one image copy per epoch tied by an "
+                                   "order-free prior, labels counted along the client's steps")):
     register(AttackSpec(_name, AttackKind.PASSIVE, "fl_sim.server.passive:PassiveInversion", _summary,
                         may_run_async=True, settings=_PASSIVE_SETTINGS))
 register(AttackSpec(

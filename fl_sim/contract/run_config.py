@@ -557,16 +557,16 @@ class RunConfig:
         "weight of a term matching the batch-norm running statistics the client sent to those the replay produces "
         "(GradInversion; 0: off, default; see docs/findings.md section 6)", Group.ATTACK, least=0, metavar="WEIGHT"))
     tv_weight: float | None = setting(None, Setting(  # None: the attack preset's
-        "weight of the total-variation image prior (default: the preset's; ig 0.01, dlg and idlg 0); the best "
-        "weight depends on the model (docs/benchmarks.md)", Group.ATTACK, least=0, metavar="WEIGHT"))
+        "weight of the total-variation image prior (default: the preset's; ig and fedavg 0.01, dlg and idlg 0); the "
+        "best weight depends on the model (docs/benchmarks.md)", Group.ATTACK, least=0, metavar="WEIGHT"))
     no_replay: bool = setting(False, Setting(
         "treat the weight change / (steps x lr) as one gradient instead of replaying K steps", Group.ATTACK))
     max_attack_images: int = setting(64, Setting(  # an update of more images (epochs mode: a larger shard)
         "updates of more images (in epochs mode: larger shards) are not attacked; their row says so",
         Group.FEDERATION, least=1))
     attack_async: bool = setting(False, Setting(  # beside the next round's training (fl_sim/server/background.py)
-        "run a passive attack (dlg, idlg, ig) on a background thread beside the next round's training instead of "
-        "before the aggregate: the same rows; not with imprint or trap (default: off)", Group.FEDERATION,
+        "run a passive attack (dlg, idlg, ig, fedavg) on a background thread beside the next round's training instead "
+        "of before the aggregate: the same rows; not with imprint or trap (default: off)", Group.FEDERATION,
         negatable=True, resumable=True))
     attack_every: int = setting(1, Setting("attack rounds 1, 1+N, 1+2N, ... (default every round)", Group.FEDERATION,
                                            least=1))

@@ -1,4 +1,4 @@
-"""The honest-but-curious server's attacks (dlg, idlg, ig): optimisation-based inversion of the updates it gets.
+"""The honest-but-curious server's attacks (dlg, idlg, ig, fedavg): optimisation-based inversion of the updates it gets.
 
 It sends everyone the global model and changes nothing in the average; it replays each victim's local
 training on candidate images (attacker/engine.py) until the replayed update matches the observed one.

@@ -1,0 +1,118 @@
+"""The FedAvg attack against replayed IG and the no-replay baseline, on the same victims at the same budget.
+
+Each cell is one `fl-sim attack` run per attack (real client code: epochs mode, the client's private
+shuffle, fl-sim's metrics), so the three attacks see the same victims (same --seed, same shards). It prints a
+markdown table (PSNR median and worst image, share of images at >= 20 dB, Dimitrov et al.'s "recovered",
+and at >= 30 dB, labels right, attack seconds per victim) and plots the share recovered against E:
+
+    OMP_NUM_THREADS=1 python benchmarks/fedavg_leakage.py --epochs 1 2 5 10 --shard-size 10 --batch-size 5 \\
+        --victims 4 --seeds 0 1 --iterations 100 --out out/fedavg-leakage
+
+Runs already in --out are read back, not redone, so an interrupted grid resumes where it stopped.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTACKS = {"fedavg": ["--attack", "fedavg"], "ig": ["--attack", "ig"],
+           "ig-no-replay": ["--attack", "ig", "--no-replay"]}
+RECOVERED_PSNR = 20.0  # Dimitrov et al.'s criterion: an image is recovered above 20 dB (their --delta)
+
+
+def run_cell(args: argparse.Namespace, attack: str, epochs: int, seed: int) -> Path:
+    """One fl-sim attack run (skipped when its summary exists); returns its output folder."""
+    out = Path(args.out) / f"{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}-e{epochs}" / \
+        f"{attack}-seed{seed}"
+    if (out / "summary.json").exists():
+        return out
+    command = [str(Path(sys.executable).parent / "fl-sim"), "attack", *ATTACKS[attack], "--dataset", args.dataset,
+               "--data-root", args.data_root, "--model", args.model, "--train-mode", "epochs",
+               "--epochs", str(epochs), "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size),
+               "--lr", str(args.lr), "--iterations", str(args.iterations), "--num-victims", str(args.victims),
+               "--seed", str(seed), "--out", str(out), "--force"]
+    subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def cell_figures(folders: list[Path]) -> dict[str, float] | None:
+    """Pooled over seeds: every image's PSNR (a failed victim's images count as unrecovered)."""
+    images: list[float] = []
+    labels: list[float] = []
+    seconds: list[float] = []
+    for folder in folders:
+        if not (folder / "summary.json").exists():
+            return None
+        summary = json.loads((folder / "summary.json").read_text())
+        seconds.append(summary["attack_seconds_per_victim"])
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            count = len(row.get("true_labels") or [])
+            images += row.get("psnr_images") or [0.0] * count
+            labels.append(row.get("label_share") or 0.0)
+    if not images:
+        return None
+    return {"psnr_median": statistics.median(images), "psnr_worst": min(images),
+            "at_20": sum(p >= RECOVERED_PSNR for p in images) / len(images),
+            "at_30": sum(p >= 30 for p in images) / len(images), "labels": statistics.mean(labels),
+            "seconds": statistics.mean(seconds), "images": len(images)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--data-root", default=os.environ.get("FL_SIM_DATA", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--shard-size", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--victims", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--out", default="out/fedavg-leakage")
+    args = parser.parse_args()
+
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for epochs in args.epochs:
+        for attack in args.attacks:
+            folders = [run_cell(args, attack, epochs, seed) for seed in args.seeds]
+            found = cell_figures(folders)
+            if found is not None:
+                table[(attack, epochs)] = found
+    print(f"{args.dataset}, {args.model}, n = {args.shard_size}, B = {args.batch_size}, lr {args.lr}, "
+          f"{args.iterations} iterations, {args.victims} victims x seeds {args.seeds}")
+    print("| E | attack | images | PSNR median | worst | >= 20 dB (recovered) | >= 30 dB | labels right | s / victim |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (attack, epochs), f in table.items():
+        print(f"| {epochs} | {attack} | {f['images']:.0f} | {f['psnr_median']:.1f} | {f['psnr_worst']:.1f} | "
+              f"{f['at_20']:.0%} | {f['at_30']:.0%} | {f['labels']:.0%} | {f['seconds']:.0f} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for attack in args.attacks:
+        points = sorted((e, f) for (a, e), f in table.items() if a == attack)
+        if points:
+            axes[0].plot([e for e, _ in points], [f["at_20"] for _, f in points], marker="o", label=attack)
+            axes[1].plot([e for e, _ in points], [f["psnr_median"] for _, f in points], marker="o", label=attack)
+    axes[0].set(xlabel="local epochs E", ylabel="share of images >= 20 dB", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="local epochs E", ylabel="PSNR median (dB)")
+    axes[1].legend()
+    figure.suptitle(f"{args.dataset} {args.model}, n = {args.shard_size}, B = {args.batch_size}, "
+                    f"{args.iterations} iterations")
+    figure.tight_layout()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    plot = Path(args.out) / f"fedavg-vs-epochs-{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}.png"
+    figure.savefig(plot, dpi=120)
+    print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()
