@@ -61,6 +61,51 @@ class ImprintReadout(Readout):
 
 
 @dataclass(frozen=True)
+class MosaicReadout:
+    """An imprint whose rows are dealt out to clients (the mosaic attack, fl_sim/server/mosaic.py): `rows[c]`
+    holds client c's (blocks, bins) row indices; every client's rows measure the same `directions` against the
+    same `thresholds`, and no other client's images reach them, so even a sum of many clients' updates gives
+    each client's images by its own rows alone, named by the client."""
+
+    weight: str
+    bias: str
+    rows: dict[int, torch.Tensor]  # client -> (blocks, bins) its rows, thresholds ascending
+    directions: torch.Tensor
+    thresholds: torch.Tensor
+    image_shape: tuple[int, int, int]
+
+    def client_readout(self, client: int) -> ImprintReadout:
+        """The plain imprint readout of one client's rows."""
+        return ImprintReadout(self.weight, self.bias, self.rows[client], self.directions, self.thresholds,
+                              self.image_shape)
+
+    def read(self, update: dict[str, torch.Tensor], counts: dict[int, int]) -> Reconstruction:
+        """Each of `counts`' clients' images (its count of them, confirmed first, placeholders last) read off
+        its own rows of `update` (one client's update, or the sum or mean of many), client by client, as one
+        Reconstruction whose `image_clients` names the client of each image."""
+        # one float64 copy of the rows, not one per client (what _imprint would make of a float32 update)
+        rows = torch.cat([self.rows[c].flatten() for c in counts]) if counts else torch.zeros(0, dtype=torch.long)
+        weight, bias = update[self.weight].detach(), update[self.bias].detach()
+        if weight.ndim != 2 or bias.shape != weight.shape[:1] or (len(rows) and int(rows.max()) >= len(bias)):
+            raise ValueError(f"the update's {self.weight} of shape {tuple(weight.shape)} does not hold the rows armed")
+        local = {self.weight: weight[rows].double().cpu(), self.bias: bias[rows].double().cpu()}
+        images, status, clients = [], [], []
+        start = 0
+        for client, count in counts.items():
+            size = self.rows[client].numel()
+            mine = ImprintReadout(self.weight, self.bias, torch.arange(start, start + size).reshape(
+                self.rows[client].shape), self.directions, self.thresholds, self.image_shape)
+            found, states = _imprint(mine, local, count)
+            images.append(found)
+            status += states
+            clients += [client] * count
+            start += size
+        stacked = torch.cat(images) if images else torch.zeros(0, *self.image_shape)
+        return Reconstruction(stacked, torch.zeros(len(stacked), dtype=torch.long), float(status.count(UNRECOVERED)),
+                              Status.OK, image_status=status, image_clients=clients)
+
+
+@dataclass(frozen=True)
 class TrapReadout(Readout):
     """Where the trapped layer sits in the update and where each pixel arrives at its input."""
 

@@ -74,6 +74,8 @@ class Reconstruction:
     redraws: int = 0  # restarts re-drawn after diverging
     # per image, for the analytic attacks (attacker/analytic.py): confirmed, unconfirmed or unrecovered
     image_status: list[str] | None = None
+    # per image, for an attack that reads each client of a secure aggregate apart (mosaic): the client it came from
+    image_clients: list[int] | None = None
 
     @property
     def ok(self) -> bool:

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -108,8 +109,10 @@ def check_model(run_config: RunConfig, client_cpus: float = 1.0) -> None:
 
     shape, classes = image_spec(cached_dataset(run_config.dataset, run_config.data_root, False))
     copy_bytes = guard.model_bytes(run_config.model, shape, classes, run_config.imprint_rows)
-    workers = min(run_config.num_clients, max(1, int(guard.cpu_cores() // client_cpus)))
-    guard.check_memory(copy_bytes, run_config.num_clients, workers,
+    # a round's replies come from the clients Flower samples (--fraction-train), not the whole population
+    sampled = max(1, math.ceil(run_config.fraction_train * run_config.num_clients))
+    workers = min(sampled, max(1, int(guard.cpu_cores() // client_cpus)))
+    guard.check_memory(copy_bytes, sampled, workers,
                        "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or use a "
                        "smaller --model")
     if run_config.init not in ("default", "paper"):  # a file that is no checkpoint of this model: said now

@@ -30,6 +30,8 @@ class AttackSpec:
     the model (fl_sim/learning/models/imprint.py). `averages_targets`: whether anything of a target's reply
     enters the average (trap weights keep nothing: with every client a target, the model never changes).
     `settings`: the RunConfig fields it reads (the attack group of flags), for help texts and checks.
+    `reads_each_client`: it arms each client for its own update even under secure aggregation, and reads
+    every client's images apart from their sum (so `--max-attack-images` caps one client's images, not the sum's).
     """
 
     name: str
@@ -42,6 +44,7 @@ class AttackSpec:
     needs_imprint: bool = False
     averages_targets: bool = True
     settings: tuple[str, ...] = ()
+    reads_each_client: bool = False
 
     def __post_init__(self) -> None:
         if ":" not in self.factory:
@@ -117,3 +120,8 @@ register(AttackSpec(
     "trap-quiet", AttackKind.ACTIVE, "fl_sim.server.active:QuietTrapAttack",
     "trap weights made to pass --defense inspect: noise where the trap writes zeros, every parameter jittered",
     models=("mlp", "cnn"), models_reason="a ReLU linear layer that sees the whole image", averages_targets=False))
+register(AttackSpec(
+    "mosaic", AttackKind.ACTIVE, "fl_sim.server.mosaic:MosaicAttack",
+    "per-client imprint rows (after LOKI, MANDRAKE, Pasquini et al.): each client's images read apart, even "
+    "from a secure aggregate", needs_imprint=True, settings=("imprint_bins", "imprint_blocks"),
+    reads_each_client=True))

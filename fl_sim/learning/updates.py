@@ -3,6 +3,8 @@
 Shared by the server (which attacks and records updates), the clients' defenses (which change the update
 before it is sent) and `fl-sim attack`; plain torch, no Flower.
 """
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -29,6 +31,24 @@ def update_norm(update: Weights, names) -> float:
     return float(torch.stack([(update[name].double() ** 2).sum() for name in names]).sum().sqrt())
 
 
-def mean_update(updates: list[Weights]) -> Weights:
-    """The clients' mean update: all that secure aggregation (the sum over a known count) reveals."""
-    return {name: torch.stack([update[name] for update in updates]).mean(0) for name in updates[0]}
+def mean_update(updates: Iterable[Weights]) -> Weights:
+    """The clients' mean update: all that secure aggregation (the sum over a known count) reveals.
+
+    Summed one update at a time (in float64, then cast back), so a lazy iterable of updates costs one
+    update beside the sum, never all of them at once."""
+    total: Weights = {}
+    dtypes: dict[str, torch.dtype] = {}
+    count = 0
+    for update in updates:
+        if not count:
+            dtypes = {name: tensor.dtype for name, tensor in update.items()}
+            total = {name: tensor.double() if tensor.is_floating_point() else tensor.clone()
+                     for name, tensor in update.items()}
+        else:
+            for name, tensor in update.items():
+                total[name] += tensor
+        count += 1
+    if not count:
+        raise ValueError("the mean of no updates")
+    return {name: (tensor / count).to(dtypes[name]) if tensor.is_floating_point() else tensor // count
+            for name, tensor in total.items()}

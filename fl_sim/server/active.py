@@ -114,22 +114,8 @@ class ImprintAttack(AnalyticAttack):
             raise ValueError(f"imprint: {rows} rows cannot be split into {blocks} blocks of 2 or more bins")
         self.model, self.public, self.drift_share = model, public.float(), drift_share
         self.num_classes, self.blocks = num_classes, blocks
-        flat = self.public.flatten(1)
-        centred = flat - flat.mean(0)
-        # principal directions, made orthogonal to the mean image: the statistic is then centred near 0,
-        # which keeps the thresholds (the rows' biases) small, so one image's bias change stands above their rounding
-        mean = flat.mean(0) / flat.mean(0).norm()
-        directions = torch.linalg.svd(centred.double(), full_matrices=False).Vh[:blocks].float()
-        directions = directions - (directions @ mean)[:, None] * mean
-        directions = directions / directions.norm(dim=1, keepdim=True)
-        bins = rows // blocks
-        values = flat @ directions.T  # (N, blocks)
-        quantiles = torch.quantile(values.double(), torch.linspace(0, 1, bins + 1, dtype=torch.float64)[:-1], dim=0).T
-        spread = values.max(0).values - values.min(0).values
-        quantiles[:, 0] = values.min(0).values - spread  # every image above the first row's threshold
-        self.layout = Imprint(torch.arange(rows).reshape(blocks, bins), directions, quantiles.float())
-        self.gap = float((quantiles[:, 2:] - quantiles[:, 1:-1]).median())  # a typical bin's width
-        self.energy = float((flat ** 2).sum(1).mean())  # mean |x|^2: how far one image moves the rows
+        self.layout, self.gap = imprint_layout(self.public, blocks, rows // blocks)
+        self.energy = float((self.public.flatten(1) ** 2).sum(1).mean())  # mean |x|^2: how far one image moves rows
 
     @classmethod
     def build(cls, context: AttackContext) -> Self:
@@ -153,24 +139,13 @@ class ImprintAttack(AnalyticAttack):
             rho = self.drift_share * self.gap / (self.energy + 1)
         eps = rho * ALPHA / scale
         weights["imprint.weight"], weights["imprint.bias"] = weight, bias
-        weights["spread.weight"] = (eps * u)[:, None].expand(features, weight.shape[0]).clone()
+        weights["spread.weight"] = eps * u
         readout = ImprintReadout("imprint.weight", "imprint.bias", layout.rows, layout.directions,
                                  layout.thresholds, image_shape(self.public))
         return weights, readout
 
     def _input_gradient(self, global_weights: Weights, settings: TrainingSettings) -> torch.Tensor:
-        """d loss / d input of the base model on one public batch of B, flattened: (B, features)."""
-        assert isinstance(self.model, Imprinted)
-        base = self.model.base
-        base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
-        images = self.public[: max(2, settings.batch_size)].clone().requires_grad_(True)
-        base.train()
-        with torch.random.fork_rng(devices=[]):
-            logits = base(images)
-        classes = logits.shape[1]
-        loss = F.cross_entropy(logits, torch.arange(len(images)) % classes)  # any labels: only the scale matters
-        (gradient,) = torch.autograd.grad(loss, images)
-        return gradient.flatten(1)
+        return input_gradient(self.model, self.public, global_weights, settings)
 
     def aggregated(self, reply: Weights, sent: Weights, global_weights: Weights) -> Weights:
         """The victim's base model as it trained it; the imprint block as the global model has it."""
@@ -278,6 +253,43 @@ class QuietTrapAttack(TrapAttack):
             noise = torch.randn(honest.shape, generator=generator) * self.quiet * max(spread, 1e-6)
             weights[name] = weights[name] + noise
         return weights, readout
+
+
+def input_gradient(model: nn.Module, public: torch.Tensor, global_weights: Weights,
+                   settings: TrainingSettings) -> torch.Tensor:
+    """d loss / d input of the imprinted model's base on one public batch of B, flattened: (B, features)."""
+    assert isinstance(model, Imprinted)
+    base = model.base
+    base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
+    images = public[: max(2, settings.batch_size)].clone().requires_grad_(True)
+    base.train()
+    with torch.random.fork_rng(devices=[]):
+        logits = base(images)
+    classes = logits.shape[1]
+    loss = F.cross_entropy(logits, torch.arange(len(images)) % classes)  # any labels: only the scale matters
+    (gradient,) = torch.autograd.grad(loss, images)
+    return gradient.flatten(1)
+
+
+def imprint_layout(public: torch.Tensor, blocks: int, bins: int, first_row: int = 0) -> tuple[Imprint, float]:
+    """The imprint's layout over rows `first_row ..`: `blocks` principal directions of the public images, each
+    against `bins` thresholds at the quantiles of its statistic there (so each bin is equally likely to hold an
+    image); and a typical bin's width, in units of the statistic."""
+    flat = public.flatten(1).float()
+    centred = flat - flat.mean(0)
+    # principal directions, made orthogonal to the mean image: the statistic is then centred near 0,
+    # which keeps the thresholds (the rows' biases) small, so one image's bias change stands above their rounding
+    mean = flat.mean(0) / flat.mean(0).norm()
+    directions = torch.linalg.svd(centred.double(), full_matrices=False).Vh[:blocks].float()
+    directions = directions - (directions @ mean)[:, None] * mean
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    values = flat @ directions.T  # (N, blocks)
+    quantiles = torch.quantile(values.double(), torch.linspace(0, 1, bins + 1, dtype=torch.float64)[:-1], dim=0).T
+    spread = values.max(0).values - values.min(0).values
+    quantiles[:, 0] = values.min(0).values - spread  # every image above the first row's threshold
+    gap = float((quantiles[:, 2:] - quantiles[:, 1:-1]).median()) if bins > 2 else float(spread.median())
+    rows = torch.arange(first_row, first_row + blocks * bins).reshape(blocks, bins)
+    return Imprint(rows, directions, quantiles.float()), gap
 
 
 def image_shape(images: torch.Tensor) -> tuple[int, int, int]:

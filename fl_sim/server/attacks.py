@@ -151,8 +151,10 @@ def attack_context(config: RunConfig, model: nn.Module, image_shape: tuple[int, 
 def arm_round(attack: Attack, global_weights: Weights, design: TrainingSettings, clients: int,
               targets: Collection[int], secure_aggregation: bool) -> Armed | None:
     """What the round's `targets` are sent: the attack's arming for updates of `design`'s images, or, under
-    secure aggregation, for the mean of `clients` such updates (every image of the round behind one update)."""
-    return attack.arm(global_weights, design.for_mean_of(clients) if secure_aggregation else design, sorted(targets))
+    secure aggregation, for the mean of `clients` such updates (every image of the round behind one update),
+    unless the attack reads each client apart even then (`AttackSpec.reads_each_client`)."""
+    whole = secure_aggregation and not attack_spec(attack.name).reads_each_client
+    return attack.arm(global_weights, design.for_mean_of(clients) if whole else design, sorted(targets))
 
 
 @dataclass(frozen=True)
@@ -191,20 +193,22 @@ def attack_round(attack: Attack, updates: Mapping[int, Weights], sent: Mapping[i
             mean, mean_sent = revealed
         else:
             mean_sent = sent[clients[0]] if all(sent[c] is sent[clients[0]] for c in clients) else \
-                mean_update([sent[c] for c in clients])
-            mean = mean_update([updates[c] for c in clients])
+                mean_update(sent[c] for c in clients)
+            mean = mean_update(updates[c] for c in clients)
         assumed = None if settings.mode == TrainMode.EPOCHS else settings.for_mean_of(len(clients))
         observed = [(Victim(tuple(clients), secure_aggregate=True), mean, mean_sent, assumed)]
     else:  # each client's own count of images: its shard in epochs mode
         observed = [(Victim((c,)), updates[c], sent[c], settings.for_shard(counts[c])) for c in clients]
     results: list[Reconstruction | None] = [None] * len(observed)
+    # an attack that reads each client of a secure aggregate apart is capped by one client's images
+    per_update = len(clients) if secure_aggregation and attack_spec(attack.name).reads_each_client else 1
     groups: dict[tuple[TrainingSettings, int], list[int]] = {}
     for index, (_, _, weights, assumed) in enumerate(observed):
         if assumed is None:
             results[index] = Reconstruction.failure(
                 Status.SKIPPED, "secure aggregation of epochs-mode updates: their mean has no one training to replay")
-        elif max_images is not None and assumed.num_images > max_images:
-            results[index] = too_many_images(assumed.num_images, max_images)
+        elif max_images is not None and assumed.num_images // per_update > max_images:
+            results[index] = too_many_images(assumed.num_images // per_update, max_images)
         else:
             groups.setdefault((assumed, id(weights)), []).append(index)
     for (assumed, _), members in groups.items():

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,14 +116,17 @@ class Scoreboard:
     def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
                       update_norms: list[float], seconds: float):
         rows = []
-        for victim, result, norm in zip(victims, results, update_norms):
+        victims, results, update_norms, apart = each_client(victims, results, update_norms)
+        for victim, result, norm, read_apart in zip(victims, results, update_norms, apart, strict=True):
             images, labels = self.truth(server_round, victim)
-            named = {"client": AGGREGATE, "clients": list(victim.clients),
+            named: dict[str, object] = {"client": AGGREGATE, "clients": list(victim.clients),
                      "secure_aggregation": EMULATED if self.config.defense.emulated else "secagg+"} \
                 if victim.secure_aggregate else {"client": victim.clients[0]}
+            if read_apart:
+                named["through_secure_aggregate"] = True  # read apart from the sum of the round's clients
             folder = inside(self.out, client_folder(server_round, AGGREGATE if victim.secure_aggregate
                                                     else victim.clients[0]))
-            row = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
+            row: dict[str, Any] = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
                    "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds,
                    **self.epsilons(server_round, victim.clients)}
             flags = {client: self.flags.pop((server_round, client)) for client in victim.clients
@@ -175,6 +179,31 @@ class Scoreboard:
             append_jsonl(self.out / "metrics.jsonl", {
                 "round": server_round, "client": fault.client, "status": fault.status, "reason": fault.reason,
                 "psnr": None, "ssim": None, "mse": None, "label_acc": None})
+
+
+def each_client(victims: list[Victim], results: list[Reconstruction],
+                update_norms: list[float]) -> tuple[list[Victim], list[Reconstruction], list[float], list[bool]]:
+    """A secure aggregate that the attack read client by client (it named each image's client: the mosaic
+    attack) as one victim per client, scored against that client's own images: a row per client. The
+    aggregate's update norm stays on each of its rows (no client's own update was seen). The last list says
+    which rows were read apart from an aggregate."""
+    split: tuple[list[Victim], list[Reconstruction], list[float], list[bool]] = ([], [], [], [])
+    for victim, result, norm in zip(victims, results, update_norms, strict=True):
+        if not (victim.secure_aggregate and result.ok and result.image_clients is not None):
+            split[0].append(victim)
+            split[1].append(result)
+            split[2].append(norm)
+            split[3].append(False)
+            continue
+        status = result.image_status or [""] * len(result.image_clients)
+        for client in victim.clients:
+            mine = [i for i, owner in enumerate(result.image_clients) if owner == client]
+            split[0].append(Victim((client,)))
+            split[1].append(Reconstruction(result.images[mine], result.labels[mine], result.loss,
+                                           image_status=[status[i] for i in mine], image_clients=[client] * len(mine)))
+            split[2].append(norm)
+            split[3].append(True)
+    return split
 
 
 class RoundEnd:

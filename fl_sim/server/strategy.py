@@ -49,7 +49,7 @@ rows, later. An active attack is part of the round (it arms what is sent and dec
 average), so it cannot run in the background.
 """
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
@@ -57,7 +57,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -225,18 +225,21 @@ class InvertingStrategy(Strategy):
         armed = None
         attack = self.attack
         if attack and attack.plan.round_attacked(server_round):
-            targets = attack.plan.targets(self.partitions.values())
+            sampled = (self.partitions.get(msg.metadata.dst_node_id) for msg in messages)
+            targets = attack.plan.targets(client for client in sampled if client is not None)  # this round's
             design = settings.for_shard(attack.max_images)  # epochs mode: the largest shard it will read
             armed = arm_round(attack.attack, global_weights, design, len(messages), targets, self.secure_aggregation)
             sent_to = {client: armed.weights[client] if armed and client in armed.weights else global_weights
                        for client in targets}
             records: dict[int, ArrayRecord] = {}  # one record per distinct armed model, not per message
+            arrays_of: dict[int, Array] = {}  # and one serialised array per distinct tensor, shared by the records
             for index, msg in enumerate(messages):
                 client = self.partitions.get(msg.metadata.dst_node_id)
                 if armed is not None and client is not None and client in armed.weights:
                     weights = armed.weights[client]
-                    record = records.setdefault(id(weights), ArrayRecord(weights))
-                    messages[index] = with_arrays(msg, record)
+                    if id(weights) not in records:
+                        records[id(weights)] = shared_record(weights, arrays_of)
+                    messages[index] = with_arrays(msg, records[id(weights)])
         self._sent = SentRound(server_round, global_weights, settings, expected,
                                tuple(msg.metadata.dst_node_id for msg in messages), sent_to, armed)
         return messages
@@ -261,8 +264,10 @@ class InvertingStrategy(Strategy):
         if self.reported_metrics and spent:
             work.append(partial(self.recorder.record_privacy, server_round, spent))
         attack = self.attack
-        replied = {client: accepted[client].content.array_records[ARRAYS].to_torch_state_dict()
-                   for client in sorted(accepted) if client in sent.sent_to}
+        # the replies as tensors and the updates are computed when read, one at a time: the messages are the
+        # one copy of the replies the server holds (100 clients' armed replies are gigabytes)
+        replied = LazyWeights({client: accepted[client].content.array_records[ARRAYS]
+                               for client in sorted(accepted) if client in sent.sent_to})
         if flags:
             for client, mask in sorted(flags.items()):
                 if mask:
@@ -271,7 +276,7 @@ class InvertingStrategy(Strategy):
             work.append(partial(self.recorder.record_inspection, server_round, flags,
                                 frozenset(replied) if attack else frozenset()))
         if attack and replied:
-            updates = {client: weight_change(sent.sent_to[client], reply) for client, reply in replied.items()}
+            updates = LazyUpdates(replied, sent.sent_to)
             counts = {client: example_count(accepted[client], self.weighted_by_key) for client in replied}
             work.append(partial(self._attack, attack, sent, updates, counts))
         if work and self.background is not None and sent.armed is None:
@@ -279,13 +284,19 @@ class InvertingStrategy(Strategy):
         else:
             run_all(work)
         if attack and sent.armed is not None:  # only what the attack keeps of an armed target's reply is averaged
-            for client, reply in replied.items():
+            global_arrays: dict[int, Array] = {}
+            for client in list(replied):
                 if client in sent.armed.weights:
+                    reply = replied[client]
                     kept = attack.attack.aggregated(reply, sent.sent_to[client], sent.global_weights)
                     if kept is None:
                         del accepted[client]
-                    else:
-                        accepted[client].content[ARRAYS] = ArrayRecord(kept)
+                    else:  # the reply's own serialised arrays where it keeps them, one copy of the global's
+                        record = accepted[client].content.array_records[ARRAYS]
+                        reused = {name: record[name] for name, tensor in kept.items() if tensor is reply[name]}
+                        accepted[client].content[ARRAYS] = shared_record(
+                            {name: tensor for name, tensor in kept.items() if name not in reused},
+                            global_arrays, reused, order=list(kept))
         arrays, metrics = self.strategy.aggregate_train(server_round, list(accepted.values()))
         return (arrays if arrays is None else in_sent_dtypes(arrays, sent.global_weights)), metrics
 
@@ -327,7 +338,7 @@ class InvertingStrategy(Strategy):
                                          "no reply before the round's timeout"))
         return accepted, sorted(faults, key=lambda fault: fault.client)
 
-    def _attack(self, attack: ServerAttack, sent: SentRound, updates: dict[int, Weights],
+    def _attack(self, attack: ServerAttack, sent: SentRound, updates: Mapping[int, Weights],
                 counts: dict[int, int]) -> None:
         """Reads the round's updates (attack_round: the victims, the secure-aggregation mean, the skips, the
         failures) and tells the recorder."""
@@ -451,6 +462,55 @@ def example_count(reply: Message, key: str) -> int:
     if not isinstance(value, int | float):
         raise ValueError(f"{key} is {value!r}, not a count")
     return int(value)
+
+
+class LazyWeights(Mapping[int, Weights]):
+    """Each client's reply as tensors, read from its ArrayRecord when asked and not kept."""
+
+    def __init__(self, records: Mapping[int, ArrayRecord]):
+        self.records = records
+
+    def __getitem__(self, client: int) -> Weights:
+        return self.records[client].to_torch_state_dict()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class LazyUpdates(Mapping[int, Weights]):
+    """Each client's update against what it was sent, computed when asked and not kept: a secure aggregate's
+    mean is summed one update at a time (fl_sim.learning.updates.mean_update)."""
+
+    def __init__(self, replies: Mapping[int, Weights], sent_to: Mapping[int, Weights]):
+        self.replies, self.sent_to = replies, sent_to
+
+    def __getitem__(self, client: int) -> Weights:
+        return weight_change(self.sent_to[client], self.replies[client])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.replies)
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+
+def shared_record(weights: Mapping[str, torch.Tensor], arrays: dict[int, Array], ready: Mapping[str, Array] = {},
+                  order: Iterable[str] | None = None) -> ArrayRecord:
+    """`weights` as an ArrayRecord whose arrays are serialised once per distinct tensor (`arrays`, by the
+    tensor's id, shared across calls): per-client weights that share most tensors share their bytes too.
+    `ready`: entries serialised already; `order`: the record's key order (default: `weights`')."""
+    entries: dict[str, Array] = dict(ready)
+    for name, tensor in weights.items():
+        if id(tensor) not in arrays:
+            arrays[id(tensor)] = Array(tensor.detach().cpu().numpy())
+        entries[name] = arrays[id(tensor)]
+    record = ArrayRecord()  # item by item: ArrayRecord(dict) would wrap every Array anew
+    for name in (order if order is not None else weights):
+        record[name] = entries[name]
+    return record
 
 
 def run_all(steps: list[Callable[[], None]]) -> None:

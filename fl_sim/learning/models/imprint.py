@@ -11,21 +11,23 @@ slightly different gradient back, and bins would no longer difference to exact i
 K=4 x B=8: 48-56% of images at 30 dB with a trained spread, 80-81% fixed).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
-class FixedLinear(nn.Module):
-    """A linear map whose weight is a buffer: sent with the model, never trained by the clients."""
+class FixedSpread(nn.Module):
+    """The shift the imprint rows hand the base model: `weight` (a buffer: sent with the model, never trained by
+    the clients) times the sum of the rows' activations. One column shared by every row, not a column per row:
+    the rows must all pass the same gradient back (see the module docstring), and a (features, rows) matrix
+    of equal columns would double what every client receives and sends back."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, features: int):
         super().__init__()
-        self.register_buffer("weight", torch.zeros(out_features, in_features))
+        self.register_buffer("weight", torch.zeros(features))
 
     weight: torch.Tensor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return activations.sum(1, keepdim=True) * self.weight
 
 
 class Imprinted(nn.Module):
@@ -33,7 +35,7 @@ class Imprinted(nn.Module):
         super().__init__()
         features = channels * image_size * image_size
         self.imprint = nn.Linear(features, rows)
-        self.spread = FixedLinear(rows, features)  # zero, disarmed: the base model sees exactly its input
+        self.spread = FixedSpread(features)  # zero, disarmed: the base model sees exactly its input
         self.base = base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

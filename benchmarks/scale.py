@@ -1,0 +1,124 @@
+"""The malicious server at scale: one `fl-sim run` per client count, measured from outside.
+
+For each count N it runs `fl-sim run` (a fresh process, under /usr/bin/time -v) with N clients sampled a round
+(out of a population of `--population` when given: `--fraction-train` = N / population), FedSGD or FedAvg as
+asked, the attack asked (mosaic: `--imprint-bins` = rows-per-image x N x images a client) and, by default,
+`--defense secagg-emulated` (the server averages the replies; `--defense secagg` runs Flower's SecAgg+).
+It prints one line per run: clients, images a round, the share of them recovered at
+>= 30 and >= 40 dB, the run's seconds, its peak resident memory (the "Maximum resident set size" of
+/usr/bin/time: the server process; Ray's workers are other processes) and the size of one round's replies
+(sampled clients x the model's bytes, what the server must at least hold). With several rounds and a
+population it also prints the cumulative share of the population's images recovered at >= 30 dB (an image
+counts once, whichever round it was read in).
+
+    python benchmarks/scale.py --clients 10 100 [--attack mosaic] [--dataset cifar10] [--model cnn]
+        [--images 16] [--local-steps 1] [--rows-per-image 4] [--rounds 1] [--population 1000]
+        [--defense secagg-emulated|secagg|none] [--data-root DIR] [--out DIR] [--json FILE]
+
+Runs of ~3 GB peak or more belong under the machine's big-run lock: `flock /work/bigrun.lock python ...`.
+"""
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fl_sim.commands import guard
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.learning.data import cached_dataset, image_spec
+from fl_sim.learning.partition import client_shards, training_examples
+
+
+def run_one(args: argparse.Namespace, clients: int, out: Path) -> dict[str, float | int | str | None]:
+    """One `fl-sim run` of `clients` sampled clients; its figures."""
+    images = args.images
+    population = args.population or clients
+    batch = images // args.local_steps
+    rows = args.rows_per_image * clients * images if args.attack == "mosaic" else args.imprint_bins
+    command = [str(Path(sys.executable).parent / "fl-sim"), "run", "--dataset", args.dataset, "--data-root",
+               args.data_root, "--model", args.model, "--num-clients", str(population),
+               "--fraction-train", str(clients / population), "--rounds", str(args.rounds), "--train-mode", "steps",
+               "--local-steps", str(args.local_steps), "--batch-size", str(batch), "--attack", args.attack,
+               "--imprint-bins", str(rows), "--defense", args.defense, "--seed", "0", "--out", str(out),
+               "--max-attack-images", str(images if args.attack == "mosaic" else clients * images)]
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"fl-sim run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    if found is None:
+        raise SystemExit("/usr/bin/time -v printed no peak memory (is GNU time installed?)")
+    peak = int(found.group(1)) * 1024
+    shape, classes = image_spec(cached_dataset(args.dataset, args.data_root, False))
+    reply = guard.model_bytes(args.model, shape, classes, rows)
+    rows_read = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    psnr = np.concatenate([np.asarray(row.get("psnr_images") or [0.0] * len(row.get("true_labels", [])))
+                           for row in rows_read]) if rows_read else np.zeros(0)
+    figures: dict[str, float | int | str | None] = {
+        "attack": args.attack, "clients": clients, "population": population, "rounds": args.rounds,
+        "images": int(len(psnr)), "share_30db": float(np.mean(psnr >= 30)) if len(psnr) else None,
+        "share_40db": float(np.mean(psnr >= 40)) if len(psnr) else None, "seconds": round(seconds, 1),
+        "peak_rss_gb": round(peak / 1e9, 2), "replies_gb": round(clients * reply / 1e9, 2)}
+    if args.population:
+        figures["cumulative_share_30db"] = cumulative_share(out, rows_read)
+    return figures
+
+
+def cumulative_share(out: Path, rows: list[dict]) -> float:
+    """The share of the population's images recovered at >= 30 dB in some round (each image once): the rows'
+    per-image PSNRs (in the truth's order) mapped back to the examples each client-round trained on, which the
+    run's config (OUT/run.json) re-derives as its scoreboard does."""
+    config = json.loads((out / "run.json").read_text())["config"]
+    train = cached_dataset(config["dataset"], config["data-root"], True)
+    shards = client_shards(train.labels, config["num-clients"], config["partition"], config["alpha"], config["seed"],
+                           config["min-shard"], config["max-shard"])
+    settings = TrainingSettings(lr=config["lr"], local_steps=config["local-steps"], batch_size=config["batch-size"])
+    found: set[int] = set()
+    for row in rows:
+        if row.get("psnr_images") is None or not isinstance(row.get("client"), int):
+            continue
+        examples = training_examples(shards[row["client"]], settings, config["seed"], row["client"], row["round"])
+        found.update(int(examples[i]) for i, value in enumerate(row["psnr_images"]) if value >= 30)
+    return len(found) / sum(len(shard) for shard in shards)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--attack", default="mosaic")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--images", type=int, default=16, help="images a client trains on a round")
+    parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--rows-per-image", type=int, default=4)
+    parser.add_argument("--imprint-bins", type=int, default=2048, help="the imprint attack's rows")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--population", type=int, default=0, help="clients in all (0: every client, every round)")
+    parser.add_argument("--defense", default="secagg-emulated")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--out", default="out/scale")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    print("attack  clients  images  >=30dB  >=40dB  seconds  peak RSS GB  replies GB" +
+          ("  cumulative >=30dB" if args.population else ""))
+    found = []
+    for clients in args.clients:
+        figures = run_one(args, clients, Path(args.out) / f"{args.attack}-{clients}-{time.strftime('%H%M%S')}")
+        found.append(figures)
+        line = (f"{figures['attack']:<7} {clients:>7} {figures['images']:>7} {figures['share_30db'] or 0:>7.1%} "
+                f"{figures['share_40db'] or 0:>7.1%} {figures['seconds']:>8} {figures['peak_rss_gb']:>12} "
+                f"{figures['replies_gb']:>11}")
+        if args.population:
+            line += f"  {figures['cumulative_share_30db']:>18.1%}"
+        print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(found, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The mosaic attack: per-client imprint rows, so that even secure aggregation's sum gives every client's images.
+
+Secure aggregation hides each client's update in the sum, but the server chooses what each client is sent
+(Pasquini et al., CCS 2022: different models to different clients undo the aggregation; LOKI, Zhao et al.
+S&P 2024, and MANDRAKE, CVPR 2023, do it with per-client convolution kernels or sparse per-client
+parameters). Here the clients build the imprint block (fl_sim/learning/models/imprint.py) as for the imprint
+attack, and the server deals its rows out: client k of the round gets a slice of rows that measure the
+image exactly as the imprint attack's do (fl_sim/server/active.py: principal directions, quantile
+thresholds, several blocks), while every other row is switched off for it by a bias far below anything an
+image reaches (`DEAD_BIAS`): a row that never fires gets no gradient, so in the sum of all updates client
+k's slice changed by client k's images alone. Reading each slice with the imprint readout gives each
+client's images apart, named by the client (`Reconstruction.image_clients`).
+
+Only the rows' biases differ between clients: everything else a client is sent is one shared set of
+tensors, so the per-client arming costs a bias vector per client, not a model (`Armed.weights` maps each
+client to a dict that shares the other tensors).
+
+Secure aggregation quantizes what it sums (Flower's SecAgg+ clips every parameter to +-8 and rounds it
+stochastically to 2^22 levels): with one local step the rows are read before they move, so the server may
+make each image's bias change large (`BIAS_CHANGE`), far above the quantization step, and every sent value
+stays within the clipping range. With several steps the rows move with every image they see, and the
+change one image makes must stay a small share of a bin (the imprint attack's rule), which makes it small.
+"""
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Self
+
+import torch
+from torch import nn
+
+from attacker import Reconstruction
+from attacker.analytic import UNRECOVERED, MosaicReadout
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.learning.models.imprint import Imprinted
+from fl_sim.learning.updates import Weights
+from fl_sim.server.active import (
+    ALPHA,
+    DRIFT_SHARE,
+    SERVER_OWNED,
+    Imprint,
+    image_shape,
+    imprint_layout,
+    input_gradient,
+)
+from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, SettingValue
+
+DEAD_BIAS = -1.0  # a switched-off row's bias: far below any image's activation, well inside SecAgg+'s +-8 range
+BIAS_CHANGE = 1e-2  # one step: the median image's change of its rows' biases (the quantization step is ~4e-6)
+STEEP_REACH = 3.0  # several steps: the rows' largest threshold x alpha, their bias (SecAgg+ clips at 8)
+IMPRINT_WEIGHT, IMPRINT_BIAS, SPREAD = "imprint.weight", "imprint.bias", "spread.weight"
+
+
+@dataclass(frozen=True)
+class MosaicArmed(Armed):
+    """The round's arming: each client's weights (sharing all but the rows' biases) and where its rows are."""
+
+    mosaic: MosaicReadout | None = None
+
+
+class MosaicAttack(Attack):
+    name = "mosaic"
+
+    def __init__(self, model: nn.Module, public: torch.Tensor, blocks: int, drift_share: float = DRIFT_SHARE,
+                 bias_change: float = BIAS_CHANGE):
+        if not isinstance(model, Imprinted):
+            raise ValueError("the mosaic attack needs the imprint block in the clients' model (imprint-bins)")
+        self.model, self.public, self.blocks = model, public.float(), blocks
+        self.drift_share, self.bias_change = drift_share, bias_change
+        self.rows = model.imprint.out_features
+        self.energy = float((self.public.flatten(1) ** 2).sum(1).mean())  # mean |x|^2: how far one image moves rows
+        self._layouts: dict[int, tuple[Imprint, float]] = {}  # by bins per block: the same every round
+
+    @classmethod
+    def build(cls, context: AttackContext) -> Self:
+        return cls(context.model, context.public(), context.config.imprint_blocks)
+
+    def settings(self) -> dict[str, SettingValue]:
+        return {"imprint_blocks": self.blocks}
+
+    def layout(self, clients: int) -> tuple[Imprint, float]:
+        """One client's slice (rows 0 ..) when `clients` share the rows, and a typical bin's width."""
+        bins = self.rows // clients // self.blocks
+        if bins < 2:
+            raise ValueError(f"mosaic: {self.rows} imprint rows cannot give {clients} clients {self.blocks} blocks of "
+                             f"2 or more bins each: raise --imprint-bins to at least {2 * self.blocks * clients}")
+        if bins not in self._layouts:
+            self._layouts[bins] = imprint_layout(self.public, self.blocks, bins)
+        return self._layouts[bins]
+
+    def arm(self, global_weights: Weights, settings: TrainingSettings, targets: Sequence[int]) -> MosaicArmed:
+        """Every target gets the shared armed block with only its own slice of rows switched on."""
+        targets = sorted(targets)
+        layout, gap = self.layout(len(targets))
+        slice_rows = layout.rows.numel()
+        features = self.public[0].numel()
+        one_step = settings.local_steps * settings.epochs == 1
+        per_image = settings.lr * self._input_gradient(global_weights, settings) @ self._brightness()
+        scale = float(per_image.abs().median().clamp_min(1e-12))
+        reach = float(layout.thresholds.abs().max())  # the largest statistic a row compares with
+        if one_step:  # nothing moves the rows before they are read: one image's bias change may be large
+            alpha, change = ALPHA, self.bias_change
+        else:  # one image's row change g * x moves a later image's activation by g * (x . x' + 1), which must stay
+            # drift_share of a bin (alpha * gap): the rows are as steep as the clipping range allows, for the
+            # largest change that keeps to that
+            alpha = STEEP_REACH / reach
+            change = self.drift_share * gap * alpha / (self.energy + 1)
+        eps = change / scale
+        dead = -max(-DEAD_BIAS, 2.5 * alpha * reach)  # below every activation, inside SecAgg+'s range
+        shared = dict(global_weights)  # the base model's tensors, shared, not copied
+        weight = torch.zeros(self.rows, features)
+        one = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * alpha  # (slice rows, features)
+        weight[: slice_rows * len(targets)] = one.repeat(len(targets), 1)
+        shared[IMPRINT_WEIGHT] = weight
+        shared[SPREAD] = eps * self._brightness()
+        own = -layout.thresholds.flatten() * alpha
+        rows: dict[int, torch.Tensor] = {}
+        sent: dict[int, Weights] = {}
+        for slot, client in enumerate(targets):
+            bias = torch.full((self.rows,), dead)
+            bias[slot * slice_rows:(slot + 1) * slice_rows] = own
+            rows[client] = layout.rows + slot * slice_rows
+            sent[client] = {**shared, IMPRINT_BIAS: bias}
+        readout = MosaicReadout(IMPRINT_WEIGHT, IMPRINT_BIAS, rows, layout.directions, layout.thresholds,
+                                image_shape(self.public))
+        return MosaicArmed(sent, None, readout)
+
+    def _brightness(self) -> torch.Tensor:
+        features = self.public[0].numel()
+        return torch.full((features,), features ** -0.5)
+
+    def _input_gradient(self, global_weights: Weights, settings: TrainingSettings) -> torch.Tensor:
+        return input_gradient(self.model, self.public, global_weights, settings)
+
+    def read(self, observed: Sequence[Observed], armed: Armed | None, seed: int) -> list[Reconstruction]:
+        """Each observed update (one client's, or a secure aggregate of many) read slice by slice; a client of a
+        secure aggregate that was not armed gets black placeholders, marked unrecovered."""
+        if not isinstance(armed, MosaicArmed) or armed.mosaic is None:
+            raise ValueError("mosaic reads only updates of the weights it armed")
+        results = []
+        for each in observed:
+            clients = each.victim.clients
+            count = each.settings.num_images // len(clients)  # a secure aggregate's settings hold all its images
+            counts = {client: count for client in clients}
+            results.append(read_clients(armed.mosaic, each.update, counts))
+        return results
+
+    def aggregated(self, reply: Weights, sent: Weights, global_weights: Weights) -> Weights:
+        """The victim's base model as it trained it; the imprint block as the global model has it."""
+        return {name: global_weights[name] if name.startswith(SERVER_OWNED) else tensor
+                for name, tensor in reply.items()}
+
+
+def read_clients(readout: MosaicReadout, update: Mapping[str, torch.Tensor],
+                 counts: Mapping[int, int]) -> Reconstruction:
+    """`readout.read` for the armed clients among `counts`, with placeholders for the others, in `counts`' order."""
+    armed = {client: count for client, count in counts.items() if client in readout.rows}
+    found = readout.read(dict(update), armed)
+    images, status, clients = [], [], []
+    offset = {}
+    start = 0
+    for client, count in armed.items():
+        offset[client] = start
+        start += count
+    for client, count in counts.items():
+        if client in offset:
+            images.append(found.images[offset[client]:offset[client] + count])
+            status += (found.image_status or [])[offset[client]:offset[client] + count]
+        else:
+            images.append(torch.zeros(count, *readout.image_shape))
+            status += [UNRECOVERED] * count
+        clients += [client] * count
+    stacked = torch.cat(images) if images else torch.zeros(0, *readout.image_shape)
+    return Reconstruction(stacked, torch.zeros(len(stacked), dtype=torch.long), float(status.count(UNRECOVERED)),
+                          image_status=status, image_clients=clients)

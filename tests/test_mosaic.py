@@ -1,0 +1,173 @@
+"""The mosaic attack: each client's images read apart from the sum of many clients' updates, named by client, and
+what survives SecAgg+'s quantization; the strategy sends per-client weights that share all but the rows' biases."""
+import numpy as np
+import pytest
+import torch
+from flower_helpers import LocalGrid, Recorder, plain_config
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from attacker import Reconstruction
+from attacker.analytic import UNRECOVERED
+from clients.app import make_client_app
+from clients.training import local_train
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.learning.updates import Weights, parameter_names, weights
+from fl_sim.results import metrics
+from fl_sim.server.active import public_images
+from fl_sim.server.attacks import Victim
+from fl_sim.server.mosaic import IMPRINT_BIAS, SPREAD, MosaicArmed, MosaicAttack, read_clients
+from fl_sim.server.server_app import each_client
+from fl_sim.server.strategy import InvertingStrategy, ServerAttack
+
+CLIP, LEVELS = 8.0, 2**22  # Flower's SecAgg+ defaults: every parameter clipped to +-8, 2^22 levels
+
+
+def quantized_sum(replies: list[Weights], generator: torch.Generator) -> Weights:
+    """What SecAgg+ hands the server, simulated: each reply clipped, stochastically rounded to the levels (as
+    flwr.common.secure_aggregation.quantization does), the integers summed, the sum dequantized."""
+    step = 2 * CLIP / LEVELS
+    total: Weights = {}
+    for reply in replies:
+        for name, tensor in reply.items():
+            scaled = (tensor.double().clamp(-CLIP, CLIP) + CLIP) / step
+            low = scaled.floor()
+            rounded = low + (torch.rand(scaled.shape, generator=generator, dtype=torch.float64) < scaled - low)
+            total[name] = total[name] + rounded if name in total else rounded
+    return {name: value * step - CLIP * len(replies) for name, value in total.items()}
+
+
+def federation(shared_data, dataset: str, model_name: str, clients: int, settings: TrainingSettings,
+               rows_per_image: int = 4):
+    """One round of `clients` clients training the armed model: what they were sent (the arming), their replies
+    and each one's images."""
+    train, test = load_dataset(dataset, shared_data, True), load_dataset(dataset, shared_data, False)
+    shape = (train.channels, train.image_size)
+    rows = clients * settings.num_images * rows_per_image
+    model = build_model(model_name, *shape, 10, seed=0, imprint=rows)
+    attack = MosaicAttack(model, public_images(test, count=1024), blocks=4)
+    armed = attack.arm(weights(model), settings, list(range(clients)))
+    rng = np.random.default_rng(1)
+    truth, replies = [], []
+    for client in range(clients):
+        sent = armed.weights[client]
+        # nothing the readout reads is clipped by SecAgg+ (the spread buffer may be: the server never reads it)
+        assert all(float(t.abs().max()) <= CLIP for name, t in sent.items() if name != SPREAD)
+        images, labels = train.tensors(rng.choice(len(train), settings.num_images, replace=False))
+        local = build_model(model_name, *shape, 10, imprint=rows)
+        local.load_state_dict(sent)
+        local_train(local, images, labels, settings)
+        truth.append(images)
+        replies.append(weights(local))
+    return armed, replies, truth
+
+
+def read_aggregate(armed: MosaicArmed, replies: list[Weights], count: int, quantize: bool = False) -> Reconstruction:
+    """The server's reading of the secure aggregate, as one victim: the mean update from the plain sum of the
+    replies, or from SecAgg+'s quantized sum."""
+    clients = len(replies)
+    sent_sum = {name: sum(armed.weights[c][name].double() for c in range(clients)) for name in replies[0]}
+    if quantize:
+        total = quantized_sum(replies, torch.Generator().manual_seed(0))
+    else:
+        total = {name: torch.stack([reply[name].double() for reply in replies]).sum(0) for name in replies[0]}
+    aggregate = {name: (total[name] - sent_sum[name]) / clients for name in total}  # the mean update
+    assert armed.mosaic is not None
+    return read_clients(armed.mosaic, aggregate, {client: count for client in range(clients)})
+
+
+@pytest.fixture(scope="module")
+def fedsgd(shared_data):
+    """Four CIFAR-10 clients, one step on 8 images each, through the ConvNet."""
+    return federation(shared_data, "cifar10", "cnn", 4, TrainingSettings(lr=0.1, batch_size=8))
+
+
+def shares(result: Reconstruction, truth: list[torch.Tensor], db: float) -> list[float]:
+    """Per client: the share of its images recovered at `db`, among the images the readout named as its own."""
+    found = []
+    for client, images in enumerate(truth):
+        mine = [i for i, owner in enumerate(result.image_clients or []) if owner == client]
+        assert len(mine) == len(images)
+        score = metrics.score(result.images[mine], result.labels[mine], images, torch.zeros(len(images)).long())
+        status = np.array(result.image_status)[mine][score["order"]]
+        psnr = np.where(status == UNRECOVERED, 0.0, score["psnr_images"])
+        found.append(float(np.mean(psnr >= db)))
+    return found
+
+
+def test_each_client_is_read_apart_from_the_mean_of_all_and_named(fedsgd):
+    armed, replies, truth = fedsgd
+    result = read_aggregate(armed, replies, 8)
+    assert np.mean(shares(result, truth, 40)) >= 0.75
+    # attribution: client 0's images are not another client's (its images scored against client 1's truth)
+    mine = [i for i, owner in enumerate(result.image_clients or []) if owner == 0]
+    wrong = metrics.score(result.images[mine], result.labels[mine], truth[1], torch.zeros(8).long())
+    assert max(wrong["psnr_images"]) < 30
+
+
+def test_the_readout_survives_secagg_quantization(fedsgd):
+    armed, replies, truth = fedsgd
+    plain = np.mean(shares(read_aggregate(armed, replies, 8), truth, 40))
+    quantized = np.mean(shares(read_aggregate(armed, replies, 8, quantize=True), truth, 40))
+    assert quantized >= max(0.7, plain - 0.1)
+
+
+def test_fedavg_four_steps_of_four_without_quantization(shared_data):
+    """Several steps: each image moves the rows, so its change must stay a small share of a bin; read from the
+    plain mean (the emulated secure aggregation) it still gives most images."""
+    armed, replies, truth = federation(shared_data, "mnist", "mlp", 3, TrainingSettings(lr=0.1, local_steps=4,
+                                                                                       batch_size=4))
+    assert np.mean(shares(read_aggregate(armed, replies, 16), truth, 30)) >= 0.5
+
+
+def test_clients_share_every_tensor_but_their_rows_biases():
+    model = build_model("mlp", 1, 28, 10, imprint=64)
+    attack = MosaicAttack(model, torch.rand(64, 1, 28, 28), blocks=2)
+    armed = attack.arm(weights(model), TrainingSettings(lr=0.1, batch_size=4), [3, 7])
+    first, second = armed.weights[3], armed.weights[7]
+    assert all(first[name] is second[name] for name in first if name != IMPRINT_BIAS)
+    live = [(armed.weights[c][IMPRINT_BIAS] > -0.5).nonzero().flatten() for c in (3, 7)]
+    assert set(live[0].tolist()).isdisjoint(live[1].tolist()) and len(live[0]) == len(live[1]) == 32
+    assert armed.mosaic is not None and torch.equal(armed.mosaic.rows[7].flatten().sort().values, live[1])
+    with pytest.raises(ValueError, match="raise --imprint-bins to at least 80"):
+        attack.arm(weights(model), TrainingSettings(lr=0.1, batch_size=4), list(range(20)))
+
+
+def test_a_split_aggregate_gives_a_row_per_client():
+    images = torch.arange(4.0).reshape(4, 1, 1, 1)
+    aggregate = Reconstruction(images, torch.zeros(4).long(), 0.0, image_status=["confirmed"] * 3 + [UNRECOVERED],
+                               image_clients=[5, 5, 9, 9])
+    victims, results, norms, apart = each_client([Victim((5, 9), secure_aggregate=True)], [aggregate], [2.0])
+    assert victims == [Victim((5,)), Victim((9,))] and norms == [2.0, 2.0] and apart == [True, True]
+    assert results[1].images.flatten().tolist() == [2.0, 3.0] and results[1].image_status == ["confirmed", UNRECOVERED]
+
+
+def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(shared_data, tmp_path,
+                                                                                 server_identity):
+    clients, rows = 3, 3 * 4 * 4
+    config = plain_config(out=str(tmp_path), num_clients=clients, data_root=str(shared_data), train_mode="steps",
+                          batch_size=4, model="mlp", attack="mosaic", imprint_bins=rows, imprint_blocks=2)
+    model = build_model("mlp", 1, 28, 10, imprint=rows, seed=0)
+    test = load_dataset("mnist", shared_data, False)
+    attack = MosaicAttack(build_model("mlp", 1, 28, 10, imprint=rows), public_images(test, count=512), blocks=2)
+    sink = Recorder()
+    strategy = InvertingStrategy(FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_evaluate=0.0),
+                                 ServerAttack(attack, tuple(parameter_names(model))), sink,
+                                 partitions={100 + p: p for p in range(clients)}, secure_aggregation=True)
+    grid = LocalGrid(make_client_app(config), clients)
+    global_weights = weights(model)
+    settings = TrainingSettings(lr=0.1, batch_size=4)
+    messages = list(strategy.configure_train(1, ArrayRecord(global_weights), ConfigRecord(settings.to_config()), grid))
+    sent = [message.content["arrays"] for message in messages]
+    assert sent[0]["base.layers.1.weight"].data is sent[1]["base.layers.1.weight"].data  # serialised once
+    assert sent[0][IMPRINT_BIAS].data != sent[1][IMPRINT_BIAS].data
+    arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    [(_, [victim], [result])] = sink
+    assert victim == Victim((0, 1, 2), secure_aggregate=True)
+    assert result.ok and result.image_clients == [0] * 4 + [1] * 4 + [2] * 4
+    assert sum(state != UNRECOVERED for state in result.image_status or []) >= 6
+    average = arrays.to_torch_state_dict()  # the imprint block stays the global (disarmed) one
+    torch.testing.assert_close(average[IMPRINT_BIAS], global_weights[IMPRINT_BIAS])  # FedAvg rounds a little
+    assert not torch.equal(average["base.layers.1.weight"], global_weights["base.layers.1.weight"])
