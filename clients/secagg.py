@@ -16,12 +16,22 @@ The mod alone sees the client's trained weights; what leaves the client is what 
 Evaluate messages of the legacy path (with --client-eval) are translated the same way.
 """
 import functools
+from typing import cast
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.compat.common import recorddict_compat as compat  # flwr's own legacy records (not public API: pinned)
 
 from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
@@ -59,14 +69,12 @@ class SecAggPlusMod:
 def legacy_fit(msg: Message, context: Context, call_next, names: tuple[str, ...]) -> Message:
     """The ClientApp's train handler (through `call_next`) answering a legacy fit instruction with a legacy FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    msg.content = RecordDict({ARRAYS: named(parameters_to_ndarrays(fitins.parameters), names),
-                              CONFIG: ConfigRecord(dict(fitins.config))})
-    reply = call_next(msg, context)
+    reply = modern_call(msg, context, call_next, fitins.parameters, fitins.config, names)
     if reply.has_error():
         return reply
     arrays = reply.content.array_records[ARRAYS]
-    metrics = dict(reply.content.metric_records[METRICS])
-    count = metrics.pop(NUM_EXAMPLES)
+    metrics = cast(dict[str, Scalar], dict(reply.content.metric_records[METRICS]))  # fl-sim's metrics are scalars
+    count = cast(float, metrics.pop(NUM_EXAMPLES))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([arrays[name].numpy() for name in arrays]),
                     int(count), metrics)
     reply.content = compat.fitres_to_recorddict(fitres, keep_input=False)
@@ -78,18 +86,24 @@ def legacy_evaluate(msg: Message, context: Context, call_next, names: tuple[str,
     if f"{EVALUATE_INS}.parameters" not in msg.content.array_records:
         return call_next(msg, context)
     ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    msg.content = RecordDict({ARRAYS: named(parameters_to_ndarrays(ins.parameters), names),
-                              CONFIG: ConfigRecord(dict(ins.config))})
-    reply = call_next(msg, context)
+    reply = modern_call(msg, context, call_next, ins.parameters, ins.config, names)
     if reply.has_error():
         return reply
-    metrics = dict(reply.content.metric_records[METRICS])
+    metrics = cast(dict[str, Scalar], dict(reply.content.metric_records[METRICS]))
     loss, count = metrics[LOSS], metrics[NUM_EXAMPLES]
     if not isinstance(loss, int | float) or not isinstance(count, int | float):
         raise ValueError(f"the evaluate reply's {LOSS} and {NUM_EXAMPLES} are {loss!r} and {count!r}, not numbers")
     res = EvaluateRes(Status(Code.OK, ""), float(loss), int(count), metrics)
     reply.content = compat.evaluateres_to_recorddict(res)
     return reply
+
+
+def modern_call(msg: Message, context: Context, call_next, parameters: Parameters, config: dict,
+                names: tuple[str, ...]) -> Message:
+    """`call_next` (the Message-API ClientApp) on a legacy instruction's parameters and config, as named arrays."""
+    msg.content = RecordDict({ARRAYS: named(parameters_to_ndarrays(parameters), names),
+                              CONFIG: ConfigRecord(dict(config))})
+    return call_next(msg, context)
 
 
 def named(arrays: list[np.ndarray], names: tuple[str, ...]) -> ArrayRecord:
