@@ -182,7 +182,7 @@ def run(args) -> dict:
         protocol = ProtocolSettings.of(run_config)
         revealed = revealed_update(protocol_aggregate(replies, list(counts.values()), protocol),
                                    [sent_to[victim] for victim in counts],
-                                   [protocol.weight(count) for count in counts.values()])
+                                   [protocol.weight(count) for count in counts.values()], protocol)
         updates = {}
     done = attack_round(attack, updates, sent_to, counts, settings, armed=armed,
                         secure_aggregation=defense.secure_aggregation, max_images=None, seed=args.seed,

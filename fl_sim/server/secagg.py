@@ -98,6 +98,30 @@ class ProtocolSettings:
         """The weight a client of `num_examples` examples gets in the aggregate (its quantized ratio)."""
         return round(num_examples / self.max_weight * self.quantization_range) / self.quantization_range
 
+    @property
+    def level(self) -> float:
+        """One quantization level: what a client's stochastic rounding may move an entry by."""
+        return 2 * self.clipping_range / self.quantization_range
+
+    def clipped(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What a client of weight 1 (`num_examples` = `max_weight`) quantizes of an unchanged entry: clipped to
+        the range, as Flower's client clips it."""
+        return tensor.clamp(-self.clipping_range, self.clipping_range)
+
+    def on_grid(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`'s entries within the clipping range rounded to the nearest quantization level, in its dtype
+        (entries beyond it stay: the client clips them to the range's edge, a level). An entry the client leaves
+        unchanged then quantizes to exactly that level (stochastic rounding of a value on the grid has nothing
+        to round) when the client's weight is 1 (`num_examples` = `max_weight`) and Flower's float32 arithmetic
+        is exact: the clipping range a power of two and at most 2^24 levels, a power of two. Other settings
+        leave it within float32's rounding of a level. Only floating-point tensors move."""
+        if not tensor.is_floating_point():
+            return tensor
+        wide = tensor.double()
+        levels = ((wide + self.clipping_range) / self.level).round()
+        inside = wide.abs() <= self.clipping_range
+        return torch.where(inside, levels * self.level - self.clipping_range, wide).to(tensor.dtype)
+
     def resolution(self, counts: Sequence[int]) -> float:
         """The most by which an entry of the aggregate of clients with `counts` examples may differ from their
         example-weighted mean (unclipped): per client one quantization level, plus the float32 rounding of the
@@ -119,11 +143,17 @@ def protocol_mean(weights: Sequence[Weights], factors: Sequence[float]) -> Weigh
     return mean
 
 
-def revealed_update(aggregate: Weights, sent: Sequence[Weights], factors: Sequence[float]) -> tuple[Weights, Weights]:
+def revealed_update(aggregate: Weights, sent: Sequence[Weights], factors: Sequence[float],
+                    protocol: ProtocolSettings | None = None) -> tuple[Weights, Weights]:
     """The attack's view of a SecAgg+ aggregate: (aggregate - mean sent, mean sent), the mean weighted as the
-    aggregate is, in the dtypes of the model (float32 parameters)."""
+    aggregate is, in the dtypes of the model (float32 parameters). With `protocol`, the update is taken against
+    the mean of what the clients' quantization makes of the sent weights (clipped to its range): an entry no
+    client changed then reads 0 even where the server sent it beyond the range (the mosaic's switched-off rows)."""
     mean_sent = protocol_mean(sent, factors)
-    update = {name: (aggregate[name].double() - mean_sent[name]).to(sent[0][name].dtype)
+    reference = mean_sent if protocol is None else protocol_mean(
+        [{name: protocol.clipped(tensor) if tensor.is_floating_point() else tensor for name, tensor in each.items()}
+         for each in sent], factors)
+    update = {name: (aggregate[name].double() - reference[name]).to(sent[0][name].dtype)
               if sent[0][name].is_floating_point() else aggregate[name] - sent[0][name] for name in aggregate}
     return update, {name: mean_sent[name].to(sent[0][name].dtype) for name in mean_sent}
 
@@ -214,7 +244,7 @@ class SecAggPlusFace(LegacyStrategy):
         factors = [self.protocol.weight(counts[client]) for client in sorted(counts)]
         global_weights = sent.global_weights
         sent_to = [sent.sent_to.get(client, global_weights) for client in sorted(counts)]
-        update, mean_sent = revealed_update(aggregate, sent_to, factors)
+        update, mean_sent = revealed_update(aggregate, sent_to, factors, self.protocol)
         attack = strategy.attack
         if attack is not None and sent.sent_to:
             def read() -> None:
