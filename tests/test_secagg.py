@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import FitIns, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from clients.app import make_client_app
@@ -15,11 +15,12 @@ from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod
 from clients.secagg import SecAggPlusMod, legacy_fit, state_names
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_command
-from fl_sim.contract.run_config import ConfigError, DefenseSpec, RunConfig
+from fl_sim.contract.run_config import SECAGG_MODULUS, ConfigError, DefenseSpec, RunConfig
 from fl_sim.learning.models import build_model
 from fl_sim.results.outputs import read_jsonl
+from fl_sim.server.flower_private import SECAGG_CONFIGS, SecAggKey
 from fl_sim.server.resume import load_checkpoint
-from fl_sim.server.secagg import ProtocolSettings, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import ProtocolSettings, SummingGrid, protocol_aggregate, revealed_update
 
 # The malicious server's choice of SecAgg+ settings for 4 clients of 8 images: every weight 1 (max weight = the
 # round's count), the most levels 4 clients allow (4 x levels < 2^32) over +-1. Under Flower's defaults (+-8, 2^22
@@ -217,3 +218,51 @@ def test_a_simulation_runs_on_a_two_node_ray_cluster_it_attaches_to(shared_data,
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
+
+
+class TrickleGrid:
+    """A grid whose replies come a few per pull: each node's reply holds a masked vector (two int64 arrays), as a
+    SecAgg+ client's reply to the masked-vector stage does; node 103's reply is an error."""
+
+    pull_interval = 0.0
+
+    def __init__(self, vectors: dict[int, list[np.ndarray]]):
+        self.vectors, self.queue = vectors, list[Message]()
+
+    def push_messages(self, messages):
+        ids = []
+        for number, message in enumerate(messages):
+            node = message.metadata.dst_node_id
+            if node == 103:
+                reply = Message(Error(code=0, reason="crashed"), reply_to=message)
+            else:
+                record = ConfigRecord({SecAggKey.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in self.vectors[node]]})
+                reply = Message(RecordDict({SECAGG_CONFIGS: record}), reply_to=message)
+            reply.metadata.__dict__["_reply_to_message_id"] = f"m{number}"  # as a SuperLink stamps it
+            self.queue.append(reply)
+            ids.append(f"m{number}")
+        return ids
+
+    def pull_messages(self, ids):
+        arrived, self.queue = self.queue[:2], self.queue[2:]
+        return [reply for reply in arrived if reply.metadata.reply_to_message_id in ids]
+
+
+def test_the_summing_grid_hands_flowers_workflow_the_same_sum_one_vector_at_a_time(server_identity):
+    """SummingGrid folds each masked vector into one sum as it arrives: the replies it returns, summed as Flower's
+    workflow sums them (every reply's vector, then modulo 2^32), give the sum of the vectors; only the first
+    holds a vector of full size, the error reply passes through untouched."""
+    generator = np.random.default_rng(0)
+    vectors = {node: [generator.integers(0, 2**32, size=(3, 4)), generator.integers(0, 2**32, size=(5,))]
+               for node in (100, 101, 102, 104)}
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) for node in range(100, 105)]
+    replies = list(SummingGrid(TrickleGrid(vectors)).send_and_receive(messages))
+    assert len(replies) == 5 and sum(reply.has_error() for reply in replies) == 1
+    held = [[bytes_to_ndarray(entry) for entry in reply.content.config_records[SECAGG_CONFIGS][
+        SecAggKey.MASKED_PARAMETERS]] for reply in replies if not reply.has_error()]
+    assert sorted(array.size for arrays in held for array in arrays) == [1] * 6 + [5, 12]
+    total = held[0]
+    for arrays in held[1:]:
+        total = [a + b for a, b in zip(total, arrays)]
+    for got, want in zip(total, [sum(vectors[node][i] for node in vectors) for i in range(2)]):
+        assert np.array_equal(got % SECAGG_MODULUS, want % SECAGG_MODULUS)

@@ -10,6 +10,10 @@ The daemons' flag parsers cost half a second to import, so they are loaded only 
 from flwr.cli.config_utils import load_and_validate  # flwr's own check of [tool.flwr.app] in pyproject.toml
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # what a real SuperLink stamps on messages
 from flwr.common.secure_aggregation.quantization import dequantize, quantize  # SecAgg+'s own (fl_sim/server/secagg.py)
+from flwr.common.secure_aggregation.secaggplus_constants import (  # where a SecAgg+ reply holds its masked vector
+    RECORD_KEY_CONFIGS as SECAGG_CONFIGS,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.compat.common import recorddict_compat  # the legacy records (FitIns/FitRes ...) SecAgg+'s workflow speaks
 from flwr.server.compat.grid_client_proxy import GridClientProxy  # how the legacy workflows name a client
 from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig  # run_simulation's backend_config type
@@ -17,9 +21,11 @@ from flwr.serverapp.strategy.strategy_utils import (  # FedAvg's own averaging a
     aggregate_arrayrecords,
     validate_message_reply_consistency,
 )
+from flwr.supercore.run import Run  # the Grid interface's run (fl_sim/server/secagg.py's SummingGrid forwards it)
 from flwr.supercore.task_identity import TaskIdentity  # who creates a Message: set by the runtime's process
 
-__all__ = ["BackendConfig", "ErrorCode", "GridClientProxy", "SUPERLINK_NODE_ID", "TaskIdentity",
+__all__ = ["BackendConfig", "ErrorCode", "GridClientProxy", "SECAGG_CONFIGS", "Run", "SUPERLINK_NODE_ID",
+           "SecAggKey", "TaskIdentity",
            "aggregate_arrayrecords", "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize",
            "recorddict_compat", "validate_message_reply_consistency"]
 

@@ -30,9 +30,11 @@ the example-weighted mean of the survivors' parameters, to within len(survivors)
 survivors were sent; a dropped client (an error reply, or no reply within --secagg-timeout) is in neither.
 The server cannot check a survivor's weights (it never sees them), only its metrics.
 """
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import cast
 
 import numpy as np
 import torch
@@ -44,7 +46,9 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
     log,
+    ndarray_to_bytes,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -60,7 +64,7 @@ from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import SECAGG_MODULUS, RunConfig
 from fl_sim.learning.updates import Weights
 from fl_sim.server.attacks import attack_round
-from fl_sim.server.flower_private import GridClientProxy, dequantize, quantize
+from fl_sim.server.flower_private import SECAGG_CONFIGS, GridClientProxy, Run, SecAggKey, dequantize, quantize
 from fl_sim.server.flower_private import recorddict_compat as compat
 from fl_sim.server.strategy import InvertingStrategy, ReplyFault, in_sent_dtypes, round_seed, run_all, short_error
 
@@ -333,6 +337,81 @@ def failure_reason(failure: BaseException) -> str:
     return short_error(error.reason or "") if isinstance(error, Error) else short_error(str(failure))
 
 
+class SummingGrid(Grid):
+    """The grid SecAggPlusWorkflow talks through, summing the masked vectors as they arrive (server memory).
+
+    Flower's workflow collects every client's masked vector (one int64 per parameter: twice the model's bytes)
+    and only then sums them, so a round of N clients holds N of them at once: ~12 GB for 100 clients of a
+    15M-parameter imprint. This grid's `send_and_receive` pulls the replies as they come and, in each reply of
+    the masked-vector stage, folds the vector into one running sum (modulo the protocol's modulus, which the
+    workflow reduces by anyway) and leaves a zero in its place; the first such reply then carries the sum. The
+    workflow's own code runs unchanged on these replies and computes the same sum (the zeros add nothing), so
+    the protocol, its masks and its unmasking are Flower's; only the order of the additions differs.
+    Everything else goes to the wrapped grid.
+    """
+
+    def __init__(self, grid: Grid, modulus: int = SECAGG_MODULUS):
+        self.grid, self.modulus = grid, modulus
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """The replies to `messages` (those that came within `timeout` seconds; None: all), masked vectors summed."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = float(getattr(self.grid, "pull_interval", 0.1))
+        replies: list[Message] = []
+        total: list[np.ndarray] | None = None
+        carrier: Message | None = None  # the first reply with a masked vector: it carries the sum
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            arrived = list(self.grid.pull_messages(waiting))
+            for reply in arrived:
+                waiting.discard(reply.metadata.reply_to_message_id)
+                vector = self._masked(reply)
+                if vector is not None:
+                    arrays = [bytes_to_ndarray(entry) for entry in vector]
+                    total = arrays if total is None else [(a + b) % self.modulus for a, b in zip(total, arrays,
+                                                                                                  strict=True)]
+                    self._replace(reply, [np.zeros((), dtype=np.int64)] * len(arrays))
+                    carrier = carrier or reply
+                replies.append(reply)
+            if waiting and not arrived:
+                time.sleep(interval)
+        if carrier is not None and total is not None:
+            self._replace(carrier, total)
+        return replies
+
+    @staticmethod
+    def _masked(reply: Message) -> list[bytes] | None:
+        if reply.has_error() or SECAGG_CONFIGS not in reply.content.config_records:
+            return None
+        value = reply.content.config_records[SECAGG_CONFIGS].get(SecAggKey.MASKED_PARAMETERS)
+        return cast(list[bytes], value) if isinstance(value, list) else None
+
+    @staticmethod
+    def _replace(reply: Message, arrays: list[np.ndarray]) -> None:
+        reply.content.config_records[SECAGG_CONFIGS][SecAggKey.MASKED_PARAMETERS] = [
+            ndarray_to_bytes(array) for array in arrays]
+
+
 def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
     """Runs `rounds` rounds of Flower's DefaultWorkflow with SecAggPlusWorkflow as its fit workflow."""
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -340,7 +419,7 @@ def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
     log(INFO, "SecAgg+: %s shares, threshold %s, clipping +-%s, %s levels, max weight %s", face.protocol.shares,
         face.protocol.threshold, face.protocol.clipping_range, face.protocol.quantization_range,
         face.protocol.max_weight)
-    DefaultWorkflow(fit_workflow=face.protocol.workflow())(grid, context)
+    DefaultWorkflow(fit_workflow=face.protocol.workflow())(SummingGrid(grid), context)
 
 
 def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protocol: ProtocolSettings) -> Weights:
