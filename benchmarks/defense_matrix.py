@@ -38,7 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fl_sim.commands.run import NOTHING_WORKED  # noqa: E402
 from fl_sim.contract.attacks import attack_names  # noqa: E402
+from fl_sim.contract.records import ReplyStatus  # noqa: E402
 from fl_sim.contract.run_config import ConfigError, DefenseSpec  # noqa: E402
 from fl_sim.results.outputs import read_jsonl, write_json  # noqa: E402
 from fl_sim.results.summary import RECOVERED_DB, largest_epsilon, recovered_key, summarise  # noqa: E402
@@ -79,8 +81,15 @@ ROWS: dict[str, list[str] | float] = {
     "clip": ["--defense", "clip:1"],
     "prune": ["--defense", "prune:0.9"],
     "fp16": ["--defense", "fp16"],
-    "secagg": ["--defense", "secagg"],  # the server sees the sum only (Flower's SecAgg+ once that branch lands)
-    "inspect": ["--defense", "inspect"],  # the client checks the model it is sent (another branch)
+    # Flower's SecAgg+ with Flower's default settings: the server sees the sum of 3 clients' updates, 96 images in
+    # the imprint columns, more than --max-attack-images' default 64
+    "secagg": ["--defense", "secagg", "--max-attack-images", "128"],
+    # SecAgg+ with the settings a malicious server picks (its ServerApp sets them): max weight = the examples a
+    # client reports (K x B = 32), so every weight is 1; 2^24 levels over +-8 (exact in Flower's float32 arithmetic:
+    # the mosaic arms on that grid, fl_sim/server/mosaic.py)
+    "secagg-server": ["--defense", "secagg", "--max-attack-images", "128", "--secagg-max-weight", "32",
+                      "--secagg-quantization-range", str(2**24), "--secagg-clipping-range", "8"],
+    "inspect": ["--defense", "inspect"],  # the client checks the model it is sent and refuses one that fails
 }
 COLUMNS: dict[str, Column] = {
     "ig": Column("ig", 1, 1, ("--iterations", "100", "--restarts", "1", "--attack-every", "2"), trained=False),
@@ -161,17 +170,21 @@ def run_cell(row: str, name: str, out: Path, data_root: str, init: str, redo: bo
             break
         print(f"  Ray failed under the run (attempt {attempt + 1}); once more", flush=True)
     cell: dict = {"row": row, "column": name, "command": shown, "seconds": time.perf_counter() - started}
-    if done.returncode != 0:
+    refused_all = done.returncode == NOTHING_WORKED and (folder / "run" / "metrics.jsonl").exists()
+    if done.returncode != 0 and not refused_all:
         lines = [line for line in (folder / "log.txt").read_text().splitlines() if line.strip()]
         cell.update(status="failed", reason=lines[-1] if lines else f"exit {done.returncode}")
         print(f"  failed: {cell['reason']}", flush=True)
         write_json(folder / "failed.json", cell)  # not cell.json: a failed cell runs again next time
         return cell
     rows = read_jsonl(folder / "run" / "metrics.jsonl")
-    accuracy = read_jsonl(folder / "run" / "global.jsonl")[-1]["accuracy"]
+    history = read_jsonl(folder / "run" / "global.jsonl") if (folder / "run" / "global.jsonl").exists() else []
     summary = summarise(rows)
-    cell.update(status="ok", accuracy=accuracy, epsilon=largest_epsilon(rows), images=summary["images"],
-                **{recovered_key(db): summary[recovered_key(db)] for db in RECOVERED_DB})
+    refused = sum(row.get("status") == ReplyStatus.REFUSED.value for row in rows)
+    # a run in which every attacked client refused the model (exit 3) is a measured cell: nothing recovered
+    cell.update(status="ok", accuracy=history[-1]["accuracy"] if history else None, epsilon=largest_epsilon(rows),
+                images=summary["images"], psnr_median=summary["psnr_median"], refused=refused,
+                **{recovered_key(db): summary[recovered_key(db)] or 0.0 for db in RECOVERED_DB})
     write_json(record, cell)
     print(f"  {_text(cell)} ({cell['seconds']:.0f} s)", flush=True)
     return cell
@@ -187,7 +200,10 @@ def _text(cell: dict) -> str:
         return cell["status"]
     low, high = (cell[recovered_key(db)] for db in RECOVERED_DB)
     eps = "" if cell.get("epsilon") is None else f", eps {cell['epsilon']:.2g}"
-    return f"{_share(low)} / {_share(high)}, acc {cell['accuracy']:.0%}{eps}"
+    psnr = "" if cell.get("psnr_median") is None else f", {cell['psnr_median']:.0f} dB"
+    refused = f", refused {cell['refused']}" if cell.get("refused") else ""
+    accuracy = "-" if cell.get("accuracy") is None else f"{cell['accuracy']:.0%}"
+    return f"{_share(low)} / {_share(high)}{psnr}, acc {accuracy}{eps}{refused}"
 
 
 def table(cells: dict[tuple[str, str], dict], rows: list[str], cols: list[str]) -> str:

@@ -38,9 +38,12 @@ from fl_sim.learning.models import build_model  # noqa: E402
 from fl_sim.learning.partition import client_shards, training_examples  # noqa: E402
 from fl_sim.learning.updates import Weights, weights  # noqa: E402
 from fl_sim.server.active import AnalyticAttack, ImprintAttack, QuietTrapAttack, TrapAttack, public_images  # noqa: E402
+from fl_sim.server.mosaic import MosaicAttack  # noqa: E402
 
 DEFAULT_MODELS = ("cnn:mnist", "lenet:cifar10", "resnet20:cifar10", "mlp:mnist", "cnn:cifar10")
-ATTACKS = {"imprint": None, "trap": ("mlp", "cnn"), "trap-quiet": ("mlp", "cnn")}  # attack -> models (None: all)
+# attack -> models (None: all). trap needs a ReLU first layer that can pass the image on (fl-sim's TrapAttack builds
+# it for the MLP and the ConvNet only; for LeNet and ResNet-20 it refuses to arm, so there is nothing to detect)
+ATTACKS = {"imprint": None, "mosaic": None, "trap": ("mlp", "cnn"), "trap-quiet": ("mlp", "cnn")}
 IMPRINT_ROWS = 256
 
 
@@ -140,16 +143,21 @@ def margins(model: str, dataset: str, sampled: list[list[int]], history: list[We
             f"({inspection.ZERO_SHARE:g}), jump {jump:.3f} ({inspection.JUMP:g}) |")
 
 
+Sender = AnalyticAttack | MosaicAttack
+
+
 def build(name: str, model: str, channels: int, size: int, classes: int, public: torch.Tensor,
-          seed: int) -> AnalyticAttack:
+          seed: int) -> Sender:
     if name == "imprint":
         return ImprintAttack(build_model(model, channels, size, classes, imprint=IMPRINT_ROWS), public, classes, 4)
+    if name == "mosaic":  # per-client models: each sampled client its own live slice of the imprint rows
+        return MosaicAttack(build_model(model, channels, size, classes, imprint=IMPRINT_ROWS), public, 4)
     kind = QuietTrapAttack if name == "trap-quiet" else TrapAttack
     return kind(build_model(model, channels, size, classes), public, classes, seed)
 
 
 def inspect_run(sampled: list[list[int]], history: list[Weights], honest: Architecture,
-                attack: tuple[AnalyticAttack, TrainingSettings] | None, start: int = 1) -> tuple[int, int, Counter]:
+                attack: tuple[Sender, TrainingSettings] | None, start: int = 1) -> tuple[int, int, Counter]:
     """(client-rounds, flagged, how often each check fired) over the run, each client keeping its last passed
     model as InspectMod does; with `attack` (the attack and the training it arms for) every client-round from
     round `start` on is sent the attack's arming of the round's global model (and only those are counted)."""
@@ -157,8 +165,9 @@ def inspect_run(sampled: list[list[int]], history: list[Weights], honest: Archit
     total, flagged, fired = 0, 0, Counter[str]()
     for server_round, (clients, global_weights) in enumerate(zip(sampled, history), start=1):
         armed = attack is not None and server_round >= start
-        sent = arm(attack[0], global_weights, attack[1]) if attack is not None and armed else global_weights
+        armed_for = arm(attack[0], global_weights, attack[1], clients) if attack is not None and armed else None
         for client in clients:
+            sent = global_weights if armed_for is None else armed_for[client]
             if attack is not None and not armed:  # an honest round before the attack starts: not counted
                 if not inspect_model(sent, honest, passed.get(client)):
                     passed[client] = sent
@@ -173,13 +182,15 @@ def inspect_run(sampled: list[list[int]], history: list[Weights], honest: Archit
     return total, flagged, fired
 
 
-def arm(attack: AnalyticAttack, global_weights: Weights, design: TrainingSettings) -> Weights:
-    """What the attack sends its targets in a round whose global model is `global_weights`."""
-    if isinstance(attack, ImprintAttack):  # the imprint block in front of the base model the federation trains
+def arm(attack: Sender, global_weights: Weights, design: TrainingSettings, clients: list[int]) -> dict[int, Weights]:
+    """What the attack sends each of the round's clients when the round's global model is `global_weights`."""
+    if isinstance(attack, ImprintAttack | MosaicAttack):  # the imprint block in front of the federation's model
         block = {name: tensor for name, tensor in attack.model.state_dict().items() if not name.startswith("base.")}
         global_weights = {**block, **{f"base.{name}": tensor for name, tensor in global_weights.items()}}
+    if isinstance(attack, MosaicAttack):
+        return dict(attack.arm(global_weights, design, clients).weights)
     armed, _ = attack.surgery(global_weights, design)
-    return armed
+    return {client: armed for client in clients}
 
 
 def row(model: str, dataset: str, sent: str, total: int, flagged: int, fired: Counter) -> str:

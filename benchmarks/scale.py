@@ -13,7 +13,11 @@ counts once, whichever round it was read in).
 
     python benchmarks/scale.py --clients 10 100 [--attack mosaic] [--dataset cifar10] [--model cnn]
         [--images 16] [--local-steps 1] [--rows-per-image 4] [--rounds 1] [--population 1000]
-        [--defense secagg-emulated|secagg|none] [--data-root DIR] [--out DIR] [--json FILE]
+        [--defense secagg-emulated|secagg|none] [--data-root DIR] [--out DIR] [--json FILE] [fl-sim run flags]
+
+Flags it does not know go to every `fl-sim run` as they are: the server's SecAgg+ settings, for one
+(`--secagg-max-weight 16 --secagg-quantization-range 42949672`). Under `--defense secagg` a reply is the
+masked vector SecAgg+ sends, one int64 per parameter: "replies GB" counts that.
 
 Runs of ~3 GB peak or more belong under the machine's big-run lock: `flock /work/bigrun.lock python ...`.
 """
@@ -33,7 +37,8 @@ from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.partition import client_shards, training_examples
 
 
-def run_one(args: argparse.Namespace, clients: int, out: Path) -> dict[str, float | int | str | None]:
+def run_one(args: argparse.Namespace, clients: int, out: Path,
+            extra: list[str] = ()) -> dict[str, float | int | str | None]:
     """One `fl-sim run` of `clients` sampled clients; its figures."""
     images = args.images
     population = args.population or clients
@@ -44,7 +49,7 @@ def run_one(args: argparse.Namespace, clients: int, out: Path) -> dict[str, floa
                "--fraction-train", str(clients / population), "--rounds", str(args.rounds), "--train-mode", "steps",
                "--local-steps", str(args.local_steps), "--batch-size", str(batch), "--attack", args.attack,
                "--imprint-bins", str(rows), "--defense", args.defense, "--seed", "0", "--out", str(out),
-               "--max-attack-images", str(images if args.attack == "mosaic" else clients * images)]
+               "--max-attack-images", str(images if args.attack == "mosaic" else clients * images), *extra]
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -56,6 +61,8 @@ def run_one(args: argparse.Namespace, clients: int, out: Path) -> dict[str, floa
     peak = int(found.group(1)) * 1024
     shape, classes = image_spec(cached_dataset(args.dataset, args.data_root, False))
     reply = guard.model_bytes(args.model, shape, classes, rows)
+    if args.defense.split("+")[-1] == "secagg":  # SecAgg+ sends each parameter as a masked int64: twice float32's
+        reply *= 2
     rows_read = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     psnr = np.concatenate([np.asarray(row.get("psnr_images") or [0.0] * len(row.get("true_labels", [])))
                            for row in rows_read]) if rows_read else np.zeros(0)
@@ -103,12 +110,12 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--out", default="out/scale")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # any other flag goes to `fl-sim run` as it is (--secagg-max-weight 16)
     print("attack  clients  images  >=30dB  >=40dB  seconds  peak RSS GB  replies GB" +
           ("  cumulative >=30dB" if args.population else ""))
     found = []
     for clients in args.clients:
-        figures = run_one(args, clients, Path(args.out) / f"{args.attack}-{clients}-{time.strftime('%H%M%S')}")
+        figures = run_one(args, clients, Path(args.out) / f"{args.attack}-{clients}-{time.strftime('%H%M%S')}", extra)
         found.append(figures)
         line = (f"{figures['attack']:<7} {clients:>7} {figures['images']:>7} {figures['share_30db'] or 0:>7.1%} "
                 f"{figures['share_40db'] or 0:>7.1%} {figures['seconds']:>8} {figures['peak_rss_gb']:>12} "

@@ -154,9 +154,17 @@ def revealed_update(aggregate: Weights, sent: Sequence[Weights], factors: Sequen
     the mean of what the clients' quantization makes of the sent weights (clipped to its range): an entry no
     client changed then reads 0 even where the server sent it beyond the range (the mosaic's switched-off rows)."""
     mean_sent = protocol_mean(sent, factors)
-    reference = mean_sent if protocol is None else protocol_mean(
-        [{name: protocol.clipped(tensor) if tensor.is_floating_point() else tensor for name, tensor in each.items()}
-         for each in sent], factors)
+    reference = mean_sent
+    if protocol is not None:
+        clipped: dict[int, torch.Tensor] = {}  # by tensor: clients share all but a few tensors, clipped once each
+
+        def clip(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in clipped:
+                clipped[id(tensor)] = protocol.clipped(tensor) if tensor.is_floating_point() else tensor
+            return clipped[id(tensor)]
+
+        reference = protocol_mean([{name: clip(tensor) for name, tensor in each.items()} for each in sent], factors)
+        del clipped
     update = {name: (aggregate[name].double() - reference[name]).to(sent[0][name].dtype)
               if sent[0][name].is_floating_point() else aggregate[name] - sent[0][name] for name in aggregate}
     return update, {name: mean_sent[name].to(sent[0][name].dtype) for name in mean_sent}
