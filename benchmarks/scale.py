@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from fl_sim.learning.partition import client_shards, training_examples
 
 
 def run_one(args: argparse.Namespace, clients: int, out: Path,
-            extra: list[str] = ()) -> dict[str, float | int | str | None]:
+            extra: Sequence[str] = ()) -> dict[str, float | int | str | None]:
     """One `fl-sim run` of `clients` sampled clients; its figures."""
     images = args.images
     population = args.population or clients
@@ -70,10 +71,48 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
         "attack": args.attack, "clients": clients, "population": population, "rounds": args.rounds,
         "images": int(len(psnr)), "share_30db": float(np.mean(psnr >= 30)) if len(psnr) else None,
         "share_40db": float(np.mean(psnr >= 40)) if len(psnr) else None, "seconds": round(seconds, 1),
-        "peak_rss_gb": round(peak / 1e9, 2), "replies_gb": round(clients * reply / 1e9, 2)}
+        "peak_rss_gb": round(peak / 1e9, 2), "replies_gb": round(clients * reply / 1e9, 2), "defense": args.defense,
+        "local_steps": args.local_steps}
+    by_round: dict[int, list[float]] = {}
+    for row in rows_read:
+        values = row.get("psnr_images") or [0.0] * len(row.get("true_labels", []))
+        by_round.setdefault(int(row["round"]), []).extend(values)
+    figures["worst_round_40db"] = min((float(np.mean(np.asarray(v) >= 40)) for v in by_round.values() if v),
+                                      default=None)
     if args.population:
         figures["cumulative_share_30db"] = cumulative_share(out, rows_read)
     return figures
+
+
+def plot(files: list[str], path: str) -> None:
+    """Share of the round's images recovered at >= 40 dB against the clients of a round, one line per attack
+    (and defense), from the --json files of earlier runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for file in files:
+        for figures in json.loads(Path(file).read_text()):
+            per_client = figures["images"] // figures["clients"] // figures["rounds"]
+            steps = figures.get("local_steps", 1)
+            label = (f"{figures['attack']} ({figures.get('defense', '?')}, {per_client} images a client"
+                     f"{f', {steps} steps' if steps > 1 else ''})")
+            lines.setdefault(label, []).append((int(figures["clients"]), float(figures["share_40db"] or 0.0)))
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xscale("log")
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("clients in the round (all through the secure aggregate)")
+    axes.set_ylabel("share of the round's images at >= 40 dB")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def cumulative_share(out: Path, rows: list[dict]) -> float:
@@ -110,15 +149,21 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--out", default="out/scale")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--plot", nargs="+", metavar="JSON",
+                        help="run nothing: draw the share vs clients of these --json files into --out (a .png)")
     args, extra = parser.parse_known_args()  # any other flag goes to `fl-sim run` as it is (--secagg-max-weight 16)
-    print("attack  clients  images  >=30dB  >=40dB  seconds  peak RSS GB  replies GB" +
+    if args.plot:
+        plot(args.plot, args.out)
+        return
+    print("attack  clients  images  >=30dB  >=40dB  worst round >=40dB  seconds  peak RSS GB  replies GB" +
           ("  cumulative >=30dB" if args.population else ""))
     found = []
     for clients in args.clients:
         figures = run_one(args, clients, Path(args.out) / f"{args.attack}-{clients}-{time.strftime('%H%M%S')}", extra)
         found.append(figures)
         line = (f"{figures['attack']:<7} {clients:>7} {figures['images']:>7} {figures['share_30db'] or 0:>7.1%} "
-                f"{figures['share_40db'] or 0:>7.1%} {figures['seconds']:>8} {figures['peak_rss_gb']:>12} "
+                f"{figures['share_40db'] or 0:>7.1%} {figures['worst_round_40db'] or 0:>19.1%} {figures['seconds']:>8} "
+                f"{figures['peak_rss_gb']:>12} "
                 f"{figures['replies_gb']:>11}")
         if args.population:
             line += f"  {figures['cumulative_share_30db']:>18.1%}"

@@ -157,17 +157,24 @@ def model_bytes(model_name: str, shape: tuple[int, int, int], classes: int, impr
     return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
 
-def run_memory(copy_bytes: int, clients: int, workers: int) -> int:
+def run_memory(copy_bytes: int, clients: int, workers: int, summed: bool = False) -> int:
     """A rough figure of a run's peak memory: the server's global, armed and aggregated models and every
     client's reply (each one copy), and per client worker (Ray actor) the model, its gradient, the optimiser's
-    state, the received and the sent weights (five copies)."""
+    state, the received and the sent weights (five copies). `summed`: the replies are summed as they arrive
+    (Flower's SecAgg+ through fl_sim/server/secagg.py's SummingGrid), so the server holds a sum and a few
+    replies (int64: two copies each) and the messages under way, not every reply; each worker holds SecAgg+'s
+    quantized vector and masks besides (measured: ~25 copies a worker, ~40 for the server)."""
+    if summed:
+        return copy_bytes * (40 + 2 * workers + 25 * workers)
     return copy_bytes * (4 + 2 * clients + 5 * workers)
 
 
-def check_memory(copy_bytes: int, clients: int, workers: int, lower: str, senders: str = "client(s)") -> None:
+def check_memory(copy_bytes: int, clients: int, workers: int, lower: str, senders: str = "client(s)",
+                 summed: bool = False) -> None:
     """Refuses a run whose models and replies would not fit into the machine's free memory, with the figure and
-    the flag (`lower`) that makes it smaller; `senders` names who sends the replies (clients, victims)."""
-    need, free = run_memory(copy_bytes, clients, workers), available_memory()
+    the flag (`lower`) that makes it smaller; `senders` names who sends the replies (clients, victims);
+    `summed`: see run_memory."""
+    need, free = run_memory(copy_bytes, clients, workers, summed), available_memory()
     if free is not None and need > free:
         raise ConfigError(f"this needs about {need / 2**30:.1f} GiB for its models and replies ({clients} "
                           f"{senders}, {copy_bytes / 2**20:.0f} MiB per copy of the model) but the machine has "

@@ -114,7 +114,7 @@ def check_model(run_config: RunConfig, client_cpus: float = 1.0) -> None:
     workers = min(sampled, max(1, int(guard.cpu_cores() // client_cpus)))
     guard.check_memory(copy_bytes, sampled, workers,
                        "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or use a "
-                       "smaller --model")
+                       "smaller --model", summed=run_config.defense.protocol)
     if run_config.init not in ("default", "paper"):  # a file that is no checkpoint of this model: said now
         build_model(run_config.model, shape[0], shape[1], classes, init=run_config.init, seed=run_config.seed)
 
