@@ -72,7 +72,7 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
         "images": int(len(psnr)), "share_30db": float(np.mean(psnr >= 30)) if len(psnr) else None,
         "share_40db": float(np.mean(psnr >= 40)) if len(psnr) else None, "seconds": round(seconds, 1),
         "peak_rss_gb": round(peak / 1e9, 2), "replies_gb": round(clients * reply / 1e9, 2), "defense": args.defense,
-        "local_steps": args.local_steps}
+        "local_steps": args.local_steps, "dataset": args.dataset}
     by_round: dict[int, list[float]] = {}
     for row in rows_read:
         values = row.get("psnr_images") or [0.0] * len(row.get("true_labels", []))
@@ -97,7 +97,8 @@ def plot(files: list[str], path: str) -> None:
         for figures in json.loads(Path(file).read_text()):
             per_client = figures["images"] // figures["clients"] // figures["rounds"]
             steps = figures.get("local_steps", 1)
-            label = (f"{figures['attack']} ({figures.get('defense', '?')}, {per_client} images a client"
+            label = (f"{figures['attack']} ({figures.get('dataset', 'cifar10')}, {figures.get('defense', '?')}, "
+                     f"{per_client} images a client"
                      f"{f', {steps} steps' if steps > 1 else ''})")
             lines.setdefault(label, []).append((int(figures["clients"]), float(figures["share_40db"] or 0.0)))
     figure, axes = plt.subplots(figsize=(6.5, 4))
