@@ -34,6 +34,7 @@ import numpy as np
 
 from fl_sim.commands import guard
 from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.contract.run_config import DefenseSpec
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.partition import client_shards, training_examples
 
@@ -62,23 +63,23 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
     peak = int(found.group(1)) * 1024
     shape, classes = image_spec(cached_dataset(args.dataset, args.data_root, False))
     reply = guard.model_bytes(args.model, shape, classes, rows)
-    if args.defense.split("+")[-1] == "secagg":  # SecAgg+ sends each parameter as a masked int64: twice float32's
+    if DefenseSpec.parse(args.defense).protocol:  # SecAgg+ sends each parameter as a masked int64: twice float32's
         reply *= 2
     rows_read = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    psnr = np.concatenate([np.asarray(row.get("psnr_images") or [0.0] * len(row.get("true_labels", [])))
-                           for row in rows_read]) if rows_read else np.zeros(0)
+    # each row's per-image PSNRs (a row without them, e.g. a failed read: every image unrecovered)
+    row_psnr = [np.asarray(row.get("psnr_images") or [0.0] * len(row.get("true_labels", []))) for row in rows_read]
+    psnr = np.concatenate(row_psnr) if row_psnr else np.zeros(0)
     figures: dict[str, float | int | str | None] = {
         "attack": args.attack, "clients": clients, "population": population, "rounds": args.rounds,
         "images": int(len(psnr)), "share_30db": float(np.mean(psnr >= 30)) if len(psnr) else None,
         "share_40db": float(np.mean(psnr >= 40)) if len(psnr) else None, "seconds": round(seconds, 1),
         "peak_rss_gb": round(peak / 1e9, 2), "replies_gb": round(clients * reply / 1e9, 2), "defense": args.defense,
         "local_steps": args.local_steps, "dataset": args.dataset}
-    by_round: dict[int, list[float]] = {}
-    for row in rows_read:
-        values = row.get("psnr_images") or [0.0] * len(row.get("true_labels", []))
-        by_round.setdefault(int(row["round"]), []).extend(values)
-    figures["worst_round_40db"] = min((float(np.mean(np.asarray(v) >= 40)) for v in by_round.values() if v),
-                                      default=None)
+    by_round: dict[int, list[np.ndarray]] = {}
+    for row, values in zip(rows_read, row_psnr, strict=True):
+        by_round.setdefault(int(row["round"]), []).append(values)
+    pooled = [np.concatenate(values) for values in by_round.values()]
+    figures["worst_round_40db"] = min((float(np.mean(values >= 40)) for values in pooled if len(values)), default=None)
     if args.population:
         figures["cumulative_share_30db"] = cumulative_share(out, rows_read)
     return figures

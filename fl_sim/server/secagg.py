@@ -131,9 +131,8 @@ class ProtocolSettings:
         example-weighted mean (unclipped): per client one quantization level, plus the float32 rounding of the
         client's quantization arithmetic (values up to 2c, rounded twice; it caps the useful levels near 2^23),
         over the summed weights."""
-        level = 2 * self.clipping_range / self.quantization_range
         rounding = 2 * 2 * self.clipping_range * FLOAT32_EPSILON
-        return len(counts) * (level + rounding) / sum(map(self.weight, counts))
+        return len(counts) * (self.level + rounding) / sum(map(self.weight, counts))
 
 
 def protocol_mean(weights: Sequence[Weights], factors: Sequence[float]) -> Weights:
