@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fl_sim.contract.protocol import TrainMode
 
-from .fedavg import deal_labels, epoch_prior, merge_copies
+from .fedavg import deal_labels, epoch_prior, merge_copies, tie_copies
 from .labels import label_assignments, mean_softmax, path_mean_softmax, recover_labels
 from .objectives import OBJECTIVES, total_variation
 from .optim import make_optimizer, optimizer_bytes_per_row
@@ -174,9 +174,13 @@ class _Problem:
         pixels = z[:, : self.image_dims]
         return ((pixels - 0.5).abs() > 0.5 + PIXEL_LIMIT).any(1)
 
-    def initial_row(self, seed: int, device) -> torch.Tensor:
+    def initial_row(self, seed: int, device, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """A random start; with epoch copies and the row's `targets` given, the copies tied (`tie_copies`)."""
         generator = torch.Generator().manual_seed(seed)
         images = torch.rand(self.image_dims, generator=generator)
+        if self.copies > 1 and targets is not None:
+            shape = (self.copies, self.settings.num_images)
+            images = tie_copies(images.reshape(*shape, -1), targets.cpu().reshape(*shape, -1)).flatten()
         parts = [images]
         if self.attack.labels == "joint":
             parts.append(torch.randn(self.dims - self.image_dims, generator=generator))
@@ -396,7 +400,7 @@ def _optimise(problem, rows, victim_ids, observed, targets, attack, budget, seed
 
     def draw(i: int) -> torch.Tensor:
         v, _, r = rows[i]
-        return problem.initial_row(_row_seed(seed, victim_ids[v], r, redraws[i]), device)
+        return problem.initial_row(_row_seed(seed, victim_ids[v], r, redraws[i]), device, row_targets[i])
 
     def evaluate(z_rows: torch.Tensor, which: torch.Tensor | None = None):
         """Every row, or the rows `which` (L-BFGS's line-search retries): one gather per tensor."""

@@ -29,6 +29,21 @@ def epoch_prior(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (means - means.mean(0, keepdim=True)).pow(2).mean()
 
 
+def tie_copies(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Every copy made of the first copy's images, label by label: the k-th image of class c in copy e becomes
+    the first copy's k-th image of class c. images (E, n, ...) and targets (E, n, classes), each copy holding
+    the same label multiset (`deal_labels`). The attack starts from such a tied draw, as the truth is tied
+    (one set of images in E orders), instead of E independent draws the prior would first have to pull together.
+    """
+    labels = targets.argmax(-1)
+    tied = images.clone()
+    for c in labels[0].unique():
+        source = images[0][labels[0] == c]
+        for e in range(1, images.shape[0]):
+            tied[e][labels[e] == c] = source
+    return tied
+
+
 def deal_labels(labels: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
     """The recovered labels (n,) dealt into `copies` epochs, each its own random order: (copies x n,)."""
     generator = torch.Generator().manual_seed(seed)

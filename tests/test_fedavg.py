@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attacker import LocalTraining, TrainingSettings
-from attacker.fedavg import deal_labels, epoch_prior, merge_copies
+from attacker.fedavg import deal_labels, epoch_prior, merge_copies, tie_copies
 from attacker.labels import mean_softmax, path_mean_softmax
 from clients.training import local_train
 from fl_sim.learning.models import build_model
@@ -70,6 +70,27 @@ def test_the_epoch_prior_ignores_the_order_within_a_copy():
     assert float(epoch_prior(changed, targets)) > 1e-4
     # unlike the same images in one order for all epochs, with the labels dealt differently: a class's mean moves
     assert float(epoch_prior(images.expand(3, -1, -1, -1, -1), targets)) > 1e-4
+
+
+def test_a_tied_start_is_one_set_of_images_in_each_copy_s_label_order():
+    """The start the attack draws for epoch copies: every copy holds the first copy's images, each image with
+    its label, so the epoch prior is zero there and merging gives back the first copy."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.tensor([2, 0, 2, 1, 0, 2])
+    dealt = deal_labels(labels, 4, seed=3).reshape(4, 6)
+    targets = torch.nn.functional.one_hot(dealt, 3).float()
+    drawn = torch.rand(4, 6, 1, 3, 3, generator=generator)
+    tied = tie_copies(drawn, targets)
+    assert torch.equal(tied[0], drawn[0])
+    assert float(epoch_prior(drawn, targets)) > 1e-3
+    assert float(epoch_prior(tied, targets)) < 1e-12
+    for e in range(1, 4):  # the same images, rearranged, each keeping its label
+        assert sorted(tied[e].flatten(1).sum(1).tolist()) == pytest.approx(sorted(drawn[0].flatten(1).sum(1).tolist()))
+        for c in range(3):
+            assert sorted(tied[e][dealt[e] == c].flatten(1).sum(1).tolist()) == \
+                pytest.approx(sorted(drawn[0][dealt[0] == c].flatten(1).sum(1).tolist()))
+    merged, _ = merge_copies(tied.flatten(0, 1), dealt.flatten(), 4)
+    assert torch.allclose(merged, drawn[0])
 
 
 def test_merging_the_copies_gives_back_the_images_and_their_labels():
