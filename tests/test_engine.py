@@ -237,3 +237,26 @@ def test_the_batchnorm_statistics_term_is_zero_at_the_truth_and_needs_the_statis
     [result] = invert(model, before, [without], settings, attack, image_shape=(3, 8, 8), num_classes=10,
                       iterations=2, device="cpu")
     assert result.status is Status.BAD_UPDATE and "running_mean" in result.reason
+
+
+def test_label_deals_set_the_rows_of_a_several_step_victim(mnist):
+    """--label-deals (RunConfig.label_deals) reaches the engine: a victim of K steps gets one row per deal of its
+    recovered labels into the steps (the preset's 8 unless set), times its restarts."""
+    from fl_sim.contract.run_config import RunConfig
+    from fl_sim.server.attacks import AttackContext
+    from fl_sim.server.passive import PassiveInversion
+
+    images, labels = mnist.tensors(range(4))
+    images = images[:, :, ::2, ::2].contiguous()
+    settings = TrainingSettings(lr=0.1, local_steps=4, batch_size=1)
+    model, before, updates = _victims("lenet", images, labels, settings, init="paper")
+    rows = {}
+    for deals in (None, 3):
+        context = AttackContext("ig", RunConfig(attack="ig", label_deals=deals, iterations=1, restarts=1), model,
+                                (1, 14, 14), 10, torch.device("cpu"), lambda: torch.empty(0))
+        preset = PassiveInversion.build(context).preset
+        stats: dict = {}
+        invert(model, before, updates, settings, preset, image_shape=(1, 14, 14), num_classes=10, iterations=1,
+               device="cpu", stats=stats)
+        rows[deals] = stats["rows"]
+    assert rows == {None: 8, 3: 3}

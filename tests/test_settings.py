@@ -11,6 +11,7 @@ from fl_sim.commands import cli
 from fl_sim.commands import run as run_module
 from fl_sim.commands.config import TASK_DEFAULTS, task_config
 from fl_sim.contract.run_config import (
+    PRESET_COUNTS,
     SETTINGS,
     ConfigError,
     DatasetName,
@@ -86,10 +87,10 @@ def test_help_lists_the_enums_names_and_the_commands_default(capsys):
 def bound_cases():
     """(field, a value just inside its declared bounds, one just outside) for every declared bound."""
     for name, declared in SETTINGS.items():
-        integral = isinstance(getattr(RunConfig(), name), int) or name == "restarts"
+        integral = isinstance(getattr(RunConfig(), name), int) or name in PRESET_COUNTS
         step = 1 if integral else 0.5
         if declared.least is not None:  # restarts 0 reads as None ("the preset's"), so -1 is its first outside
-            yield name, declared.least, declared.least - step - (name == "restarts")
+            yield name, declared.least, declared.least - step - (name in PRESET_COUNTS)
         if declared.above is not None:
             yield name, declared.most if declared.most is not None else declared.above + step, declared.above
         if declared.most is not None:
@@ -106,8 +107,8 @@ def test_checks_read_each_settings_declared_bounds(name, inside, outside):
 def test_the_declared_bounds_cover_the_counts():
     bounded = {name for name, declared in SETTINGS.items() if (declared.least, declared.above) != (None, None)}
     assert {"rounds", "num_clients", "iterations", "attack_every", "seed", "min_shard", "max_shard",
-            "max_attack_images", "imprint_bins", "imprint_blocks", "restarts", "tv_weight", "bn_statistics",
-            "alpha", "server_lr", "fraction_train", "secagg_shares", "secagg_threshold",
+            "max_attack_images", "imprint_bins", "imprint_blocks", "restarts", "label_deals", "tv_weight",
+            "bn_statistics", "alpha", "server_lr", "fraction_train", "secagg_shares", "secagg_threshold",
             "secagg_clipping_range", "secagg_quantization_range", "secagg_max_weight", "secagg_timeout"} == bounded
 
 

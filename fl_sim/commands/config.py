@@ -101,10 +101,10 @@ def training_settings(args) -> TrainingSettings:
 def task_config(args) -> RunConfig:
     """The task flags of `fl-sim attack` (and a sweep's attack points) as a typed RunConfig."""
     values = {name: getattr(args, name) for name in ("dataset", "model", "attack", "iterations", "restarts",
-                                                     "bn_statistics", "tv_weight", "device", "seed", "defense",
-                                                     "local_steps", "batch_size", "epochs", "lr", "momentum",
-                                                     "batchnorm", "weight_decay", "imprint_bins", "imprint_blocks",
-                                                     "train_mode", "no_replay")}
+                                                     "label_deals", "bn_statistics", "tv_weight", "device", "seed",
+                                                     "defense", "local_steps", "batch_size", "epochs", "lr",
+                                                     "momentum", "batchnorm", "weight_decay", "imprint_bins",
+                                                     "imprint_blocks", "train_mode", "no_replay")}
     # SecAgg+'s settings (`fl-sim attack` has their flags; a sweep's points take the defaults)
     values.update({name: getattr(args, name) for name in SECAGG_SETTINGS if hasattr(args, name)})
     if getattr(args, "num_victims", None) is not None:  # the clients whose aggregate secure aggregation reveals

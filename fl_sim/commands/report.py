@@ -23,7 +23,7 @@ METRICS = ["psnr_median", "psnr_mean", "psnr_min", "psnr_max", "ssim_mean", "rec
 LEAKAGE_PLOT = "leakage-vs-accuracy.png"  # run sweeps: attack PSNR against the global model's accuracy
 # Summary entries that echo a point's settings (already columns when swept) or are not figures.
 NOT_FIGURES = {"iterations", "batch_size", "local_steps", "epochs", "lr", "momentum", "replay", "restarts", "seed",
-               "rounds"}
+               "rounds", "label_deals"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

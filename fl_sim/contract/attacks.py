@@ -61,7 +61,7 @@ class AttackSpec:
 
 
 NO_ATTACK = "none"
-_PASSIVE_SETTINGS = ("iterations", "restarts", "bn_statistics", "tv_weight", "no_replay")
+_PASSIVE_SETTINGS = ("iterations", "restarts", "label_deals", "bn_statistics", "tv_weight", "no_replay")
 _REGISTRY: dict[str, AttackSpec] = {}
 
 

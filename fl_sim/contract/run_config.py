@@ -31,6 +31,9 @@ TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and
                  "--attack-clients (e.g. 0) to let the others train it")
 
 
+PRESET_COUNTS = ("restarts", "label_deals")  # counts whose None (0 in Flower's run config) means the preset's
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 
@@ -553,6 +556,10 @@ class RunConfig:
         least=1))
     restarts: int | None = setting(None, Setting(  # None: the attack preset's
         "random restarts per victim (default: the preset's)", Group.ATTACK, least=1))
+    label_deals: int | None = setting(None, Setting(  # None: the attack preset's
+        "several steps a round: ways of dealing the recovered labels into the steps, each optimised as its own row "
+        "and the best kept (default: the preset's, 8; the FedAvg attack's epoch copies take one deal each)",
+        Group.ATTACK, least=1))
     bn_statistics: float = setting(0.0, Setting(  # weight of the batch-norm statistics term (GradInversion); 0: off
         "weight of a term matching the batch-norm running statistics the client sent to those the replay produces "
         "(GradInversion; 0: off, default; see docs/findings.md section 6)", Group.ATTACK, least=0, metavar="WEIGHT"))
@@ -609,8 +616,8 @@ class RunConfig:
 
     def to_flower(self) -> dict[str, object]:
         """The run config as Flower keys and TOML-able values (the inverse of from_flower)."""
-        return {flower_key(spec.name): to_text(getattr(self, spec.name)) if spec.name != "restarts"
-                else (self.restarts or 0) for spec in fields(self)}
+        return {flower_key(spec.name): to_text(getattr(self, spec.name)) if spec.name not in PRESET_COUNTS
+                else (getattr(self, spec.name) or 0) for spec in fields(self)}
 
     @property
     def imprint_rows(self) -> int:

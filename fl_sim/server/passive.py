@@ -30,7 +30,7 @@ class PassiveInversion(Attack):
     def build(cls, context: AttackContext) -> Self:
         config = context.config
         preset = get_attack(context.name, restarts=config.restarts, bn_statistics=config.bn_statistics,
-                            tv_weight=config.tv_weight)
+                            tv_weight=config.tv_weight, label_assignments=config.label_deals)
         return cls(context.model, preset, context.image_shape, context.num_classes, config.iterations,
                    replay=not config.no_replay, device=context.device, progress=context.progress,
                    victims_at_once=context.victims_at_once)
@@ -46,4 +46,5 @@ class PassiveInversion(Attack):
 
     def settings(self) -> dict[str, SettingValue]:
         return {"iterations": self.iterations, "restarts": self.preset.restarts,
+                "label_deals": self.preset.label_assignments,
                 "bn_statistics": self.preset.bn_statistics, "tv_weight": self.preset.tv_weight}
