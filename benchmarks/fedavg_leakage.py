@@ -35,6 +35,8 @@ def run_cell(args: argparse.Namespace, attack: str, epochs: int, seed: int) -> P
                "--epochs", str(epochs), "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size),
                "--lr", str(args.lr), "--iterations", str(args.iterations), "--num-victims", str(args.victims),
                "--seed", str(seed), "--out", str(out), "--force"]
+    if args.label_deals:  # every attack the same rows per victim: a like-for-like budget
+        command += ["--label-deals", str(args.label_deals)]
     subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
                    stdout=subprocess.DEVNULL)
     return out
@@ -76,6 +78,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--label-deals", type=int, default=0,
+                        help="each attack's deals of the recovered labels into steps (fl-sim attack --label-deals; "
+                             "0: the presets', 8 for ig; 1 gives every attack one row per victim, as fedavg's epoch "
+                             "copies have in epochs mode)")
     parser.add_argument("--out", default="out/fedavg-leakage")
     args = parser.parse_args()
 
@@ -87,7 +93,8 @@ def main() -> None:
             if found is not None:
                 table[(attack, epochs)] = found
     print(f"{args.dataset}, {args.model}, n = {args.shard_size}, B = {args.batch_size}, lr {args.lr}, "
-          f"{args.iterations} iterations, {args.victims} victims x seeds {args.seeds}")
+          f"{args.iterations} iterations, {args.victims} victims x seeds {args.seeds}, label deals "
+          f"{args.label_deals or 'the presets'}")
     print("| E | attack | images | PSNR median | worst | >= 20 dB (recovered) | >= 30 dB | labels right | s / victim |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for (attack, epochs), f in table.items():
@@ -112,6 +119,55 @@ def main() -> None:
     plot = Path(args.out) / f"fedavg-vs-epochs-{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}.png"
     figure.savefig(plot, dpi=120)
     print(f"plot: {plot}")
+    gallery = write_gallery(args, [e for e in args.epochs if any((a, e) in table for a in args.attacks)])
+    if gallery is not None:
+        print(f"gallery: {gallery}")
+
+
+def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
+    """One picture: for each E, the first victim of the first seed, its true images and each attack's
+    reconstruction (fl-sim attack's truth.png / reconstruction.png strips, images matched to the truth)."""
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, Path]] = []
+    for epochs_ in epochs:
+        cell = Path(args.out) / f"{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}-e{epochs_}"
+        found = [(attack, cell / f"{attack}-seed{args.seeds[0]}" / "victim-000") for attack in args.attacks]
+        found = [(attack, folder) for attack, folder in found if (folder / "reconstruction.png").exists()]
+        if not found:
+            continue
+        rows.append((f"E = {epochs_}: truth", found[0][1] / "truth.png"))
+        for attack, folder in found:
+            psnr = _victim_psnr(folder.parent, 0)
+            rows.append((f"E = {epochs_}: {attack}" + (f" ({psnr:.1f} dB median)" if psnr is not None else ""),
+                         folder / "reconstruction.png"))
+    if not rows:
+        return None
+    strips = [matplotlib.image.imread(path) for _, path in rows]
+    width = max(strip.shape[1] for strip in strips)
+    figure, axes = plt.subplots(len(rows), 1, figsize=(min(16, 2 + width / 40), 0.75 * len(rows) + 0.6),
+                                squeeze=False)
+    for ax, (title, _), strip in zip(axes[:, 0], rows, strips):
+        ax.imshow(strip, cmap="gray" if strip.ndim == 2 else None, aspect="equal")
+        ax.set_title(title, fontsize=8, loc="left")
+        ax.axis("off")
+    figure.suptitle(f"{args.dataset} {args.model}, n = {args.shard_size}, B = {args.batch_size}, lr {args.lr}, "
+                    f"{args.iterations} iterations: seed {args.seeds[0]}, victim 0", fontsize=9)
+    figure.tight_layout()
+    path = Path(args.out) / f"fedavg-gallery-{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _victim_psnr(folder: Path, victim: int) -> float | None:
+    """The median PSNR of one victim's images, from the run's metrics.jsonl (victims in order)."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    if len(lines) <= victim:
+        return None
+    images = json.loads(lines[victim]).get("psnr_images") or []
+    return statistics.median(images) if images else None
 
 
 if __name__ == "__main__":
