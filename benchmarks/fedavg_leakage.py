@@ -33,7 +33,8 @@ def run_cell(args: argparse.Namespace, attack: str, epochs: int, seed: int) -> P
     command = [str(Path(sys.executable).parent / "fl-sim"), "attack", *ATTACKS[attack], "--dataset", args.dataset,
                "--data-root", args.data_root, "--model", args.model, "--train-mode", "epochs",
                "--epochs", str(epochs), "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size),
-               "--lr", str(args.lr), "--iterations", str(args.iterations), "--num-victims", str(args.victims),
+               "--lr", str(args.lr), "--momentum", str(args.momentum), "--iterations", str(args.iterations),
+               "--num-victims", str(args.victims),
                "--seed", str(seed), "--out", str(out), "--force"]
     if args.label_deals:  # every attack the same rows per victim: a like-for-like budget
         command += ["--label-deals", str(args.label_deals)]
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--momentum", type=float, default=0.0, help="the clients' SGD momentum (fl-sim run's is 0.9)")
     parser.add_argument("--victims", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--iterations", type=int, default=100)
@@ -93,8 +95,8 @@ def main() -> None:
             if found is not None:
                 table[(attack, epochs)] = found
     print(f"{args.dataset}, {args.model}, n = {args.shard_size}, B = {args.batch_size}, lr {args.lr}, "
-          f"{args.iterations} iterations, {args.victims} victims x seeds {args.seeds}, label deals "
-          f"{args.label_deals or 'the presets'}")
+          f"momentum {args.momentum}, {args.iterations} iterations, {args.victims} victims x seeds {args.seeds}, "
+          f"label deals {args.label_deals or 'the presets'}")
     print("| E | attack | images | PSNR median | worst | >= 20 dB (recovered) | >= 30 dB | labels right | s / victim |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for (attack, epochs), f in table.items():
@@ -112,8 +114,8 @@ def main() -> None:
     axes[0].set(xlabel="local epochs E", ylabel="share of images >= 20 dB", ylim=(-0.02, 1.02))
     axes[1].set(xlabel="local epochs E", ylabel="PSNR median (dB)")
     axes[1].legend()
-    figure.suptitle(f"{args.dataset} {args.model}, n = {args.shard_size}, B = {args.batch_size}, "
-                    f"{args.iterations} iterations")
+    figure.suptitle(f"{args.dataset} {args.model}, n = {args.shard_size}, B = {args.batch_size}, lr {args.lr}, "
+                    f"momentum {args.momentum}, {args.iterations} iterations")
     figure.tight_layout()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     plot = Path(args.out) / f"fedavg-vs-epochs-{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}.png"
@@ -131,13 +133,18 @@ def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows: list[tuple[str, Path]] = []
+    truths: list[bytes] = []
     for epochs_ in epochs:
         cell = Path(args.out) / f"{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}-e{epochs_}"
         found = [(attack, cell / f"{attack}-seed{args.seeds[0]}" / "victim-000") for attack in args.attacks]
         found = [(attack, folder) for attack, folder in found if (folder / "reconstruction.png").exists()]
         if not found:
             continue
-        rows.append((f"E = {epochs_}: truth", found[0][1] / "truth.png"))
+        truth = (found[0][1] / "truth.png").read_bytes()
+        if truth not in truths:  # the same victim holds the same images at every E: shown once
+            rows.append((f"E = {epochs_}: truth" if truths or len(epochs) == 1 else "truth (every E)",
+                         found[0][1] / "truth.png"))
+            truths.append(truth)
         for attack, folder in found:
             psnr = _victim_psnr(folder.parent, 0)
             rows.append((f"E = {epochs_}: {attack}" + (f" ({psnr:.1f} dB median)" if psnr is not None else ""),
@@ -146,14 +153,15 @@ def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
         return None
     strips = [matplotlib.image.imread(path) for _, path in rows]
     width = max(strip.shape[1] for strip in strips)
-    figure, axes = plt.subplots(len(rows), 1, figsize=(min(16, 2 + width / 40), 0.75 * len(rows) + 0.6),
+    figure, axes = plt.subplots(len(rows), 1, figsize=(min(16, 1 + width / 90), 0.75 * len(rows) + 0.6),
                                 squeeze=False)
     for ax, (title, _), strip in zip(axes[:, 0], rows, strips):
         ax.imshow(strip, cmap="gray" if strip.ndim == 2 else None, aspect="equal")
         ax.set_title(title, fontsize=8, loc="left")
         ax.axis("off")
     figure.suptitle(f"{args.dataset} {args.model}, n = {args.shard_size}, B = {args.batch_size}, lr {args.lr}, "
-                    f"{args.iterations} iterations: seed {args.seeds[0]}, victim 0", fontsize=9)
+                    f"momentum {args.momentum}, {args.iterations} iterations: seed {args.seeds[0]}, victim 0",
+                    fontsize=9)
     figure.tight_layout()
     path = Path(args.out) / f"fedavg-gallery-{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}.png"
     figure.savefig(path, dpi=120)
