@@ -164,7 +164,7 @@ def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
                     fontsize=9)
     figure.tight_layout()
     path = Path(args.out) / f"fedavg-gallery-{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}.png"
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
 
