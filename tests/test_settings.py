@@ -11,7 +11,7 @@ from fl_sim.commands import cli
 from fl_sim.commands import run as run_module
 from fl_sim.commands.config import TASK_DEFAULTS, task_config
 from fl_sim.contract.run_config import (
-    PRESET_COUNTS,
+    OPTIONAL_COUNTS,
     SETTINGS,
     ConfigError,
     DatasetName,
@@ -87,10 +87,10 @@ def test_help_lists_the_enums_names_and_the_commands_default(capsys):
 def bound_cases():
     """(field, a value just inside its declared bounds, one just outside) for every declared bound."""
     for name, declared in SETTINGS.items():
-        integral = isinstance(getattr(RunConfig(), name), int) or name in PRESET_COUNTS
+        integral = isinstance(getattr(RunConfig(), name), int) or name in OPTIONAL_COUNTS
         step = 1 if integral else 0.5
         if declared.least is not None:  # restarts 0 reads as None ("the preset's"), so -1 is its first outside
-            yield name, declared.least, declared.least - step - (name in PRESET_COUNTS)
+            yield name, declared.least, declared.least - step - (name in OPTIONAL_COUNTS)
         if declared.above is not None:
             yield name, declared.most if declared.most is not None else declared.above + step, declared.above
         if declared.most is not None:

@@ -31,9 +31,6 @@ TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and
                  "--attack-clients (e.g. 0) to let the others train it")
 
 
-PRESET_COUNTS = ("restarts", "label_deals")  # counts whose None (0 in Flower's run config) means the preset's
-
-
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 
@@ -616,7 +613,7 @@ class RunConfig:
 
     def to_flower(self) -> dict[str, object]:
         """The run config as Flower keys and TOML-able values (the inverse of from_flower)."""
-        return {flower_key(spec.name): to_text(getattr(self, spec.name)) if spec.name not in PRESET_COUNTS
+        return {flower_key(spec.name): to_text(getattr(self, spec.name)) if spec.name not in OPTIONAL_COUNTS
                 else (getattr(self, spec.name) or 0) for spec in fields(self)}
 
     @property
@@ -718,6 +715,9 @@ class RunConfig:
 # against the models).
 MODELS_WITHOUT_BATCHNORM = (ModelName.LENET, ModelName.CNN, ModelName.MLP)
 FIELD_TYPES = typing.get_type_hints(RunConfig)
+# counts whose None means the attack preset's (restarts, label deals): Flower's run config has no null, so
+# `to_flower` writes their None as 0 and `coerce` reads a count's 0 back as None
+OPTIONAL_COUNTS = tuple(name for name, kind in FIELD_TYPES.items() if kind == int | None)
 SETTINGS: dict[str, Setting] = {spec.name: spec.metadata[SETTING] for spec in fields(RunConfig)
                                 if SETTING in spec.metadata}
 
