@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fl_sim.results.outputs import read_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 ATTACKS = {"fedavg": ["--attack", "fedavg"], "ig": ["--attack", "ig"],
            "ig-no-replay": ["--attack", "ig", "--no-replay"]}
@@ -133,7 +135,7 @@ def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows: list[tuple[str, Path]] = []
-    truths: list[bytes] = []
+    truths: dict[bytes, tuple[int, list[int]]] = {}  # a truth strip -> its row, and the E values it stands for
     for epochs_ in epochs:
         cell = Path(args.out) / f"{args.dataset}-{args.model}-n{args.shard_size}-b{args.batch_size}-e{epochs_}"
         found = [(attack, cell / f"{attack}-seed{args.seeds[0]}" / "victim-000") for attack in args.attacks]
@@ -141,16 +143,18 @@ def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
         if not found:
             continue
         truth = (found[0][1] / "truth.png").read_bytes()
-        if truth not in truths:  # the same victim holds the same images at every E: shown once
-            rows.append((f"E = {epochs_}: truth" if truths or len(epochs) == 1 else "truth (every E)",
-                         found[0][1] / "truth.png"))
-            truths.append(truth)
+        if truth not in truths:  # the same victim holds the same images at every E: each truth is shown once
+            truths[truth] = (len(rows), [])
+            rows.append(("truth", found[0][1] / "truth.png"))
+        truths[truth][1].append(epochs_)
         for attack, folder in found:
             psnr = _victim_psnr(folder.parent, 0)
             rows.append((f"E = {epochs_}: {attack}" + (f" ({psnr:.1f} dB median)" if psnr is not None else ""),
                          folder / "reconstruction.png"))
     if not rows:
         return None
+    for row, shown in truths.values():
+        rows[row] = (f"truth, E = {', '.join(map(str, shown))}", rows[row][1])
     strips = [matplotlib.image.imread(path) for _, path in rows]
     width = max(strip.shape[1] for strip in strips)
     figure, axes = plt.subplots(len(rows), 1, figsize=(min(16, 1 + width / 90), 0.75 * len(rows) + 0.6),
@@ -171,10 +175,8 @@ def write_gallery(args: argparse.Namespace, epochs: list[int]) -> Path | None:
 
 def _victim_psnr(folder: Path, victim: int) -> float | None:
     """The median PSNR of one victim's images, from the run's metrics.jsonl (victims in order)."""
-    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-    if len(lines) <= victim:
-        return None
-    images = json.loads(lines[victim]).get("psnr_images") or []
+    rows = read_jsonl(folder / "metrics.jsonl")
+    images = (rows[victim].get("psnr_images") or []) if len(rows) > victim else []
     return statistics.median(images) if images else None
 
 
