@@ -5,10 +5,13 @@ from torch import nn
 
 from attacker import AttackConfig, Status, TrainingSettings, engine, get_attack, invert
 from clients.training import local_train
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import weight_change, weights
 from fl_sim.results.metrics import psnr, score
+from fl_sim.server.attacks import AttackContext
+from fl_sim.server.passive import PassiveInversion
 
 
 def _victims(model_name, images, labels, settings, init="default"):
@@ -242,10 +245,6 @@ def test_the_batchnorm_statistics_term_is_zero_at_the_truth_and_needs_the_statis
 def test_label_deals_set_the_rows_of_a_several_step_victim(mnist):
     """--label-deals (RunConfig.label_deals) reaches the engine: a victim of K steps gets one row per deal of its
     recovered labels into the steps (the preset's 8 unless set), times its restarts."""
-    from fl_sim.contract.run_config import RunConfig
-    from fl_sim.server.attacks import AttackContext
-    from fl_sim.server.passive import PassiveInversion
-
     images, labels = mnist.tensors(range(4))
     images = images[:, :, ::2, ::2].contiguous()
     settings = TrainingSettings(lr=0.1, local_steps=4, batch_size=1)
