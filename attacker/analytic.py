@@ -73,11 +73,8 @@ class MosaicReadout:
     directions: torch.Tensor
     thresholds: torch.Tensor
     image_shape: tuple[int, int, int]
-
-    def client_readout(self, client: int) -> ImprintReadout:
-        """The plain imprint readout of one client's rows."""
-        return ImprintReadout(self.weight, self.bias, self.rows[client], self.directions, self.thresholds,
-                              self.image_shape)
+    input_scale: float = 1.0  # the rows saw (x - input_offset) * input_scale: their weight change is g times that
+    input_offset: torch.Tensor | None = None
 
     def read(self, update: dict[str, torch.Tensor], counts: dict[int, int]) -> Reconstruction:
         """Each of `counts`' clients' images (its count of them, confirmed first, placeholders last) read off
@@ -88,7 +85,9 @@ class MosaicReadout:
         weight, bias = update[self.weight].detach(), update[self.bias].detach()
         if weight.ndim != 2 or bias.shape != weight.shape[:1] or (len(rows) and int(rows.max()) >= len(bias)):
             raise ValueError(f"the update's {self.weight} of shape {tuple(weight.shape)} does not hold the rows armed")
-        local = {self.weight: weight[rows].double().cpu(), self.bias: bias[rows].double().cpu()}
+        local = {self.weight: weight[rows].double().cpu() / self.input_scale, self.bias: bias[rows].double().cpu()}
+        if self.input_offset is not None:  # a row's change g * s (x - o) over s, plus o * g, is g * x
+            local[self.weight] += self.input_offset.double().cpu() * local[self.bias][:, None]
         images, status, clients = [], [], []
         start = 0
         for client, count in counts.items():

@@ -78,7 +78,7 @@ def test_the_imprint_block_is_not_the_announced_architecture(shared_data):
     attack = ImprintAttack(cnn_mnist(imprint=64), public_images(test, 256), 10, 4)
     armed, _ = attack.surgery(weights(attack.model), SETTINGS)
     [finding] = inspect_model(armed, honest)
-    assert finding.check == InspectionCheck.ARCHITECTURE and "imprint.weight" in finding.detail
+    assert finding.check == InspectionCheck.ARCHITECTURE and "imprint.bias" in finding.detail
 
 
 def test_trap_weights_are_caught_by_their_zeros_and_a_jump_from_the_last_model(shared_data):

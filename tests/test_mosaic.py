@@ -121,8 +121,9 @@ def test_fedavg_four_steps_of_four_without_quantization(shared_data):
     """Several steps: each image moves the rows, so its change must stay a small share of a bin; read from the
     plain mean (the emulated secure aggregation) it still gives most images."""
     armed, replies, truth = federation(shared_data, "mnist", "mlp", 3, TrainingSettings(lr=0.1, local_steps=4,
-                                                                                       batch_size=4))
-    assert np.mean(shares(read_aggregate(armed, replies, 16), truth, 30)) >= 0.5
+                                                                                       batch_size=4),
+                                       rows_per_image=8)  # every row twice: 4 bins an image
+    assert np.mean(shares(read_aggregate(armed, replies, 16), truth, 30)) >= 0.8
 
 
 def test_weights_on_the_grid_pass_flowers_quantization_unrounded():
@@ -141,22 +142,23 @@ def test_weights_on_the_grid_pass_flowers_quantization_unrounded():
 
 
 def test_armed_for_the_protocol_several_steps_survive_its_quantization(shared_data):
-    """FedAvg's 4 steps move every image's rows by little; through SecAgg+'s quantization (Flower's quantize,
-    2^24 levels) the plain arming reads almost nothing, the arming for the protocol (steeper rows, clipped at
-    the range, on its grid) much of it (measured, 3 seeds of 4 CIFAR-10 clients: 41-55% at >= 30 dB armed for
-    the protocol, 9-13% without; the grid's own share grows with the clients: docs/findings.md)."""
+    """FedAvg's 4 steps: each image may move its rows by a small share of a bin only; through SecAgg+'s
+    quantization (Flower's quantize, 2^24 levels) the arming for the protocol (steeper rows, clipped at the
+    range, on its grid; the rows' twins and the centred, scaled input as for every multi-step arming) reads most
+    images, the plain arming half as many (measured, 3 seeds of 4 CIFAR-10 clients at 12 rows an image: 89-97%
+    at >= 30 dB armed for the protocol, 52-56% without; docs/findings.md)."""
     protocol = ProtocolSettings(3, 2, 8.0, 2**24, 16.0)
     settings = TrainingSettings(lr=0.05, local_steps=4, batch_size=4)
     found = {}
     for aware in (False, True):
-        armed, replies, truth = federation(shared_data, "cifar10", "cnn", 4, settings,
+        armed, replies, truth = federation(shared_data, "cifar10", "cnn", 4, settings, rows_per_image=12,
                                            protocol=protocol if aware else None)
         aggregate = protocol_aggregate(replies, [16] * 4, protocol)
         update, _ = revealed_update(aggregate, [armed.weights[client] for client in range(4)], [1.0] * 4,
                                     protocol if aware else None)
         assert armed.mosaic is not None
         found[aware] = np.mean(shares(read_clients(armed.mosaic, update, {c: 16 for c in range(4)}), truth, 30))
-    assert found[False] <= 0.2 and found[True] >= 0.3, found
+    assert found[True] >= 0.8 and found[True] >= found[False] + 0.2, found
 
 
 def test_clients_share_every_tensor_but_their_rows_biases():
@@ -208,3 +210,22 @@ def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(
     average = arrays.to_torch_state_dict()  # the imprint block stays the global (disarmed) one
     torch.testing.assert_close(average[IMPRINT_BIAS], global_weights[IMPRINT_BIAS])  # FedAvg rounds a little
     assert not torch.equal(average["base.layers.1.weight"], global_weights["base.layers.1.weight"])
+
+
+def test_over_several_steps_the_twin_rows_leave_the_logits_to_the_base_model_and_still_learn():
+    """Armed for several steps, every live row is sent twice with opposite shortcut signs: the logits are the
+    base model's own (no input shift either), yet each row and its twin get opposite, non-zero gradients."""
+    model = build_model("mlp", 1, 28, 10, imprint=2 * 2 * 2 * 8, seed=0)
+    attack = MosaicAttack(model, torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0)), blocks=2)
+    armed = attack.arm(weights(model), TrainingSettings(lr=0.1, local_steps=2, batch_size=4), [3, 7])
+    model.load_state_dict(armed.weights[3])
+    images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(model(images), model.base(images), atol=1e-5)
+    torch.nn.functional.cross_entropy(model(images), torch.arange(4)).backward()
+    assert armed.mosaic is not None
+    rows = armed.mosaic.rows[3].flatten()
+    twins = rows + rows.numel()  # the client's slice, then the same rows again (their shortcut sign -1)
+    assert torch.equal(armed.weights[3][IMPRINT_BIAS][rows], armed.weights[3][IMPRINT_BIAS][twins])
+    grad = model.imprint.bias.grad
+    assert grad is not None and float(grad[rows].abs().max()) > 0
+    assert torch.allclose(grad[rows], -grad[twins])

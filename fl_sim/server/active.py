@@ -54,7 +54,8 @@ from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, Settin
 ALPHA = 1e-3  # the imprint rows' scale: only the base model's input shift depends on it
 DRIFT_SHARE = 0.15  # K > 1 steps: one image's effect on the rows, in bins of the statistic
 BIAS_RESOLUTION = 1e-4  # K = 1: one image's bias change over the largest bias (float32 resolves 6e-8 of it)
-SERVER_OWNED = ("imprint.", "spread.")  # the imprint block's entries, re-set by the server every round
+# the imprint block's entries, re-set by the server every round
+SERVER_OWNED = ("imprint.", "spread.", "shortcut.", "centre.")
 
 
 class AnalyticAttack(Attack):

@@ -28,7 +28,18 @@ rows carry its rounding; the switched-off rows' biases may lie beyond the clippi
 the update against the clipped weights, `revealed_update`); and with several steps the rows are as steep as
 `STEEP_OVER_RANGE` x the clipping range allows (the outermost rows' biases may be clipped: those bins are lost,
 the others gain).
+
+Several steps (FedAvg) also change how the rows are driven. A row that image x switches on with gradient g moves
+a later image x' by g (x . x' + 1), and x . x' is large for any two natural images (~700 on CIFAR-10), so the
+drift rule kept g, and with it what the rows read, near SecAgg+'s quantization step. The rows instead see the
+image less the public mean, scaled by a power of two (`centre`: the drift is then g (s^2 (x - o).(x' - o) + 1),
+about 2g), and their gradient comes through the block's shortcut to the logits, not through the base model's
+input: every row is sent twice, once with each shortcut sign, so the two cancel in the logits (the base model
+sees and trains on the image alone) while each row gets its image's gradient (models/imprint.py). The readout
+reads the first copy of each row; a client's slice is its rows, then their twins, so a client needs twice the
+rows (`--imprint-bins`) for as many bins.
 """
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
@@ -59,6 +70,8 @@ STEEP_REACH = 3.0  # several steps: the rows' largest threshold x alpha, their b
 STEEP_OVER_RANGE = 2.0  # several steps through SecAgg+: the rows' largest bias over the clipping range (measured
 # on CIFAR-10, 10 clients, 4 steps of 4: 1 -> 46%, 2 -> 51%, 3 -> 43% at >= 30 dB)
 IMPRINT_WEIGHT, IMPRINT_BIAS, SPREAD = "imprint.weight", "imprint.bias", "spread.weight"
+INPUT_SCALE, INPUT_OFFSET = "centre.scale", "centre.offset"
+SHORTCUT, SIGNS = "shortcut.weight", "shortcut.signs"
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,14 @@ class MosaicAttack(Attack):
         self.model, self.public, self.blocks = model, public.float(), blocks
         self.drift_share, self.bias_change, self.protocol = drift_share, bias_change, protocol
         self.rows = model.imprint.out_features
-        self.energy = float((self.public.flatten(1) ** 2).sum(1).mean())  # mean |x|^2: how far one image moves rows
+        flat = self.public.flatten(1).double()
+        self.mean = flat.mean(0).float()  # several steps: the rows see the image less the public mean, scaled
+        centred = flat - flat.mean(0)
+        self.centred_energy = float((centred ** 2).sum(1).mean())  # mean |x - o|^2: the most one image moves rows
+        # the scale s, a power of two (on SecAgg+'s grid), with s^2 (x - o).(x' - o) near 1 for two images
+        cross = centred[:256] @ centred[:256].T
+        typical = float(cross[~torch.eye(len(cross), dtype=torch.bool)].abs().mean()) if len(cross) > 1 else 1.0
+        self.scale = 2.0 ** -round(math.log2(max(typical, 1.0)) / 2)
         self._layouts: dict[int, tuple[Imprint, float]] = {}  # by bins per block: the same every round
 
     @classmethod
@@ -90,12 +110,15 @@ class MosaicAttack(Attack):
     def settings(self) -> dict[str, SettingValue]:
         return {"imprint_blocks": self.blocks}
 
-    def layout(self, clients: int) -> tuple[Imprint, float]:
-        """One client's slice (rows 0 ..) when `clients` share the rows, and a typical bin's width."""
-        bins = self.rows // clients // self.blocks
+    def layout(self, clients: int, copies: int = 1) -> tuple[Imprint, float]:
+        """One client's slice (rows 0 ..) when `clients` share the rows, each row sent `copies` times, and a
+        typical bin's width."""
+        bins = self.rows // (clients * self.blocks * copies)
         if bins < 2:
+            least = 2 * self.blocks * clients * copies
             raise ValueError(f"mosaic: {self.rows} imprint rows cannot give {clients} clients {self.blocks} blocks of "
-                             f"2 or more bins each: raise --imprint-bins to at least {2 * self.blocks * clients}")
+                             f"2 or more bins each{' (every row twice over several steps)' if copies > 1 else ''}: "
+                             f"raise --imprint-bins to at least {least}")
         if bins not in self._layouts:
             self._layouts[bins] = imprint_layout(self.public, self.blocks, bins)
         return self._layouts[bins]
@@ -103,52 +126,91 @@ class MosaicAttack(Attack):
     def arm(self, global_weights: Weights, settings: TrainingSettings, targets: Sequence[int]) -> MosaicArmed:
         """Every target gets the shared armed block with only its own slice of rows switched on."""
         targets = sorted(targets)
-        layout, gap = self.layout(len(targets))
-        slice_rows = layout.rows.numel()
-        features = self.public[0].numel()
         one_step = settings.local_steps * settings.epochs == 1
-        per_image = settings.lr * self._input_gradient(global_weights, settings) @ self._brightness()
-        scale = float(per_image.abs().median().clamp_min(1e-12))
+        copies = 1 if one_step else 2  # several steps: every row and its twin of the opposite shortcut sign
+        layout, gap = self.layout(len(targets), copies)
+        slice_rows = layout.rows.numel()
+        live = slice_rows * copies  # one client's rows
+        features = self.public[0].numel()
         reach = float(layout.thresholds.abs().max())  # the largest statistic a row compares with
-        if one_step:  # nothing moves the rows before they are read: one image's bias change may be large
-            alpha, change = ALPHA, self.bias_change
-        else:  # one image's row change g * x moves a later image's activation by g * (x . x' + 1), which must stay
-            # drift_share of a bin (alpha * gap): the rows are as steep as the clipping range allows, for the
-            # largest change that keeps to that
-            steep = STEEP_REACH if self.protocol is None else STEEP_OVER_RANGE * self.protocol.clipping_range
-            alpha = steep / reach
-            change = self.drift_share * gap * alpha / (self.energy + 1)
-        eps = change / scale
-        dead = -max(-DEAD_BIAS, 2.5 * alpha * reach)  # below every activation, inside SecAgg+'s range
         shared = dict(global_weights)  # the base model's tensors, shared, not copied
+        if one_step:  # nothing moves the rows before they are read: one image's bias change may be large; the
+            # gradient comes through the base model's input (a brightness shift), the rows see x itself
+            alpha, scale, offset = ALPHA, 1.0, torch.zeros(features)
+            per_image = settings.lr * self._input_gradient(global_weights, settings) @ self._brightness()
+            shared[SPREAD] = self.bias_change / float(per_image.abs().median().clamp_min(1e-12)) * self._brightness()
+            shared[SHORTCUT] = torch.zeros_like(global_weights[SHORTCUT])
+        else:  # one image's change g of its rows moves a later image's activation by g (s^2 (x-o).(x'-o) + 1),
+            # which must stay drift_share of a bin (alpha * gap): the rows are as steep as the clipping range
+            # allows, see the centred image scaled (`self.scale`), and take the largest change that keeps to that;
+            # the gradient comes through the shortcut to the logits, whose twin rows cancel (models/imprint.py)
+            steep = STEEP_REACH if self.protocol is None else STEEP_OVER_RANGE * self.protocol.clipping_range
+            alpha, scale, offset = steep / reach, self.scale, self.mean
+            if self.protocol is not None:
+                offset = self.protocol.on_grid(offset)
+            change = self.drift_share * gap * alpha / (scale * scale * self.centred_energy + 1)
+            shared[SPREAD] = torch.zeros(features)
+            pattern = self._pattern(global_weights[SHORTCUT].numel())
+            gradient = self._logit_gradient(global_weights, settings, pattern)
+            shared[SHORTCUT] = change / (settings.lr * gradient) * pattern
         weight = torch.zeros(self.rows, features)
-        one = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * alpha  # (slice rows, features)
-        weight[: slice_rows * len(targets)] = one.repeat(len(targets), 1)
+        one = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * (alpha / scale)  # (slice rows, features)
+        weight[: live * len(targets)] = one.repeat(copies * len(targets), 1)
         shared[IMPRINT_WEIGHT] = weight
-        shared[SPREAD] = eps * self._brightness()
-        own = -layout.thresholds.flatten() * alpha
+        shared[INPUT_SCALE] = torch.full((1,), scale)
+        shared[INPUT_OFFSET] = offset
+        signs = torch.ones(self.rows)
+        if copies > 1:  # each client's slice, then its twins
+            signs[: live * len(targets)] = torch.cat([torch.ones(slice_rows), -torch.ones(slice_rows)]).repeat(
+                len(targets))
+        shared[SIGNS] = signs
+        # a row fires when its statistic d . x passes its threshold: d . (x - o) + d . o > threshold
+        own = (-(layout.thresholds - (layout.directions @ offset)[:, None]) * alpha).flatten()
         if self.protocol is not None:  # a row whose bias the client's quantization would clip is set at the edge
             # instead: it then merges with its neighbour (an empty bin) rather than read a change that was cut off
             own = self.protocol.clipped(own)
+        own = own.repeat(copies)
+        dead = -max(-DEAD_BIAS, 2.5 * alpha * reach)  # below every activation, inside SecAgg+'s range
         rows: dict[int, torch.Tensor] = {}
         sent: dict[int, Weights] = {}
         if self.protocol is not None:  # on SecAgg+'s grid: what no client changes quantizes exactly (module doc)
-            # (not the fixed spread layer: nobody trains it, the server never reads it, and its entries may be
-            # smaller than a level)
-            shared = {name: tensor if name == SPREAD else self.protocol.on_grid(tensor)
+            # (not the fixed spread and shortcut vectors: nobody trains them, the server never reads them, and
+            # their entries may be smaller than a level)
+            shared = {name: tensor if name in (SPREAD, SHORTCUT) else self.protocol.on_grid(tensor)
                       for name, tensor in shared.items()}
         for slot, client in enumerate(targets):
             bias = torch.full((self.rows,), dead)
-            bias[slot * slice_rows:(slot + 1) * slice_rows] = own
-            rows[client] = layout.rows + slot * slice_rows
+            bias[slot * live:(slot + 1) * live] = own
+            rows[client] = layout.rows + slot * live
             sent[client] = {**shared, IMPRINT_BIAS: bias if self.protocol is None else self.protocol.on_grid(bias)}
         readout = MosaicReadout(IMPRINT_WEIGHT, IMPRINT_BIAS, rows, layout.directions, layout.thresholds,
-                                image_shape(self.public))
+                                image_shape(self.public), scale,
+                                shared[INPUT_OFFSET] if copies > 1 else None)
         return MosaicArmed(sent, None, readout)
 
     def _brightness(self) -> torch.Tensor:
         features = self.public[0].numel()
         return torch.full((features,), features ** -0.5)
+
+    @staticmethod
+    def _pattern(classes: int) -> torch.Tensor:
+        """The shortcut's direction over the logits: +1, -1, +1, ... (unit length). An untrained model's
+        p . pattern is near 0, so every label's gradient (p - y) . pattern has about the same size."""
+        return torch.tensor([(-1.0) ** k for k in range(classes)]) / classes ** 0.5
+
+    def _logit_gradient(self, global_weights: Weights, settings: TrainingSettings, pattern: torch.Tensor) -> float:
+        """The median over public images of |(p - y) . pattern|, the label y drawn from the base model's own
+        p: how large a gradient the shortcut along `pattern` hands the rows, per unit of its weight."""
+        assert isinstance(self.model, Imprinted)
+        base = self.model.base
+        base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
+        base.train()
+        images = self.public[: max(64, settings.batch_size)]
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            p = torch.cat([base(chunk).softmax(1) for chunk in images.split(max(2, settings.batch_size))])
+        along = p @ pattern
+        per_image = (p * (along[:, None] - pattern[None, :]).abs()).sum(1)
+        return float(per_image.median().clamp_min(1e-12))
 
     def _input_gradient(self, global_weights: Weights, settings: TrainingSettings) -> torch.Tensor:
         return input_gradient(self.model, self.public, global_weights, settings)

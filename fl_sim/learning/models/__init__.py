@@ -45,7 +45,7 @@ def build_model(
     if imprint:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Imprinted(model, channels, image_size, imprint)
+            model = Imprinted(model, channels, image_size, imprint, num_classes)
     return model
 
 
