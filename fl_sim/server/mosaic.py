@@ -70,7 +70,7 @@ STEEP_REACH = 3.0  # several steps: the rows' largest threshold x alpha, their b
 STEEP_OVER_RANGE = 2.0  # several steps through SecAgg+: the rows' largest bias over the clipping range (measured
 # on CIFAR-10, 10 clients, 4 steps of 4: 1 -> 46%, 2 -> 51%, 3 -> 43% at >= 30 dB)
 IMPRINT_WEIGHT, IMPRINT_BIAS, SPREAD = "imprint.weight", "imprint.bias", "spread.weight"
-INPUT_SCALE, INPUT_OFFSET = "centre.scale", "centre.offset"
+CENTRE_SCALE, CENTRE_OFFSET = "centre.scale", "centre.offset"
 SHORTCUT, SIGNS = "shortcut.weight", "shortcut.signs"
 
 
@@ -157,8 +157,8 @@ class MosaicAttack(Attack):
         one = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * (alpha / scale)  # (slice rows, features)
         weight[: live * len(targets)] = one.repeat(copies * len(targets), 1)
         shared[IMPRINT_WEIGHT] = weight
-        shared[INPUT_SCALE] = torch.full((1,), scale)
-        shared[INPUT_OFFSET] = offset
+        shared[CENTRE_SCALE] = torch.full((1,), scale)
+        shared[CENTRE_OFFSET] = offset
         signs = torch.ones(self.rows)
         if copies > 1:  # each client's slice, then its twins
             signs[: live * len(targets)] = torch.cat([torch.ones(slice_rows), -torch.ones(slice_rows)]).repeat(
@@ -185,7 +185,7 @@ class MosaicAttack(Attack):
             sent[client] = {**shared, IMPRINT_BIAS: bias if self.protocol is None else self.protocol.on_grid(bias)}
         readout = MosaicReadout(IMPRINT_WEIGHT, IMPRINT_BIAS, rows, layout.directions, layout.thresholds,
                                 image_shape(self.public), scale,
-                                shared[INPUT_OFFSET] if copies > 1 else None)
+                                shared[CENTRE_OFFSET] if copies > 1 else None)
         return MosaicArmed(sent, None, readout)
 
     def _brightness(self) -> torch.Tensor:
