@@ -256,14 +256,20 @@ class QuietTrapAttack(TrapAttack):
         return weights, readout
 
 
-def input_gradient(model: nn.Module, public: torch.Tensor, global_weights: Weights,
-                   settings: TrainingSettings) -> torch.Tensor:
-    """d loss / d input of the imprinted model's base on one public batch of B, flattened: (B, features)."""
+def global_base(model: nn.Module, global_weights: Weights) -> nn.Module:
+    """The imprinted model's base with the global weights, in train mode, as the clients run it."""
     assert isinstance(model, Imprinted)
     base = model.base
     base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
-    images = public[: max(2, settings.batch_size)].clone().requires_grad_(True)
     base.train()
+    return base
+
+
+def input_gradient(model: nn.Module, public: torch.Tensor, global_weights: Weights,
+                   settings: TrainingSettings) -> torch.Tensor:
+    """d loss / d input of the imprinted model's base on one public batch of B, flattened: (B, features)."""
+    base = global_base(model, global_weights)
+    images = public[: max(2, settings.batch_size)].clone().requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         logits = base(images)
     classes = logits.shape[1]

@@ -57,6 +57,7 @@ from fl_sim.server.active import (
     DRIFT_SHARE,
     SERVER_OWNED,
     Imprint,
+    global_base,
     image_shape,
     imprint_layout,
     input_gradient,
@@ -92,8 +93,9 @@ class MosaicAttack(Attack):
         self.drift_share, self.bias_change, self.protocol = drift_share, bias_change, protocol
         self.rows = model.imprint.out_features
         flat = self.public.flatten(1).double()
-        self.mean = flat.mean(0).float()  # several steps: the rows see the image less the public mean, scaled
-        centred = flat - flat.mean(0)
+        mean = flat.mean(0)
+        self.mean = mean.float()  # several steps: the rows see the image less the public mean, scaled
+        centred = flat - mean
         self.centred_energy = float((centred ** 2).sum(1).mean())  # mean |x - o|^2: the most one image moves rows
         # the scale s, a power of two (on SecAgg+'s grid), with s^2 (x - o).(x' - o) near 1 for two images
         cross = centred[:256] @ centred[:256].T
@@ -137,8 +139,9 @@ class MosaicAttack(Attack):
         if one_step:  # nothing moves the rows before they are read: one image's bias change may be large; the
             # gradient comes through the base model's input (a brightness shift), the rows see x itself
             alpha, scale, offset = ALPHA, 1.0, torch.zeros(features)
-            per_image = settings.lr * self._input_gradient(global_weights, settings) @ self._brightness()
-            shared[SPREAD] = self.bias_change / float(per_image.abs().median().clamp_min(1e-12)) * self._brightness()
+            brightness = self._brightness()
+            per_image = settings.lr * self._input_gradient(global_weights, settings) @ brightness
+            shared[SPREAD] = self.bias_change / float(per_image.abs().median().clamp_min(1e-12)) * brightness
             shared[SHORTCUT] = torch.zeros_like(global_weights[SHORTCUT])
         else:  # one image's change g of its rows moves a later image's activation by g (s^2 (x-o).(x'-o) + 1),
             # which must stay drift_share of a bin (alpha * gap): the rows are as steep as the clipping range
@@ -201,10 +204,7 @@ class MosaicAttack(Attack):
     def _logit_gradient(self, global_weights: Weights, settings: TrainingSettings, pattern: torch.Tensor) -> float:
         """The median over public images of |(p - y) . pattern|, the label y drawn from the base model's own
         p: how large a gradient the shortcut along `pattern` hands the rows, per unit of its weight."""
-        assert isinstance(self.model, Imprinted)
-        base = self.model.base
-        base.load_state_dict({k.removeprefix("base."): v for k, v in global_weights.items() if k.startswith("base.")})
-        base.train()
+        base = global_base(self.model, global_weights)
         images = self.public[: max(64, settings.batch_size)]
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             p = torch.cat([base(chunk).softmax(1) for chunk in images.split(max(2, settings.batch_size))])
