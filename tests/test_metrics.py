@@ -106,3 +106,16 @@ def test_failed_victims_count_as_0_db_and_nothing_recovered():
     assert with_left_out["left_out"] == 1 and summary["left_out"] == 0
     assert {**with_left_out, "left_out": 0} == summary
     assert summarise([])["psnr_median"] is None and summarise([])["failed"] == 0
+
+
+def test_contrast_matched_threshold_asks_the_same_share_of_the_variance():
+    reference = metrics.FEMNIST_PIXEL_STD
+    assert metrics.contrast_matched_db(20.0, reference) == pytest.approx(20.0)
+    # a guess at the mean has error = variance: it sits as far below the carried threshold on either data set
+    for std in (0.1, 0.31, 0.5):
+        guess_db = -10 * np.log10(std ** 2)
+        reference_guess_db = -10 * np.log10(reference ** 2)
+        assert metrics.contrast_matched_db(20.0, std) - guess_db == pytest.approx(20.0 - reference_guess_db)
+    assert metrics.contrast_matched_db(20.0, 0.3106) == pytest.approx(14.11, abs=0.01)  # MNIST
+    with pytest.raises(ValueError, match="positive"):
+        metrics.contrast_matched_db(20.0, 0.0)
