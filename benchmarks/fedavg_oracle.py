@@ -60,7 +60,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from attacker.fedavg import epoch_prior, merge_copies, tie_copies
+    from attacker.fedavg import deal_labels, epoch_prior, merge_copies, tie_copies
     from attacker.objectives import cosine_distance, total_variation
     from attacker.replay import LocalTraining
     from clients.defenses import defense_seed
@@ -128,19 +128,19 @@ def main() -> None:
             return cosine_distance({k: replayed[k] * root[k] for k in names}, {k: observed[k] * root[k] for k in names})
         return cosine_distance(replayed, observed)
 
-    draw = torch.Generator().manual_seed(args.seed + 1)
-    start = torch.rand(n, *shape, generator=draw)
+    # the oracle's images in the shard's order; the copies' labels dealt into every epoch as the engine deals them
+    slots = labels if args.view == "oracle" else deal_labels(labels, epochs, args.seed)
+    start = torch.rand(len(slots), *shape, generator=torch.Generator().manual_seed(args.seed + 1))
     if args.start == "class-mean":
         public = load_dataset(args.dataset, args.data_root, train=False)
         public_images, public_labels = public.tensors(range(len(public)))
-        start = torch.stack([public_images[public_labels == c].mean(0) for c in range(classes)])[labels]
+        start = torch.stack([public_images[public_labels == c].mean(0) for c in range(classes)])[slots]
     if args.view == "oracle":
-        z = start.clone().requires_grad_(True)
+        z = start.requires_grad_(True)
         targets = one_hot[orders]
     else:
-        deals = torch.cat([torch.randperm(n, generator=draw) for _ in range(epochs)])
-        targets = one_hot[deals]
-        z = tie_copies(start[deals].reshape(epochs, n, -1), targets.reshape(epochs, n, -1))
+        targets = F.one_hot(slots, classes).float()
+        z = tie_copies(start.reshape(epochs, n, -1), targets.reshape(epochs, n, -1))
         z = z.reshape(epochs * n, *shape).requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=args.lr)
     milestones = [int(args.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if args.decay == "ig" else []
