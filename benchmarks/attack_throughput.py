@@ -11,13 +11,13 @@ estimate from tensor sizes on the CPU.
     python benchmarks/attack_throughput.py [--victims 64 256 1024] [--model lenet|resnet20] [--attack ig|idlg]
         [--device cuda] [--compile] [--json FILE]
 """
-import argparse
 import json
 import platform
 import time
 from datetime import date
 from functools import partial
 
+import common
 import torch
 import torch.nn.functional as F
 
@@ -110,7 +110,7 @@ def engine_memory_per_victim(stats: dict, victims: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--victims", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="victim counts the engine is timed at, e.g. 64 256 1024")
     parser.add_argument("--model", default="lenet")
@@ -118,7 +118,7 @@ def main():
                         help="engine preset; the loop runs the same recipe")
     parser.add_argument("--iterations", type=int, default=20, help="attack iterations (an L-BFGS one is 20 updates)")
     parser.add_argument("--loop-victims", type=int, default=4, help="victims the (slow) loop is timed on")
-    parser.add_argument("--device", default="auto")
+    common.add_device(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine's batched row loss")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -6,27 +6,23 @@ yet; this script runs the same victims (real client code, fl-sim's metrics) once
 
     OMP_NUM_THREADS=1 python benchmarks/bn_statistics.py --weights 0 1 --victims 2 --batch-size 2
 """
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    common.add_data_root(parser)
     parser.add_argument("--victims", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_seed(parser)
     args = parser.parse_args()
 
     from attacker import get_attack, invert

@@ -24,7 +24,6 @@ not merged yet) is printed `pending`, never run; a cell whose run fails is print
 cell.json), not cached. OUT/matrix.md holds the table, OUT/matrix.json the cells, OUT/defense-matrix.png the
 heat map (share at 30 dB; each cell also says 40 dB, accuracy and epsilon).
 """
-import argparse
 import json
 import os
 import shutil
@@ -35,15 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
 
-from fl_sim.commands.run import NOTHING_WORKED  # noqa: E402
-from fl_sim.contract.attacks import attack_names  # noqa: E402
-from fl_sim.contract.records import ReplyStatus  # noqa: E402
-from fl_sim.contract.run_config import ConfigError, DefenseSpec  # noqa: E402
-from fl_sim.results.outputs import read_jsonl, write_json  # noqa: E402
-from fl_sim.results.summary import RECOVERED_DB, largest_epsilon, recovered_key, summarise  # noqa: E402
+from fl_sim.commands.run import NOTHING_WORKED
+from fl_sim.contract.attacks import attack_names
+from fl_sim.contract.records import ReplyStatus
+from fl_sim.contract.run_config import ConfigError, DefenseSpec
+from fl_sim.results.outputs import read_jsonl, write_json
+from fl_sim.results.summary import RECOVERED_DB, largest_epsilon, recovered_key, summarise
 
 CLIENTS, ROUNDS, SHARD, DELTA = 3, 2, 64, 1e-5
 RETRIES = 1  # a cell whose Ray workers died under it (a shared machine) is run once more
@@ -133,7 +131,7 @@ def cell_command(row: str, name: str, folder: Path, data_root: str, init: str) -
     column = COLUMNS[name]
     flags = defense_flags(row, column)
     secure = "secagg" in " ".join(flags)
-    return [str(ROOT / ".venv" / "bin" / "fl-sim"), "run", *TASK, "--data-root", data_root,
+    return [str(common.ROOT / ".venv" / "bin" / "fl-sim"), "run", *TASK, "--data-root", data_root,
             "--init", init if column.trained else "default",
             "--local-steps", str(column.local_steps), "--batch-size", str(column.batch_size),
             "--attack", column.attack, *column.flags,
@@ -255,9 +253,9 @@ def names(text: str | None, known: dict, flag: str) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the matrix's folder (cells are cached there)")
-    parser.add_argument("--data-root", default=os.environ.get("FL_SIM_DATA"), help="where MNIST lies")
+    parser = common.make_parser(__doc__)
+    common.add_out(parser, help="the matrix's folder (cells are cached there)")
+    common.add_data_root(parser, "where MNIST lies")
     parser.add_argument("--rows", help=f"defenses to run, comma-separated (default all: {', '.join(ROWS)})")
     parser.add_argument("--cols", help=f"attacks to run, comma-separated (default all: {', '.join(COLUMNS)})")
     parser.add_argument("--init", default="default",
@@ -271,9 +269,6 @@ def main() -> int:
     parser.add_argument("--lock", help="run each cell under `flock LOCK` (a machine shared with other runs)")
     args = parser.parse_args()
     rows, cols = names(args.rows, ROWS, "--rows"), names(args.cols, COLUMNS, "--cols")
-    if not args.data_root:
-        print("defense_matrix: give --data-root (or set FL_SIM_DATA)", file=sys.stderr)
-        return 2
     out = Path(args.out)
     order = [(row, col) for col in sorted(cols, key=lambda col: col == "ig") for row in rows]  # slow IG last
     with ThreadPoolExecutor(args.parallel) as pool:  # each cell is its own fl-sim process

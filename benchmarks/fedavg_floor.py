@@ -13,27 +13,23 @@ epochs mode (MNIST, the client's private shuffle, fl-sim's own training code) th
 
     OMP_NUM_THREADS=1 python benchmarks/fedavg_floor.py --epochs 1 2 5 10 --shard-size 50 --batch-size 5 --victims 8
 """
-import argparse
 import statistics
-import sys
 from dataclasses import replace
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    common.add_data_root(parser)
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--lr", type=float, nargs="+", default=[0.01, 0.1])
     parser.add_argument("--victims", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_seed(parser)
     args = parser.parse_args()
 
     import torch

@@ -20,11 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common
+
 from fl_sim.learning.data import load_dataset
 from fl_sim.results.metrics import contrast_matched_db
 from fl_sim.results.outputs import read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
 ATTACKS = {"fedavg": ["--attack", "fedavg"], "ig": ["--attack", "ig"],
            "ig-no-replay": ["--attack", "ig", "--no-replay"]}
 RECOVERED_PSNR = 20.0  # Dimitrov et al.'s criterion: an image is recovered above 20 dB (their --delta)
@@ -81,9 +82,9 @@ def cell_figures(folders: list[Path], matched_db: float) -> dict[str, float] | N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--data-root", default=os.environ.get("FL_SIM_DATA", str(ROOT.parent / "shared" / "data")))
+    common.add_data_root(parser)
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--shard-size", type=int, default=10)
@@ -98,7 +99,7 @@ def main() -> None:
                         help="each attack's deals of the recovered labels into steps (fl-sim attack --label-deals; "
                              "0: the presets', 8 for ig; 1 gives every attack one row per victim, as fedavg's epoch "
                              "copies have in epochs mode)")
-    parser.add_argument("--out", default="out/fedavg-leakage")
+    common.add_out(parser, "out/fedavg-leakage")
     args = parser.parse_args()
 
     table: dict[tuple[str, int], dict[str, float]] = {}

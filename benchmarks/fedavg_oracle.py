@@ -22,20 +22,16 @@ iterations, pixels boxed to [0, 1]. The switches change one thing each, to test 
 
     OMP_NUM_THREADS=1 python benchmarks/fedavg_oracle.py --view oracle --epochs 10 --shard-size 50 --iterations 200
 """
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    common.add_data_root(parser)
     parser.add_argument("--model", default="cnn", help="a registry model, or paper-cnn")
     parser.add_argument("--model-init", choices=["torch", "lecun"], default="torch")
     parser.add_argument("--view", choices=["oracle", "copies"], default="oracle")
@@ -52,7 +48,7 @@ def main() -> None:
     parser.add_argument("--prior", type=float, default=1.0, help="the copies' per-class prior weight (--view copies)")
     parser.add_argument("--start", choices=["random", "class-mean"], default="random")
     parser.add_argument("--victim", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_seed(parser)
     parser.add_argument("--every", type=int, default=20, help="iterations between progress lines")
     args = parser.parse_args()
 

@@ -16,29 +16,25 @@ also measured switched on halfway through a run, after honest rounds: "from roun
     OMP_NUM_THREADS=1 python benchmarks/inspection.py --rounds 24 --clients 5
 """
 import argparse
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from clients import inspection  # noqa: E402
-from clients.app import order_seed  # noqa: E402
-from clients.inspection import Architecture, inspect_model, largest_row_cosine, largest_row_kurtosis  # noqa: E402
-from clients.training import local_train  # noqa: E402
-from fl_sim.contract.protocol import TrainingSettings  # noqa: E402
-from fl_sim.contract.run_config import DatasetName, ModelName, RunConfig  # noqa: E402
-from fl_sim.learning.data import cached_dataset, image_spec  # noqa: E402
-from fl_sim.learning.models import build_model  # noqa: E402
-from fl_sim.learning.partition import client_shards, training_examples  # noqa: E402
-from fl_sim.learning.updates import Weights, weights  # noqa: E402
-from fl_sim.server.active import AnalyticAttack, ImprintAttack, QuietTrapAttack, TrapAttack, public_images  # noqa: E402
-from fl_sim.server.mosaic import MosaicAttack  # noqa: E402
+from clients import inspection
+from clients.app import order_seed
+from clients.inspection import Architecture, inspect_model, largest_row_cosine, largest_row_kurtosis
+from clients.training import local_train
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.contract.run_config import DatasetName, ModelName, RunConfig
+from fl_sim.learning.data import cached_dataset, image_spec
+from fl_sim.learning.models import build_model
+from fl_sim.learning.partition import client_shards, training_examples
+from fl_sim.learning.updates import Weights, weights
+from fl_sim.server.active import AnalyticAttack, ImprintAttack, QuietTrapAttack, TrapAttack, public_images
+from fl_sim.server.mosaic import MosaicAttack
 
 DEFAULT_MODELS = ("cnn:mnist", "lenet:cifar10", "resnet20:cifar10", "mlp:mnist", "cnn:cifar10")
 # attack -> models (None: all). trap needs a ReLU first layer that can pass the image on (fl-sim's TrapAttack builds
@@ -48,13 +44,13 @@ IMPRINT_ROWS = 256
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="model:dataset pairs")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.6, help="share of clients sampled each round")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_data_root(parser)
+    common.add_seed(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{args.rounds} rounds, {args.clients} clients, {args.fraction:g} sampled per round, seed {args.seed}")

@@ -24,7 +24,9 @@ import time
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import common
+
+ROOT = common.ROOT
 PEER = ROOT / ".peer-venv"
 PEER_PACKAGES = ["breaching==0.1.2", "lpips==0.1.4", "hydra-core==1.3.2", "omegaconf==2.3.0",
                  "antlr4-python3-runtime==4.9.3"]
@@ -169,7 +171,6 @@ def inside(args) -> None:
     import statistics
 
     import torch
-    sys.path.insert(0, str(ROOT))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, breaching 0.1.2 from {PEER}")
     for case in args.case:
         iterations = args.iterations or CASES[case][4]
@@ -195,12 +196,12 @@ def inside(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--victims", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=None, help="default: the case's own (50, 50, 200)")
-    parser.add_argument("--data-root", default=os.environ.get("FL_SIM_DATA", str(ROOT.parent / "shared" / "data")))
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_data_root(parser)
+    common.add_seed(parser)
     parser.add_argument("--libraries", nargs="+", choices=["fl-sim", "breaching"], default=["fl-sim", "breaching"])
     parser.add_argument("--fl-sim-tv", type=float, default=None,
                         help="fl-sim's TV weight instead of the preset's "

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import common
 import numpy as np
 
 from fl_sim.commands import guard
@@ -136,7 +137,7 @@ def cumulative_share(out: Path, rows: list[dict]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--attack", default="mosaic")
     parser.add_argument("--dataset", default="cifar10")
@@ -148,8 +149,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--population", type=int, default=0, help="clients in all (0: every client, every round)")
     parser.add_argument("--defense", default="secagg-emulated")
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--out", default="out/scale")
+    common.add_data_root(parser)
+    common.add_out(parser, "out/scale", "the runs' folders")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON",
                         help="run nothing: draw the share vs clients of these --json files into --out (a .png)")

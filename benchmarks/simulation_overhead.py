@@ -17,13 +17,13 @@ wrote the same number of attack rows and the same global accuracies.
     .venv/bin/python benchmarks/simulation_overhead.py --data-root ../shared/data --compare-async \
         --clients 2 --rounds 5 --attack ig --iterations 200
 """
-import argparse
 import copy
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
@@ -113,8 +113,8 @@ def compare_async(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=None)
+    parser = common.make_parser(__doc__)
+    common.add_data_root(parser)
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--clients", type=int, default=10)
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_seed(parser)
     parser.add_argument("--compare-async", action="store_true",
                         help="time an attacked run synchronous against --attack-async instead")
     parser.add_argument("--attack", default="ig", help="with --compare-async: a passive attack (dlg, idlg, ig)")
