@@ -26,8 +26,8 @@ checks, before training (`inspect_model`):
 - `frozen`: no parameter is exactly as it was while others moved (a layer an honest federation trains always
   moves; one the server re-sets every round does not).
 
-The thresholds were set from honest FedAvg runs (benchmarks/inspection.py; docs/findings.md, section
-"Clients that inspect the model"), not from the attacks' code. Pure torch, no Flower: the mod that runs it in a
+The thresholds were set from honest FedAvg runs (benchmarks/inspection.py; docs/findings.md,
+"Can clients detect a malicious model?"), not from the attacks' code. Pure torch, no Flower: the mod that runs it in a
 ClientApp is clients/mods.py `InspectMod`; the benchmark calls it directly.
 """
 from collections.abc import Mapping

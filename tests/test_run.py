@@ -254,13 +254,13 @@ def test_a_federation_whose_size_differs_from_num_clients_is_refused():
         wait_for_clients(Nodes(3), 2)
 
 
-def test_the_readmes_flwr_run_block_runs_as_written_from_a_fresh_shell(tmp_path):
-    """The README's `flwr run` block, verbatim, in bash with a bare environment (no venv on PATH), from the
-    project folder; then its SuperLink is stopped as the README says, and what it wrote is removed."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("### Running with `flwr run`")[1].split("```bash")[1].split("```")[0]
+def test_the_usage_pages_flwr_run_block_runs_as_written_from_a_fresh_shell(tmp_path):
+    """docs/usage.md's `flwr run` block, verbatim, in bash with a bare environment (no venv on PATH), from the
+    project folder; then its SuperLink is stopped as the page says, and what it wrote is removed."""
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    block = usage.split("## Running with `flwr run`")[1].split("```bash")[1].split("```")[0]
     home, out = ROOT / "out" / "flwr-home", ROOT / "out" / "flwr-run"
-    assert not out.exists(), f"{out} is in the way of the README's command"
+    assert not out.exists(), f"{out} is in the way of docs/usage.md's command"
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
            **{key: os.environ[key] for key in ("FL_SIM_DATA",) if key in os.environ}}
     try:

@@ -58,7 +58,7 @@ def suppress_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the chosen command; what goes wrong ends in one line and an exit code (README, "Exit codes")."""
+    """Runs the chosen command; what goes wrong ends in one line and an exit code (docs/usage.md, "Exit codes")."""
     from fl_sim.commands import guard
 
     argv = sys.argv[1:] if argv is None else list(argv)

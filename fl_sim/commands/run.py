@@ -43,7 +43,7 @@ RUN_SIMULATION_DEPRECATED = "`run_simulation` function is deprecated"  # Flower 
 
 class HideRunSimulationDeprecation(logging.Filter):
     """Drops Flower's one "DEPRECATED FEATURE: run_simulation" line. Flower 1.41 has no other in-process
-    simulation (`flwr run` needs a SuperLink), so `fl-sim run` must call it; README says so once, instead of
+    simulation (`flwr run` needs a SuperLink), so `fl-sim run` must call it; docs/usage.md says so once, instead of
     every run warning. Every other Flower message, deprecations included, still passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None, metavar="ADDR",
                      help="attach the simulation to this running Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for "
                           "the one started on this machine) instead of starting Ray in this process; default "
-                          "$RAY_ADDRESS; README says how to spread a run over machines")
+                          "$RAY_ADDRESS; docs/deployment.md says how to spread a run over machines")
     secagg = parser.add_argument_group(Group.DEFENSE.value)
     config.add_settings(secagg, Group.DEFENSE, DEFAULTS)
     reliability = parser.add_argument_group(Group.FAULTS.value)

@@ -22,7 +22,7 @@ that reads them back off the updates; `aggregated` says what of a target's reply
   bias it sets) it writes noise of QUIET times the honest layer's spread, and it jitters every parameter by as
   much again, with fresh draws each round, so no layer is ever exactly as it was. Armed from a client's first
   round on, it never jumps away from the model the client saw last. What it gives up for that is measured in
-  docs/findings.md ("Clients that inspect the model").
+  docs/findings.md ("Can clients detect a malicious model?").
 
 Scales, for float32: the server reads new - sent in float32, so a row's change from one image must stand
 far above its weights' resolution (6e-8 of them), while within a round of K steps the rows must not move
