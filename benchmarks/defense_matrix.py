@@ -8,7 +8,7 @@
 Rows are what the clients (or the server's Flower wrapper) do, columns the server's attack; ROWS and COLUMNS
 below hold their flags. Each cell runs `fl-sim run` (Ray simulation: 3 clients, 2 rounds, MNIST, the ConvNet,
 plain SGD at lr 0.01, shards of 64 examples; from the --init checkpoint, except IG's column, which starts
-untrained: IG recovers little from a trained model at this budget, docs/findings.md section 1) into
+untrained: IG recovers little from a trained model at this budget, docs/findings.md) into
 OUT/cells/<row>__<col>/, then writes cell.json there: the share of the attacked clients' images recovered at >=
 30 and 40 dB (over both rounds; IG, the slow one, reads round 1 only: one step of one image, the setting where
 it works), the federation's final test accuracy, the largest DP-SGD epsilon spent by the end, and the command. A
@@ -59,7 +59,7 @@ class Column:
     batch_size: int
     flags: tuple[str, ...] = ()
     targets: bool = True  # attack client 0 only (--attack-clients 0), as trap needs; not under secure aggregation
-    trained: bool = True  # start from --init (IG works on untrained models only at this budget: docs/findings.md 1)
+    trained: bool = True  # start from --init (IG works on untrained models only at this budget: docs/findings.md)
 
     @property
     def sample_rate(self) -> float:
