@@ -26,14 +26,14 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from fl_sim.contract.protocol import TrainMode
+from fl_sim.contract.presets import AttackConfig
+from fl_sim.contract.protocol import TrainingSettings, TrainMode
 
 from .fedavg import deal_labels, epoch_prior, merge_copies, tie_copies
 from .labels import label_assignments, mean_softmax, path_mean_softmax, recover_labels
 from .objectives import OBJECTIVES, total_variation
 from .optim import make_optimizer, optimizer_bytes_per_row
 from .replay import LocalTraining
-from .settings import AttackConfig, TrainingSettings
 
 Params = dict[str, torch.Tensor]
 DIVERGENCE_FACTOR = 1e4  # a row whose loss grows this much above its start has diverged

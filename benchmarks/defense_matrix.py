@@ -40,8 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from fl_sim.commands.run import NOTHING_WORKED  # noqa: E402
 from fl_sim.contract.attacks import attack_names  # noqa: E402
+from fl_sim.contract.defenses import DefenseSpec  # noqa: E402
 from fl_sim.contract.records import ReplyStatus  # noqa: E402
-from fl_sim.contract.run_config import ConfigError, DefenseSpec  # noqa: E402
+from fl_sim.contract.setting import ConfigError  # noqa: E402
 from fl_sim.results.outputs import read_jsonl, write_json  # noqa: E402
 from fl_sim.results.summary import RECOVERED_DB, largest_epsilon, recovered_key, summarise  # noqa: E402
 

@@ -14,7 +14,8 @@ from attacker import TrainingSettings
 from clients.app import make_client_app
 from clients.defenses import defend, defense_seed, sent_weights
 from fl_sim.commands import cli
-from fl_sim.contract.run_config import ConfigError, DefenseKind, DefenseSpec
+from fl_sim.contract.defenses import DefenseKind, DefenseSpec
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import partition_indices, round_examples

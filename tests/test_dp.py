@@ -23,18 +23,11 @@ from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod, TrainOn
 from clients.privacy import spent
 from clients.secagg import SecAggPlusMod
 from clients.training import local_train
+from fl_sim.contract.defenses import DefenseSpec, DpSgd, LocalDp, ServerDp, ServerDpSide
+from fl_sim.contract.models import model_names, model_spec
 from fl_sim.contract.protocol import DP_EPSILON, DP_EPSILON_ROUND, TrainMode
-from fl_sim.contract.run_config import (
-    MODELS,
-    MODELS_WITHOUT_BATCHNORM,
-    ConfigError,
-    DefenseSpec,
-    DpSgd,
-    LocalDp,
-    RunConfig,
-    ServerDp,
-    ServerDpSide,
-)
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards
@@ -102,10 +95,10 @@ def test_bad_server_dp_is_refused(text):
 def test_dp_sgd_refuses_models_with_batch_norm_naming_those_that_work():
     """The list of models without batch norm is the models' own truth; Opacus refuses the others, and so does the
     config, in one line. Flower's mods and wrappers run on any model."""
-    for name in MODELS:
+    for name in model_names():
         model = build_model(name, 1, 28, 10)
         has_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
-        assert has_norm == (name not in MODELS_WITHOUT_BATCHNORM), name
+        assert has_norm == model_spec(name).batchnorm, name
     with pytest.raises(NotImplementedError):
         GradSampleModule(build_model("resnet20", 3, 32, 10))
     with pytest.raises(ConfigError, match="use --model lenet, cnn, mlp"):

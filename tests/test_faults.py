@@ -9,9 +9,10 @@ from attacker import Reconstruction, Status, TrainingSettings
 from clients.app import make_client_app
 from fl_sim.commands import cli
 from fl_sim.commands.config import ConfigError
+from fl_sim.contract.faults import Fault, format_faults, parse_faults
 from fl_sim.contract.protocol import PARTITION_ID
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import Fault, RunConfig, format_faults, parse_faults
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.resume import load_checkpoint
 from fl_sim.server.server_app import Scoreboard

@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from clients.app import make_client_app, order_seed
 from clients.training import local_train
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import ModelName, RunConfig
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
@@ -23,7 +23,7 @@ CLIENTS, ROUNDS = 3, 2
 
 
 def config_for(shared_data, tmp_path, **settings) -> RunConfig:
-    return RunConfig(out=str(tmp_path), num_clients=CLIENTS, data_root=str(shared_data), model=ModelName.MLP, seed=7,
+    return RunConfig(out=str(tmp_path), num_clients=CLIENTS, data_root=str(shared_data), model="mlp", seed=7,
                      min_shard=5, max_shard=23, attack="none", **settings)
 
 

@@ -15,6 +15,7 @@ from clients.inspection import Architecture, inspect_model, mask_of
 from clients.mods import PASSED, InspectMod
 from clients.training import local_train
 from fl_sim.commands import cli
+from fl_sim.contract.defenses import DefenseSpec, InspectionMode
 from fl_sim.contract.protocol import (
     INSPECT_FLAGS,
     INSPECTION_REFUSED,
@@ -24,7 +25,8 @@ from fl_sim.contract.protocol import (
     inspection_labels,
 )
 from fl_sim.contract.records import FLAGGED, ReplyStatus
-from fl_sim.contract.run_config import ConfigError, DefenseSpec, InspectionMode, RunConfig
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import cached_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names, weights

@@ -15,7 +15,9 @@ from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod
 from clients.secagg import SecAggPlusMod, legacy_fit, state_names
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_command
-from fl_sim.contract.run_config import SECAGG_MODULUS, ConfigError, DefenseSpec, RunConfig
+from fl_sim.contract.defenses import SECAGG_MODULUS, DefenseSpec
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.models import build_model
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.flower_private import SECAGG_CONFIGS, SecAggKey

@@ -10,17 +10,10 @@ import pytest
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_module
 from fl_sim.commands.config import TASK_DEFAULTS, task_config
-from fl_sim.contract.run_config import (
-    OPTIONAL_COUNTS,
-    SETTINGS,
-    ConfigError,
-    DatasetName,
-    Device,
-    ModelName,
-    PartitionScheme,
-    RunConfig,
-    flag_of,
-)
+from fl_sim.contract.models import model_names
+from fl_sim.contract.names import DatasetName, Device, PartitionScheme
+from fl_sim.contract.run_config import SETTINGS, ZERO_IS_NONE, RunConfig
+from fl_sim.contract.setting import ConfigError, flag_of
 
 ROOT = Path(__file__).resolve().parents[1]
 HAND_WRITTEN = {"attack"}  # its flag lists the attack registry's names (fl_sim/commands/config.py)
@@ -77,7 +70,7 @@ def test_help_lists_the_enums_names_and_the_commands_default(capsys):
         with pytest.raises(SystemExit):
             cli.parse_args(argv)
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-        assert f"one of {', '.join(ModelName)} (default {model})" in text
+        assert f"one of {', '.join(model_names())} (default {model})" in text
         assert f"one of {', '.join(DatasetName)} (default mnist)" in text
         assert ", ".join(Device) in text
         if argv[0] != "attack":
@@ -87,10 +80,10 @@ def test_help_lists_the_enums_names_and_the_commands_default(capsys):
 def bound_cases():
     """(field, a value just inside its declared bounds, one just outside) for every declared bound."""
     for name, declared in SETTINGS.items():
-        integral = isinstance(getattr(RunConfig(), name), int) or name in OPTIONAL_COUNTS
+        integral = isinstance(getattr(RunConfig(), name), int) or name in ZERO_IS_NONE
         step = 1 if integral else 0.5
         if declared.least is not None:  # restarts 0 reads as None ("the preset's"), so -1 is its first outside
-            yield name, declared.least, declared.least - step - (name in OPTIONAL_COUNTS)
+            yield name, declared.least, declared.least - step - (name in ZERO_IS_NONE)
         if declared.above is not None:
             yield name, declared.most if declared.most is not None else declared.above + step, declared.above
         if declared.most is not None:
@@ -124,7 +117,7 @@ def test_a_value_outside_the_bounds_is_one_line_and_exit_2_before_any_work(tmp_p
 
 def test_named_settings_are_enums_and_a_gpu_may_be_named():
     config = RunConfig.from_flower({"dataset": "cifar10", "model": "mlp", "partition": "dirichlet", "device": "cuda:1"})
-    assert (config.dataset, config.model, config.partition) == (DatasetName.CIFAR10, ModelName.MLP,
+    assert (config.dataset, config.model, config.partition) == (DatasetName.CIFAR10, "mlp",
                                                                 PartitionScheme.DIRICHLET)
     config.check()
     with pytest.raises(ConfigError, match="^unknown partition 'shards': choose one of iid, dirichlet$"):

@@ -38,8 +38,9 @@ from clients.privacy import DP_STREAM, spent
 from clients.training import local_train
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
+from fl_sim.contract.defenses import InspectionMode
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import Group, InspectionMode
+from fl_sim.contract.setting import Group
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights

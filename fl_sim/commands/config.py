@@ -10,28 +10,19 @@ import typing
 from collections.abc import Collection
 from enum import StrEnum
 
-from fl_sim.contract.attacks import attack_specs
+from fl_sim.contract.attacks import NO_ATTACK, attack_specs
+from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.protocol import TrainingSettings, TrainMode
-from fl_sim.contract.run_config import (
-    FIELD_TYPES,
-    NO_ATTACK,
-    SETTINGS,
-    ConfigError,
-    DefenseSpec,
-    Group,
-    ModelName,
-    RunConfig,
-    check_run,
-    flag_of,
-    to_text,
-)
+from fl_sim.contract.run_config import FIELD_TYPES, SETTINGS, RunConfig
+from fl_sim.contract.setting import ConfigError, Group, flag_of, to_text
+from fl_sim.results.preflight import check_run
 
 __all__ = ["ConfigError", "add_settings", "add_task_arguments", "check_task_arguments",
            "defense", "training_settings"]
 
 # What `fl-sim attack` starts from: the research setting (one image per step, DLG's LeNet).
 # Its training and attack stay the research setting's whatever `fl-sim run`'s (a demo federation) are.
-TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model=ModelName.LENET, epochs=1, lr=0.1,
+TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model="lenet", epochs=1, lr=0.1,
                           momentum=0.0, attack="idlg")
 # Where it differs from fl-sim run's (RunConfig's) defaults: what sweeps take over to default to the same setting.
 TASK_OVERRIDES = {name: getattr(TASK_DEFAULTS, name) for name in FIELD_TYPES

@@ -16,18 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_sim.commands import config, guard
-from fl_sim.contract.run_config import (
-    FIELD_TYPES,
-    SETTINGS,
-    TRAP_EVERYONE,
-    ConfigError,
-    Group,
-    RunConfig,
-    check_run,
-    flower_key,
-    trap_starves,
-)
+from fl_sim.contract.attacks import TRAP_EVERYONE, trap_starves
+from fl_sim.contract.run_config import FIELD_TYPES, SETTINGS, RunConfig, flower_key
+from fl_sim.contract.setting import ConfigError, Group
 from fl_sim.results.outputs import JSONL_LOCK, read_jsonl
+from fl_sim.results.preflight import check_run
 from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
 from fl_sim.server import lock
 

@@ -16,7 +16,8 @@ from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, Settin
 
 
 class PassiveInversion(Attack):
-    """An attack preset (attacker.PRESETS: objective, optimiser, labels, prior) run by the inversion engine."""
+    """A passive attack's registered preset (AttackSpec.preset: objective, optimiser, labels, prior) run by the
+    inversion engine."""
 
     def __init__(self, model: nn.Module, preset: AttackConfig, image_shape: tuple[int, int, int], num_classes: int,
                  iterations: int, *, replay: bool = True, device: str | torch.device = "auto", progress: bool = False,

@@ -59,9 +59,10 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fl_sim.contract.defenses import SECAGG_MODULUS
 from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, TRAIN_LOSS
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import SECAGG_MODULUS, RunConfig
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights
 from fl_sim.server.attacks import attack_round
 from fl_sim.server.flower_private import SECAGG_CONFIGS, GridClientProxy, Run, SecAggKey, dequantize, quantize

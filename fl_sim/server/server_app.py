@@ -34,6 +34,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
+from fl_sim.contract.attacks import NO_ATTACK, TRAP_EVERYONE, trap_starves
 from fl_sim.contract.protocol import (
     DP_EPSILON,
     DP_EPSILON_ROUND,
@@ -44,14 +45,8 @@ from fl_sim.contract.protocol import (
     inspection_labels,
 )
 from fl_sim.contract.records import FLAGGED
-from fl_sim.contract.run_config import (
-    NO_ATTACK,
-    TRAP_EVERYONE,
-    ConfigError,
-    RunConfig,
-    check_run,
-    trap_starves,
-)
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.accuracy import evaluate_model
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
@@ -60,6 +55,7 @@ from fl_sim.learning.updates import parameter_names
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.gallery import AGGREGATE, EMULATED, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
+from fl_sim.results.preflight import check_run
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND
 from fl_sim.server import lock
 from fl_sim.server.active import public_images
