@@ -12,7 +12,7 @@ from fl_sim.commands import run as run_module
 from fl_sim.commands.config import TASK_DEFAULTS, task_config
 from fl_sim.contract.models import model_names
 from fl_sim.contract.names import DatasetName, Device, PartitionScheme
-from fl_sim.contract.run_config import SETTINGS, ZERO_IS_NONE, RunConfig
+from fl_sim.contract.run_config import FIELD_TYPES, SETTINGS, ZERO_IS_NONE, RunConfig, flower_key
 from fl_sim.contract.setting import ConfigError, flag_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +129,44 @@ def test_the_two_flower_keys_that_differ_are_declared():
     assert "num-server-rounds" in keys and "out-dir" in keys and "rounds" not in keys
     assert RunConfig.from_flower({"num-server-rounds": 5, "out-dir": "o"}) == RunConfig(rounds=5, out="o")
     assert run_module.RESUMABLE_ELSEWHERE == ("data_root", "attack_async", "device")
+
+
+def test_an_optional_counts_zero_is_declared_shown_in_help_and_in_its_error(tmp_path, capsys):
+    """Flower's run config has no null, so an optional count's None (the attack preset's) is written 0: each such
+    setting declares what 0 means, --help says it, and a value below the bounds is refused naming it."""
+    optional_counts = {name for name, kind in FIELD_TYPES.items() if kind == int | None}
+    assert optional_counts == set(ZERO_IS_NONE) == {"restarts", "label_deals"}
+    with pytest.raises(SystemExit):
+        cli.parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random restarts per victim (0, the default: the preset's)" in text
+    assert "(0, the default: the preset's, 8)" in text
+    for name in ZERO_IS_NONE:
+        assert RunConfig.from_values({name: 0}) == RunConfig() == RunConfig.from_flower({flower_key(name): 0})
+        assert RunConfig().to_flower()[flower_key(name)] == 0
+        assert cli.main(["run", flag_of(name), "-1", "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err.strip() == \
+            f"fl-sim run: {flag_of(name)} must be at least 1, or 0 for {SETTINGS[name].zero}, got -1"
+    assert not (tmp_path / "run").exists()
+
+
+FLOATS = [name for name in SETTINGS if FIELD_TYPES[name] in (float, float | None)]
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_every_number_is_finite_from_flags_and_from_flowers_run_config(name, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=f"^{flag_of(name)} must be a finite number, got inf$"):
+        RunConfig.from_flower({flower_key(name): "inf"}).check()
+    with pytest.raises(ConfigError, match=f"^{flag_of(name)} must be a finite number, got nan$"):
+        RunConfig.from_values({name: float("nan")}).check()
+    assert cli.main(["run", flag_of(name), "inf", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"fl-sim run: {flag_of(name)} must be a finite number, got inf"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweeps_grid_keeps_the_declared_bounds_before_any_point_runs(tmp_path, capsys):
+    for grid, said in (("alpha=0.5,inf", "--alpha must be a finite number, got inf"),
+                       ("restarts=1,-1", "--restarts must be at least 1, or 0 for the preset's, got -1")):
+        assert cli.main(["sweep", "--mode", "run", "--grid", grid, "--out", str(tmp_path / "sweep")]) == 2
+        assert capsys.readouterr().err.strip().endswith(said)
+        assert not (tmp_path / "sweep" / "points").exists()

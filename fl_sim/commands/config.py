@@ -63,7 +63,7 @@ def flag_options(name: str, default: object, required: bool) -> dict[str, typing
     declared, kind = SETTINGS[name], FIELD_TYPES[name]
     if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: the flag takes an X
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    options: dict[str, typing.Any] = {"help": declared.help}
+    options: dict[str, typing.Any] = {"help": declared.full_help}
     if declared.given:
         options.update(required=required, default=None)
     elif declared.flag_default is not None:

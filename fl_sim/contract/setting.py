@@ -68,9 +68,12 @@ class Setting:
     zero: str | None = None
 
     def violation(self, flag: str, value: float) -> str | None:
-        """The sentence saying how `value` breaks this setting's bounds, or None when it keeps them."""
+        """The sentence saying how `value` breaks this setting's bounds, or None when it keeps them (every
+        number must be finite; a count whose setting declares `zero` may also be 0)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value}"
         if self.least is not None and not value >= self.least:
-            zero = f" (or 0: {self.zero})" if self.zero is not None else ""
+            zero = f", or 0 for {self.zero}" if self.zero is not None else ""
             return f"{flag} must be at least {self.least}{zero}, got {value}"
         if self.above is not None and self.most is not None and not self.above < value <= self.most:
             return f"{flag} must be in ({self.above}, {self.most}], got {value}"
@@ -82,8 +85,8 @@ class Setting:
 
     @property
     def full_help(self) -> str:
-        """The help text, with what 0 stands for where the setting declares it."""
-        return self.help if self.zero is None else f"{self.help}; 0: {self.zero}"
+        """The help text, with what 0 stands for where the setting declares it (0 is then the default)."""
+        return self.help if self.zero is None else f"{self.help} (0, the default: {self.zero})"
 
 
 def setting(default: T, declared: Setting) -> T:
