@@ -76,6 +76,22 @@ def test_the_contracts_names_are_exactly_what_the_registries_offer():
         assert "unknown dataset" not in str(error.value)
 
 
+def test_a_models_traits_are_what_its_class_builds():
+    """The model registry's traits (fl_sim/contract/models.py) against the built models: batch norm, and the
+    layer trap weights rewrite (named by the class), which sees every pixel."""
+    from fl_sim.contract.models import ModelTrait, model_specs
+
+    for spec in model_specs():
+        model = build_model(spec.name, 1, 12, 10, seed=0)
+        has_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+        assert has_norm == spec.batchnorm, spec.name
+        layer = getattr(model, "TRAP_LAYER", None)
+        assert (layer is not None) == (ModelTrait.DENSE_SEES_IMAGE in spec.traits), spec.name
+        if layer is not None:
+            assert isinstance(model.get_submodule(layer), torch.nn.Linear), spec.name
+            assert model.trap_input(torch.rand(2, 1, 12, 12)).shape[1] >= 12 * 12, spec.name
+
+
 def test_every_registered_attack_names_a_class_that_implements_the_attack_interface():
     import importlib
 
