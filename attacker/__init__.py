@@ -8,8 +8,9 @@ from fl_sim.contract.attacks import get_attack
 from fl_sim.contract.presets import AttackConfig
 from fl_sim.contract.protocol import TrainingSettings
 
-from .engine import Reconstruction, Status, invert, resolve_device, weight_change_from_gradient
+from .engine import invert
 from .labels import recover_labels
+from .reconstruction import Reconstruction, Status, resolve_device, weight_change_from_gradient
 from .replay import LocalTraining
 
 __all__ = [

@@ -81,7 +81,7 @@ def measure(model: str, dataset: str, args: argparse.Namespace) -> list[str]:
     rows = [row(model, dataset, "honest model (and passive attacks)", *inspect_run(sampled, history, honest, None)),
             margins(model, dataset, sampled, history, honest)]
     public = public_images(cached_dataset(dataset, args.data_root, False))
-    design = config.settings.for_shard(config.max_attack_images)
+    design = config.training.for_shard(config.max_attack_images)
     for name in ATTACKS:
         if not attack_spec(name).reaches(model):
             continue
@@ -112,9 +112,9 @@ def honest_federation(config: RunConfig, train, args: argparse.Namespace) -> tup
         for client in clients:
             local = build_model(config.model, channels, size, classes)
             local.load_state_dict(global_weights)
-            examples = training_examples(shards[client], config.settings, config.seed, client, server_round)
+            examples = training_examples(shards[client], config.training, config.seed, client, server_round)
             images, labels = train.tensors(examples)
-            local_train(local, images, labels, config.settings,
+            local_train(local, images, labels, config.training,
                         order_seed=order_seed(config.seed, client, server_round))
             replies.append(weights(local))
             counts.append(len(examples))

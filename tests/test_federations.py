@@ -36,11 +36,11 @@ def plain_fedavg(config: RunConfig, shared_data) -> dict[str, torch.Tensor]:
     for server_round in range(1, ROUNDS + 1):
         states, counts = [], []
         for client in range(CLIENTS):
-            examples = training_examples(shards[client], config.settings, config.seed, client, server_round)
+            examples = training_examples(shards[client], config.training, config.seed, client, server_round)
             images, labels = train.tensors(examples)
             model = build_model("mlp", 1, 28, 10)
             model.load_state_dict(global_model.state_dict())
-            local_train(model, images, labels, config.settings, order_seed(config.seed, client, server_round))
+            local_train(model, images, labels, config.training, order_seed(config.seed, client, server_round))
             states.append(model.state_dict())
             counts.append(len(examples))
         global_model.load_state_dict({name: sum(state[name] * count for state, count in zip(states, counts))
@@ -60,7 +60,7 @@ def test_each_mode_trains_the_global_model_a_plain_fedavg_loop_trains(mode, sett
                                                fraction_evaluate=0.0))
     result = strategy.start(LocalGrid(make_client_app(config), CLIENTS),
                             ArrayRecord(build_model("mlp", 1, 28, 10).state_dict()), num_rounds=ROUNDS,
-                            train_config=ConfigRecord(config.settings.to_config()))
+                            train_config=ConfigRecord(config.training.to_config()))
     assert strategy.recorder.faults == []
     expected, got = plain_fedavg(config, shared_data), result.arrays.to_torch_state_dict()
     for name in expected:
@@ -75,7 +75,7 @@ def test_shards_are_unequal_within_bounds_and_epochs_replies_say_their_size(shar
     assert all(5 <= size <= 23 for size in sizes) and len(set(sizes)) > 1
     grid, strategy = LocalGrid(make_client_app(config), CLIENTS), inverting_fedavg(Recorder(), CLIENTS, attack=None)
     messages = strategy.configure_train(1, ArrayRecord(build_model("mlp", 1, 28, 10).state_dict()),
-                                        ConfigRecord(config.settings.to_config()), grid)
+                                        ConfigRecord(config.training.to_config()), grid)
     replies = grid.send_and_receive(messages)
     assert sorted(reply.content["metrics"]["num-examples"] for reply in replies) == sorted(sizes)
 
@@ -89,7 +89,7 @@ def test_a_batchnorm_model_trains_round_after_round_with_every_reply_accepted(sh
     strategy = inverting_fedavg(sink, CLIENTS, attack=None)
     initial = build_model("resnet20", 1, 28, 10).state_dict()
     strategy.start(LocalGrid(make_client_app(config), CLIENTS), ArrayRecord(initial), num_rounds=3,
-                   train_config=ConfigRecord(config.settings.to_config()),
+                   train_config=ConfigRecord(config.training.to_config()),
                    evaluate_fn=lambda server_round, arrays: seen.append(arrays.to_torch_state_dict()))
     assert sink.faults == []
     assert len(seen) == 4  # the initial model and rounds 1-3

@@ -1,4 +1,4 @@
-"""Issue 27: interrupts that stop, runs that cannot collide, resources and memory checked before a run, files that
+"""Interrupts that stop, runs that cannot collide, resources and memory checked before a run, files that
 are not ours left alone, and bad files that end in one line with exit code 2 (never a traceback or a hang)."""
 import contextlib
 import errno

@@ -12,7 +12,7 @@ from fl_sim.commands import run as run_module
 from fl_sim.commands.config import TASK_DEFAULTS, task_config
 from fl_sim.contract.models import model_names
 from fl_sim.contract.names import DatasetName, Device, PartitionScheme
-from fl_sim.contract.run_config import FIELD_TYPES, SETTINGS, ZERO_IS_NONE, RunConfig, flower_key
+from fl_sim.contract.run_config import DECLARED, FIELD_TYPES, ZERO_IS_NONE, RunConfig, flower_key
 from fl_sim.contract.setting import ConfigError, flag_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_pyprojects_run_config_defaults_are_run_configs():
 
 def test_every_field_is_declared_and_is_a_flag_of_fl_sim_run():
     fields = {spec.name for spec in dataclasses.fields(RunConfig)}
-    assert set(SETTINGS) == fields - HAND_WRITTEN
+    assert set(DECLARED) == fields - HAND_WRITTEN
     run_parser = argparse.ArgumentParser()
     run_module.add_arguments(run_parser)
     flags = {option for action in run_parser._actions for option in action.option_strings}
@@ -79,7 +79,7 @@ def test_help_lists_the_enums_names_and_the_commands_default(capsys):
 
 def bound_cases():
     """(field, a value just inside its declared bounds, one just outside) for every declared bound."""
-    for name, declared in SETTINGS.items():
+    for name, declared in DECLARED.items():
         integral = isinstance(getattr(RunConfig(), name), int) or name in ZERO_IS_NONE
         step = 1 if integral else 0.5
         if declared.least is not None:  # restarts 0 reads as None ("the preset's"), so -1 is its first outside
@@ -98,7 +98,7 @@ def test_checks_read_each_settings_declared_bounds(name, inside, outside):
 
 
 def test_the_declared_bounds_cover_the_counts():
-    bounded = {name for name, declared in SETTINGS.items() if (declared.least, declared.above) != (None, None)}
+    bounded = {name for name, declared in DECLARED.items() if (declared.least, declared.above) != (None, None)}
     assert {"rounds", "num_clients", "iterations", "attack_every", "seed", "min_shard", "max_shard",
             "max_attack_images", "imprint_bins", "imprint_blocks", "restarts", "label_deals", "tv_weight",
             "bn_statistics", "alpha", "server_lr", "fraction_train", "secagg_shares", "secagg_threshold",
@@ -146,11 +146,11 @@ def test_an_optional_counts_zero_is_declared_shown_in_help_and_in_its_error(tmp_
         assert RunConfig().to_flower()[flower_key(name)] == 0
         assert cli.main(["run", flag_of(name), "-1", "--out", str(tmp_path / "run")]) == 2
         assert capsys.readouterr().err.strip() == \
-            f"fl-sim run: {flag_of(name)} must be at least 1, or 0 for {SETTINGS[name].zero}, got -1"
+            f"fl-sim run: {flag_of(name)} must be at least 1, or 0 for {DECLARED[name].zero}, got -1"
     assert not (tmp_path / "run").exists()
 
 
-FLOATS = [name for name in SETTINGS if FIELD_TYPES[name] in (float, float | None)]
+FLOATS = [name for name in DECLARED if FIELD_TYPES[name] in (float, float | None)]
 
 
 @pytest.mark.parametrize("name", FLOATS)
@@ -170,3 +170,21 @@ def test_a_sweeps_grid_keeps_the_declared_bounds_before_any_point_runs(tmp_path,
         assert cli.main(["sweep", "--mode", "run", "--grid", grid, "--out", str(tmp_path / "sweep")]) == 2
         assert capsys.readouterr().err.strip().endswith(said)
         assert not (tmp_path / "sweep" / "points").exists()
+
+
+def test_coercion_reads_the_declared_type_or_parser_never_the_field_name():
+    """The same value reads alike under any field of one declared type: a grammar's class parses it, an
+    optional count's 0 is None only where its Setting declares `zero`, and a Setting's own parser decides for a
+    type coercion cannot read alone (a client list)."""
+    from fl_sim.contract.defenses import DefenseSpec, ServerDp
+    from fl_sim.contract.setting import Group, Setting, coerce, parse_client_list
+
+    assert coerce(DefenseSpec, None, "clip:4+noise:0.1", "--any") == DefenseSpec.parse("clip:4+noise:0.1")
+    assert coerce(ServerDp, None, ServerDp(), "--any") == ServerDp()
+    assert coerce(int | None, Setting("h", Group.ATTACK, zero="the preset's"), 0, "--any") is None
+    assert coerce(int | None, Setting("h", Group.ATTACK), 0, "--any") == 0
+    listed = Setting("h", Group.FEDERATION, parse=parse_client_list)
+    assert coerce(tuple[int, ...] | None, listed, "2,0", "--any") == (0, 2)
+    assert coerce(tuple[int, ...] | None, listed, "all", "--any") is None
+    with pytest.raises(ConfigError, match="^--any must be an integer, got '1.5'$"):
+        coerce(int, None, "1.5", "--any")

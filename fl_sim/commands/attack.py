@@ -49,7 +49,7 @@ from fl_sim.results.outputs import rewrite_jsonl, write_json
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND, RECOVERED_DB, recovered_key
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
-from fl_sim.server.secagg import ProtocolSettings, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
 EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
@@ -180,7 +180,7 @@ def run(args) -> dict:
     counts = {victim: len(examples) for victim, examples in enumerate(indices) if victim in updates}
     revealed = None
     if defense.protocol and updates:  # what SecAgg+ reveals of the replies: Flower's quantized weighted mean
-        protocol = ProtocolSettings.of(run_config)
+        protocol = SecAggParameters.of(run_config)
         revealed = revealed_update(protocol_aggregate(replies, list(counts.values()), protocol),
                                    [sent_to[victim] for victim in counts],
                                    [protocol.weight(count) for count in counts.values()], protocol)
@@ -208,7 +208,7 @@ def run(args) -> dict:
                      "label_acc": None, "reason": "; ".join(map(str, found[victim][:3]))})
     rows.sort(key=lambda row: row["victim"])
     rewrite_jsonl(out / "metrics.jsonl", rows)
-    own = attack.settings()
+    own = attack.resolved()
     norms = [row["update_norm"] for row in rows if "update_norm" in row]
     summary = {
         **summarise(rows),

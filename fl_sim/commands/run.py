@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import TRAP_EVERYONE, trap_starves
-from fl_sim.contract.run_config import FIELD_TYPES, SETTINGS, RunConfig, flower_key
+from fl_sim.contract.run_config import DECLARED, FIELD_TYPES, RunConfig, flower_key
 from fl_sim.contract.setting import ConfigError, Group
 from fl_sim.results.outputs import JSONL_LOCK, read_jsonl
 from fl_sim.results.preflight import check_run
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # flwr is imported only once a run starts
 DEFAULTS = RunConfig()
 FIELD_NAMES = frozenset(FIELD_TYPES)  # every run setting's name: its flag's argparse dest
 # Where and with what a run computes, not what it computes: a resumed run may change these (Setting.resumable).
-RESUMABLE_ELSEWHERE = tuple(name for name, declared in SETTINGS.items() if declared.resumable)
+RESUMABLE_ELSEWHERE = tuple(name for name, declared in DECLARED.items() if declared.resumable)
 RUN_SIMULATION_DEPRECATED = "`run_simulation` function is deprecated"  # Flower 1.41 warns so on every call
 
 

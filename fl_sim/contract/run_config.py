@@ -174,7 +174,7 @@ class RunConfig:
     def __post_init__(self):
         for spec in fields(self):
             name = spec.name
-            object.__setattr__(self, name, coerce(FIELD_TYPES[name], SETTINGS.get(name), getattr(self, name),
+            object.__setattr__(self, name, coerce(FIELD_TYPES[name], DECLARED.get(name), getattr(self, name),
                                                   flag_of(name)))
 
     @classmethod
@@ -208,7 +208,7 @@ class RunConfig:
         return self.imprint_bins or (IMPRINT_BINS if spec is not None and spec.needs_imprint else 0)
 
     @property
-    def settings(self) -> TrainingSettings:
+    def training(self) -> TrainingSettings:
         """The local training the server configures every round."""
         try:
             return TrainingSettings(lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size,
@@ -223,7 +223,7 @@ class RunConfig:
         check_attack_name(self.attack)
         if self.device not in set(Device) and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be {', '.join(Device)} (or cuda:N), got {self.device!r}")
-        for name, declared in SETTINGS.items():  # the bounds each setting declares
+        for name, declared in DECLARED.items():  # the bounds each setting declares
             value = getattr(self, name)
             problem = None if value is None else declared.violation(flag_of(name), value)
             if problem:
@@ -233,7 +233,7 @@ class RunConfig:
             raise ConfigError(f"--max-shard {self.max_shard} is below --min-shard {self.min_shard}")
         if self.proximal_mu and self.strategy != StrategyName.FEDPROX:
             raise ConfigError(f"--proximal-mu is FedProx's: use it with --strategy fedprox, not {self.strategy}")
-        self.settings  # noqa: B018 (raises ConfigError for a bad training setting)
+        self.training  # noqa: B018 (raises ConfigError for a bad training setting)
         outside = [c for c in self.attack_clients or () if not 0 <= c < self.num_clients]
         if outside:
             raise ConfigError(f"--attack-clients {outside} are not clients 0..{self.num_clients - 1}")
@@ -250,15 +250,15 @@ class RunConfig:
 
 
 FIELD_TYPES = typing.get_type_hints(RunConfig)
-SETTINGS: dict[str, Setting] = {spec.name: spec.metadata[SETTING] for spec in fields(RunConfig)
+DECLARED: dict[str, Setting] = {spec.name: spec.metadata[SETTING] for spec in fields(RunConfig)
                                 if SETTING in spec.metadata}
 # the optional counts whose None is written as 0 (restarts, label deals: the attack preset's)
-ZERO_IS_NONE = tuple(name for name, declared in SETTINGS.items() if declared.zero is not None)
+ZERO_IS_NONE = tuple(name for name, declared in DECLARED.items() if declared.zero is not None)
 
 
 def flower_key(name: str) -> str:
     """Field `name`'s key in Flower's run config: its declared `flower_key`, else the name with hyphens."""
-    declared = SETTINGS.get(name)
+    declared = DECLARED.get(name)
     if declared is not None and declared.flower_key is not None:
         return declared.flower_key
     return name.replace("_", "-")

@@ -121,7 +121,7 @@ class ImprintAttack(AnalyticAttack):
     def build(cls, context: AttackContext) -> Self:
         return cls(context.model, context.public(), context.num_classes, context.config.imprint_blocks)
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"imprint_blocks": self.blocks}
 
     def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, ImprintReadout]:
@@ -247,7 +247,7 @@ class QuietTrapAttack(TrapAttack):
         super().__init__(model, public, num_classes, seed)
         self.quiet, self.armings = quiet, 0
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"quiet": self.quiet}
 
     def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, TrapReadout]:

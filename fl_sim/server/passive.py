@@ -45,7 +45,7 @@ class PassiveInversion(Attack):
                       seed=seed, victim_ids=victim_ids, device=self.device,
                       progress=self.progress, max_rows=cap)
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"iterations": self.iterations, "restarts": self.preset.restarts,
                 "label_deals": self.preset.label_assignments,
                 "bn_statistics": self.preset.bn_statistics, "tv_weight": self.preset.tv_weight}
