@@ -60,7 +60,7 @@ OWN_FILES = re.compile(r"(summary\.json|metrics\.jsonl|point\.json|victim-\d{3,}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_task_arguments(parser)
-    config.add_settings(parser.add_argument_group(Group.DEFENSE.value), Group.DEFENSE, config.TASK_DEFAULTS)
+    config.add_settings(parser.add_argument_group(Group.SECAGG.value), Group.SECAGG, config.TASK_DEFAULTS)
     parser.add_argument("--num-victims", type=int, default=8, help="victims (clients) to attack")
     parser.add_argument("--shard-size", type=int, default=32,
                         help="--train-mode epochs: the examples each victim holds and trains on (default 32)")

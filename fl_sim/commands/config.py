@@ -27,7 +27,7 @@ TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model="lenet
 # Where it differs from fl-sim run's (RunConfig's) defaults: what sweeps take over to default to the same setting.
 TASK_OVERRIDES = {name: getattr(TASK_DEFAULTS, name) for name in FIELD_TYPES
                   if getattr(TASK_DEFAULTS, name) != getattr(RunConfig(), name)}
-SECAGG_SETTINGS = tuple(name for name, declared in DECLARED.items() if declared.group == Group.DEFENSE)
+SECAGG_OPTIONS = tuple(name for name, declared in DECLARED.items() if declared.group == Group.SECAGG)
 TASK_GROUPS = (Group.DATA, Group.TRAINING, Group.ATTACK, Group.GENERAL)  # the settings every command shares
 
 
@@ -97,7 +97,7 @@ def task_config(args) -> RunConfig:
                                                      "momentum", "batchnorm", "weight_decay", "imprint_bins",
                                                      "imprint_blocks", "train_mode", "no_replay")}
     # SecAgg+'s settings (`fl-sim attack` has their flags; a sweep's points take the defaults)
-    values.update({name: getattr(args, name) for name in SECAGG_SETTINGS if hasattr(args, name)})
+    values.update({name: getattr(args, name) for name in SECAGG_OPTIONS if hasattr(args, name)})
     if getattr(args, "num_victims", None) is not None:  # the clients whose aggregate secure aggregation reveals
         values["num_clients"] = args.num_victims
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))

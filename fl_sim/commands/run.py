@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="attach the simulation to this running Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for "
                           "the one started on this machine) instead of starting Ray in this process; default "
                           "$RAY_ADDRESS; README says how to spread a run over machines")
-    secagg = parser.add_argument_group(Group.DEFENSE.value)
-    config.add_settings(secagg, Group.DEFENSE, DEFAULTS)
+    secagg = parser.add_argument_group(Group.SECAGG.value)
+    config.add_settings(secagg, Group.SECAGG, DEFAULTS)
     reliability = parser.add_argument_group(Group.FAULTS.value)
     config.add_settings(reliability, Group.FAULTS, DEFAULTS)
     reliability.add_argument("--resume", metavar="OUT",

@@ -18,6 +18,8 @@ SECAGG_MODULUS = 2**32  # SecAgg+'s masks are drawn modulo this (Flower's defaul
 
 
 class DefenseKind(StrEnum):
+    """A step a client applies to its update (clients/defenses.py `STEPS` does each)."""
+
     NOISE = "noise"  # add N(0, SIGMA^2) to every entry of the change
     CLIP = "clip"  # scale the change down to L2 norm C
     PRUNE = "prune"  # zero the fraction P of each tensor's smallest-magnitude entries

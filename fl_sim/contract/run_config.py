@@ -106,23 +106,23 @@ class RunConfig:
         metavar="SPEC"))
     secagg_shares: float = setting(3.0, Setting(  # SecAggPlusWorkflow's num_shares
         "SecAgg+: shares each client's secrets are split into, among its neighbours: a count above 2, or a "
-        "fraction (at most 1) of the round's clients (default %(default)s, Flower's example)", Group.DEFENSE,
+        "fraction (at most 1) of the round's clients (default %(default)s, Flower's example)", Group.SECAGG,
         above=0))
     secagg_threshold: float = setting(2.0, Setting(  # SecAggPlusWorkflow's reconstruction_threshold
         "SecAgg+: shares that rebuild a secret (a dropped client's mask): a count below --secagg-shares, or a "
-        "fraction (at most 1) of the shares (default %(default)s)", Group.DEFENSE, above=0))
+        "fraction (at most 1) of the shares (default %(default)s)", Group.SECAGG, above=0))
     secagg_clipping_range: float = setting(8.0, Setting(
         "SecAgg+: each client's example-weighted parameters are clipped to +-this before quantization "
-        "(default %(default)s, Flower's)", Group.DEFENSE, above=0))
+        "(default %(default)s, Flower's)", Group.SECAGG, above=0))
     secagg_quantization_range: int = setting(2**22, Setting(
         "SecAgg+: quantization levels over the clipping range (default %(default)s = 2^22, Flower's; below "
-        "2^32 / clients a round, the masks' modulus)", Group.DEFENSE, above=1, most=SECAGG_MODULUS - 1))
+        "2^32 / clients a round, the masks' modulus)", Group.SECAGG, above=1, most=SECAGG_MODULUS - 1))
     secagg_max_weight: float = setting(1000.0, Setting(
         "SecAgg+: the largest example count a client may weigh in with; weights are num-examples / this, "
-        "so a smaller one quantizes finer (default %(default)s, Flower's)", Group.DEFENSE, above=0))
+        "so a smaller one quantizes finer (default %(default)s, Flower's)", Group.SECAGG, above=0))
     secagg_timeout: float = setting(0.0, Setting(  # 0: wait for every reply (a simulation's crash is a reply)
         "SecAgg+: seconds each of the protocol's four stages waits for replies; a client that misses it has "
-        "dropped out (default 0: wait for all)", Group.DEFENSE, least=0))
+        "dropped out (default 0: wait for all)", Group.SECAGG, least=0))
     server_dp: ServerDp = setting(ServerDp(), Setting(
         f"Flower's central DP wrapper around the strategy: none (default), {ServerDp.EXAMPLE} (the server clips "
         "and noises) or client:noise=Z:clip=C (Flower's fixedclipping_mod clips on the clients); the attack reads "

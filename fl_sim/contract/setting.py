@@ -30,7 +30,7 @@ class Group(StrEnum):
     ATTACK = "attack"
     FEDERATION = "federation"
     FAULTS = "faults and interruptions"
-    DEFENSE = "secure aggregation (Flower's SecAgg+, --defense secagg)"
+    SECAGG = "secure aggregation (Flower's SecAgg+, --defense secagg)"
     GENERAL = "general"  # the command's own top-level flags (--out, --seed)
 
 
