@@ -135,7 +135,7 @@ class RunConfig:
         "random restarts per victim", Group.ATTACK, least=1, zero="the preset's"))
     label_deals: int | None = setting(None, Setting(  # None: the attack preset's
         "several steps a round: ways of dealing the recovered labels into the steps, each optimised as its own row "
-        "and the best kept (the FedAvg attack's epoch copies take one deal each)", Group.ATTACK, least=1,
+        "and the best kept; the FedAvg attack's epoch copies take one deal each", Group.ATTACK, least=1,
         zero="the preset's, 8"))
     bn_statistics: float = setting(0.0, Setting(  # weight of the batch-norm statistics term (GradInversion); 0: off
         "weight of a term matching the batch-norm running statistics the client sent to those the replay produces "
