@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Reconstruction, Status
+from .reconstruction import Reconstruction, Status
 
 CONFIRMED, UNCONFIRMED, UNRECOVERED = "confirmed", "unconfirmed", "unrecovered"
 PIXEL_SLACK = 0.02  # a candidate with pixels outside [-slack, 1 + slack] is no image (noise over noise, or a mixture)

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fl_sim.contract.protocol import TrainingSettings
+
 from .replay import functional_model, step_weights
-from .settings import TrainingSettings
 
 
 def find_last_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:

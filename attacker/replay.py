@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
-from .settings import TrainingSettings
+from fl_sim.contract.protocol import TrainingSettings
 
 Params = dict[str, torch.Tensor]
 

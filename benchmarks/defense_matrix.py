@@ -38,8 +38,9 @@ import common
 
 from fl_sim.commands.run import NOTHING_WORKED
 from fl_sim.contract.attacks import attack_names
+from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import ConfigError, DefenseSpec
+from fl_sim.contract.setting import ConfigError
 from fl_sim.results.outputs import read_jsonl, write_json
 from fl_sim.results.summary import RECOVERED_DB, largest_epsilon, recovered_key, summarise
 

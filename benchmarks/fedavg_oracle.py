@@ -8,7 +8,7 @@ into a random order per epoch, the copies tied at the start and by the per-class
 attacker/fedavg.py) run by the same loop. If the oracle recovers no more than the copies, estimating the
 orders better cannot help; the optimisation is what stops the attack.
 
-The loop is Inverting Gradients' (attacker/settings.py's `ig` and `fedavg` presets): 1 - cosine of the
+The loop is Inverting Gradients' (the `ig` and `fedavg` presets of fl_sim/contract/attacks.py): 1 - cosine of the
 updates, total variation 1e-2, Adam on the gradient's sign at 0.1, x0.1 at 3/8, 5/8 and 7/8 of the
 iterations, pixels boxed to [0, 1]. The switches change one thing each, to test what the paper
 (Dimitrov et al. 2022, eth-sri/fedavg_leakage) does differently:

@@ -27,8 +27,10 @@ from clients import inspection
 from clients.app import order_seed
 from clients.inspection import Architecture, inspect_model, largest_row_cosine, largest_row_kurtosis
 from clients.training import local_train
+from fl_sim.contract.attacks import attack_spec
+from fl_sim.contract.names import DatasetName
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import DatasetName, ModelName, RunConfig
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
@@ -39,7 +41,7 @@ from fl_sim.server.mosaic import MosaicAttack
 DEFAULT_MODELS = ("cnn:mnist", "lenet:cifar10", "resnet20:cifar10", "mlp:mnist", "cnn:cifar10")
 # attack -> models (None: all). trap needs a ReLU first layer that can pass the image on (fl-sim's TrapAttack builds
 # it for the MLP and the ConvNet only; for LeNet and ResNet-20 it refuses to arm, so there is nothing to detect)
-ATTACKS = {"imprint": None, "mosaic": None, "trap": ("mlp", "cnn"), "trap-quiet": ("mlp", "cnn")}
+ATTACKS = ("imprint", "mosaic", "trap", "trap-quiet")
 IMPRINT_ROWS = 256
 
 
@@ -66,7 +68,7 @@ def main() -> None:
 
 def measure(model: str, dataset: str, args: argparse.Namespace) -> list[str]:
     """The table's rows for one model: the honest federation's models, then each attack's arming of them."""
-    config = RunConfig(model=ModelName(model), dataset=DatasetName(dataset), data_root=args.data_root,
+    config = RunConfig(model=model, dataset=DatasetName(dataset), data_root=args.data_root,
                        num_clients=args.clients, attack="none", seed=args.seed)
     train = cached_dataset(dataset, args.data_root, True)
     (channels, size, _), classes = image_spec(train)
@@ -75,9 +77,9 @@ def measure(model: str, dataset: str, args: argparse.Namespace) -> list[str]:
     rows = [row(model, dataset, "honest model (and passive attacks)", *inspect_run(sampled, history, honest, None)),
             margins(model, dataset, sampled, history, honest)]
     public = public_images(cached_dataset(dataset, args.data_root, False))
-    design = config.settings.for_shard(config.max_attack_images)
-    for name, reaches in ATTACKS.items():
-        if reaches is not None and model not in reaches:
+    design = config.training.for_shard(config.max_attack_images)
+    for name in ATTACKS:
+        if not attack_spec(name).reaches(model):
             continue
         attack = build(name, model, channels, size, classes, public, args.seed)
         rows.append(row(model, dataset, name, *inspect_run(sampled, history, honest, (attack, design))))
@@ -106,9 +108,9 @@ def honest_federation(config: RunConfig, train, args: argparse.Namespace) -> tup
         for client in clients:
             local = build_model(config.model, channels, size, classes)
             local.load_state_dict(global_weights)
-            examples = training_examples(shards[client], config.settings, config.seed, client, server_round)
+            examples = training_examples(shards[client], config.training, config.seed, client, server_round)
             images, labels = train.tensors(examples)
-            local_train(local, images, labels, config.settings,
+            local_train(local, images, labels, config.training,
                         order_seed=order_seed(config.seed, client, server_round))
             replies.append(weights(local))
             counts.append(len(examples))

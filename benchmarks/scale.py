@@ -34,8 +34,8 @@ import common
 import numpy as np
 
 from fl_sim.commands import guard
+from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import DefenseSpec
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.partition import client_shards, training_examples
 

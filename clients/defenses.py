@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fl_sim.contract.run_config import DefenseKind, DefenseSpec
+from fl_sim.contract.defenses import DefenseKind, DefenseSpec
 from fl_sim.learning.updates import update_norm
 
 Change = dict[str, torch.Tensor]

@@ -7,8 +7,8 @@ fl_sim.contract.run_config.Fault; clients/mods.py applies them as a Flower mod.
 """
 import torch
 
+from fl_sim.contract.faults import Fault
 from fl_sim.contract.protocol import NUM_EXAMPLES
-from fl_sim.contract.run_config import Fault
 
 ABSURD_NUM_EXAMPLES = 10**9
 EXTRA_ARRAY = "injected.extra"

@@ -30,8 +30,10 @@ from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRe
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fl_sim.contract.defenses import InspectionMode, LocalDp, ServerDpSide
+from fl_sim.contract.faults import Fault
 from fl_sim.contract.protocol import ARRAYS, CONFIG, INSPECT_FLAGS, INSPECTION_REFUSED, METRICS, server_round_of
-from fl_sim.contract.run_config import Fault, InspectionMode, LocalDp, RunConfig, ServerDpSide
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names

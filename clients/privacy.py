@@ -19,8 +19,8 @@ figure is the one reported in practice, not a proof (docs/threat-models.md).
 """
 from opacus.accountants import RDPAccountant
 
+from fl_sim.contract.defenses import DpSgd
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import DpSgd
 
 DP_STREAM = 3  # defense_seed's last key for DP-SGD's noise: apart from the defense's draws and the shuffle's (2)
 

@@ -22,8 +22,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fl_sim.contract.defenses import DpSgd
 from fl_sim.contract.protocol import BatchNormMode, TrainingSettings, TrainMode
-from fl_sim.contract.run_config import DpSgd
 
 
 def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: TrainingSettings,

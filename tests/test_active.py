@@ -110,7 +110,8 @@ def test_in_a_federation_a_target_with_more_images_than_the_cap_is_not_read(shar
 def test_trap_weights_on_every_client_are_warned_about_by_the_server_app(shared_data, tmp_path, server_identity,
                                                                          monkeypatch):
     from clients.app import make_client_app
-    from fl_sim.contract.run_config import TRAP_EVERYONE, RunConfig
+    from fl_sim.contract.attacks import TRAP_EVERYONE
+    from fl_sim.contract.run_config import RunConfig
     from fl_sim.results.outputs import read_jsonl
     from fl_sim.server import server_app
 

@@ -16,8 +16,10 @@ from flower_helpers import LocalGrid
 
 from clients.app import make_client_app
 from fl_sim.commands import cli
+from fl_sim.contract.faults import Fault
 from fl_sim.contract.protocol import TrainMode
-from fl_sim.contract.run_config import ConfigError, Fault, ModelName, RunConfig
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.results import evaluation
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server import server_app
@@ -31,7 +33,7 @@ TIMING = {"seconds", "round_attack_seconds", "elapsed_seconds"}
 
 def config_for(shared_data, out: Path, **changes) -> RunConfig:
     return RunConfig(out=str(out), rounds=ROUNDS, num_clients=CLIENTS, data_root=str(shared_data),
-                     model=ModelName.LENET, train_mode=TrainMode.STEPS, batch_size=1, attack="idlg", iterations=2,
+                     model="lenet", train_mode=TrainMode.STEPS, batch_size=1, attack="idlg", iterations=2,
                      restarts=1, seed=3, inject_faults={FAULTY: Fault.NAN}, device="cpu", **changes)
 
 

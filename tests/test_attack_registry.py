@@ -11,7 +11,8 @@ from attacker.analytic import TrapReadout, recover
 from fl_sim.commands import cli
 from fl_sim.contract.attacks import AttackKind, AttackSpec, attack_names, register, unregister
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import ConfigError, RunConfig
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.updates import Weights
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed

@@ -23,18 +23,11 @@ from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod, TrainOn
 from clients.privacy import spent
 from clients.secagg import SecAggPlusMod
 from clients.training import local_train
+from fl_sim.contract.defenses import DefenseSpec, DpSgd, LocalDp, ServerDp, ServerDpSide
+from fl_sim.contract.models import model_names, model_spec
 from fl_sim.contract.protocol import DP_EPSILON, DP_EPSILON_ROUND, TrainMode
-from fl_sim.contract.run_config import (
-    MODELS,
-    MODELS_WITHOUT_BATCHNORM,
-    ConfigError,
-    DefenseSpec,
-    DpSgd,
-    LocalDp,
-    RunConfig,
-    ServerDp,
-    ServerDpSide,
-)
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards
@@ -42,7 +35,7 @@ from fl_sim.results.outputs import read_jsonl
 from fl_sim.server import server_app
 from fl_sim.server.strategy import flower_strategy, server_dp_caveat
 
-SETTINGS = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
+DECLARED = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' RDP orders (RDPAccountant's)
 
@@ -102,10 +95,10 @@ def test_bad_server_dp_is_refused(text):
 def test_dp_sgd_refuses_models_with_batch_norm_naming_those_that_work():
     """The list of models without batch norm is the models' own truth; Opacus refuses the others, and so does the
     config, in one line. Flower's mods and wrappers run on any model."""
-    for name in MODELS:
+    for name in model_names():
         model = build_model(name, 1, 28, 10)
         has_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
-        assert has_norm == (name not in MODELS_WITHOUT_BATCHNORM), name
+        assert has_norm == model_spec(name).batchnorm, name
     with pytest.raises(NotImplementedError):
         GradSampleModule(build_model("resnet20", 3, 32, 10))
     with pytest.raises(ConfigError, match="use --model lenet, cnn, mlp"):
@@ -142,7 +135,7 @@ def test_dp_sgd_clips_every_example_and_its_noise_is_seeded():
     def change(dp: DpSgd | None, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
         model = lenet()
         start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        local_train(model, images, labels, SETTINGS, dp=dp, noise_seed=seed)
+        local_train(model, images, labels, DECLARED, dp=dp, noise_seed=seed)
         after = model.state_dict()
         assert list(after) == list(start)  # Opacus' wrapper left the model's own keys
         return math.sqrt(sum(float(((after[n] - start[n]) ** 2).sum()) for n in start)), after
@@ -150,7 +143,7 @@ def test_dp_sgd_clips_every_example_and_its_noise_is_seeded():
     plain, _ = change(None)
     clip = 1e-3
     clipped, _ = change(DpSgd(noise=1e-9, clip=clip))
-    assert clipped <= SETTINGS.lr * SETTINGS.local_steps * clip * (1 + 1e-3) < plain
+    assert clipped <= DECLARED.lr * DECLARED.local_steps * clip * (1 + 1e-3) < plain
     _, first = change(DpSgd(noise=1.0, clip=1.0), seed=7)
     _, again = change(DpSgd(noise=1.0, clip=1.0), seed=7)
     _, other = change(DpSgd(noise=1.0, clip=1.0), seed=8)
@@ -162,14 +155,14 @@ def test_dp_sgd_clips_every_example_and_its_noise_is_seeded():
 def test_the_client_app_trains_with_opacus_and_reports_its_epsilon(config, shared_data):
     dp_config = dataclasses.replace(config, defense="dpsgd:noise=1.0:clip=1.0:delta=1e-5")
     weights = lenet().state_dict()
-    reply = make_client_app(dp_config)(train_message(weights, SETTINGS, server_round=3), node_context(1, 2))
+    reply = make_client_app(dp_config)(train_message(weights, DECLARED, server_round=3), node_context(1, 2))
     metrics = reply.content["metrics"]
     shards = client_shards(load_dataset("mnist", shared_data, True).labels, 2, "iid", config.alpha, config.seed,
                            config.min_shard, config.max_shard)
-    rate, steps = SETTINGS.batch_size / len(shards[1]), SETTINGS.local_steps
+    rate, steps = DECLARED.batch_size / len(shards[1]), DECLARED.local_steps
     assert metrics[DP_EPSILON_ROUND] == pytest.approx(accountant_epsilon(1.0, rate, steps, 1e-5), rel=1e-9)
     assert metrics[DP_EPSILON] == pytest.approx(accountant_epsilon(1.0, rate, 3 * steps, 1e-5), rel=1e-9)
-    plain = make_client_app(config)(train_message(weights, SETTINGS, server_round=3), node_context(1, 2))
+    plain = make_client_app(config)(train_message(weights, DECLARED, server_round=3), node_context(1, 2))
     assert DP_EPSILON not in plain.content["metrics"]
     sent, honest = (r.content["arrays"].to_torch_state_dict() for r in (reply, plain))
     assert any(not torch.allclose(sent[name], honest[name]) for name in sent)
@@ -202,7 +195,7 @@ def test_flowers_local_dp_mod_acts_on_train_messages_only(config, shared_data):
     known = make_client_app(dataclasses.replace(config, defense="ldp:clip=0.5:eps=50"))  # fl-sim run's: TrainOnly
     assert not known(query, node_context(0, 2)).has_error()
     weights = lenet().state_dict()
-    reply = app(train_message(weights, SETTINGS, server_round=1), node_context(0, 2, run_config))
+    reply = app(train_message(weights, DECLARED, server_round=1), node_context(0, 2, run_config))
     assert not reply.has_error()
     sent = reply.content["arrays"].to_torch_state_dict()
     noise = LocalDp(0.5, 50.0).noise_std
@@ -235,7 +228,7 @@ def test_the_malicious_wrapper_reads_the_replies_before_flowers_server_side_clip
          for client, update in updates.items()}))
     weights = lenet().state_dict()
     grid = LocalGrid(make_client_app(config), 2)
-    messages = strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(SETTINGS.to_config()), grid)
+    messages = strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(DECLARED.to_config()), grid)
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
     aggregate = arrays.to_torch_state_dict()
     moved = math.sqrt(sum(float(((aggregate[n] - weights[n]) ** 2).sum()) for n in weights))
@@ -296,7 +289,7 @@ def test_client_side_clipping_runs_flowers_mod_with_the_norm_flowers_wrapper_sen
         {client: math.sqrt(sum(float((change ** 2).sum()) for change in update.values()))
          for client, update in updates.items()}))
     grid = LocalGrid(make_client_app(clipped), 2)
-    messages = list(strategy.configure_train(1, ArrayRecord(lenet().state_dict()), ConfigRecord(SETTINGS.to_config()),
+    messages = list(strategy.configure_train(1, ArrayRecord(lenet().state_dict()), ConfigRecord(DECLARED.to_config()),
                                              grid))
     assert all(msg.content["config"]["clipping_norm"] == 0.05 for msg in messages)
     strategy.aggregate_train(1, grid.send_and_receive(messages))

@@ -9,9 +9,10 @@ from attacker import Reconstruction, Status, TrainingSettings
 from clients.app import make_client_app
 from fl_sim.commands import cli
 from fl_sim.commands.config import ConfigError
+from fl_sim.contract.faults import Fault, format_faults, parse_faults
 from fl_sim.contract.protocol import PARTITION_ID
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import Fault, RunConfig, format_faults, parse_faults
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.resume import load_checkpoint
 from fl_sim.server.server_app import Scoreboard
@@ -19,7 +20,7 @@ from fl_sim.server.strategy import ReplyFault, Victim
 
 REJECTED, CLIENT_ERROR = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR
 
-SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
+DECLARED = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
 # What the server says about each fault (client 0 has it, client 1 is healthy).
 EXPECTED = {
     "nan": (REJECTED, "array 'features.0.weight' is not finite (NaN or infinity)"),
@@ -47,7 +48,7 @@ def test_a_faulty_reply_is_neither_attacked_nor_averaged_and_is_recorded(kind, s
     recorder = Recorder()
     strategy = inverting_fedavg(recorder)
     replies = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(lenet().state_dict()),
-                                                             ConfigRecord(SETTINGS.to_config()), grid))
+                                                             ConfigRecord(DECLARED.to_config()), grid))
     healthy = next(r for r in replies if not r.has_error() and r.content["metrics"].get(PARTITION_ID) == 1)
     healthy_weights = healthy.content["arrays"].to_torch_state_dict()
 

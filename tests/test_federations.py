@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from clients.app import make_client_app, order_seed
 from clients.training import local_train
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import ModelName, RunConfig
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
@@ -23,7 +23,7 @@ CLIENTS, ROUNDS = 3, 2
 
 
 def config_for(shared_data, tmp_path, **settings) -> RunConfig:
-    return RunConfig(out=str(tmp_path), num_clients=CLIENTS, data_root=str(shared_data), model=ModelName.MLP, seed=7,
+    return RunConfig(out=str(tmp_path), num_clients=CLIENTS, data_root=str(shared_data), model="mlp", seed=7,
                      min_shard=5, max_shard=23, attack="none", **settings)
 
 
@@ -36,11 +36,11 @@ def plain_fedavg(config: RunConfig, shared_data) -> dict[str, torch.Tensor]:
     for server_round in range(1, ROUNDS + 1):
         states, counts = [], []
         for client in range(CLIENTS):
-            examples = training_examples(shards[client], config.settings, config.seed, client, server_round)
+            examples = training_examples(shards[client], config.training, config.seed, client, server_round)
             images, labels = train.tensors(examples)
             model = build_model("mlp", 1, 28, 10)
             model.load_state_dict(global_model.state_dict())
-            local_train(model, images, labels, config.settings, order_seed(config.seed, client, server_round))
+            local_train(model, images, labels, config.training, order_seed(config.seed, client, server_round))
             states.append(model.state_dict())
             counts.append(len(examples))
         global_model.load_state_dict({name: sum(state[name] * count for state, count in zip(states, counts))
@@ -60,7 +60,7 @@ def test_each_mode_trains_the_global_model_a_plain_fedavg_loop_trains(mode, sett
                                                fraction_evaluate=0.0))
     result = strategy.start(LocalGrid(make_client_app(config), CLIENTS),
                             ArrayRecord(build_model("mlp", 1, 28, 10).state_dict()), num_rounds=ROUNDS,
-                            train_config=ConfigRecord(config.settings.to_config()))
+                            train_config=ConfigRecord(config.training.to_config()))
     assert strategy.recorder.faults == []
     expected, got = plain_fedavg(config, shared_data), result.arrays.to_torch_state_dict()
     for name in expected:
@@ -75,7 +75,7 @@ def test_shards_are_unequal_within_bounds_and_epochs_replies_say_their_size(shar
     assert all(5 <= size <= 23 for size in sizes) and len(set(sizes)) > 1
     grid, strategy = LocalGrid(make_client_app(config), CLIENTS), inverting_fedavg(Recorder(), CLIENTS, attack=None)
     messages = strategy.configure_train(1, ArrayRecord(build_model("mlp", 1, 28, 10).state_dict()),
-                                        ConfigRecord(config.settings.to_config()), grid)
+                                        ConfigRecord(config.training.to_config()), grid)
     replies = grid.send_and_receive(messages)
     assert sorted(reply.content["metrics"]["num-examples"] for reply in replies) == sorted(sizes)
 
@@ -89,7 +89,7 @@ def test_a_batchnorm_model_trains_round_after_round_with_every_reply_accepted(sh
     strategy = inverting_fedavg(sink, CLIENTS, attack=None)
     initial = build_model("resnet20", 1, 28, 10).state_dict()
     strategy.start(LocalGrid(make_client_app(config), CLIENTS), ArrayRecord(initial), num_rounds=3,
-                   train_config=ConfigRecord(config.settings.to_config()),
+                   train_config=ConfigRecord(config.training.to_config()),
                    evaluate_fn=lambda server_round, arrays: seen.append(arrays.to_torch_state_dict()))
     assert sink.faults == []
     assert len(seen) == 4  # the initial model and rounds 1-3

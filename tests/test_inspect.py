@@ -15,6 +15,7 @@ from clients.inspection import Architecture, inspect_model, mask_of
 from clients.mods import PASSED, InspectMod
 from clients.training import local_train
 from fl_sim.commands import cli
+from fl_sim.contract.defenses import DefenseSpec, InspectionMode
 from fl_sim.contract.protocol import (
     INSPECT_FLAGS,
     INSPECTION_REFUSED,
@@ -24,7 +25,8 @@ from fl_sim.contract.protocol import (
     inspection_labels,
 )
 from fl_sim.contract.records import FLAGGED, ReplyStatus
-from fl_sim.contract.run_config import ConfigError, DefenseSpec, InspectionMode, RunConfig
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import cached_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names, weights
@@ -32,7 +34,7 @@ from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.active import ImprintAttack, QuietTrapAttack, TrapAttack, public_images
 from fl_sim.server.strategy import AttackPlan, InvertingStrategy, ServerAttack
 
-SETTINGS = TrainingSettings(lr=0.05, batch_size=16, momentum=0.9)
+DECLARED = TrainingSettings(lr=0.05, batch_size=16, momentum=0.9)
 pytestmark = pytest.mark.usefixtures("server_identity")
 
 
@@ -76,7 +78,7 @@ def test_the_imprint_block_is_not_the_announced_architecture(shared_data):
     honest = Architecture.of(cnn_mnist())
     test = cached_dataset("mnist", str(shared_data), False)
     attack = ImprintAttack(cnn_mnist(imprint=64), public_images(test, 256), 10, 4)
-    armed, _ = attack.surgery(weights(attack.model), SETTINGS)
+    armed, _ = attack.surgery(weights(attack.model), DECLARED)
     [finding] = inspect_model(armed, honest)
     assert finding.check == InspectionCheck.ARCHITECTURE and "imprint.bias" in finding.detail
 
@@ -85,13 +87,13 @@ def test_trap_weights_are_caught_by_their_zeros_and_a_jump_from_the_last_model(s
     honest = Architecture.of(cnn_mnist())
     global_weights = weights(cnn_mnist(seed=2))
     test = cached_dataset("mnist", str(shared_data), False)
-    armed, _ = TrapAttack(cnn_mnist(), public_images(test, 256), 10).surgery(global_weights, SETTINGS)
+    armed, _ = TrapAttack(cnn_mnist(), public_images(test, 256), 10).surgery(global_weights, DECLARED)
     failed = {finding.check for finding in inspect_model(armed, honest, global_weights)}
     assert {InspectionCheck.ZERO_ENTRIES, InspectionCheck.ZERO_BIAS, InspectionCheck.DUPLICATE_ROWS,
             InspectionCheck.JUMP} <= failed
     # the MLP's trap touches one layer, and leaves its biases zero
     mlp = build_model("mlp", 1, 28, 10)
-    armed, _ = TrapAttack(mlp, public_images(test, 256), 10).surgery(weights(mlp), SETTINGS)
+    armed, _ = TrapAttack(mlp, public_images(test, 256), 10).surgery(weights(mlp), DECLARED)
     assert InspectionCheck.ZERO_BIAS in {finding.check for finding in inspect_model(armed, Architecture.of(mlp))}
 
 
@@ -110,9 +112,9 @@ def test_the_quiet_trap_passes_through_the_mlp_in_its_first_round_and_after(shar
     test = cached_dataset("mnist", str(shared_data), False)
     attack = QuietTrapAttack(mlp, public_images(test, 256), 10)
     first = weights(build_model("mlp", 1, 28, 10, seed=2))
-    armed, _ = attack.surgery(first, SETTINGS)
+    armed, _ = attack.surgery(first, DECLARED)
     assert inspect_model(armed, honest) == []
-    again, _ = attack.surgery(trained(build_model("mlp", 1, 28, 10, seed=2), shared_data), SETTINGS)
+    again, _ = attack.surgery(trained(build_model("mlp", 1, 28, 10, seed=2), shared_data), DECLARED)
     assert inspect_model(again, honest, armed) == []  # the federation trained on; the trap rows moved with it
     assert {finding.check for finding in inspect_model(armed, honest, first)} == {InspectionCheck.JUMP}
 
@@ -120,7 +122,7 @@ def test_the_quiet_trap_passes_through_the_mlp_in_its_first_round_and_after(shar
 def test_the_quiet_trap_cannot_hide_the_convnets_pass_through_taps(shared_data):
     test = cached_dataset("mnist", str(shared_data), False)
     attack = QuietTrapAttack(cnn_mnist(), public_images(test, 256), 10)
-    armed, _ = attack.surgery(weights(cnn_mnist(seed=2)), SETTINGS)
+    armed, _ = attack.surgery(weights(cnn_mnist(seed=2)), DECLARED)
     assert float(armed["features.0.weight"][0, 0, 1, 1]) == pytest.approx(1.0, abs=1e-3)  # the tap, under noise
     assert {finding.check for finding in inspect_model(armed, Architecture.of(cnn_mnist()))} == \
         {InspectionCheck.PEAKED}
@@ -136,12 +138,12 @@ def test_the_mod_keeps_the_last_passed_model_in_the_context_state(shared_data):
         return _reply(msg)
 
     honest = weights(cnn_mnist(seed=4))
-    mod(train_message(honest, SETTINGS, 1), context, train)
+    mod(train_message(honest, DECLARED, 1), context, train)
     assert torch.equal(context.state.array_records[PASSED].to_torch_state_dict()["features.0.weight"],
                        honest["features.0.weight"])
     moved = {name: tensor * 1.01 for name, tensor in honest.items()}  # a round's small change everywhere ...
     jumped = {**moved, "classifier.0.weight": -honest["classifier.0.weight"]}  # ... and one layer turned around
-    reply = mod(train_message(jumped, SETTINGS, 2), context, train)
+    reply = mod(train_message(jumped, DECLARED, 2), context, train)
     assert reply.content[METRICS][INSPECT_FLAGS] == InspectionCheck.JUMP
     assert len(replies) == 2  # flag mode trains all the same
     assert torch.equal(context.state.array_records[PASSED].to_torch_state_dict()["classifier.0.weight"],
@@ -167,7 +169,7 @@ def test_a_refusal_is_recorded_and_the_round_goes_on(shared_data):
     strategy = InvertingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), attack,
                                  recorder, partitions={100: 0, 101: 1})
     messages = strategy.configure_train(1, ArrayRecord(model.state_dict()),
-                                        ConfigRecord(config.settings.to_config()), grid)
+                                        ConfigRecord(config.training.to_config()), grid)
     replies = grid.send_and_receive(messages)
     refused = next(reply for reply in replies if reply.metadata.src_node_id == 100)
     assert refused.has_error() and refused.error.code == INSPECTION_REFUSED

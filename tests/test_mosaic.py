@@ -19,7 +19,7 @@ from fl_sim.results import metrics
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import Victim
 from fl_sim.server.mosaic import IMPRINT_BIAS, SPREAD, MosaicArmed, MosaicAttack, read_clients
-from fl_sim.server.secagg import ProtocolSettings, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 from fl_sim.server.server_app import each_client
 from fl_sim.server.strategy import InvertingStrategy, ServerAttack
 
@@ -41,7 +41,7 @@ def quantized_sum(replies: list[Weights], generator: torch.Generator) -> Weights
 
 
 def federation(shared_data, dataset: str, model_name: str, clients: int, settings: TrainingSettings,
-               rows_per_image: int = 4, protocol: ProtocolSettings | None = None):
+               rows_per_image: int = 4, protocol: SecAggParameters | None = None):
     """One round of `clients` clients training the armed model: what they were sent (the arming, for SecAgg+'s
     `protocol` when given), their replies and each one's images."""
     train, test = load_dataset(dataset, shared_data, True), load_dataset(dataset, shared_data, False)
@@ -130,7 +130,7 @@ def test_weights_on_the_grid_pass_flowers_quantization_unrounded():
     """An entry on SecAgg+'s grid (clipping range 8, 2^24 levels: Flower's float32 arithmetic is exact there) comes
     out of Flower's own stochastic quantization as exactly itself, every time; off the grid it does not; beyond
     the range it stays as sent and quantizes to the range's edge."""
-    protocol = ProtocolSettings(3, 2, 8.0, 2**24, 16.0)
+    protocol = SecAggParameters(3, 2, 8.0, 2**24, 16.0)
     sent = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(0)), torch.tensor([-40.0, 9.5])])
     snapped = protocol.on_grid(sent)
     assert snapped.dtype == torch.float32 and float((snapped[:-2] - sent[:-2]).abs().max()) <= protocol.level / 2
@@ -147,7 +147,7 @@ def test_armed_for_the_protocol_several_steps_survive_its_quantization(shared_da
     range, on its grid; the rows' twins and the centred, scaled input as for every multi-step arming) reads most
     images, the plain arming half as many (measured, 3 seeds of 4 CIFAR-10 clients at 12 rows an image: 89-97%
     at >= 30 dB armed for the protocol, 52-56% without; docs/findings.md)."""
-    protocol = ProtocolSettings(3, 2, 8.0, 2**24, 16.0)
+    protocol = SecAggParameters(3, 2, 8.0, 2**24, 16.0)
     settings = TrainingSettings(lr=0.05, local_steps=4, batch_size=4)
     found = {}
     for aware in (False, True):

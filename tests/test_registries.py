@@ -57,24 +57,39 @@ def test_image_folder_and_missing_data(tiny_image_folder, tmp_path):
         load_dataset("svhn", tmp_path)
 
 
-def test_the_run_configs_names_are_exactly_what_the_registries_offer():
-    """fl_sim/contract/run_config.py's enums name what the registries offer without importing them (it must stay
-    light); they must agree."""
-    from attacker import PRESETS
-    from fl_sim.contract import run_config
+def test_the_contracts_names_are_exactly_what_the_registries_offer():
+    """fl_sim/contract names what the registries offer without importing them (it must stay light); they must
+    agree."""
+    from fl_sim.contract import names
     from fl_sim.contract.attacks import AttackKind, attack_specs
+    from fl_sim.contract.models import model_names
 
-    assert set(run_config.ModelName) == set(MODELS)
-    passive = {spec.name for spec in attack_specs() if spec.kind is AttackKind.PASSIVE}
-    assert passive == set(PRESETS)  # every preset is an attack, and every passive attack a preset
-    for spec in attack_specs():
+    assert model_names() == tuple(MODELS)
+    for spec in attack_specs():  # a passive attack runs its registered preset; an active one has none
+        assert (spec.preset is not None) == (spec.kind is AttackKind.PASSIVE), spec.name
         assert spec.models is None or set(spec.models) <= set(MODELS), spec.name
-    for scheme in run_config.PartitionScheme:  # each splits: an unknown one would say "unknown partition scheme"
+    for scheme in names.PartitionScheme:  # each splits: an unknown one would say "unknown partition scheme"
         assert len(partition_indices(np.arange(40) % 10, 2, seed=0, scheme=scheme)) == 2
-    for name in run_config.DatasetName:  # each has a loader: an unknown one would say "unknown dataset"
+    for name in names.DatasetName:  # each has a loader: an unknown one would say "unknown dataset"
         with pytest.raises(Exception) as error:
             load_dataset(name, "/nonexistent-root-for-this-test")
         assert "unknown dataset" not in str(error.value)
+
+
+def test_a_models_traits_are_what_its_class_builds():
+    """The model registry's traits (fl_sim/contract/models.py) against the built models: batch norm, and the
+    layer trap weights rewrite (named by the class), which sees every pixel."""
+    from fl_sim.contract.models import ModelTrait, model_specs
+
+    for spec in model_specs():
+        model = build_model(spec.name, 1, 12, 10, seed=0)
+        has_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+        assert has_norm == spec.batchnorm, spec.name
+        layer = getattr(model, "TRAP_LAYER", None)
+        assert (layer is not None) == (ModelTrait.DENSE_SEES_IMAGE in spec.traits), spec.name
+        if layer is not None:
+            assert isinstance(model.get_submodule(layer), torch.nn.Linear), spec.name
+            assert model.trap_input(torch.rand(2, 1, 12, 12)).shape[1] >= 12 * 12, spec.name
 
 
 def test_every_registered_attack_names_a_class_that_implements_the_attack_interface():

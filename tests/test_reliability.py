@@ -1,4 +1,4 @@
-"""Reliability: interrupts that stop, runs that cannot collide, resources and memory checked before a run, files that
+"""Interrupts that stop, runs that cannot collide, resources and memory checked before a run, files that
 are not ours left alone, and bad files that end in one line with exit code 2 (never a traceback or a hang)."""
 import contextlib
 import errno
@@ -18,7 +18,8 @@ from flower_helpers import wait_for_round_one
 from fl_sim.commands import cli, guard, pretrain, sweep
 from fl_sim.commands import run as run_command
 from fl_sim.contract.protocol import TrainMode
-from fl_sim.contract.run_config import ConfigError, ModelName, RunConfig
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.results.outputs import read_jsonl, write_json
@@ -121,7 +122,7 @@ def stopped_run(tmp_path, shared_data) -> Path:
     """A run folder as a run killed after round 1 leaves it: run.json, a checkpoint, round 1's rows."""
     out = tmp_path / "stopped"
     config = RunConfig(out=str(out), rounds=3, num_clients=2, iterations=2, seed=4, train_mode=TrainMode.STEPS,
-                       batch_size=1, model=ModelName.LENET, data_root=str(shared_data))
+                       batch_size=1, model="lenet", data_root=str(shared_data))
     write_json(out / "run.json", {"config": config.to_flower(), "seed": 4})
     weights = build_model("lenet", 1, 28, 10).state_dict()
     save_checkpoint(out, Checkpoint(1, weights, 1.0))

@@ -15,7 +15,7 @@ from PIL import Image
 from fl_sim.commands import cli, run
 from fl_sim.commands.config import ConfigError
 from fl_sim.contract.protocol import TrainMode
-from fl_sim.contract.run_config import ModelName, RunConfig
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.results.gallery import client_folder
 from fl_sim.results.outputs import append_jsonl, read_jsonl, write_json
 from fl_sim.server.resume import CHECKPOINT, Checkpoint, load_checkpoint, rewind, save_checkpoint
@@ -74,7 +74,7 @@ def stopped_run(tmp_path, shared_data):
     """An output folder as `fl-sim run` leaves it when killed before round 1 finished."""
     out = tmp_path / "stopped"
     config = RunConfig(out="/elsewhere/not/here", rounds=3, num_clients=3, iterations=5, seed=4,
-                       train_mode=TrainMode.STEPS, model=ModelName.LENET, data_root=str(shared_data))
+                       train_mode=TrainMode.STEPS, model="lenet", data_root=str(shared_data))
     write_json(out / "run.json", {"config": config.to_flower(), "seed": 4})
     return out
 

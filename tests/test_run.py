@@ -16,7 +16,10 @@ from flower_helpers import live_commands
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_module
 from fl_sim.commands.config import ConfigError
-from fl_sim.contract.run_config import DefenseKind, Fault, RunConfig, StrategyName
+from fl_sim.contract.defenses import DefenseKind
+from fl_sim.contract.faults import Fault
+from fl_sim.contract.names import StrategyName
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.partition import partition_indices, round_examples
 from fl_sim.results.outputs import read_jsonl

@@ -15,12 +15,14 @@ from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod
 from clients.secagg import SecAggPlusMod, legacy_fit, state_names
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_command
-from fl_sim.contract.run_config import SECAGG_MODULUS, ConfigError, DefenseSpec, RunConfig
+from fl_sim.contract.defenses import SECAGG_MODULUS, DefenseSpec
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.models import build_model
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.flower_private import SECAGG_CONFIGS, SecAggKey
 from fl_sim.server.resume import load_checkpoint
-from fl_sim.server.secagg import ProtocolSettings, SummingGrid, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import SecAggParameters, SummingGrid, protocol_aggregate, revealed_update
 
 # The malicious server's choice of SecAgg+ settings for 4 clients of 8 images: every weight 1 (max weight = the
 # round's count), the most levels 4 clients allow (4 x levels < 2^32) over +-1. Under Flower's defaults (+-8, 2^22
@@ -40,7 +42,7 @@ def test_the_protocols_aggregate_is_the_example_weighted_mean_to_one_level_per_c
     """Flower's own quantize/dequantize: clients weigh in with num-examples / max-weight, each entry of the sum is
     off by less than one level per client; not exactly the mean (stochastic rounding), and clipping bites."""
     replies, counts = [random_weights(seed) for seed in range(5)], [3, 8, 8, 5, 1]
-    protocol = ProtocolSettings(3, 2)
+    protocol = SecAggParameters(3, 2)
     aggregate = protocol_aggregate(replies, counts, protocol)
     mean = {name: sum(count * reply[name].double() for reply, count in zip(replies, counts)) / sum(counts)
             for name in replies[0]}
@@ -52,7 +54,7 @@ def test_the_protocols_aggregate_is_the_example_weighted_mean_to_one_level_per_c
     unweighted = {name: torch.stack([reply[name].double() for reply in replies]).mean(0) for name in replies[0]}
     assert max((aggregate[name] - unweighted[name]).abs().max().item() for name in mean) > 10 * bound
     # a range the weighted parameters leave: clipped, far from the mean
-    clipped = protocol_aggregate(replies, counts, ProtocolSettings(3, 2, clipping_range=1e-4))
+    clipped = protocol_aggregate(replies, counts, SecAggParameters(3, 2, clipping_range=1e-4))
     assert (clipped["w"] - mean["w"]).abs().max().item() > 100 * bound
 
 
@@ -60,7 +62,7 @@ def test_the_revealed_update_is_the_aggregate_against_the_same_weighted_mean_of_
     sent = [random_weights(10 + seed) for seed in range(3)]
     replies = [{name: tensor + 0.01 * (index + 1) for name, tensor in weights.items()}
                for index, weights in enumerate(sent)]
-    protocol = ProtocolSettings(3, 2, max_weight=16, quantization_range=2**28, clipping_range=1)
+    protocol = SecAggParameters(3, 2, max_weight=16, quantization_range=2**28, clipping_range=1)
     counts = [16, 16, 8]
     aggregate = protocol_aggregate(replies, counts, protocol)
     update, mean_sent = revealed_update(aggregate, sent, [protocol.weight(count) for count in counts])
@@ -88,8 +90,8 @@ def test_secagg_and_its_emulation_are_named_apart_and_the_protocols_settings_are
         with pytest.raises(ConfigError, match=message):
             RunConfig(defense="secagg", **{"num_clients": 2, **values}).check()
     RunConfig(defense="secagg-emulated", num_clients=1100).check()  # the emulation quantizes nothing
-    assert ProtocolSettings.of(RunConfig(secagg_shares=1.0, secagg_threshold=0.5)).shares == 1.0
-    assert ProtocolSettings.of(RunConfig(secagg_shares=5.0)).shares == 5
+    assert SecAggParameters.of(RunConfig(secagg_shares=1.0, secagg_threshold=0.5)).shares == 1.0
+    assert SecAggParameters.of(RunConfig(secagg_shares=5.0)).shares == 5
 
 
 def test_the_client_answers_the_legacy_fit_instruction_with_a_legacy_fitres(shared_data, server_identity):
@@ -100,7 +102,7 @@ def test_the_client_answers_the_legacy_fit_instruction_with_a_legacy_fitres(shar
     model = build_model("lenet", 1, 28, 10, seed=0).state_dict()
     assert tuple(model) == names
     parameters = ndarrays_to_parameters([tensor.numpy() for tensor in model.values()])
-    msg = Message(compat.fitins_to_recorddict(FitIns(parameters, dict(config.settings.to_config())), True),
+    msg = Message(compat.fitins_to_recorddict(FitIns(parameters, dict(config.training.to_config())), True),
                   dst_node_id=100, message_type=MessageType.TRAIN)
     seen = {}
 
@@ -159,7 +161,7 @@ def test_a_round_through_flowers_secagg_plus_survives_a_dropout_and_leaks_as_muc
     [dropped] = [row for row in rows["real"] if row["client"] == 1]
     assert dropped["reason"] == ("dropped out of the SecAgg+ round (the protocol unmasked the others' sum without "
                                  "it): client 1: injected crash (inject-faults)")
-    bound = ProtocolSettings(3, 2, clipping_range=1, quantization_range=LEVELS, max_weight=8).resolution([8, 8, 8])
+    bound = SecAggParameters(3, 2, clipping_range=1, quantization_range=LEVELS, max_weight=8).resolution([8, 8, 8])
     after_real, after_emulated = load_checkpoint(real).weights, load_checkpoint(emulated).weights
     differences = [(after_real[name].double() - after_emulated[name].double()).abs().max().item()
                    for name in after_real if after_real[name].is_floating_point()]

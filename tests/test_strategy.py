@@ -21,7 +21,7 @@ from fl_sim.server.strategy import AttackPlan, ReplyFault, RoundOffset, Victim, 
 
 REJECTED, CLIENT_ERROR, NO_REPLY = ReplyStatus.REJECTED, ReplyStatus.CLIENT_ERROR, ReplyStatus.NO_REPLY
 
-SETTINGS = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
+DECLARED = TrainingSettings(lr=0.1, local_steps=1, batch_size=1)
 CLIENTS = 2
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -44,7 +44,7 @@ def strategy_with(sink, attack="idlg", iterations=1, **options):
 def replies_of(strategy, client_app, weights, server_round):
     grid = LocalGrid(client_app, CLIENTS)
     return grid.send_and_receive(strategy.configure_train(server_round, ArrayRecord(weights),
-                                                          ConfigRecord(SETTINGS.to_config()), grid))
+                                                          ConfigRecord(DECLARED.to_config()), grid))
 
 
 def test_a_round_inverts_every_client_then_aggregates_as_fedavg(config, client_app, shared_data):
@@ -124,7 +124,7 @@ def test_the_wrapped_strategy_trains_exactly_as_it_does_alone(client_app, name):
     """Two rounds of `name` alone and wrapped (attacking every client): the same global model, to float tolerance."""
     alone, wrapped = flower_strategy(name), strategy_with(Recorder(), iterations=2, wrapped=flower_strategy(name))
     results = [strategy.start(LocalGrid(client_app, CLIENTS), ArrayRecord(lenet().state_dict()), num_rounds=2,
-                              train_config=ConfigRecord(SETTINGS.to_config())).arrays.to_torch_state_dict()
+                              train_config=ConfigRecord(DECLARED.to_config())).arrays.to_torch_state_dict()
                for strategy in (alone, wrapped)]
     assert len(wrapped.recorder) == 2  # both rounds were attacked
     initial = lenet().state_dict()
@@ -213,7 +213,7 @@ def test_a_resumed_run_goes_on_with_the_runs_own_round_numbers(config, client_ap
     sink, evaluated = Recorder(), []
     strategy = RoundOffset(strategy_with(sink), done=2)
     strategy.start(LocalGrid(client_app, CLIENTS), ArrayRecord(lenet().state_dict()), num_rounds=3,
-                   train_config=ConfigRecord(SETTINGS.to_config()),
+                   train_config=ConfigRecord(DECLARED.to_config()),
                    evaluate_fn=lambda server_round, arrays: evaluated.append(server_round))
     assert evaluated == [0, 3]
     [(server_round, victims, results)] = sink

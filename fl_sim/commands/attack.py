@@ -38,8 +38,9 @@ from clients.privacy import DP_STREAM, spent
 from clients.training import local_train
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
+from fl_sim.contract.defenses import InspectionMode
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import Group, InspectionMode
+from fl_sim.contract.setting import Group
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
@@ -48,7 +49,7 @@ from fl_sim.results.outputs import rewrite_jsonl, write_json
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND, RECOVERED_DB, recovered_key
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
-from fl_sim.server.secagg import ProtocolSettings, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
 EPILOG = (f"Exit status: 0 when at least one victim was reconstructed (however badly), 2 on bad input, "
@@ -59,7 +60,7 @@ OWN_FILES = re.compile(r"(summary\.json|metrics\.jsonl|point\.json|victim-\d{3,}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_task_arguments(parser)
-    config.add_settings(parser.add_argument_group(Group.DEFENSE.value), Group.DEFENSE, config.TASK_DEFAULTS)
+    config.add_settings(parser.add_argument_group(Group.SECAGG.value), Group.SECAGG, config.TASK_DEFAULTS)
     parser.add_argument("--num-victims", type=int, default=8, help="victims (clients) to attack")
     parser.add_argument("--shard-size", type=int, default=32,
                         help="--train-mode epochs: the examples each victim holds and trains on (default 32)")
@@ -179,7 +180,7 @@ def run(args) -> dict:
     counts = {victim: len(examples) for victim, examples in enumerate(indices) if victim in updates}
     revealed = None
     if defense.protocol and updates:  # what SecAgg+ reveals of the replies: Flower's quantized weighted mean
-        protocol = ProtocolSettings.of(run_config)
+        protocol = SecAggParameters.of(run_config)
         revealed = revealed_update(protocol_aggregate(replies, list(counts.values()), protocol),
                                    [sent_to[victim] for victim in counts],
                                    [protocol.weight(count) for count in counts.values()], protocol)
@@ -207,7 +208,7 @@ def run(args) -> dict:
                      "label_acc": None, "reason": "; ".join(map(str, found[victim][:3]))})
     rows.sort(key=lambda row: row["victim"])
     rewrite_jsonl(out / "metrics.jsonl", rows)
-    own = attack.settings()
+    own = attack.resolved()
     norms = [row["update_norm"] for row in rows if "update_norm" in row]
     summary = {
         **summarise(rows),

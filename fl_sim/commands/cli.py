@@ -8,7 +8,7 @@ import errno
 import importlib
 import sys
 
-from fl_sim.contract.run_config import ConfigError
+from fl_sim.contract.setting import ConfigError
 
 # A full disk, a quota or a read-only disk: the machine's state, not a bug (exit code 2, one line).
 NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}

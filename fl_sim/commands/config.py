@@ -10,33 +10,24 @@ import typing
 from collections.abc import Collection
 from enum import StrEnum
 
-from fl_sim.contract.attacks import attack_specs
+from fl_sim.contract.attacks import NO_ATTACK, attack_specs
+from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.protocol import TrainingSettings, TrainMode
-from fl_sim.contract.run_config import (
-    FIELD_TYPES,
-    NO_ATTACK,
-    SETTINGS,
-    ConfigError,
-    DefenseSpec,
-    Group,
-    ModelName,
-    RunConfig,
-    check_run,
-    flag_of,
-    to_text,
-)
+from fl_sim.contract.run_config import DECLARED, FIELD_TYPES, RunConfig
+from fl_sim.contract.setting import ConfigError, Group, flag_of, to_text
+from fl_sim.results.preflight import check_run
 
 __all__ = ["ConfigError", "add_settings", "add_task_arguments", "check_task_arguments",
            "defense", "training_settings"]
 
 # What `fl-sim attack` starts from: the research setting (one image per step, DLG's LeNet).
 # Its training and attack stay the research setting's whatever `fl-sim run`'s (a demo federation) are.
-TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model=ModelName.LENET, epochs=1, lr=0.1,
+TASK_DEFAULTS = RunConfig(train_mode=TrainMode.STEPS, batch_size=1, model="lenet", epochs=1, lr=0.1,
                           momentum=0.0, attack="idlg")
 # Where it differs from fl-sim run's (RunConfig's) defaults: what sweeps take over to default to the same setting.
 TASK_OVERRIDES = {name: getattr(TASK_DEFAULTS, name) for name in FIELD_TYPES
                   if getattr(TASK_DEFAULTS, name) != getattr(RunConfig(), name)}
-SECAGG_SETTINGS = tuple(name for name, declared in SETTINGS.items() if declared.group == Group.DEFENSE)
+SECAGG_OPTIONS = tuple(name for name, declared in DECLARED.items() if declared.group == Group.SECAGG)
 TASK_GROUPS = (Group.DATA, Group.TRAINING, Group.ATTACK, Group.GENERAL)  # the settings every command shares
 
 
@@ -62,17 +53,17 @@ def add_settings(container: argparse._ActionsContainer, group: Group, defaults: 
     argparse type from its annotation, its help and metavar; the default is `defaults`' value as the command
     line spells it. Values are only parsed here: RunConfig coerces and checks them (one sentence, exit 2).
     """
-    for name, declared in SETTINGS.items():
+    for name, declared in DECLARED.items():
         if declared.group == group and (only is None or name in only):
             container.add_argument(flag_of(name), **flag_options(name, getattr(defaults, name), name in required))
 
 
 def flag_options(name: str, default: object, required: bool) -> dict[str, typing.Any]:
     """add_argument's keywords for RunConfig field `name` with the command's `default` value."""
-    declared, kind = SETTINGS[name], FIELD_TYPES[name]
+    declared, kind = DECLARED[name], FIELD_TYPES[name]
     if typing.get_origin(kind) in (types.UnionType, typing.Union):  # `X | None`: the flag takes an X
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    options: dict[str, typing.Any] = {"help": declared.help}
+    options: dict[str, typing.Any] = {"help": declared.full_help}
     if declared.given:
         options.update(required=required, default=None)
     elif declared.flag_default is not None:
@@ -93,8 +84,8 @@ def flag_options(name: str, default: object, required: bool) -> dict[str, typing
 
 
 def training_settings(args) -> TrainingSettings:
-    """The client training the task flags configure (RunConfig.settings), over `--shard-size` in epochs mode."""
-    settings, shard_size = task_config(args).settings, getattr(args, "shard_size", None)
+    """The client training the task flags configure (RunConfig.training), over `--shard-size` in epochs mode."""
+    settings, shard_size = task_config(args).training, getattr(args, "shard_size", None)
     return settings if shard_size is None else settings.for_shard(shard_size)
 
 
@@ -106,7 +97,7 @@ def task_config(args) -> RunConfig:
                                                      "momentum", "batchnorm", "weight_decay", "imprint_bins",
                                                      "imprint_blocks", "train_mode", "no_replay")}
     # SecAgg+'s settings (`fl-sim attack` has their flags; a sweep's points take the defaults)
-    values.update({name: getattr(args, name) for name in SECAGG_SETTINGS if hasattr(args, name)})
+    values.update({name: getattr(args, name) for name in SECAGG_OPTIONS if hasattr(args, name)})
     if getattr(args, "num_victims", None) is not None:  # the clients whose aggregate secure aggregation reveals
         values["num_clients"] = args.num_victims
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))

@@ -29,7 +29,8 @@ import tomli_w
 
 from fl_sim.commands import config, guard, topology
 from fl_sim.commands.run import config_from_flags, headline, summary
-from fl_sim.contract.run_config import ConfigError, Group, RunConfig
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError, Group
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` submits: this project's checkout
 CERTS_SCRIPT = ROOT / "docker" / "certs.sh"

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from fl_sim.contract.run_config import ConfigError
+from fl_sim.contract.setting import ConfigError
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from attacker import resolve_device
 from fl_sim.commands import guard
-from fl_sim.contract.run_config import ConfigError, check_writable
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import DATASETS, load_dataset
 from fl_sim.learning.models import MODELS, build_model
 from fl_sim.results.outputs import atomic_write_bytes, write_json
+from fl_sim.results.preflight import check_writable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

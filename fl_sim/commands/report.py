@@ -11,7 +11,7 @@ from html import escape
 from numbers import Real
 from pathlib import Path
 
-from fl_sim.contract.run_config import ConfigError
+from fl_sim.contract.setting import ConfigError
 from fl_sim.results import plots
 from fl_sim.results.gallery import write_gallery
 from fl_sim.results.outputs import atomic_write_bytes

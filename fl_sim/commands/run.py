@@ -16,18 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_sim.commands import config, guard
-from fl_sim.contract.run_config import (
-    FIELD_TYPES,
-    SETTINGS,
-    TRAP_EVERYONE,
-    ConfigError,
-    Group,
-    RunConfig,
-    check_run,
-    flower_key,
-    trap_starves,
-)
+from fl_sim.contract.attacks import TRAP_EVERYONE, trap_starves
+from fl_sim.contract.run_config import DECLARED, FIELD_TYPES, RunConfig, flower_key
+from fl_sim.contract.setting import ConfigError, Group
 from fl_sim.results.outputs import JSONL_LOCK, read_jsonl
+from fl_sim.results.preflight import check_run
 from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
 from fl_sim.server import lock
 
@@ -37,7 +30,7 @@ if TYPE_CHECKING:  # flwr is imported only once a run starts
 DEFAULTS = RunConfig()
 FIELD_NAMES = frozenset(FIELD_TYPES)  # every run setting's name: its flag's argparse dest
 # Where and with what a run computes, not what it computes: a resumed run may change these (Setting.resumable).
-RESUMABLE_ELSEWHERE = tuple(name for name, declared in SETTINGS.items() if declared.resumable)
+RESUMABLE_ELSEWHERE = tuple(name for name, declared in DECLARED.items() if declared.resumable)
 RUN_SIMULATION_DEPRECATED = "`run_simulation` function is deprecated"  # Flower 1.41 warns so on every call
 
 
@@ -63,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="attach the simulation to this running Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for "
                           "the one started on this machine) instead of starting Ray in this process; default "
                           "$RAY_ADDRESS; docs/deployment.md says how to spread a run over machines")
-    secagg = parser.add_argument_group(Group.DEFENSE.value)
-    config.add_settings(secagg, Group.DEFENSE, DEFAULTS)
+    secagg = parser.add_argument_group(Group.SECAGG.value)
+    config.add_settings(secagg, Group.SECAGG, DEFAULTS)
     reliability = parser.add_argument_group(Group.FAULTS.value)
     config.add_settings(reliability, Group.FAULTS, DEFAULTS)
     reliability.add_argument("--resume", metavar="OUT",

@@ -20,11 +20,11 @@ from typing import Any
 
 from fl_sim.commands import attack, config, guard, report, run
 from fl_sim.contract.records import REPLY_FAULTS
-from fl_sim.contract.run_config import check_run
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model, count_parameters
 from fl_sim.results.evaluation import summarise
 from fl_sim.results.outputs import read_jsonl, write_json
+from fl_sim.results.preflight import check_run
 
 MODES = {"attack": attack, "run": run}
 # Flags a grid cannot vary: where the sweep writes, and how it runs.

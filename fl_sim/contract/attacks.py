@@ -2,15 +2,25 @@
 
 One `AttackSpec` per attack says what is otherwise scattered over flags, checks and help texts: passive or
 active, whether `--attack-async` may run it, the models it reaches, whether the clients' architecture needs the
-imprint block, the run settings it reads, and where its implementation lives. The implementation (a subclass of
-`fl_sim.server.attacks.Attack`) is named by an import path and imported only when the attack is built, so this
-module, like the rest of the contract, imports nothing but the standard library: `fl-sim --help`, `fl-sim report`
-and the run config's checks read the registry without torch or Flower.
+imprint block, the run settings it reads, where its implementation lives and, for a passive attack, its
+optimisation preset (`AttackConfig`). The implementation (a subclass of `fl_sim.server.attacks.Attack`) is
+named by an import path and imported only when the attack is built, so this module, like the rest of the
+contract, imports nothing but the standard library: `fl-sim --help`, `fl-sim report` and the run config's
+checks read the registry without torch or Flower.
 
 A new attack is one class implementing `Attack` and one `register(AttackSpec(...))` (docs/architecture.md).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+
+from fl_sim.contract.models import ModelTrait, model_specs
+from fl_sim.contract.presets import AttackConfig, LabelStrategy, Objective, Optimizer
+from fl_sim.contract.setting import ConfigError
+
+IMPRINT_BINS = 256  # the imprint block's rows for an attack that needs it, when --imprint-bins is 0
+TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
+                 "left out of the average, so the global model will not change; name the targets with "
+                 "--attack-clients (e.g. 0) to let the others train it")
 
 
 class AttackKind(StrEnum):
@@ -25,11 +35,13 @@ class AttackSpec:
     """One registry entry: an attack's name, its traits, and the class that implements it.
 
     `factory` is "module:Class", a subclass of fl_sim.server.attacks.Attack, imported when the attack is
-    built (never by this module). `models`: the models it can attack (None: every model); `models_reason`
-    says why the others are out of reach. `needs_imprint`: the clients build the imprint block in front of
-    the model (fl_sim/learning/models/imprint.py). `averages_targets`: whether anything of a target's reply
-    enters the average (trap weights keep nothing: with every client a target, the model never changes).
-    `settings`: the RunConfig fields it reads (the attack group of flags), for help texts and checks.
+    built (never by this module). `needs`: the model trait it needs (fl_sim/contract/models.py; None: it
+    reaches every model), which says why the others are out of reach. `needs_imprint`: the clients build the
+    imprint block in front of the model (fl_sim/learning/models/imprint.py). `averages_targets`: whether
+    anything of a target's reply enters the average (trap weights keep nothing: with every client a target,
+    the model never changes).
+    `options`: the RunConfig fields it reads (the attack group of flags), for help texts and checks.
+    `preset`: a passive attack's optimisation (objective, optimiser, labels, priors), run by attacker.invert.
     `reads_each_client`: it arms each client for its own update even under secure aggregation, and reads
     every client's images apart from their sum (so `--max-attack-images` caps one client's images, not the sum's).
     """
@@ -39,29 +51,36 @@ class AttackSpec:
     factory: str
     summary: str
     may_run_async: bool = False
-    models: tuple[str, ...] | None = None
-    models_reason: str = ""
+    needs: ModelTrait | None = None
     needs_imprint: bool = False
     averages_targets: bool = True
-    settings: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
     reads_each_client: bool = False
+    preset: AttackConfig | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.factory:
             raise ValueError(f"attack {self.name!r}: factory must be 'module:Class', got {self.factory!r}")
         if self.may_run_async and self.kind is not AttackKind.PASSIVE:
             raise ValueError(f"attack {self.name!r}: an active attack is part of the round, never in the background")
+        if self.preset is not None and self.preset.name != self.name:
+            raise ValueError(f"attack {self.name!r}: its preset is named {self.preset.name!r}")
 
     @property
     def active(self) -> bool:
         return self.kind is AttackKind.ACTIVE
+
+    @property
+    def models(self) -> tuple[str, ...] | None:
+        """The registered models it reaches (None: every model)."""
+        return None if self.needs is None else tuple(spec.name for spec in model_specs(self.needs))
 
     def reaches(self, model: str) -> bool:
         return self.models is None or model in self.models
 
 
 NO_ATTACK = "none"
-_PASSIVE_SETTINGS = ("iterations", "restarts", "label_deals", "bn_statistics", "tv_weight", "no_replay")
+_PASSIVE_OPTIONS = ("iterations", "restarts", "label_deals", "bn_statistics", "tv_weight", "no_replay")
 _REGISTRY: dict[str, AttackSpec] = {}
 
 
@@ -101,27 +120,104 @@ def find_attack(name: str) -> AttackSpec | None:
     return _REGISTRY.get(name)
 
 
-for _name, _summary in (("dlg", "Deep Leakage from Gradients (Zhu et al. 2019): L-BFGS on images and soft labels"),
-                        ("idlg", "iDLG (Zhao et al. 2020): labels read off the last layer, then DLG's optimisation"),
-                        ("ig", "Inverting Gradients (Geiping et al. 2020): cosine distance, TV prior, signed Adam"),
-                        ("fedavg", "FedAvg-aware IG (Dimitrov et al. 2022): one image copy per epoch tied by an "
-                                   "order-free prior, labels counted along the client's steps")):
-    register(AttackSpec(_name, AttackKind.PASSIVE, "fl_sim.server.passive:PassiveInversion", _summary,
-                        may_run_async=True, settings=_PASSIVE_SETTINGS))
+def get_attack(name: str, **overrides: object) -> AttackConfig:
+    """The preset of passive attack `name` with `overrides` (those not None) replaced.
+
+    Parameters
+    ----------
+    name : str
+        A registered passive attack.
+    **overrides
+        AttackConfig fields; None keeps the preset's.
+
+    Returns
+    -------
+    AttackConfig
+        The optimisation attacker.invert runs; an attack without a preset raises ValueError.
+    """
+    preset = attack_spec(name).preset
+    if preset is None:
+        raise ValueError(f"attack {name!r} has no optimisation preset: choose one of "
+                         f"{', '.join(spec.name for spec in attack_specs() if spec.preset is not None)}")
+    return replace(preset, **{key: value for key, value in overrides.items() if value is not None})  # type: ignore[arg-type]
+
+
+def check_attack_name(name: str) -> None:
+    """A ConfigError unless `name` is a registered attack or 'none'."""
+    if name not in (*attack_names(), NO_ATTACK):
+        raise ConfigError(f"unknown attack {name!r}: choose one of {', '.join((*attack_names(), NO_ATTACK))}")
+
+
+def check_attack(name: str, model: str, attack_async: bool, imprint_rows: int, imprint_blocks: int) -> None:
+    """What the registry says of attack `name` on the rest of the run, as one ConfigError.
+
+    Parameters
+    ----------
+    name : str
+        --attack (a registered name or 'none').
+    model : str
+        --model.
+    attack_async : bool
+        --attack-async.
+    imprint_rows, imprint_blocks : int
+        The imprint block's rows the clients build, and --imprint-blocks.
+    """
+    check_attack_name(name)
+    spec = find_attack(name)
+    if spec is None:
+        return
+    if spec.models is not None and not spec.reaches(model):
+        others = [other.name for other in attack_specs() if other.active and other.reaches(model)]
+        raise ConfigError(f"{spec.name} reaches only {', '.join(spec.models)} ({spec.needs}), not {model}: use "
+                          f"--attack {' or '.join(others) or 'with another model'} for it (docs/threat-models.md)")
+    if spec.needs_imprint and imprint_rows % imprint_blocks:
+        raise ConfigError(f"--imprint-bins {imprint_rows} must split evenly into --imprint-blocks {imprint_blocks}")
+    if attack_async and not spec.may_run_async:
+        background = [other.name for other in attack_specs() if other.may_run_async]
+        raise ConfigError(f"--attack-async runs only passive attacks ({', '.join(background)}) in the "
+                          f"background: {name} arms the weights the server sends and decides what of "
+                          f"its targets' replies enters the average, so it is part of the round; drop "
+                          f"--attack-async or choose a passive attack")
+
+
+def trap_starves(attack: str, attack_clients: tuple[int, ...] | None) -> bool:
+    """An attack that keeps nothing of its targets' replies (trap weights), on every client, leaves nothing to
+    average (docs/threat-models.md)."""
+    spec = find_attack(attack)
+    return spec is not None and not spec.averages_targets and attack_clients is None
+
+
+def _passive(preset: AttackConfig, summary: str) -> AttackSpec:
+    return register(AttackSpec(preset.name, AttackKind.PASSIVE, "fl_sim.server.passive:PassiveInversion", summary,
+                               may_run_async=True, options=_PASSIVE_OPTIONS, preset=preset))
+
+
+_passive(AttackConfig("dlg", Objective.L2, Optimizer.LBFGS, LabelStrategy.JOINT, updates_per_iteration=20, restarts=2),
+         "Deep Leakage from Gradients (Zhu et al. 2019): L-BFGS on images and soft labels")
+_passive(AttackConfig("idlg", Objective.L2, Optimizer.LBFGS, LabelStrategy.ANALYTIC, updates_per_iteration=20,
+                      restarts=2),
+         "iDLG (Zhao et al. 2020): labels read off the last layer, then DLG's optimisation")
+_passive(AttackConfig("ig", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2, box=True,
+                      lr=0.1, lr_decay=True, restarts=1),
+         "Inverting Gradients (Geiping et al. 2020): cosine distance, TV prior, signed Adam")
+_passive(AttackConfig("fedavg", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2,
+                      box=True, lr=0.1, lr_decay=True, restarts=1, epoch_copies=True, epoch_prior=1.0, label_path=True),
+         "FedAvg-aware IG (Dimitrov et al. 2022): one image copy per epoch tied by an order-free prior, labels "
+         "counted along the client's steps")
 register(AttackSpec(
     "imprint", AttackKind.ACTIVE, "fl_sim.server.active:ImprintAttack",
     "Robbing the Fed (Fowl et al. 2022): an imprint block of binning rows in front of the model",
-    needs_imprint=True, settings=("imprint_bins", "imprint_blocks")))
+    needs_imprint=True, options=("imprint_bins", "imprint_blocks")))
 register(AttackSpec(
     "trap", AttackKind.ACTIVE, "fl_sim.server.active:TrapAttack",
     "trap weights (Boenisch et al. 2023): rows of the first linear layer that fire for few images",
-    models=("mlp", "cnn"), models_reason="a ReLU linear layer that sees the whole image", averages_targets=False))
+    needs=ModelTrait.DENSE_SEES_IMAGE, averages_targets=False))
 register(AttackSpec(
     "trap-quiet", AttackKind.ACTIVE, "fl_sim.server.active:QuietTrapAttack",
     "trap weights made to pass --defense inspect: noise where the trap writes zeros, every parameter jittered",
-    models=("mlp", "cnn"), models_reason="a ReLU linear layer that sees the whole image", averages_targets=False))
+    needs=ModelTrait.DENSE_SEES_IMAGE, averages_targets=False))
 register(AttackSpec(
     "mosaic", AttackKind.ACTIVE, "fl_sim.server.mosaic:MosaicAttack",
     "per-client imprint rows (after LOKI, MANDRAKE, Pasquini et al.): each client's images read apart, even "
-    "from a secure aggregate", needs_imprint=True, settings=("imprint_bins", "imprint_blocks"),
+    "from a secure aggregate", needs_imprint=True, options=("imprint_bins", "imprint_blocks"),
     reads_each_client=True))

@@ -16,7 +16,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from fl_sim.contract.run_config import DATASETS, ConfigError
+from fl_sim.contract.names import DATASETS
+from fl_sim.contract.setting import ConfigError
 
 DATA_ROOT_ENV = "FL_SIM_DATA"
 

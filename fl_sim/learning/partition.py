@@ -7,7 +7,7 @@ never the attack.
 """
 import numpy as np
 
-from fl_sim.contract.run_config import PARTITIONS
+from fl_sim.contract.names import PARTITIONS
 
 _IID_STREAM, _DIRICHLET_STREAM, _SHARD_STREAM = 1, 2, 3  # keep the random streams apart
 MAX_DIRICHLET_DRAWS = 100

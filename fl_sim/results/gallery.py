@@ -29,8 +29,7 @@ from html import escape
 from numbers import Real
 from pathlib import Path
 
-from fl_sim.contract.attacks import find_attack
-from fl_sim.contract.run_config import IMPRINT_BINS
+from fl_sim.contract.attacks import IMPRINT_BINS, find_attack
 from fl_sim.results.outputs import atomic_write_bytes, read_jsonl
 from fl_sim.results.plots import plot_rounds
 from fl_sim.results.summary import (
@@ -255,7 +254,7 @@ def _attack(c: dict) -> str:
     if spec is None:
         return str(attack)
     parts = []
-    for name in spec.settings:
+    for name in spec.options:
         value = c.get(name.replace("_", "-"))
         if value in (None, "", False, 0) and name != "imprint_bins":
             continue

@@ -14,7 +14,8 @@ that reads them back off the updates; `aggregated` says what of a target's reply
   trained on x plus a shift of under 1e-3 of a pixel, so the honest part of their update is kept.
 - `TrapAttack` (weights only): the first fully connected layer gets random rows whose negative parts are
   scaled so each row fires for 1 in K x B of the public images; for the ConvNet the convolutions before it
-  are set to pass the image through (space-to-depth, 12 or 48 channels of the 32 and 64 there).
+  are set to pass the image through (space-to-depth, 12 or 48 channels of the 32 and 64 there). The model
+  class names the layer and the convolutions (`Trappable`).
   A victim's update is left out of the average: its whole model was not the global one.
 - `QuietTrapAttack` (`--attack trap-quiet`): the trap, made to pass the clients' own inspection
   (clients/inspection.py, `--defense inspect`), as SEER asks of every malicious-server attack. Where the trap
@@ -33,7 +34,7 @@ a bin.
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import Protocol, Self, cast
 
 import numpy as np
 import torch
@@ -45,9 +46,7 @@ from attacker.analytic import ImprintReadout, Readout, TrapReadout, recover
 from attacker.labels import mean_softmax
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.learning.data import ImageDataset
-from fl_sim.learning.models.cnn import ConvNet
 from fl_sim.learning.models.imprint import Imprinted
-from fl_sim.learning.models.mlp import MLP
 from fl_sim.learning.updates import Weights
 from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, SettingValue
 
@@ -122,7 +121,7 @@ class ImprintAttack(AnalyticAttack):
     def build(cls, context: AttackContext) -> Self:
         return cls(context.model, context.public(), context.num_classes, context.config.imprint_blocks)
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"imprint_blocks": self.blocks}
 
     def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, ImprintReadout]:
@@ -154,6 +153,17 @@ class ImprintAttack(AnalyticAttack):
                 for name, tensor in reply.items()}
 
 
+class Trappable(Protocol):
+    """What a model class says of itself for trap weights (fl_sim/learning/models: cnn.py, mlp.py): the ReLU
+    linear layer that sees the whole image, the convolutions (name, stride) that carry the image to it, and
+    what that layer sees of images."""
+
+    TRAP_LAYER: str
+    PASS_THROUGH: tuple[tuple[str, int], ...]
+
+    def trap_input(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class TrapAttack(AnalyticAttack):
     name = "trap"
 
@@ -161,22 +171,22 @@ class TrapAttack(AnalyticAttack):
                  fire_share: float = 1.0):
         self.model, self.public, self.seed, self.fire_share = model, public.float(), seed, fire_share
         self.num_classes = num_classes
-        self.convs: list[str]
-        if isinstance(model, MLP):
-            self.layer, self.convs = "layers.1", []
-        elif isinstance(model, ConvNet):
-            self.layer, self.convs = "classifier.0", ["features.0", "features.2", "features.4"]
-            channels = public.shape[1]
-            first, last = model.features[0], model.features[4]
-            assert isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d)
-            if first.out_channels < 4 * channels or last.out_channels < 16 * channels:
-                raise ValueError("trap: this ConvNet is too narrow to pass the image through its strided convolutions")
-        else:
+        layer = getattr(model, "TRAP_LAYER", None)
+        if layer is None:
             raise ValueError(
                 f"trap weights cannot reach {type(model).__name__}: they need a ReLU fully connected layer that "
                 "sees the whole image. LeNet has none (its only linear layer gives the logits, after sigmoid "
                 "convolutions whose second stride-2 layer keeps 768 of 3072 values); the ResNets pool the "
                 "features globally before their only linear layer. Use the imprint attack for those.")
+        trappable = cast(Trappable, model)
+        self.layer, self.convs, self.trap_input = trappable.TRAP_LAYER, trappable.PASS_THROUGH, trappable.trap_input
+        if self.convs:
+            channels = public.shape[1]
+            first, last = model.get_submodule(self.convs[0][0]), model.get_submodule(self.convs[-1][0])
+            assert isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d)
+            if first.out_channels < 4 * channels or last.out_channels < 16 * channels:
+                raise ValueError(f"trap: this {type(model).__name__} is too narrow to pass the image through its "
+                                 "strided convolutions")
 
     @classmethod
     def build(cls, context: AttackContext) -> Self:
@@ -185,7 +195,7 @@ class TrapAttack(AnalyticAttack):
     def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, TrapReadout]:
         weights = {name: tensor.clone() for name, tensor in global_weights.items()}
         if self.convs:
-            pass_through_convs(weights, self.public.shape[1])
+            pass_through_convs(weights, self.public.shape[1], self.convs)
         self.model.load_state_dict(weights)
         features, pixels = self._features(self.public), self._pixel_map()
         rows = weights[f"{self.layer}.weight"].shape[0]
@@ -206,9 +216,7 @@ class TrapAttack(AnalyticAttack):
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """The trapped layer's input for `images`, with the pass-through convolutions."""
         with torch.no_grad():
-            if isinstance(self.model, ConvNet):
-                return self.model.features(images).flatten(1)
-            return images.flatten(1)
+            return self.trap_input(images)
 
     def _pixel_map(self) -> torch.Tensor:
         """Where each pixel lands at the trapped layer's input: an image of distinct values traced through."""
@@ -239,7 +247,7 @@ class QuietTrapAttack(TrapAttack):
         super().__init__(model, public, num_classes, seed)
         self.quiet, self.armings = quiet, 0
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"quiet": self.quiet}
 
     def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, TrapReadout]:
@@ -305,11 +313,12 @@ def image_shape(images: torch.Tensor) -> tuple[int, int, int]:
     return channels, height, width
 
 
-def pass_through_convs(weights: Weights, channels: int) -> None:
-    """Sets the ConvNet's three convolutions in `weights` to carry the image to the linear layer unchanged."""
+def pass_through_convs(weights: Weights, channels: int, convs: Sequence[tuple[str, int]]) -> None:
+    """Sets the convolutions `convs` (name, stride 1 or 2) in `weights` to carry the image to the linear layer
+    unchanged (a stride of 2 moves each 2 x 2 patch into 4 channels)."""
     live = channels
-    for index, stride in ((0, 1), (2, 2), (4, 2)):
-        weight = torch.zeros_like(weights[f"features.{index}.weight"])
+    for name, stride in convs:
+        weight = torch.zeros_like(weights[f"{name}.weight"])
         for c in range(live):
             if stride == 1:
                 weight[c, c, 1, 1] = 1.0
@@ -318,8 +327,8 @@ def pass_through_convs(weights: Weights, channels: int) -> None:
                     for dx in (0, 1):
                         weight[4 * c + 2 * dy + dx, c, 1 + dy, 1 + dx] = 1.0
         live = live if stride == 1 else 4 * live
-        weights[f"features.{index}.weight"] = weight
-        weights[f"features.{index}.bias"] = torch.zeros(weight.shape[0])
+        weights[f"{name}.weight"] = weight
+        weights[f"{name}.bias"] = torch.zeros(weight.shape[0])
 
 
 def public_images(dataset: ImageDataset, count: int = 2048, seed: int = 0) -> torch.Tensor:

@@ -116,8 +116,8 @@ class Attack(ABC):
         """What of a target's reply (it was sent `sent`) enters the average; None: nothing. By default all of it."""
         return reply
 
-    def settings(self) -> dict[str, SettingValue]:
-        """The attack's own settings as it resolved them (fl-sim attack's summary records them)."""
+    def resolved(self) -> dict[str, SettingValue]:
+        """The attack's own parameters as it resolved them (fl-sim attack's summary records them)."""
         return {}
 
 

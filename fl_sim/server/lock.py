@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from fl_sim.contract.run_config import ConfigError
+from fl_sim.contract.setting import ConfigError
 
 LOCK_FILE = ".fl-sim.lock"
 _HELD: dict[Path, tuple[IO[str], int]] = {}  # folder -> (open lock file, depth), in this process

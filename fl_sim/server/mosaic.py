@@ -63,7 +63,7 @@ from fl_sim.server.active import (
     input_gradient,
 )
 from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, SettingValue
-from fl_sim.server.secagg import ProtocolSettings
+from fl_sim.server.secagg import SecAggParameters
 
 DEAD_BIAS = -1.0  # a switched-off row's bias: far below any image's activation, well inside SecAgg+'s +-8 range
 BIAS_CHANGE = 1e-2  # one step: the median image's change of its rows' biases (the quantization step is ~4e-6)
@@ -86,7 +86,7 @@ class MosaicAttack(Attack):
     name = "mosaic"
 
     def __init__(self, model: nn.Module, public: torch.Tensor, blocks: int, drift_share: float = DRIFT_SHARE,
-                 bias_change: float = BIAS_CHANGE, protocol: ProtocolSettings | None = None):
+                 bias_change: float = BIAS_CHANGE, protocol: SecAggParameters | None = None):
         if not isinstance(model, Imprinted):
             raise ValueError("the mosaic attack needs the imprint block in the clients' model (imprint-bins)")
         self.model, self.public, self.blocks = model, public.float(), blocks
@@ -106,10 +106,10 @@ class MosaicAttack(Attack):
     @classmethod
     def build(cls, context: AttackContext) -> Self:
         config = context.config
-        protocol = ProtocolSettings.of(config) if config.defense.protocol else None
+        protocol = SecAggParameters.of(config) if config.defense.protocol else None
         return cls(context.model, context.public(), config.imprint_blocks, protocol=protocol)
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"imprint_blocks": self.blocks}
 
     def layout(self, clients: int, copies: int = 1) -> tuple[Imprint, float]:

@@ -16,7 +16,8 @@ from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, Settin
 
 
 class PassiveInversion(Attack):
-    """An attack preset (attacker.PRESETS: objective, optimiser, labels, prior) run by the inversion engine."""
+    """A passive attack's registered preset (AttackSpec.preset: objective, optimiser, labels, prior) run by the
+    inversion engine."""
 
     def __init__(self, model: nn.Module, preset: AttackConfig, image_shape: tuple[int, int, int], num_classes: int,
                  iterations: int, *, replay: bool = True, device: str | torch.device = "auto", progress: bool = False,
@@ -44,7 +45,7 @@ class PassiveInversion(Attack):
                       seed=seed, victim_ids=victim_ids, device=self.device,
                       progress=self.progress, max_rows=cap)
 
-    def settings(self) -> dict[str, SettingValue]:
+    def resolved(self) -> dict[str, SettingValue]:
         return {"iterations": self.iterations, "restarts": self.preset.restarts,
                 "label_deals": self.preset.label_assignments,
                 "bn_statistics": self.preset.bn_statistics, "tv_weight": self.preset.tv_weight}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fl_sim.contract.run_config import ConfigError
+from fl_sim.contract.setting import ConfigError
 from fl_sim.results.outputs import DamagedFileError, atomic_write_bytes, read_jsonl_strict, rewrite_jsonl
 
 CHECKPOINT = "checkpoint.pt"

@@ -26,7 +26,7 @@ and dequantizes it to
     aggregate = sum_i clip(w_i p_i, +-c) / sum_i w_i      (each term off by up to one level, 2c/Q)
 
 the example-weighted mean of the survivors' parameters, to within len(survivors) x 2c / Q / sum_i w_i per entry
-(`ProtocolSettings.resolution`). The attack's update is that aggregate minus the same weighted mean of what the
+(`SecAggParameters.resolution`). The attack's update is that aggregate minus the same weighted mean of what the
 survivors were sent; a dropped client (an error reply, or no reply within --secagg-timeout) is in neither.
 The server cannot check a survivor's weights (it never sees them), only its metrics.
 """
@@ -59,9 +59,10 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fl_sim.contract.defenses import SECAGG_MODULUS
 from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, TRAIN_LOSS
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import SECAGG_MODULUS, RunConfig
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights
 from fl_sim.server.attacks import attack_round
 from fl_sim.server.flower_private import SECAGG_CONFIGS, GridClientProxy, Run, SecAggKey, dequantize, quantize
@@ -73,8 +74,8 @@ RoundEndFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 @dataclass(frozen=True)
-class ProtocolSettings:
-    """SecAgg+'s settings as the run declares them (--secagg-*), and what follows from them."""
+class SecAggParameters:
+    """SecAggPlusWorkflow's parameters as the run declares them (--secagg-*), and what follows from them."""
 
     shares: int | float
     threshold: int | float
@@ -84,7 +85,7 @@ class ProtocolSettings:
     timeout: float | None = None
 
     @classmethod
-    def of(cls, config: RunConfig) -> "ProtocolSettings":
+    def of(cls, config: RunConfig) -> "SecAggParameters":
         """A count is an int, a fraction (at most 1) a float, as SecAggPlusWorkflow tells them apart."""
         def count_or_share(value: float) -> int | float:
             return int(value) if value > 1 else float(value)
@@ -147,7 +148,7 @@ def protocol_mean(weights: Sequence[Weights], factors: Sequence[float]) -> Weigh
 
 
 def revealed_update(aggregate: Weights, sent: Sequence[Weights], factors: Sequence[float],
-                    protocol: ProtocolSettings | None = None) -> tuple[Weights, Weights]:
+                    protocol: SecAggParameters | None = None) -> tuple[Weights, Weights]:
     """The attack's view of a SecAgg+ aggregate: (aggregate - mean sent, mean sent), the mean weighted as the
     aggregate is, in the dtypes of the model (float32 parameters). With `protocol`, the update is taken against
     the mean of what the clients' quantization makes of the sent weights (clipped to its range): an entry no
@@ -177,7 +178,7 @@ class SecAggPlusFace(LegacyStrategy):
     evaluate_fn (the global model scored and the round committed, fl_sim/server/server_app.py).
     """
 
-    def __init__(self, strategy: InvertingStrategy, grid: Grid, protocol: ProtocolSettings, *,
+    def __init__(self, strategy: InvertingStrategy, grid: Grid, protocol: SecAggParameters, *,
                  names: Sequence[str], initial: Weights, train_config: ConfigRecord, round_end: RoundEndFn,
                  done: int = 0):
         self.strategy, self.grid, self.protocol = strategy, grid, protocol
@@ -429,7 +430,7 @@ def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
     DefaultWorkflow(fit_workflow=face.protocol.workflow())(SummingGrid(grid), context)
 
 
-def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protocol: ProtocolSettings) -> Weights:
+def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protocol: SecAggParameters) -> Weights:
     """What SecAgg+ reveals of `replies` (clients' full weights, with `counts` examples): Flower's own client-side
     weighting, clipping and stochastic quantization and its server-side dequantization, without the masks (they
     cancel exactly modulo 2^32). For checks and `fl-sim attack`, which run no federation."""

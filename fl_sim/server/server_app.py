@@ -34,6 +34,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from attacker import Reconstruction, resolve_device
+from fl_sim.contract.attacks import NO_ATTACK, TRAP_EVERYONE, trap_starves
 from fl_sim.contract.protocol import (
     DP_EPSILON,
     DP_EPSILON_ROUND,
@@ -44,14 +45,8 @@ from fl_sim.contract.protocol import (
     inspection_labels,
 )
 from fl_sim.contract.records import FLAGGED
-from fl_sim.contract.run_config import (
-    NO_ATTACK,
-    TRAP_EVERYONE,
-    ConfigError,
-    RunConfig,
-    check_run,
-    trap_starves,
-)
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.accuracy import evaluate_model
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
@@ -60,13 +55,14 @@ from fl_sim.learning.updates import parameter_names
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.gallery import AGGREGATE, EMULATED, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
+from fl_sim.results.preflight import check_run
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND
 from fl_sim.server import lock
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
-from fl_sim.server.secagg import ProtocolSettings, SecAggPlusFace, run_secagg
+from fl_sim.server.secagg import SecAggParameters, SecAggPlusFace, run_secagg
 from fl_sim.server.strategy import (
     AttackPlan,
     InvertingStrategy,
@@ -87,7 +83,7 @@ class Scoreboard:
     """
 
     def __init__(self, config: RunConfig):
-        self.out, self.config, self.settings = Path(config.out), config, config.settings
+        self.out, self.config, self.settings = Path(config.out), config, config.training
         self.flags: dict[tuple[int, int], list[str]] = {}  # (round, client) -> the checks its model failed
         self.train = cached_dataset(config.dataset, config.data_root, True)
         try:
@@ -293,7 +289,7 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
     started = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = config.settings
+    settings = config.training
     device = resolve_device(config.device)
     checkpoint = load_checkpoint(out) if resume else None
     done = checkpoint.server_round if checkpoint else 0
@@ -332,7 +328,7 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
         train_config = ConfigRecord(dict(settings.to_config()))
         try:
             if config.defense.protocol:  # Flower's SecAgg+, on the legacy path (fl_sim/server/secagg.py)
-                face = SecAggPlusFace(strategy, grid, ProtocolSettings.of(config), names=tuple(initial),
+                face = SecAggPlusFace(strategy, grid, SecAggParameters.of(config), names=tuple(initial),
                                       initial=initial, train_config=train_config, round_end=round_end, done=done)
                 run_secagg(grid, face, config.rounds - done)
             else:

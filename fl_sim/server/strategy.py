@@ -73,6 +73,8 @@ from flwr.serverapp.strategy import (
 
 from attacker import Reconstruction
 from fl_sim.contract.attacks import find_attack
+from fl_sim.contract.defenses import ServerDpSide
+from fl_sim.contract.names import StrategyName
 from fl_sim.contract.protocol import (
     ARRAYS,
     CONFIG,
@@ -86,7 +88,7 @@ from fl_sim.contract.protocol import (
     TrainMode,
 )
 from fl_sim.contract.records import ReplyStatus
-from fl_sim.contract.run_config import RunConfig, ServerDpSide, StrategyName
+from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights, weight_change
 from fl_sim.server.attacks import Armed, Attack, AttackedRound, Victim, arm_round, attack_round
 from fl_sim.server.background import AttackQueue

@@ -1,31 +1,32 @@
 """Models by name, for any channel count, image size and class count.
 
+The names, builders and facts are the model registry's (fl_sim/contract/models.py); `MODELS` holds each
+registered builder, imported.
+
 `build_model(name, ...)` returns a fresh model; `--init` chooses its weights: `default` (PyTorch's
 initialisation, seeded), `paper` (every weight and bias from U(-0.5, 0.5), as the DLG paper does) or the
 path of a checkpoint (a state dict, loaded with weights_only=True). `imprint` rows > 0 put the
 server's imprint block (models/imprint.py) in front of the model; `init` still names the base model's
 weights.
 """
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fl_sim.contract.run_config import ConfigError
-from fl_sim.learning.models.cnn import ConvNet
+from fl_sim.contract.models import model_specs
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.models.imprint import Imprinted
-from fl_sim.learning.models.lenet import LeNet
-from fl_sim.learning.models.mlp import MLP
-from fl_sim.learning.models.resnet import ResNet20, resnet18
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet": LeNet,
-    "cnn": ConvNet,
-    "mlp": MLP,
-    "resnet20": ResNet20,
-    "resnet18": resnet18,
-}
+
+def _builder(factory: str) -> Callable[..., nn.Module]:
+    module, _, name = factory.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {spec.name: _builder(spec.factory) for spec in model_specs()}
 
 
 def build_model(

@@ -4,6 +4,12 @@ from torch import nn
 
 
 class MLP(nn.Module):
+    """Three linear layers with ReLUs; trap weights (fl_sim/server/active.py) rewrite `TRAP_LAYER`, the first,
+    which sees the whole image (the model registry's `DENSE_SEES_IMAGE`), with no convolution to pass it on."""
+
+    TRAP_LAYER = "layers.1"
+    PASS_THROUGH: tuple[tuple[str, int], ...] = ()
+
     def __init__(self, channels: int = 3, image_size: int = 32, num_classes: int = 10, width: int = 256):
         super().__init__()
         self.layers = nn.Sequential(
@@ -17,3 +23,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def trap_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What `TRAP_LAYER` sees of images `x`: the pixels."""
+        return x.flatten(1)

@@ -1,12 +1,10 @@
-"""What the server knows about a client's training (the settings it sent, from the shared contract
-fl_sim/contract/protocol.py, which imports nothing but the standard library), and the attack it runs."""
-from dataclasses import dataclass, replace
+"""What an optimisation attack is: its objective, optimiser, label strategy and priors (`AttackConfig`).
+
+Each passive attack's preset is registered with it in fl_sim/contract/attacks.py (`AttackSpec.preset`);
+attacker/engine.py runs one. Standard library only.
+"""
+from dataclasses import dataclass
 from enum import StrEnum
-
-from fl_sim.contract.protocol import BatchNormMode, TrainingSettings
-
-__all__ = ["AttackConfig", "BatchNormMode", "LabelStrategy", "Objective", "Optimizer", "PRESETS", "TrainingSettings",
-           "get_attack"]
 
 
 class Objective(StrEnum):
@@ -27,7 +25,8 @@ class LabelStrategy(StrEnum):
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """An attack is a preset of (objective, optimizer, label strategy, prior); see PRESETS."""
+    """An attack is a preset of (objective, optimizer, label strategy, prior); the registered ones are
+    `AttackSpec.preset`s (fl_sim/contract/attacks.py)."""
 
     name: str
     objective: Objective
@@ -64,28 +63,3 @@ class AttackConfig:
         for field in ("restarts", "history", "label_assignments"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
-
-
-PRESETS: dict[str, AttackConfig] = {
-    # Zhu et al. 2019: squared gradient distance, L-BFGS, labels learnt jointly as soft labels.
-    "dlg": AttackConfig("dlg", Objective.L2, Optimizer.LBFGS, LabelStrategy.JOINT, updates_per_iteration=20,
-                        restarts=2),
-    # Zhao et al. 2020: the label read off the last layer's gradient, then DLG's optimisation.
-    "idlg": AttackConfig("idlg", Objective.L2, Optimizer.LBFGS, LabelStrategy.ANALYTIC, updates_per_iteration=20,
-                         restarts=2),
-    # Geiping et al. 2020: cosine distance, TV prior, signed Adam with step decay, pixels boxed to [0, 1].
-    "ig": AttackConfig("ig", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2,
-                       box=True, lr=0.1, lr_decay=True, restarts=1),
-    # Dimitrov et al. 2022 on IG's optimisation: per-epoch copies of the images tied by an order-free prior,
-    # labels counted along the client's steps (attacker/fedavg.py)
-    "fedavg": AttackConfig("fedavg", Objective.COSINE, Optimizer.SIGNED_ADAM, LabelStrategy.ANALYTIC, tv_weight=1e-2,
-                           box=True, lr=0.1, lr_decay=True, restarts=1, epoch_copies=True, epoch_prior=1.0,
-                           label_path=True),
-}
-
-
-def get_attack(name: str, **overrides) -> AttackConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown attack {name!r}: choose one of {', '.join(PRESETS)}")
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    return replace(PRESETS[name], **overrides)
