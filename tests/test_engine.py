@@ -60,7 +60,8 @@ def test_diverged_restarts_are_redrawn_and_never_reported():
 
 def test_pixels_that_leave_the_image_range_count_as_divergence(mnist):
     """Unboxed iDLG on a noised update fits the noise with pixels in the hundreds; clamped, they once scored
-    3 dB as if reconstructed (docs/defenses.md, "What each does to the attack, measured"). Such a row has diverged: no result is reported."""
+    3 dB as if reconstructed (docs/defenses.md, "What each does to the attack, measured"). Such a row has
+    diverged: no result is reported."""
     images, labels = mnist.tensors(range(1))
     settings = TrainingSettings(lr=0.1)
     model, before, [update] = _victims("lenet", images, labels, settings)
