@@ -1,0 +1,155 @@
+"""Bad settings, unreachable services, damaged files and interruptions, tried as a careless or hostile user would:
+each ends in one clear line (exit 2 where it is the user's input) or in the right result, with nothing lost."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flower_helpers import live_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+FL_SIM = Path(sys.executable).parent / "fl-sim"
+FLWR = Path(sys.executable).parent / "flwr"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The flwr CLI with its own FLWR_HOME (its own local SuperLink, on free ports)."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def superlinks_of(flwr_home: Path) -> list[int]:
+    """Pids of the local SuperLinks `flwr run` started for this FLWR_HOME (it leaves them running)."""
+    return [pid for pid, command in live_commands()
+            if "flower-superlink" in command and f"{flwr_home}/local-superlink/" in command]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num-server-rounds=-1", "num-server-rounds must be at least 1, got -1"),
+    ("attack='nope'", "unknown attack 'nope': choose one of"),
+])
+def test_flwr_run_with_a_bad_setting_ends_failed_naming_the_run_config_key(tmp_path, shared_data, override, message):
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+    env = flwr_env(home)
+    overrides = f"{override} out-dir='{out}' data-root='{shared_data}'"
+    try:
+        started = subprocess.run([str(FLWR), "run", ".", "-c", overrides], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        deadline, run = time.monotonic() + 180, {}
+        while time.monotonic() < deadline:
+            listed = subprocess.run([str(FLWR), "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=60)
+            run = json.loads(listed.stdout)["runs"][0]
+            if run["status"].startswith("finished"):
+                break
+            time.sleep(1)
+        logs = subprocess.run([str(FLWR), "log", run["run-id"], "--show"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60).stdout
+    finally:
+        for pid in superlinks_of(home):
+            os.kill(pid, signal.SIGTERM)
+    assert run["status"] == "finished:failed", run
+    assert message in run["status-details"], run["status-details"]
+    assert "--" not in run["status-details"], "a CLI flag named under flwr run"
+    # the last line the run says, after Flower's exit report (only Flower's DEBUG line of its exit follows)
+    said = [line for line in logs.splitlines() if line.strip() and ":DEBUG:" not in line]
+    assert message in said[-1], said[-8:]
+    assert not (out / "global.jsonl").exists(), "a round ran"
+
+
+def small_run(shared_data, out, *extra) -> list[str]:
+    return [str(FL_SIM), "run", "--train-mode", "steps", "--dataset", "mnist", "--data-root", str(shared_data),
+            "--model", "lenet", "--num-clients", "2", "--rounds", "1", "--batch-size", "1", "--attack", "idlg",
+            "--restarts", "1", "--iterations", "2", "--seed", "3", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_unreachable_ray_address_is_refused_within_30_s_naming_it(shared_data, tmp_path, how):
+    flag = ["--ray-address", "127.0.0.1:1"] if how == "flag" else []
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"} if how == "environment" else os.environ
+    started = time.monotonic()
+    try:
+        done = subprocess.run(small_run(shared_data, tmp_path / "out", *flag), env=env, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fl-sim run waited for the Ray cluster at 127.0.0.1:1 for a minute")
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0], done.stderr[-2000:]
+    assert ("--ray-address" if how == "flag" else "RAY_ADDRESS") in lines[0]
+    assert seconds < 30, f"refused after {seconds:.0f} s"
+    assert not (tmp_path / "out").exists()
+
+
+def damaged_run(tmp_path) -> Path:
+    from fl_sim.results.outputs import write_json
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_json(out / "run.json", {"config": {"model": "lenet"}})
+    rows = [{"round": r, "client": c, "psnr": 33.0, "status": "ok"} for r in (1, 2) for c in (0, 1)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (out / "global.jsonl").write_text("".join(json.dumps({"round": r, "accuracy": 0.5, "loss": 1.0}) + "\n"
+                                              for r in (1, 2)))
+    return out
+
+
+def test_report_names_a_damaged_row_and_exits_non_zero(tmp_path, capsys):
+    from fl_sim.commands.cli import main
+
+    out = damaged_run(tmp_path)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = "garbage {not json\n"
+    (out / "metrics.jsonl").write_text("".join(lines))
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'metrics.jsonl'} line 2: not JSON" in err, err
+    assert (out / "gallery.html").is_file(), "the page is still rebuilt from what could be read"
+
+
+def test_report_names_binary_garbage_in_global_jsonl(tmp_path, capsys):
+    from fl_sim.commands.cli import main
+
+    out = damaged_run(tmp_path)
+    (out / "global.jsonl").write_bytes(b"\x00\xff\xfe garbage\x89\n" + (out / "global.jsonl").read_bytes())
+    assert main(["report", str(out)]) == 2
+    assert f"{out / 'global.jsonl'} line 1: not text" in capsys.readouterr().err
+
+
+def test_report_names_a_torn_last_line_even_though_it_skips_it(tmp_path, capsys):
+    from fl_sim.commands.cli import main
+
+    out = damaged_run(tmp_path)
+    with open(out / "metrics.jsonl", "a") as rows:
+        rows.write('{"round": 3, "client": 0, "ps')
+    assert main(["report", str(out)]) == 0  # what a kill mid-append leaves: the run's rows are whole
+    assert f"{out / 'metrics.jsonl'} line 5: torn" in capsys.readouterr().err
+
+
+def test_report_of_a_sweep_names_a_point_it_cannot_read(tmp_path, capsys):
+    from fl_sim.commands.cli import main
+    from fl_sim.results.outputs import write_json
+
+    out = tmp_path / "sweep"
+    points = [{"folder": f"p{i}", "settings": {"lr": str(i)}} for i in (1, 2)]
+    write_json(out / "sweep.json", {"grid": {"lr": ["1", "2"]}, "points": points, "mode": "attack"})
+    write_json(out / "points" / "p1" / "summary.json", {"psnr_median": 30.0})
+    (out / "points" / "p2").mkdir(parents=True)
+    (out / "points" / "p2" / "summary.json").write_bytes(b"\x00garbage")
+    assert main(["report", str(out)]) == 2
+    assert f"{out / 'points' / 'p2' / 'summary.json'}: cannot be read" in capsys.readouterr().err
