@@ -133,6 +133,36 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
 
 
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` writes its address
+RAY_ANSWER_SECONDS = 5.0
+
+
+def check_ray_address(address: str, flag: str = "--ray-address") -> None:
+    """A Ray cluster must answer at `address` (host:port, ray://host:port, or 'auto': the one `ray start --head`
+    started on this machine). Ray itself would retry an address where nothing listens every 30 s, forever and
+    without a word; here a TCP connection to its port is tried for a few seconds, and a refusal names it."""
+    import socket
+
+    target = address
+    if address == "auto":
+        try:
+            target = RAY_CURRENT_CLUSTER.read_text().strip()
+        except OSError:
+            raise ConfigError(f"{flag} auto: no Ray cluster was started on this machine ({RAY_CURRENT_CLUSTER} "
+                              f"is missing): start one with `ray start --head`, or leave {flag} out") from None
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{flag} {address!r} is not host:port (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_ANSWER_SECONDS):
+            pass
+    except OSError as error:
+        reason = "nothing answered" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers at {target} ({reason.lower()} within "
+                          f"{RAY_ANSWER_SECONDS:.0f} s): start one there with `ray start --head`, or leave {flag} "
+                          f"out to run Ray in this process") from None
+
+
 def available_memory() -> int | None:
     """Bytes the machine can give without swapping (MemAvailable of /proc/meminfo), or None when unknown."""
     try:

@@ -85,9 +85,12 @@ def check(args) -> RunConfig:
     # run.json keeps the data root absolute: a resume from another folder finds the same data
     run_config = dataclasses.replace(run_config, data_root=str(resolve_data_root(run_config.data_root).resolve()))
     check_run(run_config)
-    if ray_address(args) is None:  # on a cluster the clients' cores and GPUs are the cluster's, not this machine's
+    address = ray_address(args)
+    if address is None:  # on a cluster the clients' cores and GPUs are the cluster's, not this machine's
         check_machine(run_config, args.client_cpus, args.client_gpus)
     else:
+        typed = "ray_address" in getattr(args, "given_flags", ("ray_address",))
+        guard.check_ray_address(address, "--ray-address" if typed else "RAY_ADDRESS")
         guard.check_device(run_config.device)
     guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
     for train in (True, False):
@@ -206,6 +209,13 @@ def run(args, continue_with: str | None = None) -> dict:
                 if interrupt is None:
                     raise
                 raise interrupt from None
+            except RuntimeError as error:  # Flower's "Simulation Runtime crashed", caused by ray.init's refusal
+                address = ray_address(args)
+                if address is None or not ray_refused(error):
+                    raise
+                raise ConfigError(f"--ray-address {address}: Ray could not join a cluster there ("
+                                  f"{ray_refused(error)}): start one with `ray start --head`, or leave "
+                                  f"--ray-address (and RAY_ADDRESS) out to run Ray in this process") from None
     except guard.Interrupted as interrupt:
         stop_interrupted(out, interrupt, continue_with or f"fl-sim run --resume {out}")
         raise
@@ -220,6 +230,16 @@ def run(args, continue_with: str | None = None) -> dict:
 def ray_address(args) -> str | None:
     """The running Ray cluster the simulation attaches to (--ray-address, default $RAY_ADDRESS), or None."""
     return getattr(args, "ray_address", None) or None
+
+
+def ray_refused(error: BaseException) -> str | None:
+    """The ConnectionError of `ray.init` among an exception's causes (what Ray said), or None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def backend_config(args) -> "BackendConfig":
