@@ -153,3 +153,27 @@ def test_report_of_a_sweep_names_a_point_it_cannot_read(tmp_path, capsys):
     (out / "points" / "p2" / "summary.json").write_bytes(b"\x00garbage")
     assert main(["report", str(out)]) == 2
     assert f"{out / 'points' / 'p2' / 'summary.json'}: cannot be read" in capsys.readouterr().err
+
+
+def test_resume_names_every_row_it_drops_and_why(tmp_path):
+    from fl_sim.results.gallery import client_folder
+    from fl_sim.results.outputs import append_jsonl, read_jsonl
+    from fl_sim.server.resume import rewind
+
+    for server_round in (1, 2, 3):
+        append_jsonl(tmp_path / "global.jsonl", {"round": server_round, "accuracy": 0.1})
+        for client in (0, 1):
+            append_jsonl(tmp_path / "metrics.jsonl", {"round": server_round, "client": client, "status": "ok"})
+            (tmp_path / client_folder(server_round, client)).mkdir(parents=True)
+    with open(tmp_path / "global.jsonl", "a") as file:
+        file.write('{"round": 2, "accur')  # a row of a finished round, torn
+    dropped = rewind(tmp_path, 2)
+    assert [(row["round"], row["client"]) for row in read_jsonl(tmp_path / "metrics.jsonl")] == [
+        (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert sorted(dropped) == [
+        "global.jsonl line 4: torn (a write cut short), dropped; it held a row of round 2, which had finished: "
+        "that row is lost",
+        "global.jsonl: the row of round 3 dropped: the checkpoint names round 2, so round 3 runs again",
+        "metrics.jsonl: the row of round 3, client 0 dropped: the checkpoint names round 2, so round 3 runs again",
+        "metrics.jsonl: the row of round 3, client 1 dropped: the checkpoint names round 2, so round 3 runs again",
+        "round-003/ removed: round 3 runs again"], dropped

@@ -308,7 +308,8 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
     model = build_model(config.model, channels, size, classes, init=config.init, seed=config.seed,
                         imprint=config.imprint_rows)
     if resume:
-        rewind(out, done)
+        for dropped in rewind(out, done):
+            log(WARNING, "resume: %s", dropped)
         write_gallery(out)
         record = json.loads((out / "run.json").read_text())
         record.pop("finished", None)
