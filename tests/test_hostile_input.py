@@ -177,3 +177,60 @@ def test_resume_names_every_row_it_drops_and_why(tmp_path):
         "metrics.jsonl: the row of round 3, client 0 dropped: the checkpoint names round 2, so round 3 runs again",
         "metrics.jsonl: the row of round 3, client 1 dropped: the checkpoint names round 2, so round 3 runs again",
         "round-003/ removed: round 3 runs again"], dropped
+
+
+# Peaks measured (the summed RSS of fl-sim run's processes, sampled every 0.1 s) for `fl-sim run --model lenet
+# --num-clients 2 --rounds 1 --imprint-bins ROWS` on MNIST with 2 cores: 4.1 GB at the default 256 rows,
+# 6.1 GB at 25000 rows, and 9.4 GB at 100000 rows.
+@pytest.mark.parametrize("rows, measured_gb", [(256, 4.1), (25000, 6.1), (100000, 9.4)])
+def test_the_memory_estimate_is_within_1_5x_of_the_measured_peak(rows, measured_gb):
+    from fl_sim.commands import guard
+
+    estimate = guard.run_memory(guard.model_bytes("lenet", (1, 28, 28), 10, rows), 2, 2)
+    assert measured_gb * 1e9 <= 1.5 * estimate, f"{estimate / 1e9:.1f} GB estimated"
+    assert estimate <= 1.5 * measured_gb * 1e9, f"{estimate / 1e9:.1f} GB estimated"
+
+
+@pytest.mark.parametrize("dataset, pixels", [("mnist", 784), ("cifar10", 3 * 32 * 32)])
+def test_the_memory_check_counts_the_imprint_block_on_every_data_set(shared_data, tmp_path, monkeypatch, dataset,
+                                                                     pixels):
+    from fl_sim.commands import attack, cli, guard
+    from fl_sim.commands import run as run_command
+
+    asked = []
+    monkeypatch.setattr(guard, "check_memory", lambda copy_bytes, *args, **kwargs: asked.append(copy_bytes) or 0)
+    run_command.check(cli.parse_args(["run", "--dataset", dataset, "--data-root", str(shared_data), "--model",
+                                      "lenet", "--attack", "imprint", "--imprint-bins", "1000",
+                                      "--out", str(tmp_path / "run")]))
+    with pytest.raises(SystemExit):  # the check passed (stubbed); stopped before the attack runs
+        monkeypatch.setattr(attack, "clear_out", lambda out: sys.exit(0))
+        attack.run(cli.parse_args(["attack", "--dataset", dataset, "--data-root", str(shared_data), "--model",
+                                   "lenet", "--attack", "imprint", "--imprint-bins", "1000",
+                                   "--out", str(tmp_path / "attack")]))
+    assert len(asked) == 2 and all(copy >= 1000 * pixels * 4 for copy in asked), asked
+
+
+def test_fl_sim_attack_under_an_address_space_limit_is_refused_in_one_line(shared_data, tmp_path):
+    import resource
+
+    limit = 8 * 2**30
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run([str(FL_SIM), "attack", "--dataset", "mnist", "--data-root", str(shared_data), "--attack",
+                           "imprint", "--imprint-bins", "100000", "--num-victims", "2", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GiB free: lower --imprint-bins" in lines[0], done.stderr[-2000:]
+
+
+def test_a_run_above_2_gb_prints_its_estimate(shared_data, tmp_path, capsys):
+    from fl_sim.commands import cli
+    from fl_sim.commands import run as run_command
+
+    run_command.check(cli.parse_args(small_run(shared_data, tmp_path / "run", "--attack", "imprint",
+                                               "--imprint-bins", "20000")[1:]))
+    printed = capsys.readouterr().out
+    assert "fl-sim run: memory estimate about" in printed and "GiB free" in printed, printed

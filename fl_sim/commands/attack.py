@@ -136,8 +136,10 @@ def run(args) -> dict:
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     run_config = config.task_config(args)
     imprint_rows = run_config.imprint_rows
-    guard.check_memory(guard.model_bytes(args.model, shape, dataset.num_classes, imprint_rows), args.num_victims, 1,
-                       "--imprint-bins" if imprint_rows else "--num-victims", "victim(s)")  # before --force clears
+    need = guard.check_memory(guard.model_bytes(args.model, shape, dataset.num_classes, imprint_rows),
+                              args.num_victims, 1, "--imprint-bins" if imprint_rows else "--num-victims", "victim(s)",
+                              ray=False)  # before --force clears
+    guard.say_memory("attack", need)
     clear_out(Path(args.out))
     settings = config.training_settings(args)
     defense = config.defense(args)

@@ -115,9 +115,10 @@ def check_model(run_config: RunConfig, client_cpus: float = 1.0) -> None:
     # a round's replies come from the clients Flower samples (--fraction-train), not the whole population
     sampled = max(1, math.ceil(run_config.fraction_train * run_config.num_clients))
     workers = min(sampled, max(1, int(guard.cpu_cores() // client_cpus)))
-    guard.check_memory(copy_bytes, sampled, workers,
-                       "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or use a "
-                       "smaller --model", summed=run_config.defense.protocol)
+    need = guard.check_memory(copy_bytes, sampled, workers,
+                              "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or "
+                              "use a smaller --model", summed=run_config.defense.protocol)
+    guard.say_memory("run", need)
     if run_config.init not in ("default", "paper"):  # a file that is no checkpoint of this model: said now
         build_model(run_config.model, shape[0], shape[1], classes, init=run_config.init, seed=run_config.seed)
 
