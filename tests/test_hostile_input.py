@@ -234,3 +234,23 @@ def test_a_run_above_2_gb_prints_its_estimate(shared_data, tmp_path, capsys):
                                                "--imprint-bins", "20000")[1:]))
     printed = capsys.readouterr().out
     assert "fl-sim run: memory estimate about" in printed and "GiB free" in printed, printed
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_image_in_the_middle_of_an_image_folder_is_refused_before_round_1(tiny_image_folder, tmp_path,
+                                                                                     capsys, damage):
+    from fl_sim.commands import cli
+
+    victim = tiny_image_folder / "b" / "3.png"
+    data = victim.read_bytes()
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4 if damage == "garbage" else data[:len(data) - 30])
+    out = tmp_path / "out"
+    for command in (["run", "--num-clients", "2", "--rounds", "1", "--min-shard", "1"],
+                    ["attack", "--num-victims", "1"]):
+        assert cli.main([*command, "--dataset", "imagefolder", "--data-root", str(tiny_image_folder), "--model",
+                         "lenet", "--attack", "idlg", "--train-mode", "steps", "--batch-size", "2", "--out",
+                         str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{str(victim)!r} is not an image that can be read" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

@@ -40,7 +40,7 @@ from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import Group, InspectionMode
-from fl_sim.learning.data import load_dataset
+from fl_sim.learning.data import check_images, load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
 from fl_sim.results.evaluation import score_and_save, summarise
@@ -133,6 +133,7 @@ def run(args) -> dict:
     started = time.perf_counter()
     check(args)
     dataset = load_dataset(args.dataset, args.data_root, train=True)
+    check_images(dataset)  # a damaged image file is named before any victim trains
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     run_config = config.task_config(args)
     imprint_rows = run_config.imprint_rows

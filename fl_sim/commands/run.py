@@ -75,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args) -> RunConfig:
     """The run's config, checked with its data before Ray starts (bad flags cost no simulation)."""
-    from fl_sim.learning.data import cached_dataset, resolve_data_root  # imported late: torch is slow to import
+    from fl_sim.learning.data import (  # imported late: torch is slow to import
+        cached_dataset,
+        check_images,
+        resolve_data_root,
+    )
 
     if (args.out is None) == (args.resume is None):
         raise ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
@@ -93,8 +97,8 @@ def check(args) -> RunConfig:
         guard.check_ray_address(address, "--ray-address" if typed else "RAY_ADDRESS")
         guard.check_device(run_config.device)
     guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
-    for train in (True, False):
-        cached_dataset(run_config.dataset, run_config.data_root, train)  # DataNotFoundError says what to do
+    for train in (True, False):  # DataNotFoundError says what to do; a damaged image file is named now
+        check_images(cached_dataset(run_config.dataset, run_config.data_root, train))
     check_model(run_config, args.client_cpus)
     return run_config
 
