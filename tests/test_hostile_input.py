@@ -254,3 +254,27 @@ def test_a_corrupt_image_in_the_middle_of_an_image_folder_is_refused_before_roun
         assert f"{str(victim)!r} is not an image that can be read" in err, err
         assert len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_a_mosaic_too_small_for_its_clients_is_refused_before_ray_starts_naming_the_rows_to_pass(shared_data,
+                                                                                                 tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([str(FL_SIM), "run", "--data-root", str(shared_data), "--attack", "mosaic", "--num-clients",
+                           "100", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    said = ("fl-sim run: --attack mosaic: 256 imprint rows cannot give 100 clients a round 4 blocks of 2 or more bins "
+            "each: pass --imprint-bins 800 or more")
+    assert done.stderr.strip() == said, done.stderr[-3000:]
+    assert "Ray" not in done.stdout + done.stderr and not out.exists()
+
+
+def test_the_mosaic_refusal_names_rows_that_the_attack_then_accepts(shared_data):
+    from fl_sim.contract.run_config import ConfigError, RunConfig
+    from fl_sim.server.mosaic import check_rows
+
+    for steps, copies in ((1, 1), (3, 2)):  # several steps: the attack sends every row twice
+        config = RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps)
+        with pytest.raises(ConfigError, match=f"pass --imprint-bins {2 * 4 * 40 * copies} or more"):
+            check_rows(config)
+        check_rows(RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps,
+                             imprint_bins=2 * 4 * 40 * copies))

@@ -99,6 +99,10 @@ def check(args) -> RunConfig:
     guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
     for train in (True, False):  # DataNotFoundError says what to do; a damaged image file is named now
         check_images(cached_dataset(run_config.dataset, run_config.data_root, train))
+    if run_config.attack == "mosaic":  # before the memory estimate is printed (the ServerApp checks it too)
+        from fl_sim.server.mosaic import check_rows
+
+        check_rows(run_config)
     check_model(run_config, args.client_cpus)
     return run_config
 

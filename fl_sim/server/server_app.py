@@ -70,6 +70,7 @@ from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.flower_private import AppExitException, ExitCode, add_exit_handler
+from fl_sim.server.mosaic import check_rows
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
 from fl_sim.server.secagg import ProtocolSettings, SecAggPlusFace, run_secagg
 from fl_sim.server.strategy import (
@@ -265,6 +266,8 @@ class RoundEnd:
 def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
     """Every check of the config and its data that can fail before a round runs."""
     check_run(config)
+    if config.attack == "mosaic":  # the rows it deals out to a round's clients are known now, not in round 1
+        check_rows(config)
     holds_run = (Path(config.out) / "run.json").exists()
     if holds_run and not resume:  # appending to another run's rows would mix the two
         raise ConfigError(f"{config.out!r} already holds a run (run.json): choose another output folder, "
