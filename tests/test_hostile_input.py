@@ -278,3 +278,29 @@ def test_the_mosaic_refusal_names_rows_that_the_attack_then_accepts(shared_data)
             check_rows(config)
         check_rows(RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps,
                              imprint_bins=2 * 4 * 40 * copies))
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused_naming_the_first(tmp_path, shared_data, monkeypatch,
+                                                                          capsys):
+    from fl_sim.commands import cli, sweep
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fl_sim.server import lock; "
+                               f"lock.acquire({str(out)!r}, 'fl-sim sweep'); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ran = []
+    monkeypatch.setattr(sweep, "run_point", lambda *args: ran.append(args) or {"seconds": 0.0})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = cli.main(["sweep", "--dataset", "mnist", "--data-root", str(shared_data), "--iterations", "1",
+                         "--num-victims", "1", "--grid", "lr=0.1,0.2", "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and not ran
+    assert f"is being written by pid {holder.pid}" in capsys.readouterr().err
+    assert cli.main(["sweep", "--dataset", "mnist", "--data-root", str(shared_data), "--iterations", "1",
+                     "--num-victims", "1", "--grid", "lr=0.1,0.2", "--out", str(out)]) == 0  # once it is gone
+    assert len(ran) == 2
