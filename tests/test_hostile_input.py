@@ -2,6 +2,7 @@
 each ends in one clear line (exit 2 where it is the user's input) or in the right result, with nothing lost."""
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -304,3 +305,18 @@ def test_a_second_sweep_into_the_same_folder_is_refused_naming_the_first(tmp_pat
     assert cli.main(["sweep", "--dataset", "mnist", "--data-root", str(shared_data), "--iterations", "1",
                      "--num-victims", "1", "--grid", "lr=0.1,0.2", "--out", str(out)]) == 0  # once it is gone
     assert len(ran) == 2
+
+
+def test_resume_of_a_checkpoint_of_random_bytes_is_one_line(tmp_path, shared_data):
+    from fl_sim.contract.run_config import RunConfig
+    from fl_sim.results.outputs import write_json
+    from fl_sim.server.resume import CHECKPOINT
+
+    out = tmp_path / "stopped"
+    config = RunConfig(out=str(out), rounds=3, num_clients=2, iterations=2, model="lenet", data_root=str(shared_data))
+    write_json(out / "run.json", {"config": config.to_flower(), "seed": 0})
+    (out / CHECKPOINT).write_bytes(random.Random(0).randbytes(4096))  # torch's reason for these: 6 lines
+    done = subprocess.run([str(FL_SIM), "run", "--resume", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a checkpoint fl-sim run wrote" in lines[0], done.stderr[-3000:]

@@ -70,9 +70,10 @@ def load_checkpoint(out) -> Checkpoint | None:
                 isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in weights.items()):
             raise ValueError("unexpected contents")
         return Checkpoint(server_round, dict(weights), float(state.get("elapsed_seconds", 0.0)))
-    except Exception as error:
-        raise ConfigError(f"{str(path)!r} is not a checkpoint fl-sim run wrote ({type(error).__name__}: {error})") \
-            from None
+    except Exception as error:  # torch's own text runs to many lines (how to load untrusted files): its first
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"{str(path)!r} is not a checkpoint fl-sim run wrote ({type(error).__name__}: {reason}): "
+                          f"restore it, or start the run again with a new --out") from None
 
 
 def round_rows(out) -> dict[str, list[dict]]:
