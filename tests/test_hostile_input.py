@@ -1,5 +1,6 @@
 """Bad settings, unreachable services, damaged files and interruptions, tried as a careless or hostile user would:
 each ends in one clear line (exit 2 where it is the user's input) or in the right result, with nothing lost."""
+import contextlib
 import json
 import os
 import random
@@ -320,3 +321,28 @@ def test_resume_of_a_checkpoint_of_random_bytes_is_one_line(tmp_path, shared_dat
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a checkpoint fl-sim run wrote" in lines[0], done.stderr[-3000:]
+
+
+def test_ctrl_c_during_a_sweep_while_clients_train_prints_no_traceback(shared_data, tmp_path):
+    """Ctrl-C signals the whole foreground group: the clients' Ray actors die mid-task as the sweep stops."""
+    out = tmp_path / "sweep"
+    command = [str(FL_SIM), "sweep", "--mode", "run", "--train-mode", "steps", "--local-steps", "300", "--dataset",
+               "mnist", "--data-root", str(shared_data), "--model", "cnn", "--num-clients", "2", "--rounds", "3",
+               "--batch-size", "16", "--attack", "none", "--grid", "lr=0.1,0.2", "--out", str(out)]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("points/*/checkpoint.pt")):
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "round 1 did not finish in 300 s"
+            time.sleep(0.05)
+        time.sleep(2)  # round 2: the clients train (300 steps each)
+        os.killpg(process.pid, signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("fl-sim sweep: interrupted (SIGINT) at point 1 of 2")

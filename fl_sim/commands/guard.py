@@ -60,6 +60,11 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def stopping() -> bool:
+    """Whether SIGINT or SIGTERM has asked the command to stop (under `interruptible`)."""
+    return _STOPPING.is_set()
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted in the main thread for the duration (elsewhere: nothing changes)."""

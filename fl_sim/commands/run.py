@@ -50,6 +50,16 @@ class HideRunSimulationDeprecation(logging.Filter):
         return RUN_SIMULATION_DEPRECATED not in record.getMessage()
 
 
+class HideInterruptedActorErrors(logging.Filter):
+    """Drops Flower's ERROR records once the command is stopping. Ctrl-C in a terminal signals the whole foreground
+    process group, Ray's workers too: a client's actor dies mid-task, and Flower's simulation logs the failed
+    message as ERROR lines with Ray's traceback (ActorDiedError) while fl-sim is already stopping the run. Those
+    say only that the run stopped, which fl-sim's own line says with where and how to continue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not guard.stopping()
+
+
 NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anything or no attack succeeded
 
 
@@ -205,8 +215,9 @@ def run(args, continue_with: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     commits.STOPPED.clear()
     started = time.perf_counter()
-    hide = HideRunSimulationDeprecation()
+    hide, quiet = HideRunSimulationDeprecation(), HideInterruptedActorErrors()
     logging.getLogger("flwr").addFilter(hide)
+    logging.getLogger("flwr").addFilter(quiet)  # kept after an interrupt: Flower's threads log till the process ends
     try:
         with lock.hold(out):
             try:
@@ -230,6 +241,8 @@ def run(args, continue_with: str | None = None) -> dict:
         raise
     finally:
         logging.getLogger("flwr").removeFilter(hide)
+        if not guard.stopping():
+            logging.getLogger("flwr").removeFilter(quiet)
         if created and out.is_dir() and not any(out.iterdir()):  # nothing written: no empty folder left
             out.rmdir()
     return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
