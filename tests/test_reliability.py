@@ -190,11 +190,14 @@ def test_memory_the_machine_lacks_is_refused_with_the_flag_that_lowers_it(shared
     per_copy = (100000 * 784 + 100000) * 4  # the imprint matrix and its bias, float32
     assert needed * 2**30 >= per_copy * (4 + 2 * 2 + 5)  # the models and replies of 2 clients, 1 worker at least
     assert not (tmp_path / "run").exists()
-    run_command.check(cli.parse_args(small_run(shared_data, tmp_path / "ok")))  # a small run fits in 2 GiB
+    monkeypatch.setattr(guard, "available_memory", lambda: 5 * 2**30)
+    run_command.check(cli.parse_args(small_run(shared_data, tmp_path / "ok")))  # a small run fits in 5 GiB
+    monkeypatch.setattr(guard, "available_memory", lambda: 2 * 2**30)
     assert cli.main(["attack", "--dataset", "mnist", "--data-root", str(shared_data), "--attack", "imprint",
                      "--imprint-bins", "100000", "--num-victims", "4", "--out", str(tmp_path / "attack")]) == 2
-    assert "(4 victim(s), 300 MiB per copy of the model) but the machine has 2.0 GiB free: lower --imprint-bins" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(4 victim(s), 300 MiB per copy of the model" in err
+    assert "but the machine has 2.0 GiB free: lower --imprint-bins" in err
 
 
 def test_run_and_sweep_leave_a_folder_they_did_not_write_alone(shared_data, tmp_path, capsys):

@@ -41,7 +41,7 @@ from fl_sim.contract.attacks import NO_ATTACK, attack_names
 from fl_sim.contract.defenses import InspectionMode
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.setting import Group
-from fl_sim.learning.data import load_dataset
+from fl_sim.learning.data import check_images, load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
 from fl_sim.results.evaluation import score_and_save, summarise
@@ -134,11 +134,14 @@ def run(args) -> dict:
     started = time.perf_counter()
     check(args)
     dataset = load_dataset(args.dataset, args.data_root, train=True)
+    check_images(dataset)  # a damaged image file is named before any victim trains
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     run_config = config.task_config(args)
     imprint_rows = run_config.imprint_rows
-    guard.check_memory(guard.model_bytes(args.model, shape, dataset.num_classes, imprint_rows), args.num_victims, 1,
-                       "--imprint-bins" if imprint_rows else "--num-victims", "victim(s)")  # before --force clears
+    need = guard.check_memory(guard.model_bytes(args.model, shape, dataset.num_classes, imprint_rows),
+                              args.num_victims, 1, "--imprint-bins" if imprint_rows else "--num-victims", "victim(s)",
+                              ray=False)  # before --force clears
+    guard.say_memory("attack", need)
     clear_out(Path(args.out))
     settings = config.training_settings(args)
     defense = config.defense(args)

@@ -60,6 +60,11 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def stopping() -> bool:
+    """Whether SIGINT or SIGTERM has asked the command to stop (under `interruptible`)."""
+    return _STOPPING.is_set()
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted in the main thread for the duration (elsewhere: nothing changes)."""
@@ -133,16 +138,58 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
 
 
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` writes its address
+RAY_ANSWER_SECONDS = 5.0
+
+
+def check_ray_address(address: str, flag: str = "--ray-address") -> None:
+    """A Ray cluster must answer at `address` (host:port, ray://host:port, or 'auto': the one `ray start --head`
+    started on this machine). Ray itself would retry an address where nothing listens every 30 s, forever and
+    without a word; here a TCP connection to its port is tried for a few seconds, and a refusal names it."""
+    import socket
+
+    target = address
+    if address == "auto":
+        try:
+            target = RAY_CURRENT_CLUSTER.read_text().strip()
+        except OSError:
+            raise ConfigError(f"{flag} auto: no Ray cluster was started on this machine ({RAY_CURRENT_CLUSTER} "
+                              f"is missing): start one with `ray start --head`, or leave {flag} out") from None
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{flag} {address!r} is not host:port (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_ANSWER_SECONDS):
+            pass
+    except OSError as error:
+        reason = "nothing answered" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers at {target} ({reason.lower()} within "
+                          f"{RAY_ANSWER_SECONDS:.0f} s): start one there with `ray start --head`, or leave {flag} "
+                          f"out to run Ray in this process") from None
+
+
 def available_memory() -> int | None:
-    """Bytes the machine can give without swapping (MemAvailable of /proc/meminfo), or None when unknown."""
+    """Bytes the machine can give without swapping (MemAvailable of /proc/meminfo), or less where the process's
+    address space is limited (`ulimit -v`: what remains of RLIMIT_AS); None when unknown."""
+    import resource
+
+    free = None
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        free = None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        except (OSError, ValueError, StopIteration):
+            used = 0
+        free = max(0, limit - used) if free is None else min(free, max(0, limit - used))
+    return free
 
 
 def model_bytes(model_name: str, shape: tuple[int, int, int], classes: int, imprint_rows: int) -> int:
@@ -157,28 +204,51 @@ def model_bytes(model_name: str, shape: tuple[int, int, int], classes: int, impr
     return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
 
-def run_memory(copy_bytes: int, clients: int, workers: int, summed: bool = False) -> int:
-    """A rough figure of a run's peak memory: the server's global, armed and aggregated models and every
-    client's reply (each one copy), and per client worker (Ray actor) the model, its gradient, the optimiser's
-    state, the received and the sent weights (five copies). `summed`: the replies are summed as they arrive
-    (Flower's SecAgg+ through fl_sim/server/secagg.py's SummingGrid), so the server holds a sum and a few
+# What a run costs besides its models (measured with /usr/bin/time -v and the processes' RSS, MNIST, LeNet):
+SERVER_BASE = int(1.5 * 2**30)  # the command's process: Python, torch, Flower and the data sets, before a model
+RAY_BASE = int(0.5 * 2**30)  # Ray's own processes (GCS, raylet, ...)
+WORKER_BASE = int(0.7 * 2**30)  # one Ray worker: Python, torch and the ClientApp
+# copies of the model the server holds at its peak: the global, armed and aggregated models, the attack's (its
+# readout of the imprint block's gradient), the scoreboard's and RoundEnd's models, the checkpoint being written
+# and Flower's serialised messages (measured: 27 copies in all, server and two workers, --imprint-bins 25000,
+# MNIST)
+SERVER_COPIES = 16
+PRINT_ABOVE = 2 * 2**30  # estimates above this are printed
+
+
+def run_memory(copy_bytes: int, clients: int, workers: int, summed: bool = False, ray: bool = True) -> int:
+    """A rough figure of a run's peak memory, all its processes together: the server process's own cost and its
+    copies of the model (SERVER_COPIES) and every client's reply (two copies each: the message and its tensors);
+    with `ray`, Ray's processes and per client worker (Ray actor) its own cost and the model, its gradient, the
+    optimiser's state, the received and the sent weights (five copies). `summed`: the replies are summed as they
+    arrive (Flower's SecAgg+ through fl_sim/server/secagg.py's SummingGrid), so the server holds a sum and a few
     replies (int64: two copies each) and the messages under way, not every reply; each worker holds SecAgg+'s
     quantized vector and masks besides (measured: ~25 copies a worker, ~40 for the server)."""
+    fixed = SERVER_BASE + ((RAY_BASE + WORKER_BASE * workers) if ray else 0)
     if summed:
-        return copy_bytes * (40 + 2 * workers + 25 * workers)
-    return copy_bytes * (4 + 2 * clients + 5 * workers)
+        return fixed + copy_bytes * (40 + 2 * workers + 25 * workers)
+    return fixed + copy_bytes * (SERVER_COPIES + 2 * clients + 5 * workers)
 
 
 def check_memory(copy_bytes: int, clients: int, workers: int, lower: str, senders: str = "client(s)",
-                 summed: bool = False) -> None:
-    """Refuses a run whose models and replies would not fit into the machine's free memory, with the figure and
-    the flag (`lower`) that makes it smaller; `senders` names who sends the replies (clients, victims);
-    `summed`: see run_memory."""
-    need, free = run_memory(copy_bytes, clients, workers, summed), available_memory()
+                 summed: bool = False, ray: bool = True) -> int:
+    """Refuses a run whose processes, models and replies would not fit into the machine's free memory, with the
+    figure and the flag (`lower`) that makes it smaller; `senders` names who sends the replies (clients,
+    victims); `summed`, `ray`: see run_memory. Returns the estimate (bytes)."""
+    need, free = run_memory(copy_bytes, clients, workers, summed, ray), available_memory()
     if free is not None and need > free:
-        raise ConfigError(f"this needs about {need / 2**30:.1f} GiB for its models and replies ({clients} "
-                          f"{senders}, {copy_bytes / 2**20:.0f} MiB per copy of the model) but the machine has "
-                          f"{free / 2**30:.1f} GiB free: lower {lower}")
+        raise ConfigError(f"this needs about {need / 2**30:.1f} GiB ({clients} {senders}, {copy_bytes / 2**20:.0f} "
+                          f"MiB per copy of the model, {need / copy_bytes:.0f} copies' worth with the processes' own "
+                          f"cost) but the machine has {free / 2**30:.1f} GiB free: lower {lower}")
+    return need
+
+
+def say_memory(command: str, need: int) -> None:
+    """Prints a run's memory estimate when it is above PRINT_ABOVE (2 GiB), with the memory free."""
+    if need > PRINT_ABOVE:
+        free = available_memory()
+        print(f"fl-sim {command}: memory estimate about {need / 2**30:.1f} GiB at its peak"
+              + (f" ({free / 2**30:.1f} GiB free)" if free is not None else ""), flush=True)
 
 
 # --- output folders --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 from html import escape
 from numbers import Real
 from pathlib import Path
@@ -30,17 +31,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="the output folder of an fl-sim run or fl-sim sweep")
 
 
-def build_sweep(out: str | Path) -> list[dict]:
+def build_sweep(out: str | Path, damaged: list[str] | None = None) -> list[dict]:
     """Writes OUT/results.csv, OUT/<key>.png per swept key (and OUT/leakage-vs-accuracy.png for a run sweep)
-    and OUT/index.html; returns the finished points' rows."""
+    and OUT/index.html; returns the finished points' rows. A point's summary.json that cannot be read is left
+    out of the page and named in `damaged`."""
     out = Path(out)
     record = json.loads((out / "sweep.json").read_text())
     grid, rows = record["grid"], []
     for point in record["points"]:
         summary_path = out / "points" / point["folder"] / "summary.json"
         if summary_path.exists():
-            rows.append({**point["settings"], **_figures(json.loads(summary_path.read_text())),
-                         "folder": point["folder"]})
+            try:
+                summary = json.loads(summary_path.read_text(encoding="utf-8"))
+                if not isinstance(summary, dict):
+                    raise ValueError(f"a JSON {type(summary).__name__}, not a summary")
+            except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if damaged is None:
+                    raise
+                damaged.append(f"{summary_path}: cannot be read ({str(error)[:80]}), point left out")
+                continue
+            rows.append({**point["settings"], **_figures(summary), "folder": point["folder"]})
     columns = list(grid) + [c for c in METRICS if any(c in row for row in rows)]
     columns += sorted({c for row in rows for c in row} - set(columns) - {"folder"})
     text_rows = [{column: _cell(row.get(column)) for column in columns} for row in rows]
@@ -111,14 +121,71 @@ def check_records(out: Path) -> None:
                               f"{', '.join(keys) or 'the run'}): restore it, or rebuild the folder")
 
 
+# The rows a run's page is built from (fl_sim/results/gallery.py reads them, skipping what is no row).
+RUN_ROWS = ("global.jsonl", "metrics.jsonl")
+
+
+def skipped_lines(path: Path) -> tuple[list[str], list[str]]:
+    """What reading the JSON-lines file `path` skips, each as "file line N: why": (damaged lines, the torn last
+    line). A kill mid-append leaves only the last line torn, without its newline: that one is said apart, as
+    the rows it lost are the ones a resume retrains; any other line that is no JSON object is damage. A file
+    that cannot be read at all is one damaged entry."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return [f"{path}: cannot be read ({error.strerror or error})"], []
+    lines = data.split(b"\n")
+    last = lines.pop()  # what follows the last newline: b"" in a whole file
+    damaged, torn = [], []
+    for number, line in enumerate([*lines, last], 1):
+        if not line.strip():
+            continue
+        why = _why_no_row(line)
+        if why is None:
+            continue
+        if number == len(lines) + 1:  # no newline after it: the torn end of an append
+            torn.append(f"{path} line {number}: torn (the end of a write cut short: {why}), skipped")
+        else:
+            damaged.append(f"{path} line {number}: {why}, skipped")
+    return damaged, torn
+
+
+def _why_no_row(line: bytes) -> str | None:
+    """Why a line of a JSON-lines file is no row (None: it is one)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not text (binary bytes {line[:24]!r})"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"not JSON ({error.msg} at column {error.colno}: {text[:40]!r})"
+    return None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not a row"
+
+
 def main(args) -> int:
     out = Path(args.out)
     check_records(out)
+    damaged: list[str] = []
     if (out / "sweep.json").is_file():
-        rows = build_sweep(out)
+        rows = build_sweep(out, damaged)
         print(f"fl-sim report: {len(rows)} point(s) -> {out / 'index.html'}, {out / 'results.csv'}")
     elif (out / "run.json").is_file() or (out / "global.jsonl").is_file():
+        torn = []
+        for name in RUN_ROWS:
+            if (out / name).exists():
+                lost, cut = skipped_lines(out / name)
+                damaged += lost
+                torn += cut
+        for line in torn:
+            print(f"fl-sim report: {line}", file=sys.stderr)
         print(f"fl-sim report: {write_gallery(out)}")
     else:
         raise ConfigError(f"{str(out)!r} holds neither a sweep (sweep.json) nor a run (run.json, global.jsonl)")
+    if damaged:
+        for line in damaged:
+            print(f"fl-sim report: {line}", file=sys.stderr)
+        print(f"fl-sim report: the page lacks what {len(damaged)} damaged line(s) or file(s) held (named above): "
+              f"restore them, or rerun", file=sys.stderr)
+        return 2
     return 0

@@ -43,6 +43,16 @@ class HideRunSimulationDeprecation(logging.Filter):
         return RUN_SIMULATION_DEPRECATED not in record.getMessage()
 
 
+class HideInterruptedActorErrors(logging.Filter):
+    """Drops Flower's ERROR records once the command is stopping. Ctrl-C in a terminal signals the whole foreground
+    process group, Ray's workers too: a client's actor dies mid-task, and Flower's simulation logs the failed
+    message as ERROR lines with Ray's traceback (ActorDiedError) while fl-sim is already stopping the run. Those
+    say only that the run stopped, which fl-sim's own line says with where and how to continue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not guard.stopping()
+
+
 NOTHING_WORKED = 3  # the exit code of a run in which no round aggregated anything or no attack succeeded
 
 
@@ -68,7 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args) -> RunConfig:
     """The run's config, checked with its data before Ray starts (bad flags cost no simulation)."""
-    from fl_sim.learning.data import cached_dataset, resolve_data_root  # imported late: torch is slow to import
+    from fl_sim.learning.data import (  # imported late: torch is slow to import
+        cached_dataset,
+        check_images,
+        resolve_data_root,
+    )
 
     if (args.out is None) == (args.resume is None):
         raise ConfigError("give --out for a new run, or --resume OUT to continue one (not both)")
@@ -78,13 +92,20 @@ def check(args) -> RunConfig:
     # run.json keeps the data root absolute: a resume from another folder finds the same data
     run_config = dataclasses.replace(run_config, data_root=str(resolve_data_root(run_config.data_root).resolve()))
     check_run(run_config)
-    if ray_address(args) is None:  # on a cluster the clients' cores and GPUs are the cluster's, not this machine's
+    address = ray_address(args)
+    if address is None:  # on a cluster the clients' cores and GPUs are the cluster's, not this machine's
         check_machine(run_config, args.client_cpus, args.client_gpus)
     else:
+        typed = "ray_address" in getattr(args, "given_flags", ("ray_address",))
+        guard.check_ray_address(address, "--ray-address" if typed else "RAY_ADDRESS")
         guard.check_device(run_config.device)
     guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
-    for train in (True, False):
-        cached_dataset(run_config.dataset, run_config.data_root, train)  # DataNotFoundError says what to do
+    for train in (True, False):  # DataNotFoundError says what to do; a damaged image file is named now
+        check_images(cached_dataset(run_config.dataset, run_config.data_root, train))
+    if run_config.attack == "mosaic":  # before the memory estimate is printed (the ServerApp checks it too)
+        from fl_sim.server.mosaic import check_rows
+
+        check_rows(run_config)
     check_model(run_config, args.client_cpus)
     return run_config
 
@@ -105,9 +126,10 @@ def check_model(run_config: RunConfig, client_cpus: float = 1.0) -> None:
     # a round's replies come from the clients Flower samples (--fraction-train), not the whole population
     sampled = max(1, math.ceil(run_config.fraction_train * run_config.num_clients))
     workers = min(sampled, max(1, int(guard.cpu_cores() // client_cpus)))
-    guard.check_memory(copy_bytes, sampled, workers,
-                       "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or use a "
-                       "smaller --model", summed=run_config.defense.protocol)
+    need = guard.check_memory(copy_bytes, sampled, workers,
+                              "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or "
+                              "use a smaller --model", summed=run_config.defense.protocol)
+    guard.say_memory("run", need)
     if run_config.init not in ("default", "paper"):  # a file that is no checkpoint of this model: said now
         build_model(run_config.model, shape[0], shape[1], classes, init=run_config.init, seed=run_config.seed)
 
@@ -186,8 +208,9 @@ def run(args, continue_with: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     commits.STOPPED.clear()
     started = time.perf_counter()
-    hide = HideRunSimulationDeprecation()
+    hide, quiet = HideRunSimulationDeprecation(), HideInterruptedActorErrors()
     logging.getLogger("flwr").addFilter(hide)
+    logging.getLogger("flwr").addFilter(quiet)  # kept after an interrupt: Flower's threads log till the process ends
     try:
         with lock.hold(out):
             try:
@@ -199,11 +222,20 @@ def run(args, continue_with: str | None = None) -> dict:
                 if interrupt is None:
                     raise
                 raise interrupt from None
+            except RuntimeError as error:  # Flower's "Simulation Runtime crashed", caused by ray.init's refusal
+                address = ray_address(args)
+                if address is None or not ray_refused(error):
+                    raise
+                raise ConfigError(f"--ray-address {address}: Ray could not join a cluster there ("
+                                  f"{ray_refused(error)}): start one with `ray start --head`, or leave "
+                                  f"--ray-address (and RAY_ADDRESS) out to run Ray in this process") from None
     except guard.Interrupted as interrupt:
         stop_interrupted(out, interrupt, continue_with or f"fl-sim run --resume {out}")
         raise
     finally:
         logging.getLogger("flwr").removeFilter(hide)
+        if not guard.stopping():
+            logging.getLogger("flwr").removeFilter(quiet)
         if created and out.is_dir() and not any(out.iterdir()):  # nothing written: no empty folder left
             out.rmdir()
     return {**summary(run_config.out, time.perf_counter() - started), "attack": run_config.attack,
@@ -213,6 +245,16 @@ def run(args, continue_with: str | None = None) -> dict:
 def ray_address(args) -> str | None:
     """The running Ray cluster the simulation attaches to (--ray-address, default $RAY_ADDRESS), or None."""
     return getattr(args, "ray_address", None) or None
+
+
+def ray_refused(error: BaseException) -> str | None:
+    """The ConnectionError of `ray.init` among an exception's causes (what Ray said), or None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def backend_config(args) -> "BackendConfig":

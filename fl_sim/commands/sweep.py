@@ -25,6 +25,7 @@ from fl_sim.learning.models import build_model, count_parameters
 from fl_sim.results.evaluation import summarise
 from fl_sim.results.outputs import read_jsonl, write_json
 from fl_sim.results.preflight import check_run
+from fl_sim.server import lock
 
 MODES = {"attack": attack, "run": run}
 # Flags a grid cannot vary: where the sweep writes, and how it runs.
@@ -223,8 +224,18 @@ def _check_sweep_record(out: Path, mode: str, grid: dict) -> None:
 
 
 def run_sweep(args) -> list[dict]:
+    """Runs the sweep's points not done before, holding OUT's lock (fl_sim/server/lock.py, as a run holds its
+    folder's): a second sweep into the same folder is refused naming the first instead of running every point
+    again beside it."""
     planned = check(args)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with lock.hold(out, "fl-sim sweep"):
+        return sweep_points(args, planned, out)
+
+
+def sweep_points(args, planned: list, out: Path) -> list[dict]:
+    """run_sweep's points, with OUT locked."""
     grid = {dest: [_text(v) for v in values]
             for dest, values in parse_grid(args.grid, sweep_parser(), args.mode).items()}
     record = _merged_record(out, args.mode, grid, [settings for settings, _, _, _ in planned])

@@ -150,6 +150,20 @@ def _image_folder(folder: Path, name: str) -> ImageDataset:
     return ImageDataset(name, labels, len(dataset.classes), channels, size, _files=files)
 
 
+def check_images(dataset: ImageDataset) -> None:
+    """Every file of an image folder opened once, as a command starts (not in every client process): its header
+    and, without decoding it, the rest of its structure (PIL's `verify`: a PNG's chunk checksums, a truncated
+    file). A file that fails is refused naming it (ConfigError), instead of its client failing mid-run."""
+    for path in dataset._files or ():
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            reason = (str(error).strip().splitlines() or [""])[0][:80]
+            raise ConfigError(f"{path!r} is not an image that can be read ({type(error).__name__}"
+                              f"{': ' + reason if reason else ''}): replace or remove it") from None
+
+
 @functools.lru_cache(maxsize=4)
 def cached_dataset(name: str, data_root: str | None, train: bool) -> ImageDataset:
     """A split loaded once per process: clients run many rounds in one long-lived worker."""

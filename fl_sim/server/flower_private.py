@@ -7,6 +7,7 @@ the tests that use it fail at import if a name moved.
 
 The daemons' flag parsers cost half a second to import, so they are loaded only when asked for.
 """
+from flwr.app.exception import AppExitException  # the base of an app's errors that end its run as failed
 from flwr.cli.config_utils import load_and_validate  # flwr's own check of [tool.flwr.app] in pyproject.toml
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # what a real SuperLink stamps on messages
 from flwr.common.secure_aggregation.quantization import dequantize, quantize  # SecAgg+'s own (fl_sim/server/secagg.py)
@@ -21,13 +22,14 @@ from flwr.serverapp.strategy.strategy_utils import (  # FedAvg's own averaging a
     aggregate_arrayrecords,
     validate_message_reply_consistency,
 )
+from flwr.supercore.exit import ExitCode, add_exit_handler  # the exit codes and the last words of a run's process
 from flwr.supercore.run import Run  # the Grid interface's run (fl_sim/server/secagg.py's SummingGrid forwards it)
 from flwr.supercore.task_identity import TaskIdentity  # who creates a Message: set by the runtime's process
 
-__all__ = ["BackendConfig", "ErrorCode", "GridClientProxy", "SECAGG_CONFIGS", "Run", "SUPERLINK_NODE_ID",
-           "SecAggKey", "TaskIdentity",
-           "aggregate_arrayrecords", "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize",
-           "recorddict_compat", "validate_message_reply_consistency"]
+__all__ = ["AppExitException", "BackendConfig", "ErrorCode", "ExitCode", "GridClientProxy", "SECAGG_CONFIGS", "Run",
+           "SUPERLINK_NODE_ID", "SecAggKey", "TaskIdentity", "add_exit_handler", "aggregate_arrayrecords",
+           "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize", "recorddict_compat",
+           "validate_message_reply_consistency"]
 
 
 def daemon_flag_parsers() -> dict:

@@ -50,6 +50,7 @@ from torch import nn
 from attacker import Reconstruction
 from attacker.analytic import UNRECOVERED, MosaicReadout
 from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.contract.run_config import ConfigError, RunConfig
 from fl_sim.learning.models.imprint import Imprinted
 from fl_sim.learning.updates import Weights
 from fl_sim.server.active import (
@@ -117,7 +118,7 @@ class MosaicAttack(Attack):
         typical bin's width."""
         bins = self.rows // (clients * self.blocks * copies)
         if bins < 2:
-            least = 2 * self.blocks * clients * copies
+            least = rows_needed(clients, self.blocks, copies)
             raise ValueError(f"mosaic: {self.rows} imprint rows cannot give {clients} clients {self.blocks} blocks of "
                              f"2 or more bins each{' (every row twice over several steps)' if copies > 1 else ''}: "
                              f"raise --imprint-bins to at least {least}")
@@ -256,3 +257,24 @@ def read_clients(readout: MosaicReadout, update: Mapping[str, torch.Tensor],
     stacked = torch.cat(images) if images else torch.zeros(0, *readout.image_shape)
     return Reconstruction(stacked, torch.zeros(len(stacked), dtype=torch.long), float(status.count(UNRECOVERED)),
                           image_status=status, image_clients=clients)
+
+
+def rows_needed(clients: int, blocks: int, copies: int) -> int:
+    """The fewest imprint rows that give `clients` targets `blocks` blocks of 2 bins each, every row sent `copies`
+    times (2 when the clients take several local steps)."""
+    return 2 * blocks * clients * copies
+
+
+def check_rows(config: RunConfig) -> None:
+    """A mosaic whose imprint rows cannot be dealt out to a round's clients, refused before any round (ConfigError
+    naming the --imprint-bins that would do), as `MosaicAttack.layout` would refuse it in round 1."""
+    settings = config.training
+    copies = 1 if settings.local_steps * settings.epochs == 1 else 2
+    sampled = max(1, math.ceil(config.num_clients * config.fraction_train))
+    targets = min(sampled, len(config.attack_clients)) if config.attack_clients else sampled
+    least = rows_needed(targets, config.imprint_blocks, copies)
+    if config.imprint_rows // (targets * config.imprint_blocks * copies) < 2:
+        raise ConfigError(f"--attack mosaic: {config.imprint_rows} imprint rows cannot give {targets} clients a "
+                          f"round {config.imprint_blocks} blocks of 2 or more bins each"
+                          f"{' (every row twice over several steps)' if copies > 1 else ''}: pass --imprint-bins "
+                          f"{least} or more")

@@ -12,6 +12,7 @@ round that just ended by one. `rewind` is the same: everything after the checkpo
 global row of the round it lags included), and the resumed run trains and attacks that round again.
 """
 import io
+import json
 import re
 import shutil
 import threading
@@ -69,9 +70,10 @@ def load_checkpoint(out) -> Checkpoint | None:
                 isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in weights.items()):
             raise ValueError("unexpected contents")
         return Checkpoint(server_round, dict(weights), float(state.get("elapsed_seconds", 0.0)))
-    except Exception as error:
-        raise ConfigError(f"{str(path)!r} is not a checkpoint fl-sim run wrote ({type(error).__name__}: {error})") \
-            from None
+    except Exception as error:  # torch's own text runs to many lines (how to load untrusted files): its first
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"{str(path)!r} is not a checkpoint fl-sim run wrote ({type(error).__name__}: {reason}): "
+                          f"restore it, or start the run again with a new --out") from None
 
 
 def round_rows(out) -> dict[str, list[dict]]:
@@ -92,19 +94,53 @@ def round_rows(out) -> dict[str, list[dict]]:
     return found
 
 
-def rewind(out, last_round: int) -> None:
-    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go.
+def torn_last_line(path: Path) -> tuple[int, bytes] | None:
+    """(line number, bytes) of a JSON-lines file's last line when it lacks its newline and is no row (torn by a
+    kill mid-append), else None."""
+    if not path.exists():
+        return None
+    lines = path.read_bytes().split(b"\n")
+    last = lines[-1]
+    if not last.strip():
+        return None
+    try:
+        whole = isinstance(json.loads(last.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        whole = False
+    return None if whole else (len(lines), last)
+
+
+def rewind(out, last_round: int) -> list[str]:
+    """Makes OUT hold rounds 1..last_round only: later (unfinished) rows, images and temporary files go. Returns
+    what it dropped and why, one sentence each (every row, the torn last line, every round folder).
 
     Only a last line without its newline is taken for one torn by a kill (and dropped): any other line that
     is not a row of a round is damage, which stops the resume with its file and line number before anything is
     rewritten, instead of a committed row lost in silence.
     """
-    out = Path(out)
+    out, dropped = Path(out), []
     for name, rows in round_rows(out).items():
-        rewrite_jsonl(out / name, [row for row in rows if row["round"] <= last_round])
-    for folder in out.iterdir():
+        kept = [row for row in rows if row["round"] <= last_round]
+        for row in rows:
+            if row["round"] > last_round:
+                who = f", client {row['client']}" if "client" in row else ""
+                dropped.append(f"{name}: the row of round {row['round']}{who} dropped: the checkpoint names round "
+                               f"{last_round}, so round {row['round']} runs again")
+        torn = torn_last_line(out / name)
+        if torn is not None:
+            number, text = torn
+            found = re.search(rb'"round":\s*(\d+)', text)
+            held = int(found.group(1)) if found else None
+            lost = (f"; it held a row of round {held}, which had finished: that row is lost"
+                    if held is not None and held <= last_round else "")
+            dropped.append(f"{name} line {number}: torn (a write cut short), dropped{lost}")
+        if len(kept) != len(rows) or torn is not None:
+            rewrite_jsonl(out / name, kept)
+    for folder in sorted(out.iterdir()):
         match = ROUND_FOLDER.fullmatch(folder.name)
         if match and int(match.group(1)) > last_round and folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder)
+            dropped.append(f"{folder.name}/ removed: round {int(match.group(1))} runs again")
     for leftover in out.rglob(".*.tmp"):  # atomic_write_bytes's temporary names, left by a kill
         leftover.unlink()
+    return dropped
