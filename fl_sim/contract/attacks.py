@@ -125,3 +125,14 @@ register(AttackSpec(
     "per-client imprint rows (after LOKI, MANDRAKE, Pasquini et al.): each client's images read apart, even "
     "from a secure aggregate", needs_imprint=True, settings=("imprint_bins", "imprint_blocks"),
     reads_each_client=True))
+register(AttackSpec(
+    "spear", AttackKind.PASSIVE, "fl_sim.server.exact:SpearAttack",
+    "SPEAR (Dimitrov et al. 2024): a whole batch read exactly off the first ReLU linear layer's update (rank, "
+    "ReLU sparsity, bias scale); on cnn its features, inverted through the convolutions",
+    may_run_async=True, models=("mlp", "cnn"), models_reason="a linear layer followed by a ReLU, before any "
+                                                             "pooling", settings=("iterations",)))
+register(AttackSpec(
+    "cocktail", AttackKind.PASSIVE, "fl_sim.server.exact:CocktailAttack",
+    "Cocktail Party Attack (Kariyappa et al. 2023): FastICA un-mixes the first linear layer's update into the "
+    "batch's images, also a secure aggregate's mean",
+    may_run_async=True, models=("mlp",), models_reason="a linear layer that sees the image"))
