@@ -53,8 +53,10 @@ def run_cell(args, name: str, attack: str, model: str, batch: int, victims: int,
                    "--device", "cpu", "--out", str(out), "--force", *extra]
         if "--train-mode" not in extra:
             command += ["--train-mode", "fedsgd"]
-        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode not in (0, 3):  # 3: the attack failed for every victim, a result like any other
+            raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}")
     return {"summary": json.loads((out / "summary.json").read_text()), "rows": read_jsonl(out / "metrics.jsonl")}
 
 
