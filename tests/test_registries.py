@@ -65,8 +65,9 @@ def test_the_contracts_names_are_exactly_what_the_registries_offer():
     from fl_sim.contract.models import model_names
 
     assert model_names() == tuple(MODELS)
-    for spec in attack_specs():  # a passive attack runs its registered preset; an active one has none
-        assert (spec.preset is not None) == (spec.kind is AttackKind.PASSIVE), spec.name
+    for spec in attack_specs():  # an inversion runs its registered preset; an analytic or active attack has none
+        inversion = spec.kind is AttackKind.PASSIVE and spec.factory.endswith(":PassiveInversion")
+        assert (spec.preset is not None) == inversion, spec.name
         assert spec.models is None or set(spec.models) <= set(MODELS), spec.name
     for scheme in names.PartitionScheme:  # each splits: an unknown one would say "unknown partition scheme"
         assert len(partition_indices(np.arange(40) % 10, 2, seed=0, scheme=scheme)) == 2

@@ -221,3 +221,13 @@ register(AttackSpec(
     "per-client imprint rows (after LOKI, MANDRAKE, Pasquini et al.): each client's images read apart, even "
     "from a secure aggregate", needs_imprint=True, options=("imprint_bins", "imprint_blocks"),
     reads_each_client=True))
+register(AttackSpec(
+    "spear", AttackKind.PASSIVE, "fl_sim.server.exact:SpearAttack",
+    "SPEAR (Dimitrov et al. 2024): a whole batch read exactly off the first ReLU linear layer's update (rank, "
+    "ReLU sparsity, bias scale); on cnn its features, inverted through the convolutions",
+    may_run_async=True, needs=ModelTrait.DENSE_SEES_IMAGE, options=("iterations",)))
+register(AttackSpec(
+    "cocktail", AttackKind.PASSIVE, "fl_sim.server.exact:CocktailAttack",
+    "Cocktail Party Attack (Kariyappa et al. 2023): FastICA un-mixes the first linear layer's update into the "
+    "batch's images, also a secure aggregate's mean",
+    may_run_async=True, needs=ModelTrait.LINEAR_FIRST))

@@ -22,6 +22,8 @@ class ModelTrait(StrEnum):
     # a ReLU fully connected layer whose input holds every pixel: what trap weights rewrite
     # (the model class names it: `TRAP_LAYER`, and the convolutions that pass the image on: `PASS_THROUGH`)
     DENSE_SEES_IMAGE = "a ReLU linear layer that sees the whole image"
+    # the first layer is linear on the raw pixels: its update mixes the batch's images themselves (cocktail's ICA)
+    LINEAR_FIRST = "a linear first layer on the raw image"
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ register(ModelSpec("lenet", "fl_sim.learning.models.lenet:LeNet",
 register(ModelSpec("cnn", "fl_sim.learning.models.cnn:ConvNet",
                    "a small ReLU ConvNet, as federations train", frozenset({ModelTrait.DENSE_SEES_IMAGE})))
 register(ModelSpec("mlp", "fl_sim.learning.models.mlp:MLP",
-                   "a fully connected ReLU network", frozenset({ModelTrait.DENSE_SEES_IMAGE})))
+                   "a fully connected ReLU network",
+                   frozenset({ModelTrait.DENSE_SEES_IMAGE, ModelTrait.LINEAR_FIRST})))
 register(ModelSpec("resnet20", "fl_sim.learning.models.resnet:ResNet20",
                    "the CIFAR ResNet-20 of He et al. (2016)", frozenset({ModelTrait.BATCH_NORM})))
 register(ModelSpec("resnet18", "fl_sim.learning.models.resnet:resnet18",

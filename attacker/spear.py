@@ -1,0 +1,331 @@
+"""SPEAR-class exact batch recovery from the gradient of a linear layer followed by a ReLU. Pure torch.
+
+A linear layer Z = W X + c (X: the layer's inputs, one column per example) has weight gradient
+dW = G X^T and bias gradient dc = G 1, with G = dL/dZ (one column g_j per example). Three facts give X exactly
+(after Dimitrov, Baader, Mueller and Vechev, "SPEAR: Exact Gradient Inversion of Batches in Federated
+Learning", NeurIPS 2024):
+
+- rank: dW has rank b, the batch size (for b below both of its sides), so its singular values say b;
+  dW = U_b S_b V_b^T, and G = U_b Q, X^T = Q^{-1} S_b V_b^T for some unknown invertible b x b matrix Q;
+- sparsity: the ReLU after the layer zeroes g_j wherever example j left a unit off, so each column of Q
+  is orthogonal to many rows of U_b. Sampling b - 1 rows of U_b and taking their common null vector gives a
+  candidate column; it is right when the b - 1 rows all lie in one example's zeros, and then U_b q has far more
+  zeros than the b - 1 sampled (the filter), while a wrong candidate has those b - 1 alone;
+- scale: a candidate is a direction only; dc = U_b Q s fixes each column's scale (and sign) s = Q^{-1} U_b^T dc,
+  so X^T = diag(s)^{-1} Q^{-1} S_b V_b^T.
+
+The b candidates are chosen greedily from the filtered ones (sparsest first, each linearly independent of
+those chosen). A sample hits example j's zeros with probability about sparsity^(b-1), so the cost grows
+exponentially in b: `budget` caps the samples, and a rank above `max_rank`, a rank the gradient cannot show
+(as large as the layer's live units), or too few directions within the budget give a failed result with
+its reason, never an unverified batch. Every victim whose gradient has the same rank is sampled in one
+vectorised draw.
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+RANK_GAP = 1e3  # a drop of the singular values by this factor ends the rank
+RANK_FLOOR = 1e-7  # singular values under this share of the largest are rounding, whatever the gap
+ZERO_SHARE = 1e-4  # |g_i| under this share of max |g| counts as a zero of the ReLU
+MIN_EXTRA_ZEROS = 2  # a candidate needs this many zeros beyond the b - 1 it was sampled on
+SAME_DIRECTION = 1e-4  # 1 - |cos| under which two candidates are one direction
+INDEPENDENT = 1e-3  # the smallest singular value of the chosen (unit) directions must stay above this
+MAX_RANK = 40  # beyond this the sampling cost (about 2^(b-1) draws per example) is out of reach
+BUDGET = 200_000  # candidate directions drawn per victim, at most
+CHUNK = 8192  # candidates drawn per victim per vectorised step
+POOL_EXTRA = 96  # candidates a victim's pool keeps beyond b, the sparsest
+SWAPS = 32  # pool candidates tried in each position when the sparsest batch fails the ReLU check
+RELU_SLACK = 1e-3  # the ReLU check's margin, in shares of the largest pre-activation
+
+
+
+@dataclass
+class SpearResult:
+    """One gradient's answer: the layer's inputs (b, features) and dL/dZ (units, b) when found, else a reason.
+
+    `batch_size` is the rank read off the gradient (0 when none), `samples` the candidates drawn, `found` the
+    distinct filtered directions found."""
+
+    inputs: torch.Tensor | None
+    directions: torch.Tensor | None
+    batch_size: int
+    reason: str = ""
+    samples: int = 0
+    found: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.inputs is not None
+
+
+def gradient_rank(singular: torch.Tensor) -> int:
+    """The rank of a gradient from its singular values (descending): the first drop by RANK_GAP, or the count
+    above RANK_FLOOR of the largest."""
+    if singular.numel() == 0 or float(singular[0]) <= 0:
+        return 0
+    s = singular / singular[0]
+    above = int((s > RANK_FLOOR).sum())
+    ratios = s[:above - 1] / s[1:above].clamp_min(1e-300)
+    drops = (ratios > RANK_GAP).nonzero().flatten()
+    return int(drops[0]) + 1 if len(drops) else above
+
+
+def spear(weight_grads: list[torch.Tensor], bias_grads: list[torch.Tensor],
+          layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+          off_rates: list[torch.Tensor] | None = None, budget: int = BUDGET,
+          max_rank: int = MAX_RANK, seed: int = 0, sparsity_filter: bool = True,
+          bias_scale: bool = True) -> list[SpearResult]:
+    """Each gradient's batch of layer inputs, recovered exactly (see the module docstring).
+
+    Parameters
+    ----------
+    weight_grads, bias_grads : list of Tensor
+        Per victim, the layer's weight gradient (units, features) and bias gradient (units,), or any one
+        common multiple of both (a weight change of one SGD step, a mean of several clients' changes).
+    layers : list of (Tensor, Tensor), optional
+        Per victim, the layer's weight and bias at which the gradient was taken. With them a batch is accepted
+        only when its inputs switch on every unit its gradient runs through (the ReLU check), and the search
+        ends at the first batch that passes; without them the whole budget is drawn and the b sparsest
+        directions are taken unchecked.
+    off_rates : list of Tensor, optional
+        Per victim, each unit's share of inputs that leave it off (a server measures it on its own public
+        images). Rows are then drawn in proportion to powers of it and of its odds, a different one each
+        chunk, so the b - 1 rows of a draw lie in one example's zeros far more often than when drawn
+        uniformly; None: uniform draws.
+    budget : int
+        The most candidate directions drawn per victim.
+    max_rank : int
+        Ranks above this fail at once with their reason.
+    seed : int
+        Fixes the draws.
+    sparsity_filter, bias_scale : bool
+        The attack's two steps, switchable only to show what each does (without the filter every candidate
+        counts; without the bias every direction keeps unit scale).
+
+    Returns
+    -------
+    list of SpearResult
+        One per victim, in order.
+    """
+    results: list[SpearResult | None] = [None] * len(weight_grads)
+    prepared: dict[int, list[Any]] = {}  # per rank: (index, live, U_b, S_b V_b^T, dc, distinct rows, off rates)
+    for index, (dw, dc) in enumerate(zip(weight_grads, bias_grads, strict=True)):
+        dw, dc = dw.detach().double().cpu(), dc.detach().double().cpu()
+        live = (dw.abs().amax(1) > 0) | (dc != 0)
+        if not bool(live.any()):
+            results[index] = SpearResult(None, None, 0, "the layer's gradient is zero: no example reached it")
+            continue
+        u, s, vh = torch.linalg.svd(dw[live], full_matrices=False)
+        b = gradient_rank(s)
+        units = int(live.sum())
+        if b >= min(units, dw.shape[1]):
+            results[index] = SpearResult(None, None, b, f"the gradient has full rank {b} over the layer's {units} "
+                                                        "live units: the batch size cannot be read off it, nor the "
+                                                        "examples (more examples than units)")
+        elif b > max_rank:
+            results[index] = SpearResult(None, None, b, f"gradient rank {b} (the batch size) is above {max_rank}, "
+                                                        "beyond the sampling's reach (its cost grows as 2^b)")
+        elif b < 1:
+            results[index] = SpearResult(None, None, 0, "the gradient has rank 0")
+        else:
+            distinct = _distinct_rows(u[:, :b])
+            rate = (off_rates[index].detach().double().cpu()[live][distinct] if off_rates is not None
+                    else torch.full((len(distinct),), 0.5, dtype=torch.float64))
+            prepared.setdefault(b, []).append((index, live, u[:, :b], s[:b, None] * vh[:b], dc[live], distinct,
+                                               rate))
+    for b, group in prepared.items():
+        weights = None if layers is None else [layers[item[0]] for item in group]
+        for (index, live, *_), result in zip(group, _solve(b, group, weights, budget, seed, sparsity_filter,
+                                                             bias_scale)):
+            if result.directions is not None:  # back to every unit of the layer
+                full = torch.zeros(len(live), b, dtype=result.directions.dtype)
+                full[live] = result.directions
+                result.directions = full
+            results[index] = result
+    return [result for result in results if result is not None]
+
+
+def _solve(b: int, group, layers, budget: int, seed: int, sparsity_filter: bool,
+           bias_scale: bool) -> list[SpearResult]:
+    """The victims of one rank b: candidates drawn for all of them at once, chunk by chunk; after each chunk a
+    victim's pool of filtered candidates gives its b sparsest independent directions, which end its search
+    when the batch they give passes the ReLU check (with the layer's weights) or when the budget is spent."""
+    victims = len(group)
+    width = max(len(item[5]) for item in group)
+    basis = torch.zeros(victims, width, b, dtype=torch.float64)  # each victim's distinct rows of U_b
+    valid = torch.zeros(victims, width, dtype=torch.bool)
+    rates = torch.full((victims, width), 0.5, dtype=torch.float64)
+    for v, (_, _, u, _, _, distinct, rate) in enumerate(group):
+        basis[v, :len(distinct)], valid[v, :len(distinct)] = u[distinct], True
+        rates[v, :len(distinct)] = rate.clamp(1e-3, 1 - 1e-3)
+    odds = rates / (1 - rates)
+    weightings = [rates, rates ** 2, odds, rates ** 4]
+    chunk = 0
+    generator = torch.Generator().manual_seed(seed)
+    pools = [_Pool(b) for _ in range(victims)]
+    answers: list[SpearResult | None] = [None] * victims
+    drawn = torch.zeros(victims, dtype=torch.long)
+    while True:
+        active = torch.tensor([v for v in range(victims) if answers[v] is None and int(drawn[v]) < budget],
+                              dtype=torch.long)
+        if not len(active):
+            break
+        count = min(CHUNK, budget - int(drawn[active].min()))
+        # weighted draws without replacement: the b - 1 first of exponential clocks of rate w_i
+        weight = weightings[chunk % len(weightings)][active, None]
+        chunk += 1
+        keys = -torch.rand(len(active), count, width, generator=generator, dtype=torch.float64).log_() / weight
+        keys.masked_fill_(~valid[active, None], float("inf"))  # only live units are sampled
+        rows = keys.topk(b - 1, dim=-1, largest=False).indices  # (A, count, b - 1), distinct per draw
+        sub = torch.gather(basis[active, None].expand(-1, count, -1, -1), 2,
+                           rows[..., None].expand(-1, -1, -1, b))
+        # the common null vector q = (y, 1) with sub[:, :-1] y = -sub[:, -1]; a draw whose rows span less than
+        # b - 1 dimensions has no single null direction, and its square part is singular
+        y, info = torch.linalg.solve_ex(sub[..., :-1], -sub[..., -1])
+        q = torch.cat([y, torch.ones_like(y[..., :1])], -1)
+        q = q / q.norm(dim=-1, keepdim=True)
+        proper = (info == 0) & torch.isfinite(q).all(-1) & (y.abs().amax(-1) < 1e8)
+        q = torch.where(proper[..., None], q, torch.zeros_like(q))
+        g = torch.einsum("amb,acb->acm", basis[active], q)
+        scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        zeros = ((g.abs() < ZERO_SHARE * scale) & valid[active, None]).sum(-1)
+        keep = proper & (zeros >= b - 1 + MIN_EXTRA_ZEROS) if sparsity_filter else proper
+        drawn[active] += count
+        for a, v in enumerate(active.tolist()):
+            picked = keep[a].nonzero().flatten()
+            # without the filter, candidates count in the order drawn, whatever their zeros
+            pools[v].add(q[a, picked], zeros[a, picked] if sparsity_filter else -torch.arange(len(picked)) -
+                         len(pools[v].zeros))
+            last = int(drawn[v]) >= budget
+            if layers is None and not last:
+                continue  # nothing to check a batch against: the whole budget is drawn
+            result = _settle(pools[v], group[v], layers[v] if layers is not None else None, bias_scale,
+                             int(drawn[v]))
+            if result is not None and (result.ok or last):
+                answers[v] = result
+    return [answer if answer is not None else
+            SpearResult(None, None, b, f"found {pool.independent()} of the {b} directions in {int(drawn[v])} "
+                                       "samples (the budget)", int(drawn[v]), pool.independent())
+            for v, (answer, pool) in enumerate(zip(answers, pools))]
+
+
+class _Pool:
+    """A victim's distinct filtered candidates (unit directions) with their zero counts."""
+
+    def __init__(self, b: int):
+        self.b = b
+        self.directions = torch.empty(0, b, dtype=torch.float64)
+        self.zeros = torch.empty(0, dtype=torch.long)
+
+    def add(self, candidates: torch.Tensor, zeros: torch.Tensor) -> None:
+        if not len(candidates):
+            return
+        order = torch.argsort(zeros, descending=True)
+        candidates = candidates[order] / candidates[order].norm(dim=1, keepdim=True)
+        zeros = zeros[order]
+        fresh = torch.ones(len(candidates), dtype=torch.bool)
+        if len(self.zeros):
+            fresh &= ((candidates @ self.directions.T).abs() < 1 - SAME_DIRECTION).all(1)
+        within = ((candidates @ candidates.T).abs() >= 1 - SAME_DIRECTION).tril(-1).any(1)  # a copy of an earlier one
+        fresh &= ~within
+        directions = torch.cat([self.directions, candidates[fresh]])
+        zeros = torch.cat([self.zeros, zeros[fresh]])
+        keep = torch.argsort(zeros, descending=True, stable=True)[:self.b + POOL_EXTRA]  # the sparsest only
+        self.directions, self.zeros = directions[keep], zeros[keep]
+
+    def independent(self) -> int:
+        """How many independent directions the pool holds."""
+        return int(torch.linalg.matrix_rank(self.directions, atol=INDEPENDENT)) if len(self.zeros) else 0
+
+    def select(self) -> list[int] | None:
+        """Greedy selection: sparsest first, each kept when linearly independent of those kept; their indices."""
+        kept: list[int] = []
+        basis = torch.empty(0, self.b, dtype=torch.float64)
+        for index in torch.argsort(self.zeros, descending=True).tolist():
+            q = self.directions[index]
+            residual = q - basis.T @ (basis @ q)
+            if float(residual.norm()) > INDEPENDENT:
+                kept.append(index)
+                basis = torch.cat([basis, (residual / residual.norm())[None]])
+                if len(kept) == self.b:
+                    return kept
+        return None
+
+
+def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | None, bias_scale: bool,
+            drawn: int) -> SpearResult | None:
+    """The batch a victim's pool gives, or None while it holds fewer than b independent directions.
+
+    Without the layer's weights: the b sparsest independent directions. With them: those, or (when their batch
+    fails the ReLU check) the first batch that passes with one of them swapped for one of the next SWAPS
+    sparsest candidates (a mixture of two examples can outrank an example's own direction); a failure says
+    how far the best try was from passing."""
+    picked = pool.select()
+    if picked is None:
+        return None
+    b = pool.b
+    _, live, u, r, dc, *_ = prepared
+    if layer is None:
+        return _batches(pool.directions[picked][None].transpose(1, 2), u, r, dc, bias_scale, drawn)[0]
+    rest = [i for i in torch.argsort(pool.zeros, descending=True).tolist() if i not in set(picked)][:SWAPS]
+    base = pool.directions[picked].T  # (b, b) columns
+    variants = [base]
+    for position in range(b):
+        for other in rest:
+            swapped = base.clone()
+            swapped[:, position] = pool.directions[other]
+            variants.append(swapped)
+    q = torch.stack(variants)
+    s = (torch.linalg.solve_ex(q, (u.T @ dc).expand(len(q), b))[0] if bias_scale
+         else torch.ones(len(q), b, dtype=torch.float64))
+    qs = q * s[:, None, :]
+    weight, bias = layer
+    rw = r @ weight.double().cpu()[live].T  # (b, units): the pre-activations are (Q diag(s))^{-1} rw + c
+    z, info = torch.linalg.solve_ex(qs, rw.expand(len(q), -1, -1))
+    z = z + bias.double().cpu()[live]
+    g = (u @ qs).transpose(1, 2)  # (variants, b, units)
+    carries = g.abs() > ZERO_SHARE * g.abs().amax(2, keepdim=True)
+    off = z < -RELU_SLACK * z.abs().amax(2, keepdim=True)
+    wrong = (carries & off).sum((1, 2))
+    wrong[(info != 0) | ~torch.isfinite(z).all(2).all(1)] = torch.iinfo(wrong.dtype).max
+    best = int(torch.argmin(wrong))
+    if int(wrong[best]) == 0:
+        return _batches(q[best][None], u, r, dc, bias_scale, drawn)[0]
+    return SpearResult(None, None, b, f"the {b} sparsest directions in {drawn} samples (the budget) give no "
+                                      f"consistent batch: in the best of {len(q)} tries {int(wrong[best])} unit(s) "
+                                      "carry gradient while the recovered input leaves them off", drawn,
+                       len(pool.zeros))
+
+
+def _batches(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, bias_scale: bool,
+             drawn: int) -> list[SpearResult]:
+    """The batch each set of directions `q` (n, b, b) gives: each direction's scale from the bias gradient,
+    then the inputs."""
+    b = q.shape[-1]
+    results = []
+    for each in q:
+        s = torch.linalg.solve(each, u.T @ dc) if bias_scale else torch.ones(b, dtype=torch.float64)
+        if bool((s.abs() < 1e-12 * s.abs().max().clamp_min(1e-300)).any()):
+            results.append(SpearResult(None, None, b, "an example's bias gradient is zero: its scale is unknown",
+                                       drawn, b))
+            continue
+        qs = each * s  # G = U_b Q diag(s)
+        results.append(SpearResult(torch.linalg.solve(qs, r), u @ qs, b, "", drawn, b))  # X^T = (Q diag(s))^-1 R
+    return results
+
+
+def _distinct_rows(u: torch.Tensor) -> torch.Tensor:
+    """The indices of U_b's rows that are distinct directions. Units that only one example switched on (or any
+    with proportional rows of G) give proportional rows, which are one constraint: counted apart, a wrong
+    candidate orthogonal to one of them would count every copy as a zero."""
+    unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = (unit @ unit.T).abs()
+    keep: list[int] = []
+    taken = torch.zeros(len(u), dtype=torch.bool)
+    for i in range(len(u)):
+        if not bool(taken[i]):
+            keep.append(i)
+            taken |= cos[i] > 1 - 1e-9
+    return torch.tensor(keep, dtype=torch.long)
