@@ -332,8 +332,9 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
         train_config = ConfigRecord(dict(settings.to_config()))
         try:
             if config.defense.protocol:  # Flower's SecAgg+, on the legacy path (fl_sim/server/secagg.py)
-                face = SecAggPlusFace(strategy, grid, ProtocolSettings.of(config), names=tuple(initial),
-                                      initial=initial, train_config=train_config, round_end=round_end, done=done)
+                face = SecAggPlusFace(strategy, strategy.round_server, grid, ProtocolSettings.of(config),
+                                      names=tuple(initial), initial=initial, train_config=train_config,
+                                      round_end=round_end, done=done)
                 run_secagg(grid, face, config.rounds - done)
             else:
                 RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,
