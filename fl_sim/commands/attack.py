@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.outputs import rewrite_jsonl, write_json
+from fl_sim.results.rows import metrics_row
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND, RECOVERED_DB, recovered_key
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
@@ -195,20 +197,19 @@ def run(args) -> dict:
     read = sorted(counts) if not defense.secure_aggregation else [min(counts)] if counts else []
     for victim, result, norm, (images, labels) in zip(read, done.results if done else [],
                                                        done.update_norms if done else [], truth, strict=True):
-        row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
-               "update_norm": norm}
-        if found and not defense.secure_aggregation:
-            row["inspect_flags"] = [finding.check.label for finding in found[victim]]
+        privacy: dict[str, Any] = {}
         if defense.dpsgd is not None:  # a victim holds its K x B examples only, and trains one round
-            row[EPSILON_ROUND], row[EPSILON] = spent(defense.dpsgd, settings, settings.num_images, 1)
-        rows.append(row)
+            privacy[EPSILON_ROUND], privacy[EPSILON] = spent(defense.dpsgd, settings, settings.num_images, 1)
+        flags = [finding.check.label for finding in found[victim]] if found and not defense.secure_aggregation \
+            else None
+        rows.append(metrics_row(victim=victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
+                                update_norm=norm, inspect_flags=flags, **privacy))
     for victim in sorted(refused):
-        rows.append({"victim": victim, "status": ReplyStatus.REFUSED, "psnr": None, "ssim": None, "mse": None,
-                     "label_acc": None, "reason": "; ".join(map(str, found[victim][:3]))})
-    rows.sort(key=lambda row: row["victim"])
-    rewrite_jsonl(out / "metrics.jsonl", rows)
+        rows.append(metrics_row(ReplyStatus.REFUSED, victim=victim, reason="; ".join(map(str, found[victim][:3]))))
+    rows.sort(key=lambda row: row.victim if row.victim is not None else -1)
+    rewrite_jsonl(out / "metrics.jsonl", [row.to_json() for row in rows])
     own = attack.settings()
-    norms = [row["update_norm"] for row in rows if "update_norm" in row]
+    norms = [row.update_norm for row in rows if row.update_norm is not None]
     summary = {
         **summarise(rows),
         "update_norm_median": float(np.median(norms)) if norms else None,
