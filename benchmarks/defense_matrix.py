@@ -41,7 +41,8 @@ from fl_sim.contract.attacks import attack_names
 from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.setting import ConfigError
-from fl_sim.results.outputs import read_jsonl, write_json
+from fl_sim.results.outputs import write_json
+from fl_sim.results.rows import read_global, read_metrics
 from fl_sim.results.summary import RECOVERED_DB, largest_epsilon, recovered_key, summarise
 
 CLIENTS, ROUNDS, SHARD, DELTA = 3, 2, 64, 1e-5
@@ -178,12 +179,12 @@ def run_cell(row: str, name: str, out: Path, data_root: str, init: str, redo: bo
         print(f"  failed: {cell['reason']}", flush=True)
         write_json(folder / "failed.json", cell)  # not cell.json: a failed cell runs again next time
         return cell
-    rows = read_jsonl(folder / "run" / "metrics.jsonl")
-    history = read_jsonl(folder / "run" / "global.jsonl") if (folder / "run" / "global.jsonl").exists() else []
+    rows = read_metrics(folder / "run" / "metrics.jsonl")
+    history = read_global(folder / "run" / "global.jsonl")
     summary = summarise(rows)
-    refused = sum(row.get("status") == ReplyStatus.REFUSED.value for row in rows)
+    refused = sum(row.status == ReplyStatus.REFUSED.value for row in rows)
     # a run in which every attacked client refused the model (exit 3) is a measured cell: nothing recovered
-    cell.update(status="ok", accuracy=history[-1]["accuracy"] if history else None, epsilon=largest_epsilon(rows),
+    cell.update(status="ok", accuracy=history[-1].accuracy if history else None, epsilon=largest_epsilon(rows),
                 images=summary["images"], psnr_median=summary["psnr_median"], refused=refused,
                 **{recovered_key(db): summary[recovered_key(db)] or 0.0 for db in RECOVERED_DB})
     write_json(record, cell)

@@ -13,8 +13,8 @@
 
 `clip:C+noise:SIGMA` is the mechanism of Flower's LocalDpMod (clip the update, then add noise); it is
 computed here in torch, seeded, and on the parameters only: LocalDpMod draws from numpy's global,
-unseeded generator (a sweep could not be repeated), also noises BatchNorm statistics, and runs only
-inside a Flower message chain, which `fl-sim attack` does not have. So the two hand-written steps stay
+unseeded generator (a sweep could not be repeated) and also noises BatchNorm statistics, so `fl-sim attack`
+refuses it. So the two hand-written steps stay
 (and keep their names); who wants Flower's code itself writes `ldp:...`, which runs LocalDpMod unchanged
 (sensitivity C, its noise sigma = C sqrt(2 ln(1.25/D)) / E), and `--server-dp client:...` runs Flower's
 fixedclipping_mod (for a model without batch norm it sends what `clip:C` sends: tests/test_defenses.py).

@@ -18,13 +18,16 @@ Two settings run Flower's own mods (flwr.clientapp.mod), not code of ours:
 Flower's 1.41 mods act on every message and answer one without exactly one ArrayRecord (the server's query,
 an evaluate reply) with an error, so each runs inside `TrainOnly`, which hands them train messages only.
 The hand-written `noise:SIGMA` and `clip:C` stay ours (clients/defenses.py says why: seeded, parameters only,
-composable in any order, and usable by `fl-sim attack`, which has no Flower message chain); for a model
-without batch norm `clip:C` does what fixedclipping_mod does.
+composable in any order, and repeatable in `fl-sim attack`, which refuses Flower's unseeded LocalDpMod); for a
+model without batch norm `clip:C` does what fixedclipping_mod does.
 
-For a known config (`fl-sim run`) `mods_for` lists Flower's mods themselves; `flwr run` builds its ClientApp
-before any run config exists, so there `FlowerDpMods` reads the run config per message and runs the same mods.
+`fl-sim attack` hands each victim its train message through the same mods (`defense_mods`, chained around its
+training by `chained`). For a known config (`fl-sim run`) `mods_for` lists Flower's mods themselves; `flwr run`
+builds its ClientApp before any run config exists, so there `FlowerDpMods` reads the run config per message and
+runs the same mods.
 """
 import functools
+from collections.abc import Callable, Sequence
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
@@ -47,11 +50,15 @@ from .secagg import SecAggPlusMod
 PASSED = "inspect.passed"  # the client's context.state: the last model it was sent that passed inspection
 
 
-class DefenseMod:
-    """Applies the run's `--defense` client steps to the weights a train reply sends."""
+SeedOf = Callable[[int, int, int], int]  # (the run's seed, partition id, round) -> the seed of a client's defense
 
-    def __init__(self, defaults: RunConfig | None = None):
-        self.defaults = defaults
+
+class DefenseMod:
+    """Applies the run's `--defense` client steps to the weights a train reply sends; `seed_of` gives the seed of
+    a client's steps in a round (by default `defense_seed(seed, partition id, round)`)."""
+
+    def __init__(self, defaults: RunConfig | None = None, seed_of: SeedOf = defense_seed):
+        self.defaults, self.seed_of = defaults, seed_of
 
     def __call__(self, msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
@@ -64,7 +71,7 @@ class DefenseMod:
         server_round = server_round_of(msg.content.config_records[CONFIG])
         arrays = sent_weights(config.defense, msg.content.array_records[ARRAYS].to_torch_state_dict(),
                               reply.content.array_records[ARRAYS].to_torch_state_dict(), model_parameters(config),
-                              defense_seed(config.seed, partition_id, server_round))
+                              self.seed_of(config.seed, partition_id, server_round))
         return with_content(reply, arrays, dict(reply.content.metric_records[METRICS]))
 
 
@@ -162,10 +169,7 @@ class FlowerDpMods:
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        chain = call_next
-        for mod in reversed(flower_mods(run_config_of(context, self.defaults))):
-            chain = _link(mod, chain)
-        return chain(msg, context)
+        return chained(flower_mods(run_config_of(context, self.defaults)), call_next)(msg, context)
 
 
 def _link(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
@@ -183,10 +187,51 @@ def mods_for(config: RunConfig | None) -> list[Mod]:
     if config is None:
         return [SecAggPlusMod(), FaultMod(), InspectMod(), FlowerDpMods(), DefenseMod()]
     outer: list[Mod] = [mod for mod, on in ((SecAggPlusMod(config), config.defense.protocol),
-                                            (FaultMod(config), bool(config.inject_faults)),
-                                            (InspectMod(config), config.defense.inspection is not None)) if on]
-    defense: list[Mod] = [DefenseMod(config)] if config.defense.steps else []
-    return outer + flower_mods(config) + defense
+                                            (FaultMod(config), bool(config.inject_faults))) if on]
+    return outer + defense_mods(config)
+
+
+def defense_mods(config: RunConfig, seed_of: SeedOf = defense_seed) -> list[Mod]:
+    """The mods of the config's `--defense` on a client, outermost first: inspection (before training), Flower's
+    DP mods, then the defense's steps (`seed_of`: DefenseMod's). A ClientApp runs them inside SecAgg+ and the
+    faults (`mods_for`); `fl-sim attack` runs them around each victim's training (`chained`).
+
+    Parameters
+    ----------
+    config
+        The run's config.
+    seed_of
+        The seed of a client's steps from (the run's seed, partition id, round).
+
+    Returns
+    -------
+    list
+        The mods the config turns on.
+    """
+    inspect: list[Mod] = [InspectMod(config)] if config.defense.inspection is not None else []
+    steps: list[Mod] = [DefenseMod(config, seed_of)] if config.defense.steps else []
+    return inspect + flower_mods(config) + steps
+
+
+def chained(mods: Sequence[Mod], app: ClientAppCallable) -> ClientAppCallable:
+    """`app` behind `mods` (outermost first), as Flower's ClientApp chains its own.
+
+    Parameters
+    ----------
+    mods
+        The mods, outermost first.
+    app
+        What handles a message once every mod has passed it on.
+
+    Returns
+    -------
+    ClientAppCallable
+        The chain's first link.
+    """
+    chain = app
+    for mod in reversed(mods):
+        chain = _link(mod, chain)
+    return chain
 
 
 def with_content(reply: Message, arrays: dict, metrics: dict) -> Message:

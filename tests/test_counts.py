@@ -5,6 +5,7 @@ import logging
 from fl_sim.commands import run as run_module
 from fl_sim.results.gallery import _settings, write_gallery
 from fl_sim.results.outputs import rewrite_jsonl, write_json
+from fl_sim.results.rows import MetricsRow
 from fl_sim.results.summary import summarise, update_counts
 
 ROWS = [  # one row of every kind, in round 1
@@ -19,16 +20,17 @@ ROWS = [  # one row of every kind, in round 1
 
 
 def test_every_kind_of_row_is_counted_once_and_the_kinds_add_up():
-    counts = update_counts(ROWS)
+    rows = [MetricsRow.from_json(row) for row in ROWS]
+    counts = update_counts(rows)
     assert counts == {"updates": 7, "attacked": 3, "recovered": 1, "unrecovered": 1, "failed": 1, "skipped": 1,
                       "left_out": 3}
     assert counts["attacked"] + counts["skipped"] + counts["left_out"] == counts["updates"]
     assert counts["recovered"] + counts["unrecovered"] + counts["failed"] == counts["attacked"]
-    for row in ROWS:  # each kind alone lands in exactly one count
+    for row in rows:  # each kind alone lands in exactly one count
         alone = update_counts([row])
         assert alone["attacked"] + alone["skipped"] + alone["left_out"] == 1, row
         assert alone["recovered"] + alone["unrecovered"] + alone["failed"] == alone["attacked"], row
-    summary = summarise(ROWS)  # a skipped update is no victim: its images are not counted as lost
+    summary = summarise(rows)  # a skipped update is no victim: its images are not counted as lost
     assert (summary["victims"], summary["failed"], summary["skipped"], summary["left_out"]) == (3, 1, 1, 3)
     assert summary["images"] == 6 and summary["recovered_at_30db"] == 1 / 6
 

@@ -310,10 +310,11 @@ def test_a_thousand_client_run_is_split_into_small_pages(tmp_path):
 
 def test_the_plot_by_round_leads_with_images_recovered_and_shows_psnr_only_for_passive_attacks(tmp_path):
     from fl_sim.results.plots import plot_rounds
+    from fl_sim.results.rows import metrics_row
 
-    rows = [{"round": r, "client": 0, "status": "ok", "psnr": 30.0, "psnr_images": [35.0, 10.0],
-             "true_labels": [1, 2], "label_share": 1.0} for r in (1, 2)]
-    rows += [{"round": 2, "client": 1, "status": "skipped"}, {"round": 2, "client": 2, "status": "rejected"}]
+    rows = [metrics_row("ok", round=r, client=0, psnr=30.0, psnr_images=[35.0, 10.0], true_labels=[1, 2],
+                        label_share=1.0) for r in (1, 2)]
+    rows += [metrics_row("skipped", round=2, client=1), metrics_row("rejected", round=2, client=2)]
     widths = {}
     for passive in (True, False):
         path = plot_rounds(rows, {1: 0.5, 2: 0.6}, tmp_path / f"{passive}.png", passive)

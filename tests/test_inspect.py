@@ -209,7 +209,9 @@ def test_fl_sim_attack_victims_refuse_or_flag_trap_weights(shared_data, tmp_path
     assert "every victim refused the model it was sent" in capsys.readouterr().out
     rows = read_jsonl(tmp_path / "refuse" / "metrics.jsonl")
     assert [(row["victim"], row["status"]) for row in rows] == [(0, ReplyStatus.REFUSED), (1, ReplyStatus.REFUSED)]
-    assert rows[0]["reason"] == "zero-bias: layers.1.bias is zero everywhere"
+    # the ClientApp's own refusal (InspectMod), which the victim sends back
+    assert rows[0]["reason"] == "client 0 refused the model it was sent (inspect): zero-bias: layers.1.bias is zero " \
+        "everywhere"
     assert cli.main([*common, "--defense", "inspect:flag", "--out", str(tmp_path / "flag")]) == 0
     rows = read_jsonl(tmp_path / "flag" / "metrics.jsonl")
     assert [(row["status"], row["inspect_flags"]) for row in rows] == [("ok", ["zero-bias"])] * 2

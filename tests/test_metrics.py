@@ -7,6 +7,7 @@ import torch
 from attacker import Reconstruction, Status
 from fl_sim.results import metrics
 from fl_sim.results.evaluation import score_and_save, summarise
+from fl_sim.results.rows import MetricsRow, metrics_row
 from fl_sim.results.summary import NOT_ATTACKED
 
 
@@ -77,21 +78,21 @@ def test_recovered_shares_count_images_at_30_and_40_db_after_matching():
     assert result["recovered_at_30db"] == 0.75 and result["recovered_at_40db"] == 0.5
 
 
-def _victim(truth: torch.Tensor, error: float | None) -> dict:
+def _victim(truth: torch.Tensor, error: float | None) -> MetricsRow:
     """A metrics row as fl-sim attack writes it: a reconstruction off by `error`, or a failed attack."""
     labels = torch.arange(len(truth))
     if error is None:
         result = Reconstruction(torch.empty(0), torch.empty(0, dtype=torch.long), float("inf"), Status.DIVERGED)
     else:
         result = Reconstruction((truth + error).clamp(0, 1), labels, 0.1)
-    return score_and_save(result, truth, labels, folder=None)
+    return metrics_row(**score_and_save(result, truth, labels, folder=None))
 
 
 def test_failed_victims_count_as_0_db_and_nothing_recovered():
     truth = torch.tensor([0.2, 0.6], dtype=torch.float64).view(2, 1, 1, 1).expand(2, 1, 8, 8)
     rows = [_victim(truth, 0.001), _victim(truth, None), _victim(truth, 0.02), _victim(truth, None)]  # 60, -, 34, -
-    assert rows[1]["recovered_at_30db"] == 0.0 and rows[1]["label_share"] == 0.0 and rows[1]["psnr"] is None
-    assert rows[0]["recovered_at_40db"] == 1.0 and rows[2]["recovered_at_40db"] == 0.0
+    assert rows[1].recovered_at_30db == 0.0 and rows[1].label_share == 0.0 and rows[1].psnr is None
+    assert rows[0].recovered_at_40db == 1.0 and rows[2].recovered_at_40db == 0.0
 
     summary = summarise(rows)
     assert summary["victims"] == 4 and summary["failed"] == 2 and summary["images"] == 8
@@ -101,7 +102,7 @@ def test_failed_victims_count_as_0_db_and_nothing_recovered():
     assert summary["label_share"] == 0.5 and summary["label_exact"] == summary["label_acc"] == 0.5
 
     # a client left out before the attack (rejected reply) is no victim
-    left_out = {"status": sorted(NOT_ATTACKED)[0], "psnr": None, "label_acc": None}
+    left_out = metrics_row(sorted(NOT_ATTACKED)[0])
     with_left_out = summarise(rows + [left_out])
     assert with_left_out["left_out"] == 1 and summary["left_out"] == 0
     assert {**with_left_out, "left_out": 0} == summary

@@ -1,9 +1,10 @@
 """`fl-sim attack`: one round of the attack without Flower, on victims drawn from a data set.
 
 The round is `fl-sim run`'s own (fl_sim/server/attacks.py): the attack arms what each victim is sent
-(`arm_round`; a passive attack sends the global model), each victim trains locally on its own images with
-the real client code (clients/training.py) and applies the --defense as a client of `fl-sim run` would
-(clients/defenses.py), and `attack_round` reads the weight changes, each against what its victim was
+(`arm_round`; a passive attack sends the global model), each victim gets a train message holding it and
+answers as a ClientApp does: the --defense's Flower mods of a ClientApp (clients/mods.py `defense_mods`:
+inspection, the steps of clients/defenses.py) around local training on its own images with the real client
+code (clients/training.py); `attack_round` reads the weight changes, each against what its victim was
 sent; the evaluation path scores them against the truth. With `secagg` the attack gets only what Flower's
 SecAgg+ would reveal of the victims' replies (their example-weighted mean, clipped and quantized as the protocol
 does under the --secagg-* settings: fl_sim/server/secagg.py `protocol_aggregate`; no network, so no masks and no
@@ -13,10 +14,10 @@ images. Unlike `fl-sim run`, no update is too large to read.
 --out must be new or empty, so a folder never mixes two runs' victims; --force clears it first (only
 if it holds nothing but what fl-sim attack or a sweep point writes).
 
-With `--defense inspect` each victim first checks what it was sent, as `InspectMod` does in a ClientApp
-(clients/inspection.py; one round, so against the announced architecture and the weights' own statistics, with no
-earlier model to compare): a victim that refuses sends nothing (its row: status `refused`, and the reason), one
-that flags (`inspect:flag`) trains all the same and its row says `inspect_flags`.
+With `--defense inspect` each victim's `InspectMod` first checks what it was sent (clients/inspection.py; one
+round, so against the announced architecture and the weights' own statistics, with no earlier model to compare):
+a victim that refuses sends nothing (its row: status `refused`, and its refusal), one that flags
+(`inspect:flag`) trains all the same and its row says `inspect_flags`.
 
 With an active attack (`--attack imprint|trap`) the server is malicious (fl_sim/server/active.py): the victims
 train the weights it armed (with the imprint, the architecture holds the imprint block), and the analytic
@@ -27,18 +28,21 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from attacker import resolve_device
-from clients.defenses import defense_seed, sent_weights
-from clients.inspection import Architecture, Finding, inspect_model
+from clients.context import node_partition
+from clients.defenses import defense_seed
+from clients.mods import chained, defense_mods
 from clients.privacy import DP_STREAM, spent
 from clients.training import local_train
 from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import NO_ATTACK, attack_names
-from fl_sim.contract.defenses import InspectionMode
+from fl_sim.contract.protocol import ARRAYS, CONFIG, INSPECT_FLAGS, METRICS, SERVER_ROUND, inspection_labels
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.setting import Group
 from fl_sim.learning.data import check_images, load_dataset
@@ -46,9 +50,11 @@ from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import Weights, parameter_names, weight_change, weights
 from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.outputs import rewrite_jsonl, write_json
+from fl_sim.results.rows import metrics_row
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND, RECOVERED_DB, recovered_key
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import arm_round, attack_context, attack_round, build_attack
+from fl_sim.server.flower_private import as_message_task
 from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 
 ALL_FAILED = 3  # exit status when no victim's attack succeeded
@@ -79,8 +85,8 @@ def check(args) -> None:
         raise config.ConfigError("--defense secagg is attacked in fedsgd or steps mode: the mean of epochs-mode "
                                  "updates has no single training to replay")
     if config.defense(args).local_dp is not None:
-        raise config.ConfigError("--defense ldp runs Flower's LocalDpMod in a ClientApp's message chain, which fl-sim "
-                                 "attack has not: use fl-sim run (or fl-sim sweep --mode run)")
+        raise config.ConfigError("--defense ldp runs Flower's LocalDpMod, whose noise is unseeded, so fl-sim attack "
+                                 "could not repeat it: use fl-sim run (or fl-sim sweep --mode run)")
     if args.attack == NO_ATTACK:
         raise config.ConfigError(f"fl-sim attack needs an attack: choose one of {', '.join(attack_names())}")
     if args.num_victims < 1:
@@ -159,25 +165,41 @@ def run(args) -> dict:
                                    else global_weights for victim in victims}
     parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
-    found: dict[int, list[Finding]] = {}
-    if defense.inspection is not None:  # what an honest client knows: the registry's model, no imprint block
-        honest = Architecture.of(build_model(args.model, *shape[:2], dataset.num_classes))
-        found = {victim: inspect_model(sent_to[victim], honest) for victim in victims}
-    refused = {victim for victim, findings in found.items() if findings and defense.inspection == InspectionMode.REFUSE}
-    updates, truth, replies = {}, [], []
-    for victim, examples in enumerate(indices):
-        images, labels = dataset.tensors(examples)
-        if victim in refused:
-            continue
+
+    def train(msg: Message, context: Context) -> Message:
+        """A victim's local training on its own images, as the ClientApp's train replies (the defense's mods
+        around it)."""
+        victim, _ = node_partition(context)
+        images, labels = dataset.tensors(indices[victim])
         client = build_model(args.model, *shape[:2], dataset.num_classes, init="default", imprint=imprint_rows)
-        client.load_state_dict(sent_to[victim])
+        client.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
         local_train(client, images, labels, settings, order_seed=defense_seed(args.seed, victim, 1),
                     dp=defense.dpsgd, noise_seed=defense_seed(args.seed, victim, 1, DP_STREAM))
-        sent = sent_weights(defense, sent_to[victim], weights(client), parameters, defense_seed(args.seed, victim))
-        updates[victim] = weight_change(sent_to[victim], sent)
-        truth.append((images, labels))
-        if defense.protocol:
-            replies.append(sent)
+        return Message(RecordDict({ARRAYS: ArrayRecord(weights(client)), METRICS: MetricRecord({})}), reply_to=msg)
+
+    # the victim side of a ClientApp: --defense's mods (inspection, the steps), each victim's steps seeded by
+    # (seed, victim) as this one round has always drawn them
+    client_side = chained(defense_mods(run_config, seed_of=lambda seed, victim, _: defense_seed(seed, victim)),
+                          train)
+    round_config = ConfigRecord({**settings.to_config(), SERVER_ROUND: 1})
+    updates, truth, replies, refused, flags = {}, [], [], {}, {}
+    with as_message_task():
+        for victim, examples in enumerate(indices):
+            context = Context(run_id=1, node_id=victim, node_config={"partition-id": victim,
+                                                                       "num-partitions": args.num_victims},
+                              state=RecordDict(), run_config={})
+            reply = client_side(Message(RecordDict({ARRAYS: ArrayRecord(sent_to[victim]), CONFIG: round_config}),
+                                        dst_node_id=victim, message_type=MessageType.TRAIN), context)
+            if reply.has_error():  # --defense inspect: the victim refused what it was sent
+                refused[victim] = reply.error.reason or ""
+                continue
+            mask = reply.content.metric_records[METRICS].get(INSPECT_FLAGS)
+            flags[victim] = inspection_labels(int(cast(int, mask))) if mask is not None else []
+            sent = reply.content.array_records[ARRAYS].to_torch_state_dict()
+            updates[victim] = weight_change(sent_to[victim], sent)
+            truth.append(dataset.tensors(examples))
+            if defense.protocol:
+                replies.append(sent)
     if defense.secure_aggregation and truth:  # the server learns only the mean update: one victim with every image
         truth = [(torch.cat([images for images, _ in truth]), torch.cat([labels for _, labels in truth]))]
     counts = {victim: len(examples) for victim, examples in enumerate(indices) if victim in updates}
@@ -199,20 +221,18 @@ def run(args) -> dict:
     read = sorted(counts) if not defense.secure_aggregation else [min(counts)] if counts else []
     for victim, result, norm, (images, labels) in zip(read, done.results if done else [],
                                                        done.update_norms if done else [], truth, strict=True):
-        row = {"victim": victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
-               "update_norm": norm}
-        if found and not defense.secure_aggregation:
-            row["inspect_flags"] = [finding.check.label for finding in found[victim]]
+        privacy: dict[str, Any] = {}
         if defense.dpsgd is not None:  # a victim holds its K x B examples only, and trains one round
-            row[EPSILON_ROUND], row[EPSILON] = spent(defense.dpsgd, settings, settings.num_images, 1)
-        rows.append(row)
-    for victim in sorted(refused):
-        rows.append({"victim": victim, "status": ReplyStatus.REFUSED, "psnr": None, "ssim": None, "mse": None,
-                     "label_acc": None, "reason": "; ".join(map(str, found[victim][:3]))})
-    rows.sort(key=lambda row: row["victim"])
-    rewrite_jsonl(out / "metrics.jsonl", rows)
+            privacy[EPSILON_ROUND], privacy[EPSILON] = spent(defense.dpsgd, settings, settings.num_images, 1)
+        inspected = flags[victim] if defense.inspection is not None and not defense.secure_aggregation else None
+        rows.append(metrics_row(victim=victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
+                                update_norm=norm, inspect_flags=inspected, **privacy))
+    for victim, reason in sorted(refused.items()):
+        rows.append(metrics_row(ReplyStatus.REFUSED, victim=victim, reason=reason))
+    rows.sort(key=lambda row: row.victim if row.victim is not None else -1)
+    rewrite_jsonl(out / "metrics.jsonl", [row.to_json() for row in rows])
     own = attack.resolved()
-    norms = [row["update_norm"] for row in rows if "update_norm" in row]
+    norms = [row.update_norm for row in rows if row.update_norm is not None]
     summary = {
         **summarise(rows),
         "update_norm_median": float(np.median(norms)) if norms else None,

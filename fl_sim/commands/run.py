@@ -19,8 +19,9 @@ from fl_sim.commands import config, guard
 from fl_sim.contract.attacks import TRAP_EVERYONE, trap_starves
 from fl_sim.contract.run_config import DECLARED, FIELD_TYPES, RunConfig, flower_key
 from fl_sim.contract.setting import ConfigError, Group
-from fl_sim.results.outputs import JSONL_LOCK, read_jsonl
+from fl_sim.results.outputs import JSONL_LOCK
 from fl_sim.results.preflight import check_run
+from fl_sim.results.rows import read_global, read_metrics
 from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise, update_counts
 from fl_sim.server import lock
 
@@ -309,17 +310,17 @@ def summary(out, seconds: float) -> dict:
     """What a finished run wrote, in a few numbers: its client-rounds counted by what became of them
     (`update_counts`: updates = attacked + skipped + left_out, attacked = recovered + unrecovered + failed)
     and the figures over the attacked ones."""
-    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    global_rows = read_jsonl(os.path.join(out, "global.jsonl"))
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    global_rows = read_global(os.path.join(out, "global.jsonl"))
     figures = summarise(rows)  # over attacked updates only; a failed attack counts as 0 dB
     return {
         "rounds": len(global_rows),
-        "rounds_aggregated": sum(bool(row.get("model_changed", True)) for row in global_rows),
+        "rounds_aggregated": sum(row.model_changed is None or bool(row.model_changed) for row in global_rows),
         **update_counts(rows),
         "images": figures["images"],
         **{recovered_key(db): figures[recovered_key(db)] for db in RECOVERED_DB},
         "psnr_median": figures["psnr_median"],
-        "accuracy": global_rows[-1]["accuracy"] if global_rows else None,
+        "accuracy": global_rows[-1].accuracy if global_rows else None,
         "seconds": seconds,
     }
 

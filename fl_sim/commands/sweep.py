@@ -23,8 +23,9 @@ from fl_sim.contract.records import REPLY_FAULTS
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model, count_parameters
 from fl_sim.results.evaluation import summarise
-from fl_sim.results.outputs import read_jsonl, write_json
+from fl_sim.results.outputs import write_json
 from fl_sim.results.preflight import check_run
+from fl_sim.results.rows import read_global, read_metrics
 from fl_sim.server import lock
 
 MODES = {"attack": attack, "run": run}
@@ -284,10 +285,10 @@ def run_point(mode: str, point_args, folder: Path) -> dict:
         summary = attack.run(point_args)
     else:
         run.run(point_args)
-        rows = [row for row in read_jsonl(folder / "metrics.jsonl") if row.get("status") not in REPLY_FAULTS]
-        global_rows = read_jsonl(folder / "global.jsonl")
+        rows = [row for row in read_metrics(folder / "metrics.jsonl") if row.status not in REPLY_FAULTS]
+        global_rows = read_global(folder / "global.jsonl")
         summary = {**summarise(rows), "rounds": len(global_rows),
-                   "accuracy": global_rows[-1].get("accuracy") if global_rows else None}
+                   "accuracy": global_rows[-1].accuracy if global_rows else None}
     summary["parameters"] = count_parameters(_global_model(point_args)[1])
     summary["seconds"] = time.perf_counter() - started
     write_json(folder / POINT_CONFIG, point_config(mode, point_args))

@@ -10,7 +10,8 @@ from attacker import Reconstruction, Status
 from attacker.analytic import UNRECOVERED
 from fl_sim.results import metrics
 from fl_sim.results.outputs import save_images
-from fl_sim.results.summary import RECOVERED_DB, recovered_key, summarise
+from fl_sim.results.rows import RECOVERED_DB, recovered_key
+from fl_sim.results.summary import summarise
 
 __all__ = ["score_and_save", "summarise"]
 
@@ -20,14 +21,15 @@ def failure_status(result: Reconstruction) -> str:
     return {Status.DIVERGED: "diverged", Status.SKIPPED: "skipped"}.get(result.status, "attack-error")
 
 
-def score_and_save(result: Reconstruction, true_images, true_labels, folder: Path | None) -> dict:
-    """One victim's metrics row; with `folder`, its truth.png and (matched) reconstruction.png too.
+def score_and_save(result: Reconstruction, true_images, true_labels, folder: Path | None) -> dict[str, Any]:
+    """One victim's scores, by the name of their field in its metrics row (fl_sim/results/rows.py `metrics_row`
+    builds the row with them); with `folder`, its truth.png and (matched) reconstruction.png too.
 
-    A failed attack's row has no PSNR, SSIM or MSE (None) and recovered nothing: none of its images,
-    none of its labels."""
-    row: dict[str, Any]  # a metrics.jsonl row: JSON values
+    A failed attack has no PSNR, SSIM or MSE (None) and recovered nothing: none of its images, none of its
+    labels."""
+    row: dict[str, Any]  # JSON values
     if not result.ok:
-        row = {"status": failure_status(result), "reason": result.reason, "psnr": None, "ssim": None, "mse": None,
+        row = {"status": failure_status(result), "reason": result.reason,
                **{recovered_key(db): 0.0 for db in RECOVERED_DB},
                "label_share": 0.0, "label_exact": 0.0, "label_acc": 0.0}
     else:

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from html import escape
 from numbers import Real
 from pathlib import Path
+from typing import TypeGuard
 
 from fl_sim.contract.attacks import IMPRINT_BINS, find_attack
-from fl_sim.results.outputs import atomic_write_bytes, read_jsonl
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
+from fl_sim.results.outputs import atomic_write_bytes
 from fl_sim.results.plots import plot_rounds
+from fl_sim.results.rows import GlobalRow, MetricsRow, read_global, read_metrics
 from fl_sim.results.summary import (
-    EPSILON,
-    EPSILON_ROUND,
     RECOVERED_DB,
     attacked,
     image_count,
@@ -86,7 +88,7 @@ class Page:
 
     server_round: int
     number: int
-    rows: tuple[dict, ...]
+    rows: tuple[MetricsRow, ...]
 
     @property
     def path(self) -> str:
@@ -113,12 +115,13 @@ def write_gallery(out: str | Path) -> Path:
     files; returns the path of gallery.html. A page whose content has not changed is not rewritten."""
     out = Path(out)
     run = _read_run(out)
-    global_rows = {row["round"]: row for row in read_jsonl(out / "global.jsonl") if _count(row.get("round"))}
-    rows = [row for row in read_jsonl(out / "metrics.jsonl") if _count(row.get("round"))]
-    rounds = sorted(set(global_rows) | {row["round"] for row in rows})
-    by_round = {r: sorted((row for row in rows if row["round"] == r), key=_client_order) for r in rounds}
-    accuracy = {r: row["accuracy"] for r, row in global_rows.items() if _real(row.get("accuracy"))}
-    spec = find_attack(str(run.get("config", {}).get("attack")))
+    config = _run_config(run)
+    global_rows = {row.round: row for row in read_global(out / "global.jsonl") if _count(row.round)}
+    rows = [row for row in read_metrics(out / "metrics.jsonl") if _count(row.round)]
+    rounds = sorted(set(global_rows) | {row.round for row in rows if _count(row.round)})
+    by_round = {r: sorted((row for row in rows if row.round == r), key=_client_order) for r in rounds}
+    accuracy = {r: row.accuracy for r, row in global_rows.items() if row.accuracy is not None and _real(row.accuracy)}
+    spec = find_attack(config.attack) if config is not None else None
     passive = spec is None or not spec.active
     plot = len(rounds) > 1 and plot_rounds(rows, accuracy, out / ROUNDS_PLOT, passive) is not None
     head = [_settings(run), _run_counts(rows)]
@@ -140,7 +143,7 @@ def write_gallery(out: str | Path) -> Path:
             body = [_navigation(page, pages[server_round], neighbours), round_head]
             if len(pages[server_round]) > 1:
                 body.append(f"<p>Page {page.number} of {len(pages[server_round])}: clients "
-                            f"{escape(str(page.rows[0].get('client')))} to {escape(str(page.rows[-1].get('client')))}"
+                            f"{escape(str(page.rows[0].client))} to {escape(str(page.rows[-1].client))}"
                             "</p>")
             body.extend(_client(out, "../", row) for row in page.rows)
             _write(out, page.path, _page(f"fl-sim run: {out.name}, round {server_round}", out.name, body))
@@ -178,9 +181,9 @@ def _remove_stale_pages(out: Path, server_round: int, count: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def _split(server_round: int, rows: list[dict]) -> list[Page]:
+def _split(server_round: int, rows: list[MetricsRow]) -> list[Page]:
     """The round's rows in pages of at most PAGE_CLIENTS rows and PAGE_IMAGES pairs (a row never split)."""
-    pages: list[list[dict]] = [[]]
+    pages: list[list[MetricsRow]] = [[]]
     images = 0
     for row in rows:
         if pages[-1] and (len(pages[-1]) >= PAGE_CLIENTS or images + _images(row) > PAGE_IMAGES):
@@ -191,87 +194,97 @@ def _split(server_round: int, rows: list[dict]) -> list[Page]:
     return [Page(server_round, number, tuple(rows)) for number, rows in enumerate(pages, 1)]
 
 
-def _images(row: dict) -> int:
+def _images(row: MetricsRow) -> int:
     """The pairs a row draws: its images if it was attacked, none if it was skipped or left out."""
     return image_count(row) if attacked(row) else 0
 
 
-def _settings(run: dict) -> str:
-    """The settings that shaped the run, each shown only where it played a part."""
+def _run_config(run: dict) -> RunConfig | None:
+    """The run's config as `RunConfig` reads Flower's run config: a key this version does not know (an older run's)
+    is left out, a missing one takes its default; None when run.json holds no config or one that does not parse."""
     config = run.get("config")
     if not isinstance(config, dict) or not config:
+        return None
+    known = RunConfig().to_flower()
+    try:
+        return RunConfig.from_flower({key: value for key, value in config.items() if key in known})
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def _settings(run: dict) -> str:
+    """The settings that shaped the run (run.json's config, read by `RunConfig.from_flower`), each shown only
+    where it played a part."""
+    c = _run_config(run)
+    if c is None:
         return ""
-    c = {key: value for key, value in config.items() if isinstance(key, str)}
-    shown: list[tuple[str, object]] = [(key, c[key]) for key in ("dataset", "model", "init") if key in c]
-    shown += [("clients", c.get("num-clients")), ("rounds", c.get("num-server-rounds"))]
-    partition = c.get("partition")
-    shown.append(("partition", f"dirichlet, alpha {c.get('alpha')}" if partition == "dirichlet" else partition))
-    if _real(c.get("max-shard")) and c["max-shard"] > 0:
-        shown.append(("shards", f"{c.get('min-shard')} to {c['max-shard']} examples a client"))
+    shown: list[tuple[str, object]] = [("dataset", c.dataset), ("model", c.model), ("init", c.init)]
+    shown += [("clients", c.num_clients), ("rounds", c.rounds)]
+    shown.append(("partition", f"dirichlet, alpha {c.alpha}" if c.partition == "dirichlet" else c.partition))
+    if c.max_shard > 0:
+        shown.append(("shards", f"{c.min_shard} to {c.max_shard} examples a client"))
     else:
         shown.append(("shards", "each client's whole partition"))
-    strategy = c.get("strategy")
-    extra = {"fedprox": f", mu {c.get('proximal-mu')}", "fedadam": f", server lr {c.get('server-lr')}",
-             "fedyogi": f", server lr {c.get('server-lr')}"}.get(str(strategy), "")
-    shown.append(("strategy", f"{strategy}{extra}"))
-    if c.get("fraction-train") not in (None, 1, 1.0):
-        shown.append(("clients sampled a round", c["fraction-train"]))
-    mode = c.get("train-mode")
+    extra = {"fedprox": f", mu {c.proximal_mu}", "fedadam": f", server lr {c.server_lr}",
+             "fedyogi": f", server lr {c.server_lr}"}.get(str(c.strategy), "")
+    shown.append(("strategy", f"{c.strategy}{extra}"))
+    if c.fraction_train != 1:
+        shown.append(("clients sampled a round", c.fraction_train))
+    mode = c.train_mode
     if mode == "epochs":
-        training = f"epochs: {c.get('epochs')} pass(es) over the shard in batches of {c.get('batch-size')}"
+        training = f"epochs: {c.epochs} pass(es) over the shard in batches of {c.batch_size}"
     elif mode == "steps":
-        training = (f"steps: {c.get('local-steps')} step(s) of {c.get('batch-size')} examples"
-                    + (f", {c.get('epochs')} times over" if c.get("epochs") not in (None, 1) else ""))
+        training = (f"steps: {c.local_steps} step(s) of {c.batch_size} examples"
+                    + (f", {c.epochs} times over" if c.epochs != 1 else ""))
     else:
-        training = f"{mode}: one step of {c.get('batch-size')} examples"
-    shown += [("local training", training), ("lr", c.get("lr"))]
-    shown += [(key, c[key]) for key in ("momentum", "weight-decay") if c.get(key) not in (None, 0, 0.0)]
-    if c.get("batchnorm") not in (None, "train"):
-        shown.append(("batchnorm", c["batchnorm"]))
-    shown.append(("defense", c.get("defense", "none")))
-    if c.get("server-dp") not in (None, "", "none"):
-        shown.append(("server DP", f"{c['server-dp']}: {run.get('server_dp') or 'Flower central DP wrapper'}"))
-    attack = c.get("attack")
+        training = f"{mode}: one step of {c.batch_size} examples"
+    shown += [("local training", training), ("lr", c.lr)]
+    shown += [(key, value) for key, value in (("momentum", c.momentum), ("weight-decay", c.weight_decay)) if value]
+    if c.batchnorm != "train":
+        shown.append(("batchnorm", c.batchnorm))
+    shown.append(("defense", c.defense))
+    if c.server_dp.side is not None:
+        shown.append(("server DP", f"{c.server_dp}: {run.get('server_dp') or 'Flower central DP wrapper'}"))
     shown.append(("attack", _attack(c)))
-    if find_attack(str(attack)) is not None:
-        shown.append(("max attack images", c.get("max-attack-images")))
-        if c.get("attack-every") not in (None, 1):
-            shown.append(("attack every", f"{c['attack-every']} rounds"))
-        if c.get("attack-clients"):
-            shown.append(("attacked clients", c["attack-clients"]))
-    if c.get("inject-faults"):
-        shown.append(("injected faults", c["inject-faults"]))
-    shown.append(("seed", c.get("seed", run.get("seed"))))
+    if find_attack(c.attack) is not None:
+        shown.append(("max attack images", c.max_attack_images))
+        if c.attack_every != 1:
+            shown.append(("attack every", f"{c.attack_every} rounds"))
+        if c.attack_clients:
+            shown.append(("attacked clients", ",".join(map(str, c.attack_clients))))
+    if c.inject_faults:
+        faults = sorted(c.inject_faults.items())
+        shown.append(("injected faults", ",".join(f"{client}={kind}" for client, kind in faults)))
+    shown.append(("seed", c.seed))
     items = "".join(f"<li>{escape(key)}: {escape(str(value))}</li>" for key, value in shown if value is not None)
     return f"<ul class='settings'>{items}</ul>"
 
 
-def _attack(c: dict) -> str:
+def _attack(c: RunConfig) -> str:
     """The attack with only its own settings (those its registry entry says it reads), those left at
-    'the preset's' (an empty value) or off left out."""
-    attack = c.get("attack")
-    spec = find_attack(str(attack))
+    'the preset's' (None) or off left out."""
+    spec = find_attack(c.attack)
     if spec is None:
-        return str(attack)
+        return c.attack
     parts = []
     for name in spec.options:
-        value = c.get(name.replace("_", "-"))
+        value = getattr(c, name, None)
         if value in (None, "", False, 0) and name != "imprint_bins":
             continue
         if name == "imprint_bins":  # 0: the imprint block's preset rows
             value = value or IMPRINT_BINS
         parts.append(name.replace("_", " ") if value is True else f"{name.replace('_', ' ')} {value}")
-    return f"{attack} ({spec.kind}{': ' + ', '.join(parts) if parts else ''})"
+    return f"{c.attack} ({spec.kind}{': ' + ', '.join(parts) if parts else ''})"
 
 
-def _run_counts(rows: list[dict]) -> str:
+def _run_counts(rows: list[MetricsRow]) -> str:
     """The run's client updates, each counted once, and the share of images recovered."""
     if not rows:
         return ""
     return f"<p><b>Whole run</b>: {escape(_counts_text(rows))}</p>"
 
 
-def _counts_text(rows: list[dict]) -> str:
+def _counts_text(rows: list[MetricsRow]) -> str:
     counts, summary = update_counts(rows), summarise(rows)
     text = (f"{counts['updates']} client update(s): {counts['attacked']} attacked ({counts['recovered']} with images "
             f"recovered at \u2265 {RECOVERED_MARK_DB} dB, {counts['unrecovered']} without, {counts['failed']} failed), "
@@ -284,12 +297,12 @@ def _counts_text(rows: list[dict]) -> str:
     return text
 
 
-def _round_head(server_round: int, global_row: dict | None, rows: list[dict], level: int) -> str:
+def _round_head(server_round: int, global_row: GlobalRow | None, rows: list[MetricsRow], level: int) -> str:
     """A round's summary first: images recovered, accuracy, what became of each client update."""
     title = f"Round {server_round}"
     if global_row is not None:
-        title += (f": global accuracy {_number(global_row.get('accuracy'), '.2%')}, "
-                  f"loss {_number(global_row.get('loss'))}")
+        title += (f": global accuracy {_number(global_row.accuracy, '.2%')}, "
+                  f"loss {_number(global_row.loss)}")
     html = [f"<h{level + 1} id='round-{server_round}'>{escape(title)}</h{level + 1}>"]
     if not rows:
         html.append("<p>No client update was recorded in this round.</p>")
@@ -299,7 +312,7 @@ def _round_head(server_round: int, global_row: dict | None, rows: list[dict], le
     return "\n".join(html)
 
 
-def _round_table(rounds: list[int], global_rows: dict[int, dict], by_round: dict[int, list[dict]],
+def _round_table(rounds: list[int], global_rows: dict[int, GlobalRow], by_round: dict[int, list[MetricsRow]],
                  pages: dict[int, list[Page]]) -> str:
     """The overview of a run split into pages: a line per round, with links to its pages."""
     low, high = RECOVERED_DB
@@ -312,7 +325,8 @@ def _round_table(rounds: list[int], global_rows: dict[int, dict], by_round: dict
         rows = by_round[server_round]
         counts, summary = update_counts(rows), summarise(rows)
         links = " ".join(f"<a href='{escape(page.path)}'>{page.number}</a>" for page in pages[server_round])
-        cells = [str(server_round), _number((global_rows.get(server_round) or {}).get("accuracy"), ".2%"),
+        accuracy = global_rows[server_round].accuracy if server_round in global_rows else None
+        cells = [str(server_round), _number(accuracy, ".2%"),
                  _number(summary[recovered_key(low)], ".0%"), _number(summary[recovered_key(high)], ".0%"),
                  *(str(counts[key]) for key in ("updates", "attacked", "recovered", "failed", "skipped", "left_out"))]
         lines.append("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells) + f"<td>{links}</td></tr>")
@@ -334,28 +348,29 @@ def _navigation(page: Page, pages: list[Page], neighbours: tuple[int | None, int
     return f"<nav>{' '.join(links)}</nav>"
 
 
-def _client(out: Path, base: str, row: dict) -> str:
+def _client(out: Path, base: str, row: MetricsRow) -> str:
     """A client's section: its figures in a line, then its batch as a wrapped grid of pairs."""
-    named = _count(row.get("client")) or row.get("client") == AGGREGATE
-    folder = client_folder(row["round"], row["client"]) if named else None
-    status = str(row.get("status"))
-    name = f"client {row.get('client')}"
-    if row.get("client") == AGGREGATE:  # emulated: the server's own mean of the replies, not SecAgg+'s
-        name = "secure aggregate (emulated)" if row.get("secure_aggregation") == EMULATED else "secure aggregate"
+    named = _count(row.client) or row.client == AGGREGATE
+    folder = client_folder(row.round, row.client) if named and row.round is not None and row.client is not None \
+        else None
+    status = str(row.status)
+    name = f"client {row.client}"
+    if row.client == AGGREGATE:  # emulated: the server's own mean of the replies, not SecAgg+'s
+        name = "secure aggregate (emulated)" if row.secure_aggregation == EMULATED else "secure aggregate"
     summary = summarise([row])
     if succeeded(row):
         images = summary["images"]
         recovered = ", ".join(f"{round(summary[recovered_key(db)] * images)} \u2265 {db} dB" for db in RECOVERED_DB)
-        figures = (f"{images} image(s), recovered {recovered}; PSNR {_number(row.get('psnr'), '.1f')} dB, "
-                   f"SSIM {_number(row.get('ssim'), '.3f')}, labels right "
-                   f"{_number(row.get('label_share', row.get('label_acc')), '.0%')}, "
-                   f"update norm {_number(row.get('update_norm'), '.3g')}")
-        if _real(row.get(EPSILON)):
-            figures += (f", DP-SGD epsilon {_number(row.get(EPSILON_ROUND), '.3g')} this round, "
-                        f"{_number(row.get(EPSILON), '.3g')} in rounds 1..{row.get('round')}")
+        label_share = row.label_share if row.label_share is not None else row.label_acc
+        figures = (f"{images} image(s), recovered {recovered}; PSNR {_number(row.psnr, '.1f')} dB, "
+                   f"SSIM {_number(row.ssim, '.3f')}, labels right {_number(label_share, '.0%')}, "
+                   f"update norm {_number(row.update_norm, '.3g')}")
+        if _real(row.epsilon):
+            figures += (f", DP-SGD epsilon {_number(row.epsilon_round, '.3g')} this round, "
+                        f"{_number(row.epsilon, '.3g')} in rounds 1..{row.round}")
     else:
         kind = "failed" if attacked(row) else "not attacked"
-        figures = f"{kind} ({status}): {row.get('reason') or 'no reason given'}"
+        figures = f"{kind} ({status}): {row.reason or 'no reason given'}"
     html = [f"<section class='client'><h3>{escape(name)}</h3>",
             f"<p class='{'' if status == 'ok' else 'failed'}'>{escape(figures)}</p>"]
     if folder is not None and attacked(row):
@@ -364,10 +379,10 @@ def _client(out: Path, base: str, row: dict) -> str:
     return "\n".join(html)
 
 
-def _pairs(out: Path, base: str, folder: str, row: dict) -> str:
+def _pairs(out: Path, base: str, folder: str, row: MetricsRow) -> str:
     """The batch as pairs (truth over matched reconstruction), tiles cut from the two strips by CSS."""
     size = _png_size(out / folder / "truth.png")
-    listed = any(isinstance(row.get(key), list) and row[key] for key in ("true_labels", "psnr_images"))
+    listed = any(isinstance(values, list) and values for values in (row.true_labels, row.psnr_images))
     # a row that lists no images (written before rows named their labels): square images side by side
     count = image_count(row) if listed or size is None else max(1, size[0] // max(1, size[1]))
     truth = _strip(out, folder, "truth", count)
@@ -376,7 +391,7 @@ def _pairs(out: Path, base: str, folder: str, row: dict) -> str:
     psnrs = image_psnrs(row) or []  # rows written before per-image PSNRs were kept have none
     reconstruction = _strip(out, folder, "reconstruction", count) if succeeded(row) else None
     width, height = truth
-    true_labels, labels = row.get("true_labels"), row.get("labels")
+    true_labels, labels = row.true_labels, row.labels
     pairs = []
     for index in range(count):
         tile = f" style='--i:{index}' loading='lazy' alt=''>"
@@ -422,11 +437,11 @@ def _png_size(path: Path) -> tuple[int, int] | None:
     return width, height
 
 
-def _client_order(row: dict) -> float:
-    return row["client"] if _count(row.get("client")) else math.inf
+def _client_order(row: MetricsRow) -> float:
+    return row.client if isinstance(row.client, int) and _count(row.client) else math.inf
 
 
-def _count(value: object) -> bool:
+def _count(value: object) -> TypeGuard[int]:
     """A non-negative int, as rounds and client ids are (JSON floats, text and booleans are not)."""
     return type(value) is int and value >= 0
 

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fl_sim.contract.attacks import find_attack  # noqa: E402
+from fl_sim.results.rows import MetricsRow  # noqa: E402
 from fl_sim.results.summary import (  # noqa: E402
     RECOVERED_DB,
     attacked,
@@ -103,7 +104,7 @@ def plot_leakage_against_accuracy(rows: list[dict], grid: dict[str, list[str]], 
     return path
 
 
-def plot_rounds(rows: list[dict], accuracy_by_round: dict[int, float], path: Path, passive: bool = True
+def plot_rounds(rows: list[MetricsRow], accuracy_by_round: dict[int, float], path: Path, passive: bool = True
                 ) -> Path | None:
     """A run's leakage over its rounds, led by the field's figure: the share of the attacked updates' images
     recovered at >= 30 and >= 40 dB per round (pooled), then the same share per client as a distribution
@@ -112,10 +113,10 @@ def plot_rounds(rows: list[dict], accuracy_by_round: dict[int, float], path: Pat
     min-max band and the share of labels right; an active attack's images are exact copies or nothing, so
     its PSNR median says little beside the shares. `rows` are metrics rows of any status; only attacked
     updates count (a failed attack recovered nothing). None when there is nothing to draw."""
-    by_round: dict[int, list[dict]] = {}
+    by_round: dict[int, list[MetricsRow]] = {}
     for row in rows:
-        if attacked(row):
-            by_round.setdefault(row["round"], []).append(row)
+        if attacked(row) and row.round is not None:
+            by_round.setdefault(row.round, []).append(row)
     evaluated = sorted(accuracy_by_round)
     if not by_round and not evaluated:
         return None

@@ -7,6 +7,9 @@ the tests that use it fail at import if a name moved.
 
 The daemons' flag parsers cost half a second to import, so they are loaded only when asked for.
 """
+import contextlib
+from collections.abc import Iterator
+
 from flwr.app.exception import AppExitException  # the base of an app's errors that end its run as failed
 from flwr.cli.config_utils import load_and_validate  # flwr's own check of [tool.flwr.app] in pyproject.toml
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # what a real SuperLink stamps on messages
@@ -28,8 +31,20 @@ from flwr.supercore.task_identity import TaskIdentity  # who creates a Message: 
 
 __all__ = ["AppExitException", "BackendConfig", "ErrorCode", "ExitCode", "GridClientProxy", "SECAGG_CONFIGS", "Run",
            "SUPERLINK_NODE_ID", "SecAggKey", "TaskIdentity", "add_exit_handler", "aggregate_arrayrecords",
-           "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize", "recorddict_compat",
+           "as_message_task", "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize", "recorddict_compat",
            "validate_message_reply_consistency"]
+
+
+@contextlib.contextmanager
+def as_message_task() -> Iterator[None]:
+    """Messages may be created outside a Flower runtime (`fl-sim attack` hands its victims train messages): the
+    process stands as the SuperLink's task while inside, and whatever identity it had is restored after."""
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def daemon_flag_parsers() -> dict:

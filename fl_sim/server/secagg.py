@@ -64,10 +64,11 @@ from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, TRAI
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights
-from fl_sim.server.attacks import attack_round
+from fl_sim.server import round as rounds
 from fl_sim.server.flower_private import SECAGG_CONFIGS, GridClientProxy, Run, SecAggKey, dequantize, quantize
 from fl_sim.server.flower_private import recorddict_compat as compat
-from fl_sim.server.strategy import InvertingStrategy, ReplyFault, in_sent_dtypes, round_seed, run_all, short_error
+from fl_sim.server.round import Reading, ReplyFault, RoundServer
+from fl_sim.server.strategy import InvertingStrategy, short_error
 
 FLOAT32_EPSILON = 2.0**-24  # float32's relative rounding: Flower's client quantizes float32 parameters in float32
 RoundEndFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -173,22 +174,24 @@ def revealed_update(aggregate: Weights, sent: Sequence[Weights], factors: Sequen
 class SecAggPlusFace(LegacyStrategy):
     """The malicious strategy (`InvertingStrategy`) on Flower's legacy hooks, for SecAggPlusWorkflow.
 
+    `strategy` configures each round and evaluates; `server` (the strategy's `round_server`) ends each round, as
+    it ends the plain strategy's (fl_sim/server/round.py).
     `names`: the model's state-dict names (the legacy path's arrays are unnamed, in that order); `initial`:
     the weights round 1 is sent; `done`: rounds finished before (a resumed run); `round_end`: fl-sim's
     evaluate_fn (the global model scored and the round committed, fl_sim/server/server_app.py).
     """
 
-    def __init__(self, strategy: InvertingStrategy, grid: Grid, protocol: SecAggParameters, *,
+    def __init__(self, strategy: InvertingStrategy, server: RoundServer, grid: Grid, protocol: SecAggParameters, *,
                  names: Sequence[str], initial: Weights, train_config: ConfigRecord, round_end: RoundEndFn,
                  done: int = 0):
-        self.strategy, self.grid, self.protocol = strategy, grid, protocol
+        self.strategy, self.server, self.grid, self.protocol = strategy, server, grid, protocol
         self.names, self.initial, self.train_config = tuple(names), initial, train_config
         self.round_end, self.done = round_end, done
         self.proxies: dict[int, ClientProxy] = {}
         self.configured: int | None = None  # the last round configured, until it is aggregated
 
     def __repr__(self) -> str:
-        return f"SecAggPlusFace({self.strategy.attack.name if self.strategy.attack else 'no attack'})"
+        return f"SecAggPlusFace({self.server.attack.name if self.server.attack else 'no attack'})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters([self.initial[name].numpy() for name in self.names])
@@ -226,24 +229,19 @@ class SecAggPlusFace(LegacyStrategy):
 
     def aggregate_revealed(self, run_round: int, survivors: Mapping[int, FitRes],
                            reasons: list[str]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The round's aggregate (the same in every survivor's FitRes) read by the attack, then aggregated."""
-        strategy, sent = self.strategy, self.strategy.sent_round
+        """The round's aggregate (the same in every survivor's FitRes) read by the attack, then aggregated as one
+        reply holding all the survivors' examples (fl_sim/server/round.py `end_round`)."""
+        server, sent = self.server, self.strategy.sent_round
         if sent is None or sent.server_round != run_round:
             raise RuntimeError(f"SecAgg+ revealed round {run_round}, but that round was not configured")
-        partitions = strategy.partitions
+        partitions = server.partitions
         dropped = [node for node in sent.nodes if node not in survivors and node in partitions]
-        work: list[Callable[[], None]] = []
-        if dropped:
-            why = f": {reasons[0]}" if len(reasons) == 1 == len(dropped) else ""
-            faults = [ReplyFault(partitions[node], ReplyStatus.CLIENT_ERROR if reasons else ReplyStatus.NO_REPLY,
-                                 f"dropped out of the SecAgg+ round (the protocol unmasked the others' sum without "
-                                 f"it){why}") for node in dropped]
-            for fault in faults:
-                log(WARNING, "round %s: client %s dropped out of SecAgg+: %s", run_round, fault.client, fault.reason)
-            work.append(lambda: strategy.recorder.record_faults(run_round, sorted(faults, key=lambda f: f.client)))
+        why = f": {reasons[0]}" if len(reasons) == 1 == len(dropped) else ""
+        faults = [ReplyFault(partitions[node], ReplyStatus.CLIENT_ERROR if reasons else ReplyStatus.NO_REPLY,
+                             f"dropped out of the SecAgg+ round (the protocol unmasked the others' sum without "
+                             f"it){why}") for node in dropped]
         if not survivors:
-            run_all(work)
-            return None, None
+            return rounds.end_round(server, sent, [], faults=faults)
         first = next(iter(survivors.values()))
         aggregate = dict(zip(self.names, (torch.from_numpy(np.array(array))
                                           for array in parameters_to_ndarrays(first.parameters)), strict=True))
@@ -257,35 +255,16 @@ class SecAggPlusFace(LegacyStrategy):
         global_weights = sent.global_weights
         sent_to = [sent.sent_to.get(client, global_weights) for client in sorted(counts)]
         update, mean_sent = revealed_update(aggregate, sent_to, factors, self.protocol)
-        attack = strategy.attack
-        if attack is not None and sent.sent_to:
-            def read() -> None:
-                log(INFO, "attack round %s: reading the SecAgg+ aggregate of %s client(s) with %s", run_round,
-                    len(counts), attack.name)
-                done = attack_round(attack.attack, {}, sent.sent_to, counts, sent.settings, armed=sent.armed,
-                                    secure_aggregation=True, max_images=attack.max_images,
-                                    seed=round_seed(attack.seed, run_round), parameters=attack.parameters,
-                                    label=f"attack round {run_round}", revealed=(update, mean_sent))
-                strategy.recorder.record_attack(run_round, done.victims, done.results, done.update_norms,
-                                                done.seconds)
-            work.append(read)
-        if work and strategy.background is not None and sent.armed is None:
-            strategy.background.submit(run_round, lambda: run_all(work))
-        else:
-            run_all(work)
-        kept: Weights | None = {name: tensor.to(global_weights[name].dtype) if global_weights[name].is_floating_point()
-                                else tensor for name, tensor in aggregate.items()}  # integers: rounded below
-        if attack is not None and sent.armed is not None and kept is not None:
-            kept = attack.attack.aggregated(kept, mean_sent, global_weights)
-        if kept is None:
-            return None, None
+        reading = Reading({}, counts, True, revealed=(update, mean_sent),
+                          what=f"the SecAgg+ aggregate of {len(counts)} client(s)") if sent.sent_to else None
+        kept = {name: tensor.to(global_weights[name].dtype) if global_weights[name].is_floating_point()
+                else tensor for name, tensor in aggregate.items()}  # integers: rounded by in_sent_dtypes
         losses = [float(fitres.metrics.get(TRAIN_LOSS, 0.0)) for fitres in survivors.values()]
         total = sum(counts.values())
         reply = Message(RecordDict({ARRAYS: ArrayRecord(kept), METRICS: MetricRecord({
             TRAIN_LOSS: sum(loss * count for loss, count in zip(losses, counts.values(), strict=True)) / total,
-            strategy.weighted_by_key: total})}), dst_node_id=0, message_type=MessageType.TRAIN)
-        arrays, metrics = strategy.strategy.aggregate_train(run_round, [reply])
-        return (None if arrays is None else in_sent_dtypes(arrays, global_weights)), metrics
+            server.weighted_by_key: total})}), dst_node_id=0, message_type=MessageType.TRAIN)
+        return rounds.end_round(server, sent, [(reply, mean_sent)], faults=faults, reading=reading)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -315,10 +294,11 @@ class SecAggPlusFace(LegacyStrategy):
             self.configured = None
             sent = self.strategy.sent_round
             if sent is not None and sent.server_round == run_round:
-                self.strategy.recorder.record_faults(run_round, [
-                    ReplyFault(self.strategy.partitions[node], ReplyStatus.NO_REPLY,
+                partitions = self.server.partitions
+                self.server.recorder.record_faults(run_round, [
+                    ReplyFault(partitions[node], ReplyStatus.NO_REPLY,
                                "the SecAgg+ round halted: too few clients were left to unmask the sum "
-                               "(--secagg-threshold)") for node in sent.nodes if node in self.strategy.partitions])
+                               "(--secagg-threshold)") for node in sent.nodes if node in partitions])
         metrics = self.round_end(run_round, self.arrays(parameters))
         if metrics is None:
             return None

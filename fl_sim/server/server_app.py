@@ -57,6 +57,7 @@ from fl_sim.results.evaluation import score_and_save, summarise
 from fl_sim.results.gallery import AGGREGATE, EMULATED, client_folder, write_gallery
 from fl_sim.results.outputs import append_jsonl, inside, write_json
 from fl_sim.results.preflight import check_run
+from fl_sim.results.rows import global_row, metrics_row
 from fl_sim.results.summary import EPSILON, EPSILON_ROUND
 from fl_sim.server import lock
 from fl_sim.server.active import public_images
@@ -118,22 +119,22 @@ class Scoreboard:
         victims, results, update_norms, apart = each_client(victims, results, update_norms)
         for victim, result, norm, read_apart in zip(victims, results, update_norms, apart, strict=True):
             images, labels = self.truth(server_round, victim)
-            named: dict[str, object] = {"client": AGGREGATE, "clients": list(victim.clients),
-                     "secure_aggregation": EMULATED if self.config.defense.emulated else "secagg+"} \
+            named: dict[str, Any] = {"client": AGGREGATE, "clients": list(victim.clients),
+                                     "secure_aggregation": EMULATED if self.config.defense.emulated else "secagg+"} \
                 if victim.secure_aggregate else {"client": victim.clients[0]}
             if read_apart:
                 named["through_secure_aggregate"] = True  # read apart from the sum of the round's clients
             folder = inside(self.out, client_folder(server_round, AGGREGATE if victim.secure_aggregate
                                                     else victim.clients[0]))
-            row: dict[str, Any] = {"round": server_round, **named, **score_and_save(result, images, labels, folder),
-                   "update_norm": norm, "seconds": seconds / len(victims), "round_attack_seconds": seconds,
-                   **self.epsilons(server_round, victim.clients)}
             flags = {client: self.flags.pop((server_round, client)) for client in victim.clients
                      if (server_round, client) in self.flags}
             if flags:  # inspect:flag: what the victims' own checks said of the model they were sent
-                row["inspect_flags"] = {str(client): found for client, found in flags.items()} \
+                named["inspect_flags"] = {str(client): found for client, found in flags.items()} \
                     if victim.secure_aggregate else flags[victim.clients[0]]
-            append_jsonl(self.out / "metrics.jsonl", row)
+            row = metrics_row(round=server_round, **named, **score_and_save(result, images, labels, folder),
+                              update_norm=norm, seconds=seconds / len(victims), round_attack_seconds=seconds,
+                              **self.epsilons(server_round, victim.clients))
+            append_jsonl(self.out / "metrics.jsonl", row.to_json())
             rows.append(row)
         summary = summarise(rows)
         psnr = summary["psnr_median"]
@@ -149,10 +150,9 @@ class Scoreboard:
                 self.flags[(server_round, client)] = inspection_labels(mask)
             elif mask:
                 failed = inspection_labels(mask)
-                append_jsonl(self.out / "metrics.jsonl", {
-                    "round": server_round, "client": client, "status": FLAGGED, "inspect_flags": failed,
-                    "reason": f"not attacked; the client flagged the model it was sent: {', '.join(failed)}",
-                    "psnr": None, "ssim": None, "mse": None, "label_acc": None})
+                append_jsonl(self.out / "metrics.jsonl", metrics_row(
+                    FLAGGED, round=server_round, client=client, inspect_flags=failed,
+                    reason=f"not attacked; the client flagged the model it was sent: {', '.join(failed)}").to_json())
 
     def record_privacy(self, server_round: int, spent: dict[int, dict[str, float]]) -> None:
         """Each client's DP-SGD epsilons of the round (its reply's), for the round's rows; logged too."""
@@ -162,7 +162,7 @@ class Scoreboard:
             "clients)", server_round, max(values[DP_EPSILON_ROUND] for values in spent.values()), cumulative,
             server_round, self.config.defense.dpsgd.delta if self.config.defense.dpsgd else float("nan"))
 
-    def epsilons(self, server_round: int, clients: tuple[int, ...]) -> dict[str, float]:
+    def epsilons(self, server_round: int, clients: tuple[int, ...]) -> dict[str, Any]:
         """`epsilon` (rounds 1..server_round) and `epsilon_round` of a victim (of a secure aggregate: the largest
         of its clients'), or nothing when the clients reported none."""
         spent = [self.spent.get(server_round, {}).get(client) for client in clients]
@@ -175,9 +175,8 @@ class Scoreboard:
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
         """A row per client-round the strategy left out: neither attacked nor averaged."""
         for fault in faults:
-            append_jsonl(self.out / "metrics.jsonl", {
-                "round": server_round, "client": fault.client, "status": fault.status, "reason": fault.reason,
-                "psnr": None, "ssim": None, "mse": None, "label_acc": None})
+            append_jsonl(self.out / "metrics.jsonl", metrics_row(fault.status, round=server_round, client=fault.client,
+                                                                 reason=fault.reason).to_json())
 
 
 def each_client(victims: list[Victim], results: list[Reconstruction],
@@ -234,9 +233,8 @@ class RoundEnd:
         self.previous = weights
         if server_round > 0:  # round 0 (the initial model) is logged by Flower, not a row of the run
             elapsed = time.perf_counter() - self.started
-            append_jsonl(self.out / "global.jsonl", {"round": server_round, "accuracy": scores["accuracy"],
-                                                     "loss": scores["loss"], "elapsed_seconds": elapsed,
-                                                     "model_changed": changed})
+            append_jsonl(self.out / "global.jsonl", global_row(server_round, scores["accuracy"], scores["loss"],
+                                                               elapsed, changed).to_json())
             self.uncommitted.append(Checkpoint(server_round, weights, elapsed))
             if self.attacks is not None:
                 self.attacks.wait(server_round - 1)  # it ran beside this round's training
@@ -334,8 +332,9 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
         train_config = ConfigRecord(dict(settings.to_config()))
         try:
             if config.defense.protocol:  # Flower's SecAgg+, on the legacy path (fl_sim/server/secagg.py)
-                face = SecAggPlusFace(strategy, grid, SecAggParameters.of(config), names=tuple(initial),
-                                      initial=initial, train_config=train_config, round_end=round_end, done=done)
+                face = SecAggPlusFace(strategy, strategy.round_server, grid, SecAggParameters.of(config),
+                                      names=tuple(initial), initial=initial, train_config=train_config,
+                                      round_end=round_end, done=done)
                 run_secagg(grid, face, config.rounds - done)
             else:
                 RoundOffset(strategy, done).start(grid, ArrayRecord(initial), num_rounds=config.rounds,

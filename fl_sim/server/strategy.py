@@ -38,8 +38,9 @@ Every attack takes one path. In `configure_train` of an attacked round the attac
 (--attack-clients) are sent: a passive attack nothing (everyone gets the global model), an active one
 (fl_sim/server/active.py: --attack imprint|trap) weights of its own, per client; `SentRound.sent_to` keeps what
 each client was sent. In `aggregate_train` the replies are screened, each target's update is taken against
-what it was sent, `attack_round` reads them (the same function `fl-sim attack` runs), the recorder hears of
-it, and only what `Attack.aggregated` keeps of an armed target's reply enters the average.
+what it was sent, and the round ends as every round does (fl_sim/server/round.py `end_round`, which the SecAgg+
+face calls too): `attack_round` reads the updates (the same function `fl-sim attack` runs), the recorder hears
+of it, and only what `Attack.aggregated` keeps of an armed target's reply enters the average.
 
 With `background` (`--attack-async`, fl_sim/server/background.py) an attack the registry lets run in the
 background (a passive one) does not block the round: `aggregate_train` screens the replies and computes the
@@ -50,13 +51,10 @@ average), so it cannot run in the background.
 """
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
-import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -71,7 +69,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from attacker import Reconstruction
 from fl_sim.contract.attacks import find_attack
 from fl_sim.contract.defenses import ServerDpSide
 from fl_sim.contract.names import StrategyName
@@ -90,8 +87,21 @@ from fl_sim.contract.protocol import (
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights, weight_change
-from fl_sim.server.attacks import Armed, Attack, AttackedRound, Victim, arm_round, attack_round
+from fl_sim.server import round as rounds
+from fl_sim.server.attacks import Victim, arm_round
 from fl_sim.server.background import AttackQueue
+from fl_sim.server.round import (
+    AttackPlan,
+    Reading,
+    ReplyFault,
+    RoundRecorder,
+    RoundServer,
+    SentRound,
+    ServerAttack,
+    in_sent_dtypes,
+    round_seed,
+    shared_record,
+)
 from fl_sim.server.validation import ExpectedReply, reply_problem
 
 __all__ = ["AttackPlan", "InvertingStrategy", "ReplyFault", "RoundOffset", "RoundRecorder", "ServerAttack",
@@ -100,81 +110,6 @@ __all__ = ["AttackPlan", "InvertingStrategy", "ReplyFault", "RoundOffset", "Roun
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
 MAX_REASON_CHARS = 300
-
-
-@dataclass(frozen=True)
-class ReplyFault:
-    client: int
-    status: ReplyStatus
-    reason: str
-
-
-class RoundRecorder(Protocol):
-    """Where the strategy reports each round: the replies it left out, then the reconstructions."""
-
-    def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None: ...
-
-    def record_attack(self, server_round: int, victims: list[Victim], results: list[Reconstruction],
-                      update_norms: list[float], seconds: float) -> None: ...
-
-    def record_inspection(self, server_round: int, flags: dict[int, int], attacked: frozenset[int]) -> None:
-        """Under inspect:flag, before the attack's rows: each client's `inspect-flags` (0: passed), and which of
-        them the attack is about to read."""
-
-    def record_privacy(self, server_round: int, spent: dict[int, dict[str, float]]) -> None: ...
-
-
-@dataclass(frozen=True)
-class AttackPlan:
-    """Which rounds and clients are attacked: every `every`-th round from round 1, `clients` (None: all)."""
-
-    every: int = 1
-    clients: frozenset[int] | None = None
-
-    def __post_init__(self):
-        if self.every < 1:
-            raise ValueError(f"attack every must be at least 1, got {self.every}")
-
-    def round_attacked(self, server_round: int) -> bool:
-        return (server_round - 1) % self.every == 0
-
-    def targets(self, partition_ids: Iterable[int]) -> frozenset[int]:
-        """The clients among `partition_ids` this plan attacks (in an attacked round)."""
-        return frozenset(p for p in partition_ids if self.clients is None or p in self.clients)
-
-
-@dataclass(frozen=True)
-class ServerAttack:
-    """What the server attacks with: the attack (fl_sim/server/attacks.py), the names of the model's parameters
-    (an update's norm is theirs), its plan, the seed each round's draws derive from, and the most images behind
-    an update it reads (in epochs mode: a client whose shard is larger is not read; its row says so)."""
-
-    attack: Attack
-    parameters: tuple[str, ...]
-    plan: AttackPlan = AttackPlan()
-    seed: int = 0
-    max_images: int = 64
-
-    @property
-    def name(self) -> str:
-        return self.attack.name
-
-
-@dataclass(frozen=True)
-class SentRound:
-    """What the server sent in a round: all it may compare the replies with.
-
-    `sent_to`: what each attacked client (partition id) was sent, the global weights or what the attack armed
-    for it; its update is taken against that. `armed`: the attack's arming of the round (None: nothing armed).
-    """
-
-    server_round: int
-    global_weights: Weights
-    settings: TrainingSettings
-    expected: ExpectedReply
-    nodes: tuple[int, ...]
-    sent_to: dict[int, Weights] = field(default_factory=dict)
-    armed: Armed | None = None
 
 
 class InvertingStrategy(Strategy):
@@ -196,10 +131,11 @@ class InvertingStrategy(Strategy):
         if background is not None and attack is not None and (spec is None or not spec.may_run_async):
             raise ValueError(f"the active attack {attack.name} arms the weights it sends and decides what enters "
                              "the average: it cannot run in the background")
-        self.strategy, self.attack, self.recorder, self.background = strategy, attack, recorder, background
+        self.strategy, self.attack, self.recorder = strategy, attack, recorder
         self.partitions, self.secure_aggregation, self.max_shard = dict(partitions), secure_aggregation, max_shard
         self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self.reported_metrics = tuple(reported_metrics)
+        self.round_server = RoundServer(strategy, attack, recorder, self.partitions, background, self.weighted_by_key)
         self._sent: SentRound | None = None
 
     @property
@@ -248,23 +184,19 @@ class InvertingStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Attacks the replies that pass the checks, records the others, then lets the strategy aggregate."""
+        """Attacks the replies that pass the checks, records the others, then lets the strategy aggregate
+        (fl_sim/server/round.py `end_round`)."""
         sent = self._sent
         if sent is None or sent.server_round != server_round:
             raise RuntimeError(f"replies of round {server_round} arrived, but that round was not configured")
         accepted, faults = self._screen(sent, list(replies))
         flags = {client: int(cast(float, reply.content.metric_records[METRICS].pop(INSPECT_FLAGS)))
                  for client, reply in accepted.items() if INSPECT_FLAGS in reply.content.metric_records[METRICS]}
-        work: list[Callable[[], None]] = []  # what the recorder is to hear of the round, in order
-        if faults:
-            for fault in faults:
-                log(WARNING, "round %s: client %s left out (%s): %s", server_round, fault.client, fault.status,
-                    fault.reason)
-            work.append(partial(self.recorder.record_faults, server_round, faults))
+        first: list[Callable[[], None]] = []  # what the recorder hears before the attack's reading
         spent = {client: {key: float(reply.content[METRICS][key]) for key in self.reported_metrics}  # type: ignore[arg-type]
                  for client, reply in sorted(accepted.items())}
         if self.reported_metrics and spent:
-            work.append(partial(self.recorder.record_privacy, server_round, spent))
+            first.append(partial(self.recorder.record_privacy, server_round, spent))
         attack = self.attack
         # the replies as tensors and the updates are computed when read, one at a time: the messages are the
         # one copy of the replies the server holds (100 clients' armed replies are gigabytes)
@@ -275,32 +207,19 @@ class InvertingStrategy(Strategy):
                 if mask:
                     log(WARNING, "round %s: client %s flagged the model it was sent (inspect-flags %s)",
                         server_round, client, mask)
-            work.append(partial(self.recorder.record_inspection, server_round, flags,
-                                frozenset(replied) if attack else frozenset()))
+            first.append(partial(self.recorder.record_inspection, server_round, flags,
+                                 frozenset(replied) if attack else frozenset()))
+        reading = None
         if attack and replied:
-            updates = LazyUpdates(replied, sent.sent_to)
-            counts = {client: example_count(accepted[client], self.weighted_by_key) for client in replied}
-            work.append(partial(self._attack, attack, sent, updates, counts))
-        if work and self.background is not None and sent.armed is None:
-            self.background.submit(server_round, partial(run_all, work))
-        else:
-            run_all(work)
-        if attack and sent.armed is not None:  # only what the attack keeps of an armed target's reply is averaged
-            global_arrays: dict[int, Array] = {}
-            for client in list(replied):
-                if client in sent.armed.weights:
-                    reply = replied[client]
-                    kept = attack.attack.aggregated(reply, sent.sent_to[client], sent.global_weights)
-                    if kept is None:
-                        del accepted[client]
-                    else:  # the reply's own serialised arrays where it keeps them, one copy of the global's
-                        record = accepted[client].content.array_records[ARRAYS]
-                        reused = {name: record[name] for name, tensor in kept.items() if tensor is reply[name]}
-                        accepted[client].content[ARRAYS] = shared_record(
-                            {name: tensor for name, tensor in kept.items() if name not in reused},
-                            global_arrays, reused, order=list(kept))
-        arrays, metrics = self.strategy.aggregate_train(server_round, list(accepted.values()))
-        return (arrays if arrays is None else in_sent_dtypes(arrays, sent.global_weights)), metrics
+            emulated = (" as their EMULATED secure aggregate (the server's own mean of the replies, not SecAgg+)"
+                        if self.secure_aggregation else "")
+            reading = Reading(LazyUpdates(replied, sent.sent_to),
+                              {client: example_count(accepted[client], self.weighted_by_key) for client in replied},
+                              self.secure_aggregation, what=f"{len(replied)} update(s){emulated}")
+        armed = sent.armed.weights if sent.armed is not None else {}
+        kept = [(reply, sent.sent_to[client] if client in replied and client in armed else None)
+                for client, reply in accepted.items()]  # an armed target's reply: what the attack keeps of it
+        return rounds.end_round(self.round_server, sent, kept, faults=faults, reading=reading, first=first)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -339,20 +258,6 @@ class InvertingStrategy(Strategy):
                 faults.append(ReplyFault(self.partitions[node], ReplyStatus.NO_REPLY,
                                          "no reply before the round's timeout"))
         return accepted, sorted(faults, key=lambda fault: fault.client)
-
-    def _attack(self, attack: ServerAttack, sent: SentRound, updates: Mapping[int, Weights],
-                counts: dict[int, int]) -> None:
-        """Reads the round's updates (attack_round: the victims, the secure-aggregation mean, the skips, the
-        failures) and tells the recorder."""
-        log(INFO, "attack round %s: reading %s update(s) with %s%s", sent.server_round, len(updates), attack.name,
-            " as their EMULATED secure aggregate (the server's own mean of the replies, not SecAgg+)"
-            if self.secure_aggregation else "")
-        done: AttackedRound = attack_round(
-            attack.attack, updates, sent.sent_to, counts, sent.settings, armed=sent.armed,
-            secure_aggregation=self.secure_aggregation, max_images=attack.max_images,
-            seed=round_seed(attack.seed, sent.server_round), parameters=attack.parameters,
-            label=f"attack round {sent.server_round}")
-        self.recorder.record_attack(sent.server_round, done.victims, done.results, done.update_norms, done.seconds)
 
 
 class RoundOffset(Strategy):
@@ -437,18 +342,6 @@ def server_dp_caveat(config: RunConfig) -> str | None:
                                    client=CLIENT_CLIPPING if dp.side == ServerDpSide.CLIENT else "")
 
 
-def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayRecord:
-    """The aggregate in the dtypes of the model that was sent: Flower's aggregation returns float64 for
-    integer buffers (FedAvg's weighted mean of `num_batches_tracked`) and for everything under FedAdam or
-    FedYogi, which every client's float32 reply would then contradict. Integers are rounded back."""
-    weights = arrays.to_torch_state_dict()
-    for name, tensor in weights.items():
-        dtype = sent[name].dtype
-        if tensor.dtype != dtype:
-            weights[name] = (tensor if dtype.is_floating_point else tensor.round()).to(dtype)
-    return ArrayRecord(weights)
-
-
 def short_error(reason: str) -> str:
     """Flower's error reason in one line: the ClientApp's own message where the simulation wraps it in a
     Ray traceback ("... ClientAppException occurred. Message: <it>'>"), else the whole reason, cut short."""
@@ -497,32 +390,6 @@ class LazyUpdates(Mapping[int, Weights]):
 
     def __len__(self) -> int:
         return len(self.replies)
-
-
-def shared_record(weights: Mapping[str, torch.Tensor], arrays: dict[int, Array], ready: Mapping[str, Array] = {},
-                  order: Iterable[str] | None = None) -> ArrayRecord:
-    """`weights` as an ArrayRecord whose arrays are serialised once per distinct tensor (`arrays`, by the
-    tensor's id, shared across calls): per-client weights that share most tensors share their bytes too.
-    `ready`: entries serialised already; `order`: the record's key order (default: `weights`')."""
-    entries: dict[str, Array] = dict(ready)
-    for name, tensor in weights.items():
-        if id(tensor) not in arrays:
-            arrays[id(tensor)] = Array(tensor.detach().cpu().numpy())
-        entries[name] = arrays[id(tensor)]
-    record = ArrayRecord()  # item by item: ArrayRecord(dict) would wrap every Array anew
-    for name in (order if order is not None else weights):
-        record[name] = entries[name]
-    return record
-
-
-def run_all(steps: list[Callable[[], None]]) -> None:
-    for step in steps:
-        step()
-
-
-def round_seed(seed: int, server_round: int) -> int:
-    """Each round gets its own restarts' random draws, still fixed by the run's seed."""
-    return int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
 
 
 def with_arrays(message: Message, arrays: ArrayRecord) -> Message:
