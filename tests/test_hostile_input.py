@@ -346,3 +346,20 @@ def test_ctrl_c_during_a_sweep_while_clients_train_prints_no_traceback(shared_da
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("fl-sim sweep: interrupted (SIGINT) at point 1 of 2")
+
+
+def test_the_rounds_plot_draws_the_clients_of_every_round_at_once(tmp_path, monkeypatch):
+    """The gallery's rounds plot is redrawn after every round: a draw per round made each rebuild of a run of
+    hundreds of rounds seconds longer (benchmarks/soak.py)."""
+    from matplotlib.axes import Axes
+
+    from fl_sim.results.plots import plot_rounds
+
+    calls = []
+    scatter = Axes.scatter
+    monkeypatch.setattr(Axes, "scatter", lambda self, *args, **kwargs: calls.append(len(args[0]))
+                        or scatter(self, *args, **kwargs))
+    rows = [{"round": r, "client": c, "status": "ok", "psnr": 40.0, "images": 2, "recovered_at_30db": 1,
+             "recovered_at_40db": 1} for r in range(1, 201) for c in range(3)]
+    assert plot_rounds(rows, {r: 0.5 for r in range(1, 201)}, tmp_path / "rounds.png", passive=False)
+    assert calls == [600], calls

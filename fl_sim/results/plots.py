@@ -135,9 +135,11 @@ def plot_rounds(rows: list[MetricsRow], accuracy_by_round: dict[int, float], pat
     shares = [[recovered_count(row, low) / image_count(row) for row in by_round[r]] for r in rounds]
     if rounds:
         axis.boxplot(shares, positions=rounds, widths=0.5, manage_ticks=False)
-        for r, values in zip(rounds, shares, strict=True):  # the clients themselves, where few enough to see
-            if len(values) <= 50:
-                axis.scatter([r] * len(values), values, s=10, alpha=0.5)
+        # the clients themselves, where few enough to see: one scatter for every round (one call per round cost
+        # a run of hundreds of rounds seconds per rebuild, each round)
+        seen = [(r, value) for r, values in zip(rounds, shares, strict=True) if len(values) <= 50 for value in values]
+        if seen:
+            axis.scatter(*zip(*seen, strict=True), s=10, alpha=0.5)
     axis.set_ylabel(f"per client: share recovered \u2265 {low} dB")
     axis = axis_of["accuracy"]
     axis.plot(evaluated, [accuracy_by_round[r] for r in evaluated], marker="o", color="tab:green")
