@@ -322,3 +322,28 @@ def test_the_plot_by_round_leads_with_images_recovered_and_shows_psnr_only_for_p
             widths[passive] = image.width
     assert widths == {True: 5 * 400, False: 3 * 400}  # recovered, per client, accuracy (+ PSNR, labels)
     assert plot_rounds([], {}, tmp_path / "none.png") is None
+
+
+def test_a_rebuild_redraws_only_the_pages_whose_rows_or_links_changed(tmp_path, monkeypatch):
+    """A long run rebuilds its gallery every round: earlier rounds' pages are not drawn again, yet a page whose
+    rows change (or whose round gains a neighbour) is."""
+    out = synthetic_run(tmp_path / "run", rounds=3, clients=60, images=2)  # 60 clients: paged, 2 pages a round
+    drawn: list[int] = []
+    draw = gallery._client
+    monkeypatch.setattr(gallery, "_client", lambda out, base, row: drawn.append(row.round) or draw(out, base, row))
+    write_gallery(out)
+    assert sorted(set(drawn)) == [1, 2, 3] and len(drawn) == 180
+    drawn.clear()
+    write_gallery(out)
+    assert drawn == []  # nothing changed: no page drawn again
+    rows = read_jsonl(out / "metrics.jsonl")
+    rows[61].update(status="failed", reason="a reason drawn on round 2's page")  # round 2, client 1
+    rewrite_jsonl(out / "metrics.jsonl", rows)
+    drawn.clear()
+    write_gallery(out)
+    assert set(drawn) == {2} and len(drawn) == 60  # round 2's two pages (their heading counts the round's failures)
+    assert "a reason drawn on round 2&#x27;s page" in (out / "round-002" / "gallery.html").read_text()
+    (out / "round-002" / "gallery.html").unlink()  # a page deleted is drawn again
+    drawn.clear()
+    write_gallery(out)
+    assert set(drawn) == {2} and len(drawn) == 50  # that page's 50 clients, not its round's other page

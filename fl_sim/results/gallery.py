@@ -20,6 +20,7 @@ What a person reads, at any scale:
   ..., each with links to the overview, its neighbours and the round's other pages. A client's batch
   is never split. A page's HTML stays near PAGE_IMAGES x ~250 bytes (about half a megabyte).
 """
+import hashlib
 import json
 import math
 import operator
@@ -55,6 +56,9 @@ PAGE_CLIENTS = 50  # client rows on one page at most
 PAGE_IMAGES = 2000  # pairs of images on one page at most (one client's batch may exceed it: it is never split)
 RECOVERED_MARK_DB = RECOVERED_DB[0]  # a pair at this PSNR or more is framed in green and checked
 NO_IMAGE = "\u2014"
+# page file -> a digest of what it was drawn from, for the pages this process wrote: a long run rebuilds its gallery
+# every round, and without it would redraw every earlier round's pages (seconds per round, growing with the rounds)
+_DRAWN: dict[Path, str] = {}
 YES, NO = "\u2713", "\u2717"  # a pair recovered, or not
 
 STYLE = """
@@ -140,6 +144,11 @@ def write_gallery(out: str | Path) -> Path:
         neighbours = (rounds[index - 1] if index else None, rounds[index + 1] if index + 1 < len(rounds) else None)
         round_head = _round_head(server_round, global_rows.get(server_round), by_round[server_round], 1)
         for page in pages[server_round]:
+            path = out / page.path
+            drawn = hashlib.blake2b(repr((page.rows, neighbours, len(pages[server_round]), round_head)).encode(),
+                                    digest_size=16).hexdigest()
+            if _DRAWN.get(path) == drawn and path.is_file():
+                continue  # drawn by this process from the same rows and links: the file holds it
             body = [_navigation(page, pages[server_round], neighbours), round_head]
             if len(pages[server_round]) > 1:
                 body.append(f"<p>Page {page.number} of {len(pages[server_round])}: clients "
@@ -147,6 +156,7 @@ def write_gallery(out: str | Path) -> Path:
                             "</p>")
             body.extend(_client(out, "../", row) for row in page.rows)
             _write(out, page.path, _page(f"fl-sim run: {out.name}, round {server_round}", out.name, body))
+            _DRAWN[path] = drawn
         _remove_stale_pages(out, server_round, len(pages[server_round]))
     return _write(out, PAGE, _page(f"fl-sim run: {out.name}", out.name, overview))
 

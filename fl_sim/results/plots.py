@@ -33,6 +33,7 @@ PANELS = [
     ("accuracy", "global test accuracy"),
 ]
 
+MAX_BOXES = 60  # the per-client panel's boxes at most (beyond, each box pools consecutive rounds)
 FRACTIONS = {"ssim_mean", "label_share", *(recovered_key(db) for db in RECOVERED_DB), "accuracy"}
 LOG_SCALE = {"update_norm_median", "attack_seconds_per_victim"}
 
@@ -134,7 +135,13 @@ def plot_rounds(rows: list[MetricsRow], accuracy_by_round: dict[int, float], pat
     low = RECOVERED_DB[0]
     shares = [[recovered_count(row, low) / image_count(row) for row in by_round[r]] for r in rounds]
     if rounds:
-        axis.boxplot(shares, positions=rounds, widths=0.5, manage_ticks=False)
+        # at most MAX_BOXES boxes, each pooling the clients of consecutive rounds: hundreds of boxes cannot be read
+        # apart, and drawing them cost a long run seconds per rebuild, each round
+        width = -(-len(rounds) // MAX_BOXES)
+        spans = [range(start, min(start + width, len(rounds))) for start in range(0, len(rounds), width)]
+        axis.boxplot([[share for i in span for share in shares[i]] for span in spans],
+                     positions=[statistics.fmean(rounds[i] for i in span) for span in spans],
+                     widths=0.5 * width, manage_ticks=False)
         # the clients themselves, where few enough to see: one scatter for every round (one call per round cost
         # a run of hundreds of rounds seconds per rebuild, each round)
         seen = [(r, value) for r, values in zip(rounds, shares, strict=True) if len(values) <= 50 for value in values]
