@@ -218,7 +218,7 @@ def main() -> None:
         table = {("spear", f"K={k} x B={b}"): figures([run_cell(args, f"mlp-k{k}-b{b}", "spear", "mlp", b, 2, seed,
                                                                ["--train-mode", "steps", "--local-steps", str(k)])
                                                       for seed in args.seeds])
-                 for k, b in ((2, 4), (4, 4), (2, 8))}
+                 for k, b in ((2, 4), (4, 2))}
         print("## spear on K local steps (steps mode, lr 0.1 default)\n")
         print(markdown(table))
     if "budget" in args.parts:
