@@ -33,10 +33,9 @@ from typing import TypeGuard
 
 from fl_sim.contract.attacks import IMPRINT_BINS, find_attack
 from fl_sim.contract.run_config import RunConfig
-from fl_sim.contract.setting import ConfigError
 from fl_sim.results.outputs import atomic_write_bytes
 from fl_sim.results.plots import plot_rounds
-from fl_sim.results.rows import GlobalRow, MetricsRow, read_global, read_metrics
+from fl_sim.results.rows import GlobalRow, MetricsRow, read_global, read_metrics, recorded_config
 from fl_sim.results.summary import (
     RECOVERED_DB,
     attacked,
@@ -56,8 +55,7 @@ PAGE_CLIENTS = 50  # client rows on one page at most
 PAGE_IMAGES = 2000  # pairs of images on one page at most (one client's batch may exceed it: it is never split)
 RECOVERED_MARK_DB = RECOVERED_DB[0]  # a pair at this PSNR or more is framed in green and checked
 NO_IMAGE = "\u2014"
-# page file -> a digest of what it was drawn from, for the pages this process wrote: a long run rebuilds its gallery
-# every round, and without it would redraw every earlier round's pages (seconds per round, growing with the rounds)
+# page -> digest of what this process drew it from: a run rebuilds its gallery each round, not each earlier round's pages
 _DRAWN: dict[Path, str] = {}
 YES, NO = "\u2713", "\u2717"  # a pair recovered, or not
 
@@ -119,7 +117,7 @@ def write_gallery(out: str | Path) -> Path:
     files; returns the path of gallery.html. A page whose content has not changed is not rewritten."""
     out = Path(out)
     run = _read_run(out)
-    config = _run_config(run)
+    config = recorded_config(run)
     global_rows = {row.round: row for row in read_global(out / "global.jsonl") if _count(row.round)}
     rows = [row for row in read_metrics(out / "metrics.jsonl") if _count(row.round)]
     rounds = sorted(set(global_rows) | {row.round for row in rows if _count(row.round)})
@@ -209,32 +207,17 @@ def _images(row: MetricsRow) -> int:
     return image_count(row) if attacked(row) else 0
 
 
-def _run_config(run: dict) -> RunConfig | None:
-    """The run's config as `RunConfig` reads Flower's run config: a key this version does not know (an older run's)
-    is left out, a missing one takes its default; None when run.json holds no config or one that does not parse."""
-    config = run.get("config")
-    if not isinstance(config, dict) or not config:
-        return None
-    known = RunConfig().to_flower()
-    try:
-        return RunConfig.from_flower({key: value for key, value in config.items() if key in known})
-    except (ConfigError, TypeError, ValueError):
-        return None
-
-
 def _settings(run: dict) -> str:
     """The settings that shaped the run (run.json's config, read by `RunConfig.from_flower`), each shown only
     where it played a part."""
-    c = _run_config(run)
+    c = recorded_config(run)
     if c is None:
         return ""
     shown: list[tuple[str, object]] = [("dataset", c.dataset), ("model", c.model), ("init", c.init)]
     shown += [("clients", c.num_clients), ("rounds", c.rounds)]
     shown.append(("partition", f"dirichlet, alpha {c.alpha}" if c.partition == "dirichlet" else c.partition))
-    if c.max_shard > 0:
-        shown.append(("shards", f"{c.min_shard} to {c.max_shard} examples a client"))
-    else:
-        shown.append(("shards", "each client's whole partition"))
+    shown.append(("shards", f"{c.min_shard} to {c.max_shard} examples a client" if c.max_shard > 0
+                   else "each client's whole partition"))
     extra = {"fedprox": f", mu {c.proximal_mu}", "fedadam": f", server lr {c.server_lr}",
              "fedyogi": f", server lr {c.server_lr}"}.get(str(c.strategy), "")
     shown.append(("strategy", f"{c.strategy}{extra}"))

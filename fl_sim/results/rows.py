@@ -3,7 +3,8 @@
 A metrics row is built by `metrics_row` alone and a global row by `global_row` alone; `to_json` writes one, and
 `read_metrics` / `read_global` (through `MetricsRow.from_json` / `GlobalRow.from_json`) read a file back into
 them, the one place that handles keys a row lacks (None) or holds beyond its type (kept in `extra`, read by
-no one). Readers use attributes, so mypy names a reader that asks for a key the type does not declare.
+no one); `recorded_config` reads run.json's config as a `RunConfig`. Readers use attributes, so mypy names a
+reader that asks for a key the type does not declare.
 
 The keys on disk: a field is written when it holds a value, in the order declared here; the scores every
 metrics row carries (`SCORES`: PSNR, SSIM, MSE, label_acc) are written even when empty (null: nothing was
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fl_sim.contract.run_config import ConfigError, RunConfig
 from fl_sim.results.outputs import read_jsonl
 
 __all__ = ["RECOVERED_DB", "GlobalRow", "MetricsRow", "global_row", "metrics_row", "read_global", "read_metrics",
-           "recovered_key"]
+           "recorded_config", "recovered_key"]
 
 RECOVERED_DB = (30, 40)  # thresholds of the recovered_at_<T>db figures: MetricsRow declares a field for each
 OK = "ok"  # the status of a reconstruction that succeeded
@@ -173,6 +175,19 @@ def global_row(server_round: int, accuracy: float, loss: float, elapsed_seconds:
                model_changed: bool) -> GlobalRow:
     """The one builder of a global.jsonl row."""
     return GlobalRow(server_round, accuracy, loss, elapsed_seconds, model_changed)
+
+
+def recorded_config(run: dict) -> RunConfig | None:
+    """run.json's config as `RunConfig` reads Flower's run config: a key this version does not know (an older run's)
+    is left out, a missing one takes its default; None when run.json holds no config or one that does not parse."""
+    config = run.get("config")
+    if not isinstance(config, dict) or not config:
+        return None
+    known = RunConfig().to_flower()
+    try:
+        return RunConfig.from_flower({key: value for key, value in config.items() if key in known})
+    except (ConfigError, TypeError, ValueError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[MetricsRow]:
