@@ -55,7 +55,7 @@ PAGE_CLIENTS = 50  # client rows on one page at most
 PAGE_IMAGES = 2000  # pairs of images on one page at most (one client's batch may exceed it: it is never split)
 RECOVERED_MARK_DB = RECOVERED_DB[0]  # a pair at this PSNR or more is framed in green and checked
 NO_IMAGE = "\u2014"
-# page -> digest of what this process drew it from: a run rebuilds its gallery each round, not each earlier round's pages
+# page -> digest of what this process drew it from: a run rebuilds its gallery each round, not earlier rounds' pages
 _DRAWN: dict[Path, str] = {}
 YES, NO = "\u2713", "\u2717"  # a pair recovered, or not
 
