@@ -20,13 +20,12 @@ queue is drained (no attack lost) and the rounds it finished are committed, befo
 """
 import json
 import platform
-import re
 import time
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +45,8 @@ from fl_sim.contract.protocol import (
     inspection_labels,
 )
 from fl_sim.contract.records import FLAGGED
-from fl_sim.contract.run_config import DECLARED, RunConfig, flower_key
-from fl_sim.contract.setting import ConfigError, flag_of
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.accuracy import evaluate_model
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
@@ -63,8 +62,8 @@ from fl_sim.server import lock
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
-from fl_sim.server.flower_private import AppExitException, ExitCode, add_exit_handler
 from fl_sim.server.mosaic import check_rows
+from fl_sim.server.refusal import in_flower_terms, refuse_run
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
 from fl_sim.server.secagg import SecAggParameters, SecAggPlusFace, run_secagg
 from fl_sim.server.strategy import (
@@ -432,28 +431,6 @@ def make_server_app(defaults: RunConfig | None = None, resume: bool = False) -> 
             refuse_run(in_flower_terms(str(error)))
 
     return app
-
-
-class RunRefused(AppExitException):
-    """A run config or federation the ServerApp cannot run: the run ends as failed (Flower's FAILED status,
-    its details this message), before any round."""
-
-    exit_code = ExitCode.SERVERAPP_STRATEGY_PRECONDITION_UNMET
-
-
-def in_flower_terms(message: str) -> str:
-    """A ConfigError's message with each `--flag` it names written as the run-config key `flwr run -c` takes."""
-    keys = {flag_of(name): flower_key(name) for name in DECLARED}
-    return re.sub(r"--[a-z][a-z0-9-]*", lambda found: keys.get(found.group(0), found.group(0)), message)
-
-
-def refuse_run(message: str) -> NoReturn:
-    """Ends a `flwr run` as failed with `message`: raised, Flower records the run as finished with an error whose
-    details are the message (`flwr ls`). Flower logs the traceback and its exit code after it; the exit handler
-    says the message once more after those, so it is the last thing the run's log (`flwr log`) says."""
-    log(ERROR, message)
-    add_exit_handler(lambda: log(ERROR, message))
-    raise RunRefused(message) from None
 
 
 app = make_server_app()
