@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,7 @@ def feature_errors(seeds: list[int], batch: int, victims: int) -> list[float]:
     public = load_dataset("cifar10", None, train=False)
     errors = []
     for seed in seeds:
-        model = build_model("cnn", 3, 32, 10, seed=seed)
+        model: Any = build_model("cnn", 3, 32, 10, seed=seed)  # a ConvNet: its features and classifier
         layer = model.classifier[0]
         with torch.no_grad():
             rates = (layer(model.features(public.tensors(range(512))[0]).flatten(1)) <= 0).double().mean(0)
@@ -132,7 +133,7 @@ def budget_curve(args) -> dict:
             key = f"{b}/{seed}"
             if key in done:
                 continue
-            model = build_model("mlp", 3, 32, 10, seed=seed)
+            model: Any = build_model("mlp", 3, 32, 10, seed=seed)  # an MLP: its layers
             layer = model.layers[1]
             with torch.no_grad():
                 rates = (layer(public.tensors(range(512))[0].flatten(1)) <= 0).double().mean(0)
