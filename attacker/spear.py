@@ -38,6 +38,7 @@ CHUNK = 8192  # candidates drawn per victim per vectorised step
 POOL_EXTRA = 96  # candidates a victim's pool keeps beyond b, the sparsest
 SWAPS = 32  # pool candidates tried in each position when the sparsest batch fails the ReLU check
 RELU_SLACK = 1e-3  # the ReLU check's margin, in shares of the largest pre-activation
+CARRY_SHARE = 1e-2  # the ReLU check counts a unit as carrying gradient above this share of the example's largest
 
 
 
@@ -239,8 +240,10 @@ class _Pool:
         """How many independent directions the pool holds."""
         return int(torch.linalg.matrix_rank(self.directions, atol=INDEPENDENT)) if len(self.zeros) else 0
 
-    def select(self) -> list[int] | None:
-        """Greedy selection: sparsest first, each kept when linearly independent of those kept; their indices."""
+    def select(self, count: int | None = None) -> list[int] | None:
+        """Greedy selection of `count` (default b) directions: sparsest first, each kept when linearly independent
+        of those kept; their indices, or None when the pool holds fewer independent ones."""
+        count = self.b if count is None else count
         kept: list[int] = []
         basis = torch.empty(0, self.b, dtype=torch.float64)
         for index in torch.argsort(self.zeros, descending=True).tolist():
@@ -249,7 +252,7 @@ class _Pool:
             if float(residual.norm()) > INDEPENDENT:
                 kept.append(index)
                 basis = torch.cat([basis, (residual / residual.norm())[None]])
-                if len(kept) == self.b:
+                if len(kept) == count:
                     return kept
         return None
 
@@ -263,14 +266,23 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     sparsest candidates (a mixture of two examples can outrank an example's own direction); a failure says
     how far the best try was from passing."""
     picked = pool.select()
-    if picked is None:
-        return None
     b = pool.b
     _, live, u, r, dc, *_ = prepared
+    completed = None
+    if picked is None:
+        partial = pool.select(b - 1)
+        if partial is None or layer is None or not bias_scale:
+            return None
+        completed = _complete(pool.directions[partial].T, u, r, dc, live, layer)
+        if completed is None:
+            return None
+        picked = partial
     if layer is None:
         return _batches(pool.directions[picked][None].transpose(1, 2), u, r, dc, bias_scale, drawn)[0]
     rest = [i for i in torch.argsort(pool.zeros, descending=True).tolist() if i not in set(picked)][:SWAPS]
-    base = pool.directions[picked].T  # (b, b) columns
+    base = pool.directions[picked].T  # (b, b) columns, or (b, b - 1) and the completed last one
+    if completed is not None:
+        base, rest = torch.cat([base, completed[:, None]], 1), []
     variants = [base]
     for position in range(b):
         for other in rest:
@@ -286,7 +298,7 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     z, info = torch.linalg.solve_ex(qs, rw.expand(len(q), -1, -1))
     z = z + bias.double().cpu()[live]
     g = (u @ qs).transpose(1, 2)  # (variants, b, units)
-    carries = g.abs() > ZERO_SHARE * g.abs().amax(2, keepdim=True)
+    carries = g.abs() > CARRY_SHARE * g.abs().amax(2, keepdim=True)
     off = z < -RELU_SLACK * z.abs().amax(2, keepdim=True)
     wrong = (carries & off).sum((1, 2))
     wrong[(info != 0) | ~torch.isfinite(z).all(2).all(1)] = torch.iinfo(wrong.dtype).max
@@ -297,6 +309,27 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
                                       f"consistent batch: in the best of {len(q)} tries {int(wrong[best])} unit(s) "
                                       "carry gradient while the recovered input leaves them off", drawn,
                        len(pool.zeros))
+
+
+def _complete(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
+              layer: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """The last direction when b - 1 are known (q: b x (b - 1) columns), or None.
+
+    The missing example's row of Q^{-1} is orthogonal to the b - 1 known columns, so it is their normal n up to
+    scale, and its input x = R^T n / (n . U_b^T dc) does not depend on that scale. Its pre-activations at the
+    layer's weights give the units it leaves off; the direction is the common null vector of their rows of U_b."""
+    b = q.shape[0]
+    n = torch.linalg.svd(q.T)[2][-1]  # the unit normal of the b - 1 columns
+    denominator = float(n @ (u.T @ dc))
+    if abs(denominator) < 1e-300:
+        return None
+    weight, bias = layer
+    x = r.T @ n / denominator
+    z = weight.double().cpu()[live] @ x + bias.double().cpu()[live]
+    off = z < -RELU_SLACK * z.abs().max()
+    if int(off.sum()) < b - 1:
+        return None
+    return torch.linalg.svd(u[off])[2][-1]
 
 
 def _batches(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, bias_scale: bool,
