@@ -268,27 +268,27 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     picked = pool.select()
     b = pool.b
     _, live, u, r, dc, *_ = prepared
-    completed = None
+    partial = None
     if picked is None:
         partial = pool.select(b - 1)
         if partial is None or layer is None or not bias_scale:
-            return None
-        completed = _complete(pool.directions[partial].T, u, r, dc, live, layer)
-        if completed is None:
             return None
         picked = partial
     if layer is None:
         return _batches(pool.directions[picked][None].transpose(1, 2), u, r, dc, bias_scale, drawn)[0]
     rest = [i for i in torch.argsort(pool.zeros, descending=True).tolist() if i not in set(picked)][:SWAPS]
-    base = pool.directions[picked].T  # (b, b) columns, or (b, b - 1) and the completed last one
-    if completed is not None:
-        base, rest = torch.cat([base, completed[:, None]], 1), []
+    base = pool.directions[picked].T  # (b, b) columns, or b - 1 of them (each set then completed by its last)
     variants = [base]
-    for position in range(b):
+    for position in range(len(picked)):
         for other in rest:
             swapped = base.clone()
             swapped[:, position] = pool.directions[other]
             variants.append(swapped)
+    if partial is not None:
+        completed = [(each, _complete(each, u, r, dc, live, layer)) for each in variants]
+        variants = [torch.cat([each, last[:, None]], 1) for each, last in completed if last is not None]
+        if not variants:
+            return None
     q = torch.stack(variants)
     s = (torch.linalg.solve_ex(q, (u.T @ dc).expand(len(q), b))[0] if bias_scale
          else torch.ones(len(q), b, dtype=torch.float64))
