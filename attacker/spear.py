@@ -38,6 +38,9 @@ CHUNK = 8192  # candidates drawn per victim per vectorised step
 POOL_EXTRA = 96  # candidates a victim's pool keeps beyond b, the sparsest
 SWAPS = 32  # pool candidates tried in each position when the sparsest batch fails the ReLU check
 RELU_SLACK = 1e-3  # the ReLU check's margin, in shares of the largest pre-activation
+NORMAL_MISSING = 3  # with at most this many directions missing, they are searched for in the known ones' normal space
+NORMAL_DRAWS = 20_000  # points drawn in that space per search
+NORMAL_EXTRA_ROWS = 8  # rows beyond b - 1 a point's null vector must fit
 CARRY_SHARE = 1e-2  # the ReLU check counts a unit as carrying gradient above this share of the example's largest
 
 
@@ -268,6 +271,11 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     picked = pool.select()
     b = pool.b
     _, live, u, r, dc, *_ = prepared
+    if picked is None and layer is not None and bias_scale:
+        known = pool.select(pool.independent())
+        if known is not None and 2 <= b - len(known) <= NORMAL_MISSING:
+            pool.add(*_normal_search(pool.directions[known].T, u, r, dc, live, layer))
+            picked = pool.select()
     partial = None
     if picked is None:
         partial = pool.select(b - 1)
@@ -330,6 +338,30 @@ def _complete(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tenso
     if int(off.sum()) < b - 1:
         return None
     return torch.linalg.svd(u[off])[2][-1]
+
+
+def _normal_search(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
+                   layer: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates for the k = b - (known) missing directions, drawn in the k-dimensional normal space of the
+    known columns q (b x known) instead of among rows: each missing image's row of Q^{-1} lies there, and a point p
+    of it gives an input x = R^T p / (p . U_b^T dc), whose most negative pre-activations at the sent weights are
+    units that image leaves off when p is near its row; the common null vector of those rows of U_b is a
+    candidate, kept (with its zero count) by the same sparsity filter as the sampled ones."""
+    b, k = q.shape[0], q.shape[0] - q.shape[1]
+    normal = torch.linalg.svd(q.T)[2][-k:]  # (k, b) orthonormal rows
+    generator = torch.Generator().manual_seed(k)
+    p = torch.randn(NORMAL_DRAWS, k, generator=generator, dtype=torch.float64) @ normal  # (draws, b)
+    weight, bias = layer
+    rw = r @ weight.double().cpu()[live].T  # (b, units)
+    z = (p @ rw) / (p @ (u.T @ dc))[:, None] + bias.double().cpu()[live]
+    rows = z.topk(b - 1 + NORMAL_EXTRA_ROWS, dim=1, largest=False).indices  # the most clearly off units
+    _, sv, vh = torch.linalg.svd(u[rows])
+    candidates = vh[:, -1]
+    flat = sv[:, -1] < 1e-4 * sv[:, 0]  # the rows share a null vector: all lie in one image's zeros
+    g = candidates[flat] @ u.T
+    zeros = (g.abs() < ZERO_SHARE * g.abs().amax(1, keepdim=True)).sum(1)
+    keep = zeros >= b - 1 + MIN_EXTRA_ZEROS
+    return candidates[flat][keep], zeros[keep]
 
 
 def _batches(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, bias_scale: bool,
