@@ -15,7 +15,12 @@ Learning", NeurIPS 2024):
   so X^T = diag(s)^{-1} Q^{-1} S_b V_b^T.
 
 The b candidates are chosen greedily from the filtered ones (sparsest first, each linearly independent of
-those chosen). A sample hits example j's zeros with probability about sparsity^(b-1), so the cost grows
+those chosen). With the layer's weights, the last few need no sampling: the missing images' rows of Q^{-1} lie
+in the normal space of the known columns, and a point p there gives an input R^T p / (p . U_b^T dc) whose
+pre-activations say which units it leaves off, and so (from their rows of U_b) its direction: exactly when one
+is missing (`_complete`), by a search over that space when 2 or 3 are (`_normal_search`).
+
+A sample hits example j's zeros with probability about sparsity^(b-1), so the cost grows
 exponentially in b: `budget` caps the samples, and a rank above `max_rank`, a rank the gradient cannot show
 (as large as the layer's live units), or too few directions within the budget give a failed result with
 its reason, never an unverified batch. Every victim whose gradient has the same rank is sampled in one
