@@ -42,6 +42,7 @@ BUDGET = 200_000  # candidate directions drawn per victim, at most
 CHUNK = 8192  # candidates drawn per victim per vectorised step
 POOL_EXTRA = 96  # candidates a victim's pool keeps beyond b, the sparsest
 SWAPS = 32  # pool candidates tried in each position when the sparsest batch fails the ReLU check
+SWAP_ROUNDS = 4  # rounds of swaps, each from the previous round's best set, while the contradictions fall
 RELU_SLACK = 1e-3  # the ReLU check's margin, in shares of the largest pre-activation
 NORMAL_MISSING = 3  # with at most this many directions missing, they are searched for in the known ones' normal space
 NORMAL_DRAWS = 20_000  # points drawn in that space per search
@@ -266,7 +267,7 @@ class _Pool:
 
 
 def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | None, bias_scale: bool,
-            drawn: int) -> SpearResult | None:
+            drawn: int, again: bool = True) -> SpearResult | None:
     """The batch a victim's pool gives, or None while it holds fewer than b independent directions.
 
     Without the layer's weights: the b sparsest independent directions. With them: those, or (when their batch
@@ -289,20 +290,50 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
         picked = partial
     if layer is None:
         return _batches(pool.directions[picked][None].transpose(1, 2), u, r, dc, bias_scale, drawn)[0]
-    rest = [i for i in torch.argsort(pool.zeros, descending=True).tolist() if i not in set(picked)][:SWAPS]
-    base = pool.directions[picked].T  # (b, b) columns, or b - 1 of them (each set then completed by its last)
-    variants = [base]
-    for position in range(len(picked)):
-        for other in rest:
-            swapped = base.clone()
-            swapped[:, position] = pool.directions[other]
-            variants.append(swapped)
-    if partial is not None:
-        completed = [(each, _complete(each, u, r, dc, live, layer)) for each in variants]
-        variants = [torch.cat([each, last[:, None]], 1) for each, last in completed if last is not None]
-        if not variants:
-            return None
-    q = torch.stack(variants)
+    order = torch.argsort(pool.zeros, descending=True).tolist()
+    chosen, tries, fewest = list(picked), 0, None
+    for _ in range(SWAP_ROUNDS if partial is None else 1):
+        rest = [i for i in order if i not in set(chosen)][:SWAPS]
+        base = pool.directions[chosen].T  # (b, b) columns, or b - 1 of them (each set then completed by its last)
+        variants, sets = [base], [chosen]
+        for position in range(len(chosen)):
+            for other in rest:
+                swapped = base.clone()
+                swapped[:, position] = pool.directions[other]
+                variants.append(swapped)
+                sets.append(chosen[:position] + [other] + chosen[position + 1:])
+        if partial is not None:
+            completed = [(each, _complete(each, u, r, dc, live, layer)) for each in variants]
+            variants = [torch.cat([each, last[:, None]], 1) for each, last in completed if last is not None]
+            if not variants:
+                return None
+        q = torch.stack(variants)
+        wrong = _contradictions(q, u, r, dc, live, layer, bias_scale)
+        tries += len(q)
+        best = int(torch.argmin(wrong))
+        if int(wrong[best]) == 0:
+            return _batches(q[best][None], u, r, dc, bias_scale, drawn)[0]
+        if fewest is not None and int(wrong[best]) >= fewest:
+            break
+        fewest, chosen = int(wrong[best]), sets[best] if partial is None else chosen
+    if partial is not None and again:
+        # one of the b - 1 may be a mixture of two images' directions (it hides the second one): each set of
+        # b - 2 left is searched for its two missing directions, and the pool is settled again
+        for position in range(len(partial)):
+            known = partial[:position] + partial[position + 1:]
+            pool.add(*_normal_search(pool.directions[known].T, u, r, dc, live, layer, draws=NORMAL_DRAWS // 10))
+        return _settle(pool, prepared, layer, bias_scale, drawn, again=False)
+    return SpearResult(None, None, b, f"the {b} sparsest directions in {drawn} samples (the budget) give no "
+                                      f"consistent batch: in the best of {tries} tries {fewest} unit(s) "
+                                      "carry gradient while the recovered input leaves them off", drawn,
+                       len(pool.zeros))
+
+
+def _contradictions(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
+                    layer: tuple[torch.Tensor, torch.Tensor], bias_scale: bool) -> torch.Tensor:
+    """For each set of directions q (n, b, b): the units that carry an example's gradient while its recovered
+    input leaves them off (the ReLU check; 0 for a consistent batch)."""
+    b = q.shape[-1]
     s = (torch.linalg.solve_ex(q, (u.T @ dc).expand(len(q), b))[0] if bias_scale
          else torch.ones(len(q), b, dtype=torch.float64))
     qs = q * s[:, None, :]
@@ -315,13 +346,7 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     off = z < -RELU_SLACK * z.abs().amax(2, keepdim=True)
     wrong = (carries & off).sum((1, 2))
     wrong[(info != 0) | ~torch.isfinite(z).all(2).all(1)] = torch.iinfo(wrong.dtype).max
-    best = int(torch.argmin(wrong))
-    if int(wrong[best]) == 0:
-        return _batches(q[best][None], u, r, dc, bias_scale, drawn)[0]
-    return SpearResult(None, None, b, f"the {b} sparsest directions in {drawn} samples (the budget) give no "
-                                      f"consistent batch: in the best of {len(q)} tries {int(wrong[best])} unit(s) "
-                                      "carry gradient while the recovered input leaves them off", drawn,
-                       len(pool.zeros))
+    return wrong
 
 
 def _complete(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
@@ -346,7 +371,8 @@ def _complete(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tenso
 
 
 def _normal_search(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
-                   layer: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   layer: tuple[torch.Tensor, torch.Tensor], draws: int = NORMAL_DRAWS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates for the k = b - (known) missing directions, drawn in the k-dimensional normal space of the
     known columns q (b x known) instead of among rows: each missing image's row of Q^{-1} lies there, and a point p
     of it gives an input x = R^T p / (p . U_b^T dc), whose most negative pre-activations at the sent weights are
@@ -355,7 +381,7 @@ def _normal_search(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.
     b, k = q.shape[0], q.shape[0] - q.shape[1]
     normal = torch.linalg.svd(q.T)[2][-k:]  # (k, b) orthonormal rows
     generator = torch.Generator().manual_seed(k)
-    p = torch.randn(NORMAL_DRAWS, k, generator=generator, dtype=torch.float64) @ normal  # (draws, b)
+    p = torch.randn(draws, k, generator=generator, dtype=torch.float64) @ normal  # (draws, b)
     weight, bias = layer
     rw = r @ weight.double().cpu()[live].T  # (b, units)
     z = (p @ rw) / (p @ (u.T @ dc))[:, None] + bias.double().cpu()[live]
