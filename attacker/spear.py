@@ -15,7 +15,12 @@ Learning", NeurIPS 2024):
   so X^T = diag(s)^{-1} Q^{-1} S_b V_b^T.
 
 The b candidates are chosen greedily from the filtered ones (sparsest first, each linearly independent of
-those chosen). A sample hits example j's zeros with probability about sparsity^(b-1), so the cost grows
+those chosen). With the layer's weights, the last few need no sampling: the missing images' rows of Q^{-1} lie
+in the normal space of the known columns, and a point p there gives an input R^T p / (p . U_b^T dc) whose
+pre-activations say which units it leaves off, and so (from their rows of U_b) its direction: exactly when one
+is missing (`_complete`), by a search over that space when 2 or 3 are (`_normal_search`).
+
+A sample hits example j's zeros with probability about sparsity^(b-1), so the cost grows
 exponentially in b: `budget` caps the samples, and a rank above `max_rank`, a rank the gradient cannot show
 (as large as the layer's live units), or too few directions within the budget give a failed result with
 its reason, never an unverified batch. Every victim whose gradient has the same rank is sampled in one
@@ -37,7 +42,12 @@ BUDGET = 200_000  # candidate directions drawn per victim, at most
 CHUNK = 8192  # candidates drawn per victim per vectorised step
 POOL_EXTRA = 96  # candidates a victim's pool keeps beyond b, the sparsest
 SWAPS = 32  # pool candidates tried in each position when the sparsest batch fails the ReLU check
+SWAP_ROUNDS = 4  # rounds of swaps, each from the previous round's best set, while the contradictions fall
 RELU_SLACK = 1e-3  # the ReLU check's margin, in shares of the largest pre-activation
+NORMAL_MISSING = 3  # with at most this many directions missing, they are searched for in the known ones' normal space
+NORMAL_DRAWS = 20_000  # points drawn in that space per search
+NORMAL_EXTRA_ROWS = 8  # rows beyond b - 1 a point's null vector must fit
+CARRY_SHARE = 1e-2  # the ReLU check counts a unit as carrying gradient above this share of the example's largest
 
 
 
@@ -239,8 +249,10 @@ class _Pool:
         """How many independent directions the pool holds."""
         return int(torch.linalg.matrix_rank(self.directions, atol=INDEPENDENT)) if len(self.zeros) else 0
 
-    def select(self) -> list[int] | None:
-        """Greedy selection: sparsest first, each kept when linearly independent of those kept; their indices."""
+    def select(self, count: int | None = None) -> list[int] | None:
+        """Greedy selection of `count` (default b) directions: sparsest first, each kept when linearly independent
+        of those kept; their indices, or None when the pool holds fewer independent ones."""
+        count = self.b if count is None else count
         kept: list[int] = []
         basis = torch.empty(0, self.b, dtype=torch.float64)
         for index in torch.argsort(self.zeros, descending=True).tolist():
@@ -249,13 +261,13 @@ class _Pool:
             if float(residual.norm()) > INDEPENDENT:
                 kept.append(index)
                 basis = torch.cat([basis, (residual / residual.norm())[None]])
-                if len(kept) == self.b:
+                if len(kept) == count:
                     return kept
         return None
 
 
 def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | None, bias_scale: bool,
-            drawn: int) -> SpearResult | None:
+            drawn: int, again: bool = True) -> SpearResult | None:
     """The batch a victim's pool gives, or None while it holds fewer than b independent directions.
 
     Without the layer's weights: the b sparsest independent directions. With them: those, or (when their batch
@@ -263,21 +275,65 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     sparsest candidates (a mixture of two examples can outrank an example's own direction); a failure says
     how far the best try was from passing."""
     picked = pool.select()
-    if picked is None:
-        return None
     b = pool.b
     _, live, u, r, dc, *_ = prepared
+    if picked is None and layer is not None and bias_scale:
+        known = pool.select(pool.independent())
+        if known is not None and 2 <= b - len(known) <= NORMAL_MISSING:
+            pool.add(*_normal_search(pool.directions[known].T, u, r, dc, live, layer))
+            picked = pool.select()
+    partial = None
+    if picked is None:
+        partial = pool.select(b - 1)
+        if partial is None or layer is None or not bias_scale:
+            return None
+        picked = partial
     if layer is None:
         return _batches(pool.directions[picked][None].transpose(1, 2), u, r, dc, bias_scale, drawn)[0]
-    rest = [i for i in torch.argsort(pool.zeros, descending=True).tolist() if i not in set(picked)][:SWAPS]
-    base = pool.directions[picked].T  # (b, b) columns
-    variants = [base]
-    for position in range(b):
-        for other in rest:
-            swapped = base.clone()
-            swapped[:, position] = pool.directions[other]
-            variants.append(swapped)
-    q = torch.stack(variants)
+    order = torch.argsort(pool.zeros, descending=True).tolist()
+    chosen, tries, fewest = list(picked), 0, None
+    for _ in range(SWAP_ROUNDS if partial is None else 1):
+        rest = [i for i in order if i not in set(chosen)][:SWAPS]
+        base = pool.directions[chosen].T  # (b, b) columns, or b - 1 of them (each set then completed by its last)
+        variants, sets = [base], [chosen]
+        for position in range(len(chosen)):
+            for other in rest:
+                swapped = base.clone()
+                swapped[:, position] = pool.directions[other]
+                variants.append(swapped)
+                sets.append(chosen[:position] + [other] + chosen[position + 1:])
+        if partial is not None:
+            completed = [(each, _complete(each, u, r, dc, live, layer)) for each in variants]
+            variants = [torch.cat([each, last[:, None]], 1) for each, last in completed if last is not None]
+            if not variants:
+                return None
+        q = torch.stack(variants)
+        wrong = _contradictions(q, u, r, dc, live, layer, bias_scale)
+        tries += len(q)
+        best = int(torch.argmin(wrong))
+        if int(wrong[best]) == 0:
+            return _batches(q[best][None], u, r, dc, bias_scale, drawn)[0]
+        if fewest is not None and int(wrong[best]) >= fewest:
+            break
+        fewest, chosen = int(wrong[best]), sets[best] if partial is None else chosen
+    if partial is not None and again:
+        # one of the b - 1 may be a mixture of two images' directions (it hides the second one): each set of
+        # b - 2 left is searched for its two missing directions, and the pool is settled again
+        for position in range(len(partial)):
+            known = partial[:position] + partial[position + 1:]
+            pool.add(*_normal_search(pool.directions[known].T, u, r, dc, live, layer, draws=NORMAL_DRAWS // 10))
+        return _settle(pool, prepared, layer, bias_scale, drawn, again=False)
+    return SpearResult(None, None, b, f"the {b} sparsest directions in {drawn} samples (the budget) give no "
+                                      f"consistent batch: in the best of {tries} tries {fewest} unit(s) "
+                                      "carry gradient while the recovered input leaves them off", drawn,
+                       len(pool.zeros))
+
+
+def _contradictions(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
+                    layer: tuple[torch.Tensor, torch.Tensor], bias_scale: bool) -> torch.Tensor:
+    """For each set of directions q (n, b, b): the units that carry an example's gradient while its recovered
+    input leaves them off (the ReLU check; 0 for a consistent batch)."""
+    b = q.shape[-1]
     s = (torch.linalg.solve_ex(q, (u.T @ dc).expand(len(q), b))[0] if bias_scale
          else torch.ones(len(q), b, dtype=torch.float64))
     qs = q * s[:, None, :]
@@ -286,17 +342,57 @@ def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | 
     z, info = torch.linalg.solve_ex(qs, rw.expand(len(q), -1, -1))
     z = z + bias.double().cpu()[live]
     g = (u @ qs).transpose(1, 2)  # (variants, b, units)
-    carries = g.abs() > ZERO_SHARE * g.abs().amax(2, keepdim=True)
+    carries = g.abs() > CARRY_SHARE * g.abs().amax(2, keepdim=True)
     off = z < -RELU_SLACK * z.abs().amax(2, keepdim=True)
     wrong = (carries & off).sum((1, 2))
     wrong[(info != 0) | ~torch.isfinite(z).all(2).all(1)] = torch.iinfo(wrong.dtype).max
-    best = int(torch.argmin(wrong))
-    if int(wrong[best]) == 0:
-        return _batches(q[best][None], u, r, dc, bias_scale, drawn)[0]
-    return SpearResult(None, None, b, f"the {b} sparsest directions in {drawn} samples (the budget) give no "
-                                      f"consistent batch: in the best of {len(q)} tries {int(wrong[best])} unit(s) "
-                                      "carry gradient while the recovered input leaves them off", drawn,
-                       len(pool.zeros))
+    return wrong
+
+
+def _complete(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
+              layer: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """The last direction when b - 1 are known (q: b x (b - 1) columns), or None.
+
+    The missing example's row of Q^{-1} is orthogonal to the b - 1 known columns, so it is their normal n up to
+    scale, and its input x = R^T n / (n . U_b^T dc) does not depend on that scale. Its pre-activations at the
+    layer's weights give the units it leaves off; the direction is the common null vector of their rows of U_b."""
+    b = q.shape[0]
+    n = torch.linalg.svd(q.T)[2][-1]  # the unit normal of the b - 1 columns
+    denominator = float(n @ (u.T @ dc))
+    if abs(denominator) < 1e-300:
+        return None
+    weight, bias = layer
+    x = r.T @ n / denominator
+    z = weight.double().cpu()[live] @ x + bias.double().cpu()[live]
+    off = z < -RELU_SLACK * z.abs().max()
+    if int(off.sum()) < b - 1:
+        return None
+    return torch.linalg.svd(u[off])[2][-1]
+
+
+def _normal_search(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, live: torch.Tensor,
+                   layer: tuple[torch.Tensor, torch.Tensor], draws: int = NORMAL_DRAWS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates for the k = b - (known) missing directions, drawn in the k-dimensional normal space of the
+    known columns q (b x known) instead of among rows: each missing image's row of Q^{-1} lies there, and a point p
+    of it gives an input x = R^T p / (p . U_b^T dc), whose most negative pre-activations at the sent weights are
+    units that image leaves off when p is near its row; the common null vector of those rows of U_b is a
+    candidate, kept (with its zero count) by the same sparsity filter as the sampled ones."""
+    b, k = q.shape[0], q.shape[0] - q.shape[1]
+    normal = torch.linalg.svd(q.T)[2][-k:]  # (k, b) orthonormal rows
+    generator = torch.Generator().manual_seed(k)
+    p = torch.randn(draws, k, generator=generator, dtype=torch.float64) @ normal  # (draws, b)
+    weight, bias = layer
+    rw = r @ weight.double().cpu()[live].T  # (b, units)
+    z = (p @ rw) / (p @ (u.T @ dc))[:, None] + bias.double().cpu()[live]
+    rows = z.topk(b - 1 + NORMAL_EXTRA_ROWS, dim=1, largest=False).indices  # the most clearly off units
+    _, sv, vh = torch.linalg.svd(u[rows])
+    candidates = vh[:, -1]
+    flat = sv[:, -1] < 1e-4 * sv[:, 0]  # the rows share a null vector: all lie in one image's zeros
+    g = candidates[flat] @ u.T
+    zeros = (g.abs() < ZERO_SHARE * g.abs().amax(1, keepdim=True)).sum(1)
+    keep = zeros >= b - 1 + MIN_EXTRA_ZEROS
+    return candidates[flat][keep], zeros[keep]
 
 
 def _batches(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor, bias_scale: bool,

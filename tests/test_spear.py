@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacker.cocktail import cocktail, fast_ica
-from attacker.spear import spear
+from attacker.spear import _complete, _normal_search, spear
 from fl_sim.commands import cli
 from fl_sim.learning.data import load_dataset
 
@@ -74,6 +74,44 @@ def test_without_the_bias_scale_the_batch_is_not_recovered(shared_data):
     result, images = run_spear(shared_data, 6, budget=16_384, bias_scale=False)
     assert not result.ok or float(matched_error(result.inputs, images).max()) > 1e-2
     assert not result.ok and "consistent" in result.reason
+
+
+def true_directions(shared_data, count: int):
+    """A linear+ReLU layer's gradient on `count` held-out images, its U_b and S_b V_b^T, and the true Q."""
+    images = held_out_images(shared_data, count)
+    torch.manual_seed(0)
+    layer = nn.Linear(images[0].numel(), 128).double()
+    z = layer(images.flatten(1))
+    z.retain_grad()
+    F.cross_entropy(nn.Linear(128, 10).double()(torch.relu(z)), torch.arange(count) % 10).backward()
+    assert z.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+    u, s, vh = torch.linalg.svd(layer.weight.grad, full_matrices=False)
+    u, r = u[:, :count], s[:count, None] * vh[:count]
+    truth = u.T @ z.grad.T  # dL/dZ = U_b Q: Q's columns, one per image
+    return layer, u, r, truth
+
+
+def test_the_last_direction_follows_from_the_other_b_minus_1_and_the_weights(shared_data):
+    layer, u, r, truth = true_directions(shared_data, 6)
+    live = torch.ones(128, dtype=torch.bool)
+    assert layer.bias.grad is not None
+    last = _complete(truth[:, :5], u, r, layer.bias.grad, live, (layer.weight.detach(), layer.bias.detach()))
+    assert last is not None, "no direction completed"
+    cosine = float((last @ truth[:, 5]).abs() / truth[:, 5].norm())
+    assert cosine > 1 - 1e-9, f"the completed direction is not the missing image's: |cos| = {cosine}"
+
+
+def test_missing_directions_are_found_in_the_known_ones_normal_space(shared_data):
+    layer, u, r, truth = true_directions(shared_data, 8)
+    live = torch.ones(128, dtype=torch.bool)
+    assert layer.bias.grad is not None
+    found, zeros = _normal_search(truth[:, :5], u, r, layer.bias.grad, live,
+                                  (layer.weight.detach(), layer.bias.detach()))
+    assert len(found) and bool((zeros >= 9).all()), "candidates pass the sparsity filter"
+    missing = truth[:, 5:] / truth[:, 5:].norm(dim=0)
+    cosine = (found @ missing).abs().amax(0)
+    # on this small layer one of the three images leaves too few units clearly off for the search
+    assert int((cosine > 1 - 1e-9).sum()) >= 2, f"missing directions not among the candidates: |cos| {cosine}"
 
 
 def test_a_rank_beyond_reach_fails_with_its_reason_never_a_wrong_batch(shared_data):
