@@ -131,7 +131,7 @@ def test_a_secure_aggregate_is_attacked_as_one_client_with_every_batch():
     assert settings.for_mean_of(4) == TrainingSettings(lr=0.1, local_steps=2, batch_size=12)
 
 
-DECLARED = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
+TRAINING = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def config(shared_data, tmp_path_factory):
 def test_the_clients_clip_is_flowers_local_dp_clipping(config):
     """`clip:C` sends what Flower's LocalDpMod sends with clipping norm C and no noise (sensitivity 0)."""
     weights = lenet().state_dict()
-    message = train_message(weights, DECLARED, server_round=1)
+    message = train_message(weights, TRAINING, server_round=1)
     plain = make_client_app(config)
     by_flower = LocalDpMod(clipping_norm=0.5, sensitivity=0.0, epsilon=1.0, delta=1e-5)(
         message, node_context(0, 2), plain)
@@ -159,7 +159,7 @@ def test_the_clients_clip_is_flowers_local_dp_clipping(config):
 def test_the_client_app_sends_the_defended_update(config):
     weights = lenet().state_dict()
     app = make_client_app(dataclasses.replace(config, defense="prune:0.9"))
-    sent = app(train_message(weights, DECLARED, server_round=1), node_context(1, 2)).content["arrays"]
+    sent = app(train_message(weights, TRAINING, server_round=1), node_context(1, 2)).content["arrays"]
     for name, tensor in sent.to_torch_state_dict().items():
         changed = int((tensor != weights[name]).sum())
         assert 0 < changed <= tensor.numel() - round(0.9 * tensor.numel()), name
@@ -203,7 +203,7 @@ def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(s
     assert [type(mod) for mod in app._mods] == [SecAggPlusMod, FaultMod, InspectMod, FlowerDpMods, DefenseMod]
     weights = lenet().state_dict()
     base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet", "attack": "idlg"}
-    replies = {spec: app(train_message(weights, DECLARED, server_round=1),
+    replies = {spec: app(train_message(weights, TRAINING, server_round=1),
                          node_context(1, 2, run_config={**base, "defense": spec})).content["arrays"]
                for spec in ("none", "prune:0.9")}
     plain, pruned = (replies[spec].to_torch_state_dict()["classifier.weight"] for spec in ("none", "prune:0.9"))

@@ -32,10 +32,11 @@ from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards
 from fl_sim.results.outputs import read_jsonl
+from fl_sim.server import round as rounds
 from fl_sim.server import server_app
 from fl_sim.server.strategy import flower_strategy, server_dp_caveat
 
-DECLARED = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
+TRAINING = TrainingSettings(lr=0.1, local_steps=2, batch_size=2)
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' RDP orders (RDPAccountant's)
 
@@ -135,7 +136,7 @@ def test_dp_sgd_clips_every_example_and_its_noise_is_seeded():
     def change(dp: DpSgd | None, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
         model = lenet()
         start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        local_train(model, images, labels, DECLARED, dp=dp, noise_seed=seed)
+        local_train(model, images, labels, TRAINING, dp=dp, noise_seed=seed)
         after = model.state_dict()
         assert list(after) == list(start)  # Opacus' wrapper left the model's own keys
         return math.sqrt(sum(float(((after[n] - start[n]) ** 2).sum()) for n in start)), after
@@ -143,7 +144,7 @@ def test_dp_sgd_clips_every_example_and_its_noise_is_seeded():
     plain, _ = change(None)
     clip = 1e-3
     clipped, _ = change(DpSgd(noise=1e-9, clip=clip))
-    assert clipped <= DECLARED.lr * DECLARED.local_steps * clip * (1 + 1e-3) < plain
+    assert clipped <= TRAINING.lr * TRAINING.local_steps * clip * (1 + 1e-3) < plain
     _, first = change(DpSgd(noise=1.0, clip=1.0), seed=7)
     _, again = change(DpSgd(noise=1.0, clip=1.0), seed=7)
     _, other = change(DpSgd(noise=1.0, clip=1.0), seed=8)
@@ -155,14 +156,14 @@ def test_dp_sgd_clips_every_example_and_its_noise_is_seeded():
 def test_the_client_app_trains_with_opacus_and_reports_its_epsilon(config, shared_data):
     dp_config = dataclasses.replace(config, defense="dpsgd:noise=1.0:clip=1.0:delta=1e-5")
     weights = lenet().state_dict()
-    reply = make_client_app(dp_config)(train_message(weights, DECLARED, server_round=3), node_context(1, 2))
+    reply = make_client_app(dp_config)(train_message(weights, TRAINING, server_round=3), node_context(1, 2))
     metrics = reply.content["metrics"]
     shards = client_shards(load_dataset("mnist", shared_data, True).labels, 2, "iid", config.alpha, config.seed,
                            config.min_shard, config.max_shard)
-    rate, steps = DECLARED.batch_size / len(shards[1]), DECLARED.local_steps
+    rate, steps = TRAINING.batch_size / len(shards[1]), TRAINING.local_steps
     assert metrics[DP_EPSILON_ROUND] == pytest.approx(accountant_epsilon(1.0, rate, steps, 1e-5), rel=1e-9)
     assert metrics[DP_EPSILON] == pytest.approx(accountant_epsilon(1.0, rate, 3 * steps, 1e-5), rel=1e-9)
-    plain = make_client_app(config)(train_message(weights, DECLARED, server_round=3), node_context(1, 2))
+    plain = make_client_app(config)(train_message(weights, TRAINING, server_round=3), node_context(1, 2))
     assert DP_EPSILON not in plain.content["metrics"]
     sent, honest = (r.content["arrays"].to_torch_state_dict() for r in (reply, plain))
     assert any(not torch.allclose(sent[name], honest[name]) for name in sent)
@@ -195,7 +196,7 @@ def test_flowers_local_dp_mod_acts_on_train_messages_only(config, shared_data):
     known = make_client_app(dataclasses.replace(config, defense="ldp:clip=0.5:eps=50"))  # fl-sim run's: TrainOnly
     assert not known(query, node_context(0, 2)).has_error()
     weights = lenet().state_dict()
-    reply = app(train_message(weights, DECLARED, server_round=1), node_context(0, 2, run_config))
+    reply = app(train_message(weights, TRAINING, server_round=1), node_context(0, 2, run_config))
     assert not reply.has_error()
     sent = reply.content["arrays"].to_torch_state_dict()
     noise = LocalDp(0.5, 50.0).noise_std
@@ -223,12 +224,12 @@ def test_the_malicious_wrapper_reads_the_replies_before_flowers_server_side_clip
     wrapped = flower_strategy(dataclasses.replace(config, server_dp="server:noise=0:clip=0.01"))
     strategy = inverting_fedavg(Recorder(), 2, "idlg", 1, wrapped=wrapped)
     read: dict[int, float] = {}
-    monkeypatch.setattr(strategy, "_attack", lambda attack, sent, updates, counts: read.update(
+    monkeypatch.setattr(rounds, "read_round", lambda recorder, attack, sent, reading: read.update(
         {client: math.sqrt(sum(float((change ** 2).sum()) for change in update.values()))
-         for client, update in updates.items()}))
+         for client, update in reading.updates.items()}))
     weights = lenet().state_dict()
     grid = LocalGrid(make_client_app(config), 2)
-    messages = strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(DECLARED.to_config()), grid)
+    messages = strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(TRAINING.to_config()), grid)
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
     aggregate = arrays.to_torch_state_dict()
     moved = math.sqrt(sum(float(((aggregate[n] - weights[n]) ** 2).sum()) for n in weights))
@@ -285,11 +286,11 @@ def test_client_side_clipping_runs_flowers_mod_with_the_norm_flowers_wrapper_sen
     clipped = dataclasses.replace(config, server_dp="client:noise=0:clip=0.05")
     strategy = inverting_fedavg(Recorder(), 2, "idlg", 1, wrapped=flower_strategy(clipped))
     read: dict[int, float] = {}
-    monkeypatch.setattr(strategy, "_attack", lambda attack, sent, updates, counts: read.update(
+    monkeypatch.setattr(rounds, "read_round", lambda recorder, attack, sent, reading: read.update(
         {client: math.sqrt(sum(float((change ** 2).sum()) for change in update.values()))
-         for client, update in updates.items()}))
+         for client, update in reading.updates.items()}))
     grid = LocalGrid(make_client_app(clipped), 2)
-    messages = list(strategy.configure_train(1, ArrayRecord(lenet().state_dict()), ConfigRecord(DECLARED.to_config()),
+    messages = list(strategy.configure_train(1, ArrayRecord(lenet().state_dict()), ConfigRecord(TRAINING.to_config()),
                                              grid))
     assert all(msg.content["config"]["clipping_norm"] == 0.05 for msg in messages)
     strategy.aggregate_train(1, grid.send_and_receive(messages))

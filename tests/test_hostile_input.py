@@ -354,12 +354,14 @@ def test_the_rounds_plot_draws_the_clients_of_every_round_at_once(tmp_path, monk
     from matplotlib.axes import Axes
 
     from fl_sim.results.plots import plot_rounds
+    from fl_sim.results.rows import MetricsRow
 
     calls = []
     scatter = Axes.scatter
     monkeypatch.setattr(Axes, "scatter", lambda self, *args, **kwargs: calls.append(len(args[0]))
                         or scatter(self, *args, **kwargs))
-    rows = [{"round": r, "client": c, "status": "ok", "psnr": 40.0, "images": 2, "recovered_at_30db": 1,
-             "recovered_at_40db": 1} for r in range(1, 201) for c in range(3)]
+    rows = [MetricsRow.from_json({"round": r, "client": c, "status": "ok", "psnr": 40.0, "images": 2,
+                                  "recovered_at_30db": 1, "recovered_at_40db": 1})
+            for r in range(1, 201) for c in range(3)]
     assert plot_rounds(rows, {r: 0.5 for r in range(1, 201)}, tmp_path / "rounds.png", passive=False)
     assert calls == [600], calls
