@@ -91,7 +91,7 @@ def test_bad_flags_fail_before_the_simulation_with_one_sentence(shared_data, tmp
         ("--model", "vgg"): "unknown model 'vgg'",
         ("--dataset", "svhn"): "unknown dataset 'svhn'",
         ("--lr", "0"): "--lr must be positive, got 0.0",
-        ("--lr", "nan"): "--lr must be positive, got nan",
+        ("--lr", "nan"): "--lr must be a finite number, got nan",
         ("--local-steps", "0"): "--local-steps must be at least 1, got 0",
         ("--iterations", "0"): "--iterations must be at least 1, got 0",
         ("--inject-faults", "0=melt"): "unknown fault 'melt'",
