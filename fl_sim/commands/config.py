@@ -98,6 +98,8 @@ def task_config(args) -> RunConfig:
                                                      "imprint_blocks", "train_mode", "no_replay")}
     # SecAgg+'s settings (`fl-sim attack` has their flags; a sweep's points take the defaults)
     values.update({name: getattr(args, name) for name in SECAGG_OPTIONS if hasattr(args, name)})
+    if getattr(args, "data_root", None) is not None:  # the victims' ClientApp mods load the data from it too
+        values["data_root"] = args.data_root
     if getattr(args, "num_victims", None) is not None:  # the clients whose aggregate secure aggregation reveals
         values["num_clients"] = args.num_victims
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))
