@@ -1,5 +1,8 @@
 """Hand-built Flower messages and contexts, to call the apps and the strategy without Ray or a SuperLink."""
+import os
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,3 +133,25 @@ def wait_for_round_one(process: subprocess.Popen, out: Path, limit: float = 300)
             raise AssertionError(f"fl-sim run ended early: {process.stderr.read()[-3000:] if process.stderr else ''}")
         assert time.monotonic() < deadline, f"round 1 did not finish in {limit:.0f} s"
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The flwr CLI with its own FLWR_HOME (its own local SuperLink, on free ports), this venv's tools on PATH
+    (`flwr run` starts `flower-superlink`), nothing installed at run time and nothing asked of the internet."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def superlinks_of(flwr_home: Path) -> list[int]:
+    """Pids of the local SuperLinks `flwr run` started for this FLWR_HOME (it leaves them running)."""
+    return [pid for pid, command in live_commands()
+            if "flower-superlink" in command and f"{flwr_home}/local-superlink/" in command]
