@@ -23,6 +23,8 @@ LAYERS = {
     "fl_sim.commands": {"fl_sim.contract", "fl_sim.learning", "fl_sim.results", "fl_sim.server", "attacker",
                         "clients"},
     "fl_sim.__main__": {"fl_sim.commands"},
+    # the package's face as a library (fl_sim.malicious, fl_sim.disclose), imported lazily
+    "fl_sim": {"fl_sim.server", "clients"},
 }
 CONTRACT = {"fl_sim.contract.protocol", "fl_sim.contract.run_config", "fl_sim.contract.records",
             "fl_sim.contract.attacks", "fl_sim.contract.setting", "fl_sim.contract.names", "fl_sim.contract.faults",
@@ -109,7 +111,7 @@ def layer_violations(graph) -> list[str]:
     found = []
     for name, targets in graph.items():
         layer = layer_of(name)
-        assert layer in LAYERS or name == "fl_sim", f"{name} is in no layer: add its package to LAYERS"
+        assert layer in LAYERS, f"{name} is in no layer: add its package to LAYERS"
         for target in targets:
             if target != "fl_sim" and layer_of(target) != layer and layer_of(target) not in LAYERS.get(layer, set()):
                 found.append(f"{name} -> {target}")

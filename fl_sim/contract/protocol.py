@@ -20,6 +20,8 @@ TRAIN_LOSS = "train-loss"
 # Simulation only: Flower gives the server random node ids, so each client says which partition it holds
 # (once when asked, and in every train reply); the server strips it before aggregating.
 PARTITION_ID = "partition-id"
+# the ArrayRecord in which a user's ClientApp, in a simulation only, discloses what it trained on (fl_sim.disclose)
+DISCLOSED = "fl-sim-disclosed"
 # `--defense inspect` (clients/inspection.py): in flag mode every train reply says which checks the model it was
 # sent failed, as a bit mask of clients.inspection.Check (0: none); in refuse mode a client that refuses
 # sends an error reply of this code, whose reason names the failed checks.

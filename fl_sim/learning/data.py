@@ -73,11 +73,11 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, train: b
     if name == "cifar10":
         subset = root / "cifar10-subset" / ("train" if train else "test")
         if not (root / "cifar-10-batches-py").is_dir() and subset.is_dir():
-            return _image_folder(subset, "cifar10")
+            return image_folder(subset, "cifar10")
         return _torchvision_dataset(torchvision.datasets.CIFAR10, "cifar10", root, train)
     if name == "imagefolder":
         split = root / ("train" if train else "test")
-        return _image_folder(split if split.is_dir() else root, "imagefolder")
+        return image_folder(split if split.is_dir() else root, "imagefolder")
     raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
 
 
@@ -123,7 +123,8 @@ def damaged(name: str, root: Path, error: Exception) -> ConfigError:
                        f"elsewhere")
 
 
-def _image_folder(folder: Path, name: str) -> ImageDataset:
+def image_folder(folder: Path, name: str) -> ImageDataset:
+    """An image folder of class sub-folders (torchvision's ImageFolder layout), its files read when asked."""
     if not folder.is_dir():
         raise DataNotFoundError(
             f"{str(folder)!r} is not a folder of class sub-folders. Point --data-root (or ${DATA_ROOT_ENV}) "

@@ -123,7 +123,9 @@ def write_gallery(out: str | Path) -> Path:
     rounds = sorted(set(global_rows) | {row.round for row in rows if _count(row.round)})
     by_round = {r: sorted((row for row in rows if row.round == r), key=_client_order) for r in rounds}
     accuracy = {r: row.accuracy for r, row in global_rows.items() if row.accuracy is not None and _real(row.accuracy)}
-    spec = find_attack(config.attack) if config is not None else None
+    audit = run.get("audit")
+    attack_name = config.attack if config is not None else audit.get("attack") if isinstance(audit, dict) else None
+    spec = find_attack(attack_name) if isinstance(attack_name, str) else None
     passive = spec is None or not spec.active
     plot = len(rounds) > 1 and plot_rounds(rows, accuracy, out / ROUNDS_PLOT, passive) is not None
     head = [_settings(run), _run_counts(rows)]
@@ -210,6 +212,11 @@ def _images(row: MetricsRow) -> int:
 def _settings(run: dict) -> str:
     """The settings that shaped the run (run.json's config, read by `RunConfig.from_flower`), each shown only
     where it played a part."""
+    audit = run.get("audit")
+    if isinstance(audit, dict):  # a user's own Flower app, audited (fl_sim/server/audit.py)
+        items = "".join(f"<li>{escape(str(key).replace('_', ' '))}: {escape(str(value))}</li>"
+                        for key, value in audit.items() if value is not None and key != "out")
+        return f"<ul class='settings'>{items}</ul>"
     c = recorded_config(run)
     if c is None:
         return ""

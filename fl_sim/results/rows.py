@@ -57,6 +57,10 @@ class MetricsRow:
         DP-SGD's epsilon spent in rounds 1..round and in the round alone.
     inspect_flags
         inspect:flag's failed checks.
+    scored_against, nearest, num_examples
+        A user's own federation (fl_sim/server/audit.py), which sends no truth: what the row was scored against
+        (the nearest image of a reference set, or what the client disclosed), each reconstruction's nearest
+        reference image, and the images behind the update (the reply's num-examples).
     extra
         Keys of a row on disk that this type does not declare (never written by this code).
     """
@@ -90,6 +94,9 @@ class MetricsRow:
     epsilon: float | None = None
     epsilon_round: float | None = None
     inspect_flags: Flags | None = None
+    scored_against: str | None = None
+    nearest: list[int] | None = None
+    num_examples: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def recovered(self, db: int) -> float | None:

@@ -51,6 +51,7 @@ average), so it cannot run in the background.
 """
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from logging import INFO, WARNING
 from typing import Any, cast
@@ -104,12 +105,53 @@ from fl_sim.server.round import (
 )
 from fl_sim.server.validation import ExpectedReply, reply_problem
 
-__all__ = ["AttackPlan", "InvertingStrategy", "ReplyFault", "RoundOffset", "RoundRecorder", "ServerAttack",
-           "SentRound", "Victim", "flower_strategy", "in_sent_dtypes", "round_seed", "server_dp_caveat", "short_error"]
+__all__ = ["AttackPlan", "ClientApps", "InvertingStrategy", "NodeNames", "ReplyFault", "RoundOffset", "RoundRecorder",
+           "ServerAttack", "SentRound", "Victim", "flower_strategy", "in_sent_dtypes", "round_seed", "server_dp_caveat",
+           "short_error"]
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 CLIENT_APP_MESSAGE = "ClientAppException occurred. Message: "  # flwr.clientapp.client_app.ClientAppException
 MAX_REASON_CHARS = 300
+
+
+@dataclass(frozen=True)
+class ClientApps:
+    """What the federation's ClientApps send and read, as the strategy checks and reads their replies.
+
+    Parameters
+    ----------
+    settings
+        The local training a train message's config asks for (fl-sim's own keys by default; a user's app:
+        fl_sim/server/audit.py reads its keys and run config).
+    metrics
+        The metrics every reply holds besides the example count (fl-sim's ClientApp: its train loss).
+    named_by_partition
+        Each reply names its client by `partition-id` (fl-sim's ClientApp), which the strategy checks and takes
+        off before aggregating; False: a user's ClientApp, named by its Flower node id.
+    open_metrics
+        Other metrics are allowed in a reply (a user's ClientApp reports what it likes).
+    """
+
+    settings: Callable[[Any], TrainingSettings] = TrainingSettings.from_config
+    metrics: tuple[str, ...] = (TRAIN_LOSS,)
+    named_by_partition: bool = True
+    open_metrics: bool = False
+
+
+class NodeNames(Mapping[int, int]):
+    """Clients named by their Flower node id: every node is its own client (a user's ClientApp names no partition)."""
+
+    def __getitem__(self, node: int) -> int:
+        return node
+
+    def __contains__(self, node: object) -> bool:
+        return isinstance(node, int)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 class InvertingStrategy(Strategy):
@@ -123,16 +165,19 @@ class InvertingStrategy(Strategy):
 
     def __init__(self, strategy: Strategy, attack: ServerAttack | None, recorder: RoundRecorder, *,
                  partitions: Mapping[int, int], secure_aggregation: bool = False, max_shard: int = 10**6,
-                 background: AttackQueue | None = None, reported_metrics: Sequence[str] = ()):
+                 background: AttackQueue | None = None, reported_metrics: Sequence[str] = (),
+                 apps: ClientApps = ClientApps()):
         """`max_shard`: the most examples a client may say it trained on in epochs mode (its shard's size).
         `background`: where a round's recording and passive attack run, instead of before the aggregate.
-        `reported_metrics`: numbers every reply must also hold (DP-SGD's epsilons), handed to the recorder."""
+        `reported_metrics`: numbers every reply must also hold (DP-SGD's epsilons), handed to the recorder.
+        `apps`: what the ClientApps send and read (fl-sim's own by default)."""
         spec = find_attack(attack.name) if attack is not None else None
         if background is not None and attack is not None and (spec is None or not spec.may_run_async):
             raise ValueError(f"the active attack {attack.name} arms the weights it sends and decides what enters "
                              "the average: it cannot run in the background")
         self.strategy, self.attack, self.recorder = strategy, attack, recorder
-        self.partitions, self.secure_aggregation, self.max_shard = dict(partitions), secure_aggregation, max_shard
+        self.partitions: Mapping[int, int] = partitions if isinstance(partitions, NodeNames) else dict(partitions)
+        self.secure_aggregation, self.max_shard, self.apps = secure_aggregation, max_shard, apps
         self.weighted_by_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self.reported_metrics = tuple(reported_metrics)
         self.round_server = RoundServer(strategy, attack, recorder, self.partitions, background, self.weighted_by_key)
@@ -154,10 +199,10 @@ class InvertingStrategy(Strategy):
         default the same global weights), keeping what it sent to check and attack the replies."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         sent_config = messages[0].content[CONFIG] if messages else config  # with what the strategy added (FedProx)
-        settings = TrainingSettings.from_config(sent_config)
+        settings = self.apps.settings(sent_config)
         count = range(1, self.max_shard + 1) if settings.mode == TrainMode.EPOCHS else settings.num_images
-        expected = ExpectedReply.like(arrays, {TRAIN_LOSS: None, self.weighted_by_key: count,
-                                               **dict.fromkeys(self.reported_metrics)})
+        expected = ExpectedReply.like(arrays, {**dict.fromkeys(self.apps.metrics), self.weighted_by_key: count,
+                                               **dict.fromkeys(self.reported_metrics)}, open=self.apps.open_metrics)
         global_weights = arrays.to_torch_state_dict()
         sent_to: dict[int, Weights] = {}
         armed = None
@@ -245,13 +290,16 @@ class InvertingStrategy(Strategy):
                                          f"{short_error(reply.error.reason or '')}"))
                 continue
             flagged = INSPECT_FLAGS in reply.content.metric_records.get(METRICS, {})
-            expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, PARTITION_ID: client,
-                                                            **({INSPECT_FLAGS: range(0, 2**31)} if flagged else {})})
+            named = {PARTITION_ID: client} if self.apps.named_by_partition else {}
+            expected = ExpectedReply(sent.expected.arrays, {**sent.expected.metrics, **named,
+                                                            **({INSPECT_FLAGS: range(0, 2**31)} if flagged else {})},
+                                     sent.expected.open)
             problem = reply_problem(reply.content, expected)
             if problem:
                 faults.append(ReplyFault(client, ReplyStatus.REJECTED, problem))
                 continue
-            del reply.content[METRICS][PARTITION_ID]  # aggregate exactly what a real client would have sent
+            if named:
+                del reply.content[METRICS][PARTITION_ID]  # aggregate exactly what a real client would have sent
             accepted[client] = reply
         for node in sorted(set(sent.nodes) - answered):
             if node in self.partitions:  # a node that joined after the clients were identified names no client

@@ -20,26 +20,28 @@ class ExpectedReply:
 
     `metrics` maps each metric to the integer it must equal, to a range of integers it must lie in (an
     epochs-mode client's num-examples is its shard size: any from 1 to the largest shard the server was
-    told of), or to None for "any finite number".
+    told of), or to None for "any finite number". `open`: other metrics are allowed too (a user's own ClientApp
+    reports what it likes beside them).
     """
 
     arrays: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     metrics: dict[str, int | range | None]
+    open: bool = False
 
     @classmethod
-    def like(cls, sent: ArrayRecord, metrics: dict[str, int | range | None]) -> "ExpectedReply":
+    def like(cls, sent: ArrayRecord, metrics: dict[str, int | range | None], open: bool = False) -> "ExpectedReply":
         """The reply to a round whose global model was `sent`."""
         specs = {}
         for name, array in sent.items():
             values = array.numpy()
             specs[name] = (tuple(values.shape), str(values.dtype))
-        return cls(specs, dict(metrics))
+        return cls(specs, dict(metrics), open)
 
 
 def reply_problem(content: RecordDict, expected: ExpectedReply) -> str | None:
     """Why this train reply cannot be attacked or averaged, or None when it can."""
     try:
-        return _records_problem(content) or _metrics_problem(content[METRICS], expected.metrics) or \
+        return _records_problem(content) or _metrics_problem(content[METRICS], expected.metrics, expected.open) or \
             _arrays_problem(content.array_records[ARRAYS], expected.arrays)
     except Exception as error:  # a reply malformed in a way not foreseen above is still just a bad reply
         return f"the reply cannot be read ({type(error).__name__}: {_shown(error)})"
@@ -53,12 +55,12 @@ def _records_problem(content: RecordDict) -> str | None:
     return None
 
 
-def _metrics_problem(metrics, expected: dict[str, int | range | None]) -> str | None:
+def _metrics_problem(metrics, expected: dict[str, int | range | None], open: bool = False) -> str | None:
     missing = [key for key in expected if key not in metrics]
     if missing:
         return f"no {', '.join(missing)} in the reply's metrics"
     extra = sorted(set(metrics) - set(expected))
-    if extra:
+    if extra and not open:
         return f"unexpected metrics {_shown(extra)}"
     for key, exact in expected.items():
         value = metrics[key]
