@@ -18,6 +18,10 @@ import torch
 from flower_helpers import flwr_env, superlinks_of
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from fl_sim.results.gallery import client_folder
+from fl_sim.results.rows import read_metrics
+from fl_sim.server.refusal import RunRefused
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 FLWR = Path(sys.executable).parent / "flwr"
@@ -63,17 +67,40 @@ def flwr_run(app: Path, home: Path, supernodes: int, overrides: str) -> FlwrRun:
     return FlwrRun(done, run, seconds)
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("name", APPS)
-def test_the_app_runs_under_flwr_run_and_every_client_trains_every_round(name, shared_data, tmp_path):
-    rounds, clients = 2, 2
+def test_the_audited_app_runs_under_flwr_run_with_a_row_and_images_for_every_client_and_round(name, shared_data,
+                                                                                               tmp_path):
+    """`flwr run examples/APP` as its README says, made small through `-c` (2 SuperNodes of 16 training images, 2
+    rounds, a 2-iteration ig): Flower marks the run finished, every client trained every round, and the
+    malicious server wrote a scored row, the reconstruction and its nearest reference images for each of them,
+    and the gallery."""
+    rounds, clients, examples, out = 2, 2, 16, tmp_path / "audit"
     overrides = (f"num-server-rounds={rounds} fraction-train=1.0 data-path='{cifar(shared_data)}' "
-                 "max-train-examples=16")
+                 f"max-train-examples={examples} audit-out='{out}' audit-attack='ig' audit-iterations=2")
     result = flwr_run(EXAMPLES / name, tmp_path / "flwr-home", clients, overrides)
     print(f"{name}: flwr run took {result.seconds:.1f} s")
-    assert result.run["status"] == "finished:completed", result.run
     log = result.done.stdout
+    assert result.run["status"] == "finished:completed", (result.run, log[-3000:])
     assert log.count(f"aggregate_train: Received {clients} results and 0 failures") == rounds, log[-3000:]
-    assert log.count(f"aggregate_evaluate: Received {clients} results and 0 failures") == rounds, log[-3000:]
+
+    rows = read_metrics(out / "metrics.jsonl")
+    nodes = {row.client for row in rows}
+    assert len(nodes) == clients and not nodes & set(range(clients)), f"clients not named by node id: {nodes}"
+    assert sorted((row.round, row.client) for row in rows) == [(r, node) for r in range(1, rounds + 1)
+                                                               for node in sorted(nodes)]
+    for row in rows:
+        assert row.status == "ok" and row.num_examples == examples, row
+        assert row.scored_against == f"nearest image of {cifar(shared_data)}", row
+        assert row.psnr is not None and len(row.psnr_images or []) == examples, row
+        for image in ("reconstruction.png", "truth.png"):
+            path = out / client_folder(row.round, row.client) / image
+            assert path.read_bytes().startswith(PNG), f"{path} is not a PNG"
+    gallery = (out / "gallery.html").read_text()
+    missing = [row for row in rows if f"{client_folder(row.round, row.client)}/reconstruction.png" not in gallery]
+    assert not missing, f"the gallery shows no reconstruction of {missing}"
 
 
 def imported_modules(source: Path) -> set[str]:
@@ -88,11 +115,20 @@ def imported_modules(source: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("name", APPS)
-def test_the_app_is_a_plain_flower_app_with_nothing_of_fl_sim(name):
+def test_the_app_is_a_plain_flower_app_but_for_the_wrapped_strategy(name):
+    """Nothing of fl-sim in the model, the data or the ClientApp; in the ServerApp, `import fl_sim` used once, as
+    `fl_sim.malicious(...)`."""
     package = EXAMPLES / name / APPS[name]
     ours = {"fl_sim", "attacker", "clients"}
-    for module in ("task.py", "client_app.py", "server_app.py"):
+    for module in ("task.py", "client_app.py"):
         assert not imported_modules(package / module) & ours, f"{name}/{module} imports fl-sim's code"
+    server = ast.parse((package / "server_app.py").read_text())
+    assert imported_modules(package / "server_app.py") & ours == {"fl_sim"}
+    assert not [node for node in ast.walk(server) if isinstance(node, ast.ImportFrom) and node.module
+                and node.module.split(".")[0] in ours], f"{name}/server_app.py imports from fl-sim's modules"
+    uses = [node.attr for node in ast.walk(server)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "fl_sim"]
+    assert uses == ["malicious"], f"{name}/server_app.py uses fl_sim for {uses}"
 
 
 def train_message(arrays: ArrayRecord, lr: float) -> Message:
@@ -125,3 +161,26 @@ def test_the_client_app_trains_the_servers_model_and_refuses_other_layers(name, 
     extra = {**sent, "imprint.weight": torch.zeros(8, 3072)}
     with pytest.raises(RuntimeError, match='Unexpected key.*"imprint.weight"'):
         client.app(train_message(ArrayRecord(extra), lr=0.1), context)
+
+
+class UnusedGrid:
+    """A Grid the ServerApp must not reach: it refuses before round 1."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the ServerApp used the grid ({name}) although the audit could not run")
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_without_a_reference_set_the_audit_refuses_before_round_one_in_one_line(name, monkeypatch, tmp_path):
+    """With the hub's CIFAR-10 (no data-path) the wrapped line names no reference set: the ServerApp ends the run
+    as failed (Flower's AppExitException) with one sentence, and writes nothing."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / name))
+    server = importlib.import_module(f"{APPS[name]}.server_app")
+    defaults = tomllib.loads((EXAMPLES / name / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    context = Context(run_id=1, node_id=0, state=RecordDict(), node_config={},
+                      run_config={**defaults, "data-path": "", "audit-out": str(tmp_path / "audit")})
+    with pytest.raises(RunRefused) as refused:
+        server.main(UnusedGrid(), context)
+    message = str(refused.value)
+    assert "name the reference set" in message and "\n" not in message, message
+    assert not (tmp_path / "audit").exists()
