@@ -17,7 +17,10 @@ import pytest
 import torch
 from flower_helpers import flwr_env, superlinks_of
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
+import fl_sim
+from fl_sim.contract.attacks import attack_specs
 from fl_sim.results.gallery import client_folder
 from fl_sim.results.rows import read_metrics
 from fl_sim.server.refusal import RunRefused
@@ -184,3 +187,44 @@ def test_without_a_reference_set_the_audit_refuses_before_round_one_in_one_line(
     message = str(refused.value)
     assert "name the reference set" in message and "\n" not in message, message
     assert not (tmp_path / "audit").exists()
+
+
+class TwoNodes:
+    """The grid of one round's sampling: SuperNodes 100 and 101."""
+
+    def get_node_ids(self):
+        return [100, 101]
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_each_active_attack_refuses_the_net_in_one_line_or_sends_what_the_client_loads_strictly(
+        name, shared_data, monkeypatch, tmp_path, server_identity):
+    """What the malicious server sends a stock client (which loads it into its own `Net()`, strictly) must load, or
+    the attack is refused before round 1 with one sentence naming it; ig (passive) sends the global model."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / name))
+    task = importlib.import_module(f"{APPS[name]}.task")
+    client = importlib.import_module(f"{APPS[name]}.client_app")
+    defaults = tomllib.loads((EXAMPLES / name / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    reference = str(cifar(shared_data).parent / "test")  # the server's own images: fewer to load than the clients'
+    loaded, refused = [], {}
+    for attack in ["ig", *(spec.name for spec in attack_specs() if spec.active)]:
+        context = Context(run_id=1, node_id=0, state=RecordDict(), node_config={},
+                          run_config={**defaults, "data-path": reference, "audit-attack": attack,
+                                      "audit-out": str(tmp_path / attack)})
+        try:  # the example's wrapped line
+            strategy = fl_sim.malicious(FedAvg(fraction_train=1.0), model=task.Net(), context=context,
+                                        reference=reference, normalize=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                        momentum=0.9)
+        except RunRefused as refusal:
+            refused[attack] = str(refusal)
+            continue
+        messages = list(strategy.configure_train(1, ArrayRecord(task.Net().state_dict()), ConfigRecord({"lr": 0.1}),
+                                                 TwoNodes()))
+        assert len(messages) == 2
+        for msg in messages:
+            client.received_model(msg)  # load_state_dict, strict
+        loaded.append(attack)
+    print(f"{name}: loaded strictly {loaded}; refused {sorted(refused)}")
+    assert "ig" in loaded
+    for attack, message in refused.items():
+        assert attack in message and "\n" not in message, message
