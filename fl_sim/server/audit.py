@@ -33,11 +33,12 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, overload
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
+from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
@@ -51,6 +52,7 @@ from fl_sim.learning.data import DataNotFoundError, image_folder
 from fl_sim.results.nearest import Reference
 from fl_sim.results.outputs import write_json
 from fl_sim.server.attacks import AttackContext, build_attack
+from fl_sim.server.audit_legacy import LegacyAuditStrategy
 from fl_sim.server.auditor import AuditRecorder
 from fl_sim.server.refusal import refuse_run
 from fl_sim.server.round import AttackPlan, ServerAttack
@@ -294,21 +296,44 @@ def refuse(message: str) -> NoReturn:
     refuse_run(f"fl_sim.malicious: {message}")
 
 
+@overload
 def malicious(strategy: Strategy, *, model: nn.Module, context: Context | None = None, attack: str = "ig",
               out: str | Path = "out/audit", reference: Images | None = None, public: Images | None = None,
               normalize: tuple[Sequence[float], Sequence[float]] | None = None, momentum: float = 0.0,
               weight_decay: float = 0.0, loss: str = "cross_entropy", max_images: int = 64, seed: int = 0,
               device: str = "auto", every: int = 1, options: Mapping[str, Any] | None = None,
               lr_key: str = "lr", epochs_key: str = "local-epochs", batch_size_key: str = "batch-size",
-              image_shape: tuple[int, int, int] | None = None) -> AuditStrategy:
+              image_shape: tuple[int, int, int] | None = None) -> AuditStrategy: ...
+
+
+@overload
+def malicious(strategy: LegacyStrategy, *, model: nn.Module, context: Context | None = None, attack: str = "ig",
+              out: str | Path = "out/audit", reference: Images | None = None, public: Images | None = None,
+              normalize: tuple[Sequence[float], Sequence[float]] | None = None, momentum: float = 0.0,
+              weight_decay: float = 0.0, loss: str = "cross_entropy", max_images: int = 64, seed: int = 0,
+              device: str = "auto", every: int = 1, options: Mapping[str, Any] | None = None,
+              lr_key: str = "lr", epochs_key: str = "local-epochs", batch_size_key: str = "batch-size",
+              image_shape: tuple[int, int, int] | None = None) -> LegacyAuditStrategy: ...
+
+
+def malicious(strategy: Strategy | LegacyStrategy, *, model: nn.Module, context: Context | None = None,
+              attack: str = "ig",
+              out: str | Path = "out/audit", reference: Images | None = None, public: Images | None = None,
+              normalize: tuple[Sequence[float], Sequence[float]] | None = None, momentum: float = 0.0,
+              weight_decay: float = 0.0, loss: str = "cross_entropy", max_images: int = 64, seed: int = 0,
+              device: str = "auto", every: int = 1, options: Mapping[str, Any] | None = None,
+              lr_key: str = "lr", epochs_key: str = "local-epochs", batch_size_key: str = "batch-size",
+              image_shape: tuple[int, int, int] | None = None) -> AuditStrategy | LegacyAuditStrategy:
     """`strategy` with a malicious server around it: every client's reply is attacked before `strategy`
     aggregates it, and the reconstructions of every client and round are written to `out`.
 
     Parameters
     ----------
     strategy
-        The app's own Flower strategy (Message API: FedAvg, FedProx, ... or the user's own), which still
-        aggregates every round exactly as it would.
+        The app's own Flower strategy, which still samples and aggregates every round exactly as it would: a
+        Message-API one (flwr.serverapp.strategy: FedAvg, FedProx, ... or the user's own), or a legacy one
+        (flwr.server.strategy) that the app puts in a LegacyContext, as Flower's SecAgg+ path requires
+        (fl_sim/server/audit_legacy.py).
     model
         The architecture the clients build (a fresh `Net()`): the attack's model. Its state_dict must be what
         the strategy starts from.
@@ -348,8 +373,9 @@ def malicious(strategy: Strategy, *, model: nn.Module, context: Context | None =
 
     Returns
     -------
-    AuditStrategy
-        A Message-API strategy: call its `start` as the app called the strategy's.
+    AuditStrategy or LegacyAuditStrategy
+        A strategy of the kind given: call its `start`, or put it in the LegacyContext, as the app did the
+        strategy's.
 
     Raises
     ------
@@ -362,10 +388,11 @@ def malicious(strategy: Strategy, *, model: nn.Module, context: Context | None =
         refuse(str(error))
 
 
-def _malicious(strategy: Strategy, model: nn.Module, context: Context | None, given: dict[str, Any]) -> AuditStrategy:
-    if not isinstance(strategy, Strategy):
-        raise AuditError(f"strategy must be a Flower Message-API Strategy (flwr.serverapp.strategy), got "
-                         f"{type(strategy).__name__}")
+def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: Context | None,
+               given: dict[str, Any]) -> AuditStrategy | LegacyAuditStrategy:
+    if not isinstance(strategy, Strategy | LegacyStrategy):
+        raise AuditError(f"strategy must be a Flower strategy (flwr.serverapp.strategy, or flwr.server.strategy "
+                         f"in a LegacyContext), got {type(strategy).__name__}")
     if not isinstance(model, nn.Module):
         raise AuditError(f"model must be the torch.nn.Module the clients build, got {type(model).__name__}")
     run_config = dict(context.run_config) if context is not None else {}
@@ -406,6 +433,9 @@ def _malicious(strategy: Strategy, model: nn.Module, context: Context | None, gi
     apps = ClientApps(settings=training_reader(audit, run_config), metrics=(), named_by_partition=False,
                       open_metrics=True)
     write_run(out, audit, strategy, model, normalize, reference)
+    if isinstance(strategy, LegacyStrategy):
+        return LegacyAuditStrategy(strategy, server_attack, recorder, list(model.state_dict()), apps.settings,
+                                   audit.out)
     return AuditStrategy(strategy, server_attack, recorder, audit, model, apps, partial(denormalized, normalize))
 
 
@@ -453,7 +483,7 @@ def fresh_folder(out: Path) -> Path:
     return candidate
 
 
-def write_run(out: Path, audit: Audit, strategy: Strategy, model: nn.Module,
+def write_run(out: Path, audit: Audit, strategy: Strategy | LegacyStrategy, model: nn.Module,
               normalize: tuple[Sequence[float], Sequence[float]] | None, reference: Reference | None) -> None:
     """OUT/run.json: what was audited and how (the gallery shows it)."""
     described = {**{name: value for name, value in dataclasses.asdict(audit).items() if name != "options"},

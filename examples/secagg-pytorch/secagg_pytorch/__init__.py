@@ -1,0 +1,1 @@
+"""secagg-pytorch: a Flower app whose clients' updates reach the server only through SecAgg+."""
