@@ -209,8 +209,14 @@ register(AttackSpec(
     "Robbing the Fed (Fowl et al. 2022): an imprint block of binning rows in front of the model",
     needs_imprint=True, options=("imprint_bins", "imprint_blocks")))
 register(AttackSpec(
-    "trap", AttackKind.ACTIVE, "fl_sim.server.active:TrapAttack",
-    "trap weights (Boenisch et al. 2023): rows of the first linear layer that fire for few images",
+    "trap", AttackKind.ACTIVE, "fl_sim.server.param_only:TrapAttack",
+    "trap weights (Boenisch et al. 2023): rows of the first linear layer that fire for few images; parameter "
+    "values only (a user's model: convolutions before it set to carry the image, LOKI-style)",
+    needs=ModelTrait.DENSE_SEES_IMAGE, averages_targets=False))
+register(AttackSpec(
+    "qbi", AttackKind.ACTIVE, "fl_sim.server.param_only:QbiAttack",
+    "quantile-based bias initialisation (Nowak et al. 2024): random rows of the first linear layer, each bias "
+    "at its pre-activation's 1 - 1/B quantile over the public images; parameter values only, the trap's reach",
     needs=ModelTrait.DENSE_SEES_IMAGE, averages_targets=False))
 register(AttackSpec(
     "trap-quiet", AttackKind.ACTIVE, "fl_sim.server.active:QuietTrapAttack",
