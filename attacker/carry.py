@@ -22,14 +22,16 @@ first linear layer, sets the convolutions on that path to carry the image, and m
   exactly (regions of one pixel); the quickstart's Net (two 5 x 5 convolutions, two 2 x 2 max-pools, 400
   inputs to fc1) gives the largest pixel of 4 x 4 blocks of one colour.
 - `CarriedReadout`: a row of the linear layer fired by one image alone has weight change g f and bias change
-  g, so f = dW / db exactly; the readout maps f back to carried values (offset and scale inverted) and then
-  to an image: each pixel the smallest carried maximum of the regions holding it (exact for regions of one
-  pixel), pixels no region holds copied from the nearest one that is held.
+  g, so f = dW / db exactly; the readout maps f back to carried values (offset and scale inverted), drops
+  the candidates that are mixtures of others (`unmixed`), and maps each to an image: exact where every pixel
+  arrives alone; otherwise by a linear decoder (`fit_decoder`: ridge regression fitted on the server's own
+  public images, for the Net +2.4 dB over the plain reading), or, without one, each pixel the least
+  maximum of the regions holding it, pixels no region holds copied from the nearest held one.
 
 Pure torch: no Flower, no ground truth.
 """
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ ProbeBatch = 256  # one-pixel probe images per forward pass
 MIXTURE_RESIDUAL = 1e-4  # a candidate this close (relative) to a mixture of the others is one
 NEAR_COPY = 0.05  # relative distance: two images of a data set are never this alike
 MIXTURE_LARGEST = 0.9  # ... whose weights are all under this, where it was measured before the images it mixes
+RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0)  # the decoder's candidate penalties
 AFFINE_TOLERANCE = 1e-4  # a feature's largest error against offset + scale x max, over its scale
 
 
@@ -346,6 +349,9 @@ class Carried:
     image_shape : tuple[int, int, int]
     description : str
         What survives, in one sentence.
+    decoder : torch.Tensor, optional
+        (L + 1, C*H*W) a linear map from the carried values (and 1) to the image, fitted on the server's own
+        images (`fit_decoder`); without it, the least maximum of the regions holding each pixel.
     """
 
     features: torch.Tensor
@@ -355,6 +361,7 @@ class Carried:
     fill: torch.Tensor
     image_shape: tuple[int, int, int]
     description: str
+    decoder: torch.Tensor | None = None
 
     def values(self, inputs: torch.Tensor) -> torch.Tensor:
         """The carried values (N, L) of layer inputs (N, features)."""
@@ -362,7 +369,10 @@ class Carried:
 
     def image(self, values: torch.Tensor) -> torch.Tensor:
         """An image (C, H, W) from carried values (L,): each pixel the least maximum of the regions holding it,
-        the pixels none holds copied from the nearest held one."""
+        the pixels none holds copied from the nearest held one; or by the fitted decoder, if there is one."""
+        if self.decoder is not None:
+            ones = torch.ones(1, dtype=torch.float64)
+            return (torch.cat([values.double(), ones]) @ self.decoder).clamp(0, 1).reshape(self.image_shape)
         feature, pixel = self.regions.nonzero(as_tuple=True)
         least = torch.full((self.regions.shape[1],), float("inf"), dtype=torch.float64)
         least = least.scatter_reduce(0, pixel, values.double()[feature], reduce="amin")
@@ -372,6 +382,47 @@ class Carried:
     def exact(self) -> bool:
         """Every pixel arrives alone: the image is read exactly."""
         return bool((self.regions.sum(1) == 1).all() and self.regions.any(0).all())
+
+
+def fit_decoder(carried: Carried, values: torch.Tensor, images: torch.Tensor) -> Carried:
+    """`carried` with a decoder: ridge regression of the pixels of `images` (the server's own, in [0, 1]) on
+    their carried `values` (N, L), its penalty chosen on a held-out quarter of them; unchanged when every
+    pixel is carried exactly (nothing to learn).
+
+    Parameters
+    ----------
+    carried : Carried
+        What reaches the layer.
+    values : torch.Tensor
+        (N, L) the carried values of `images`.
+    images : torch.Tensor
+        (N, C, H, W) in [0, 1].
+
+    Returns
+    -------
+    Carried
+        With `decoder` set, and the description saying so.
+    """
+    if carried.exact or len(images) < 8:
+        return carried
+    design = torch.cat([values.double(), torch.ones(len(values), 1, dtype=torch.float64)], 1)
+    target = images.flatten(1).double()
+    held = len(images) // 4
+    best, penalty = float("inf"), 1.0
+    for candidate in RIDGE_PENALTIES:
+        fit = _ridge(design[held:], target[held:], candidate)
+        error = float(((design[:held] @ fit).clamp(0, 1) - target[:held]).square().mean())
+        if error < best:
+            best, penalty = error, candidate
+    decoder = _ridge(design, target, penalty)
+    description = (f"{carried.description.split('; each pixel')[0]}; the image decoded from them by ridge regression "
+                   f"(penalty {penalty:g}) fitted on the server's {len(images)} public images")
+    return replace(carried, decoder=decoder, description=description)
+
+
+def _ridge(design: torch.Tensor, target: torch.Tensor, penalty: float) -> torch.Tensor:
+    gram = design.T @ design
+    return torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), design.T @ target)
 
 
 def probe(model: nn.Module, layer: str, image_shape: tuple[int, int, int],
@@ -440,8 +491,8 @@ def _describe(layer: str, regions: torch.Tensor, held: torch.Tensor, count: int,
     distinct = len(torch.unique(regions, dim=0))
     if bool((sizes == 1).all()) and bool(held.all()):
         return f"{layer} sees every one of the {count} pixel values exactly"
-    return (f"{layer} sees {len(regions)} of its {width} inputs carry the image: {distinct} distinct regions, each "
-            f"feature the largest pixel of {int(sizes.median())} pixels of one colour (median), covering "
+    return (f"{len(regions)} of the {width} inputs of {layer} carry the image: {distinct} distinct regions, each "
+            f"the largest pixel of {int(sizes.median())} pixels of one colour (median), covering "
             f"{int(held.sum())} of {count} pixels; each pixel read as the least maximum of the regions holding "
             "it, the others copied from the nearest held pixel")
 

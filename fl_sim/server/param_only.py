@@ -26,7 +26,7 @@ from typing import Self, cast
 import torch
 from torch import nn
 
-from attacker.carry import Carried, CarriedReadout, ImagePath, carry_convs, image_path, probe
+from attacker.carry import Carried, CarriedReadout, ImagePath, carry_convs, fit_decoder, image_path, probe
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.learning.updates import Weights
 from fl_sim.server import active
@@ -82,6 +82,7 @@ class CarriedRows(AnalyticAttack):
         honest = weights[f"{self.layer}.weight"]
         inputs = layer_inputs(self.model, self.layer, self.public)
         values = carried.values(inputs).float()
+        carried = self.carried = fit_decoder(carried, values, self.public)
         rows, bias = self.rows(values, honest.shape[0], settings)
         weight = torch.zeros(honest.shape, dtype=torch.float64)
         weight[:, carried.features] = rows.double() / carried.scale.double()
