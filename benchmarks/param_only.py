@@ -8,7 +8,9 @@ forward pre-hook, untrained (PyTorch's initialisation, drawn from the seed). Hel
 subset): victims' images from train/, the server's public images from test/. Each victim trains with plain
 torch (SGD, cross-entropy): FedSGD (one step of B, lr 0.1), and one local epoch in batches of 32 over 64 images,
 lr 0.1, momentum 0.9 (the quickstart's defaults), shuffled by the victim's own seed. Images are scored after
-optimal matching (fl_sim/results/metrics.py); an image the attack marks unrecovered counts as 0 dB.
+optimal matching (fl_sim/results/metrics.py); an image the attack marks unrecovered counts as 0 dB. "read" scores
+the same images against what the layer's input holds of each victim image (its own carried values, decoded as
+the readout decodes them): the share read exactly, whatever the carrying loses.
 
 Detection: clients/inspection.py `inspect_model`, as `InspectMod` calls it, on each armed model against the
 honest architecture, in a client's first round (no previous model) and after an honest round (the previous
@@ -32,7 +34,7 @@ from fl_sim.learning.data import load_dataset
 from fl_sim.results import metrics
 from fl_sim.results.evaluation import mark_unrecovered
 from fl_sim.server.attacks import Observed, Victim
-from fl_sim.server.param_only import QbiAttack, TrapAttack
+from fl_sim.server.param_only import QbiAttack, TrapAttack, layer_inputs
 
 ATTACKS = {"trap": TrapAttack, "qbi": QbiAttack}
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -91,10 +93,12 @@ def flagged(received: dict[str, torch.Tensor], architecture: Architecture,
 def run(args) -> tuple[list[dict], dict[str, list[bool]]]:
     train_set, test_set = load_dataset("cifar10", args.data_root, True), load_dataset("cifar10", args.data_root, False)
     public, _ = test_set.tensors(np.arange(len(test_set)))
-    builders = {f"mlp-{args.width}": lambda: mlp(args.width), "net": Net}
+    builders = {name: build for name, build in ((f"mlp-{args.width}", lambda: mlp(args.width)), ("net", Net))
+                if name.split("-")[0] in args.models}
     trainings = [(f"fedsgd B={b}", TrainingSettings(lr=0.1, batch_size=b)) for b in args.batches]
-    trainings.append(("1 epoch B=32 of 64, m=0.9", TrainingSettings(
-        lr=0.1, batch_size=32, momentum=0.9, mode=TrainMode.EPOCHS, shard_size=64)))
+    if not args.no_epoch:
+        trainings.append(("1 epoch B=32 of 64, m=0.9", TrainingSettings(
+            lr=0.1, batch_size=32, momentum=0.9, mode=TrainMode.EPOCHS, shard_size=64)))
     cells: dict[tuple[str, str, str], dict] = {}
     honest_flags: dict[str, list[bool]] = {name: [] for name in builders}
     for seed in args.seeds:
@@ -112,7 +116,7 @@ def run(args) -> tuple[list[dict], dict[str, list[bool]]]:
                 attack = attack_class(normalized(user), public, 10, seed=seed)
                 for label, settings in trainings:
                     cell = cells.setdefault((attack_name, model_name, label), {
-                        "psnr": [], "seconds": [], "detected": [], "what": ""})
+                        "psnr": [], "read": [], "seconds": [], "detected": [], "what": ""})
                     started = time.perf_counter()
                     armed = attack.arm(honest, settings, [0])
                     sent = armed.weights[0]
@@ -132,9 +136,25 @@ def run(args) -> tuple[list[dict], dict[str, list[bool]]]:
                         if result.image_status is not None:
                             mark_unrecovered(row, result.image_status)
                         cell["psnr"] += row["psnr_images"]
+                        # the most the layer's input holds: each image decoded from its own carried values
+                        carried = attack.carried
+                        assert carried is not None
+                        inputs = layer_inputs(client_model(build, sent), attack.layer, images)
+                        ceiling = torch.stack([carried.image(v) for v in carried.values(inputs)]).float()
+                        row = metrics.score(result.images, result.labels, ceiling, labels)
+                        if result.image_status is not None:
+                            mark_unrecovered(row, result.image_status)
+                        cell["read"] += row["psnr_images"]
                     cell["seconds"].append(time.perf_counter() - started)
     rows = [{"attack": a, "model": m, "training": t, **cell} for (a, m, t), cell in cells.items()]
     return rows, honest_flags
+
+
+def client_model(build, sent: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh user model holding `sent`, taking [0, 1] images."""
+    model = normalized(build())
+    model.load_state_dict(sent, strict=True)
+    return model
 
 
 def normalized_load(model: nn.Module) -> nn.Module:
@@ -146,15 +166,18 @@ def normalized_load(model: nn.Module) -> nn.Module:
 
 def table(rows: list[dict], honest: dict[str, list[bool]], seeds: int, victims: int) -> str:
     lines = [f"held-out CIFAR-10, {seeds} seeds x {victims} victims; share of images at >= 20/30/40 dB after optimal "
-             "matching, median PSNR, inspect detection (first round / after an honest round), seconds per seed",
+             "matching, median PSNR; 'read': share of images whose carried layer input was read exactly (>= 40 dB "
+             "against the image decoded from its own layer input); inspect detection (first round / after an honest "
+             "round); seconds per seed",
              f"{'attack':6} {'model':9} {'training':26} {'images':>6} {'>=20':>6} {'>=30':>6} {'>=40':>6} "
-             f"{'median':>7} {'detect':>7} {'s/seed':>7}"]
+             f"{'median':>7} {'read':>6} {'detect':>9} {'s/seed':>7}"]
     for row in rows:
         psnr = np.array(row["psnr"])
         detected = np.array(row["detected"]).reshape(-1, 2).mean(0)
         lines.append(f"{row['attack']:6} {row['model']:9} {row['training']:26} {len(psnr):6d} "
                      f"{(psnr >= 20).mean():6.0%} {(psnr >= 30).mean():6.0%} {(psnr >= 40).mean():6.0%} "
-                     f"{np.median(psnr):7.1f} {detected[0]:3.0%}/{detected[1]:3.0%} {np.mean(row['seconds']):7.1f}")
+                     f"{np.median(psnr):7.1f} {(np.array(row['read']) >= 40).mean():6.0%} "
+                     f"{detected[0]:4.0%}/{detected[1]:4.0%} {np.mean(row['seconds']):7.1f}")
     for model, flags in honest.items():
         pairs = np.array(flags).reshape(-1, 2).mean(0)
         lines.append(f"honest {model}: inspect flags {pairs[0]:.0%} of fresh models, {pairs[1]:.0%} after one honest "
@@ -173,6 +196,8 @@ def main() -> None:
     parser.add_argument("--victims", type=int, default=4, help="victims per seed and cell")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="FedSGD batch sizes")
     parser.add_argument("--width", type=int, default=1024, help="the MLP's hidden width W")
+    parser.add_argument("--models", nargs="+", choices=("mlp", "net"), default=["mlp", "net"])
+    parser.add_argument("--no-epoch", action="store_true", help="FedSGD only (no local epoch of B = 32 over 64)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
