@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker.carry import CarriedReadout, image_path
+from attacker.carry import CarriedReadout, image_path, unmixed
 from fl_sim.contract.attacks import attack_spec
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.contract.run_config import RunConfig
@@ -190,3 +190,13 @@ def test_qbi_is_registered_and_built_through_the_registry():
     context = AttackContext("qbi", RunConfig(attack="qbi"), normalized(user), (3, 32, 32), 10, torch.device("cpu"),
                             lambda: torch.rand(64, 3, 32, 32))
     assert isinstance(build_attack(context), QbiAttack)
+
+
+def test_mixtures_are_dropped_and_single_images_kept():
+    a, b, c = torch.rand(3, 300, generator=torch.Generator().manual_seed(0)).double()
+    # best-measured first: a mixture of two found images, and an image with a trace of another, go
+    assert unmixed([a, b, (a + b) / 2, c, 1.02 * c - 0.02 * a]) == [0, 1, 3]
+    # a mixture measured better than its own images goes too; the images stay
+    assert unmixed([(a + b) / 2, a, b]) == [1, 2]
+    # of an image and the same image with a trace of another, one is kept
+    assert unmixed([a, b, 1.02 * c - 0.02 * a, c]) == [0, 1, 2]
