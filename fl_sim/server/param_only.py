@@ -87,11 +87,13 @@ class CarriedRows(AnalyticAttack):
         weight = torch.zeros(honest.shape, dtype=torch.float64)
         weight[:, carried.features] = rows.double() / carried.scale.double()
         bias = bias.double() - (rows.double() * (carried.offset / carried.scale).double()).sum(1)
-        # each row as long as an honest one, its bias no larger than the honest layer's largest (rounding: the
-        # server reads new - sent in the weights' dtype, so a row's bias change must stand far above its bias')
-        honest_bias = weights[f"{self.layer}.bias"].double().abs().max().clamp_min(honest.shape[1] ** -0.5)
-        factor = torch.minimum(honest.double().norm(dim=1) / weight.norm(dim=1).clamp_min(1e-30),
-                               honest_bias / bias.abs().clamp_min(1e-30))
+        # each row as long as an honest one; with one step, its bias also no larger than the honest layer's largest
+        # (the server reads new - sent in the weights' dtype, so a row's bias change must stand far above its
+        # bias' rounding). Not with several: a row that short moves so far in a step that it fires for others.
+        factor = honest.double().norm(dim=1) / weight.norm(dim=1).clamp_min(1e-30)
+        if settings.total_steps == 1:
+            honest_bias = weights[f"{self.layer}.bias"].double().abs().max().clamp_min(honest.shape[1] ** -0.5)
+            factor = torch.minimum(factor, honest_bias / bias.abs().clamp_min(1e-30))
         weights[f"{self.layer}.weight"] = (weight * factor[:, None]).to(honest.dtype)
         weights[f"{self.layer}.bias"] = (bias * factor).to(honest.dtype)
         return weights, CarriedReadout(f"{self.layer}.weight", f"{self.layer}.bias", carried, self.shape)
