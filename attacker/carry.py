@@ -149,8 +149,14 @@ def image_path(model: nn.Module, image_shape: tuple[int, int, int]) -> ImagePath
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as error:  # a model fx cannot trace (data-dependent control flow): read it by hooks
-        return _hooked_path(model, image_shape, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
-    return _traced_path(model, graph)
+        path = _hooked_path(model, image_shape, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+    else:
+        path = _traced_path(model, graph)
+    entering = _capture(model, path.layer, torch.zeros(2, *image_shape))
+    if entering.ndim != 2:
+        raise ValueError(f"{path.layer} (Linear) receives each image as a {tuple(entering.shape[1:])} tensor, not "
+                         "one flat vector, so each of its rows sees only part of the image")
+    return path
 
 
 def _traced_path(model: nn.Module, graph: fx.Graph) -> ImagePath:

@@ -33,6 +33,8 @@ from fl_sim.server import active
 from fl_sim.server.active import AnalyticAttack, image_shape, pass_through_convs
 from fl_sim.server.attacks import AttackContext
 
+PUBLIC_IMAGES = 4096  # at most this many of the server's public images, drawn by the seed
+
 
 def reach(model: nn.Module, shape: tuple[int, int, int], attack: str) -> ImagePath | None:
     """The path the attack takes through `model` (None: an fl-sim model that names its trap layer); a model it
@@ -49,11 +51,14 @@ class CarriedRows(AnalyticAttack):
     """An attack that carries the image to a linear layer and rewrites that layer's rows (`rows`)."""
 
     def __init__(self, model: nn.Module, public: torch.Tensor, num_classes: int, seed: int = 0):
+        if len(public) > PUBLIC_IMAGES:  # enough for the quantiles and the decoder, and bounded memory
+            public = public[torch.randperm(len(public), generator=torch.Generator().manual_seed(seed))[:PUBLIC_IMAGES]]
         self.model, self.public, self.num_classes, self.seed = model, public.float(), num_classes, seed
         self.shape = image_shape(self.public)
         self.path = reach(model, self.shape, self.name)
         self.layer = self.path.layer if self.path is not None else str(cast(active.Trappable, model).TRAP_LAYER)
         self.carried: Carried | None = None
+        self._carrying: tuple[dict[str, torch.Tensor], Carried, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, context: AttackContext) -> Self:
@@ -64,25 +69,30 @@ class CarriedRows(AnalyticAttack):
         carried values `values` (N, L), for updates of `settings.num_images` images."""
         raise NotImplementedError
 
-    def carry(self, global_weights: Weights) -> tuple[dict[str, torch.Tensor], Carried]:
-        """The global weights with the path's convolutions set to carry the image, loaded into the model, and
-        what they carry to the layer."""
+    def carry(self, global_weights: Weights) -> tuple[dict[str, torch.Tensor], Carried, torch.Tensor]:
+        """The global weights with the path's convolutions set to carry the image, what they carry to the layer,
+        and the public images' carried values. The carrying overwrites every parameter before the layer, so it
+        is the same every round: made once."""
         weights = {name: tensor.clone() for name, tensor in global_weights.items()}
-        if self.path is None:
-            pass_through_convs(weights, self.shape[0], cast(active.Trappable, self.model).PASS_THROUGH)
-            self.model.load_state_dict(weights)
-        else:
-            self.model.load_state_dict(weights)
-            weights.update(carry_convs(self.model, self.path, self.shape))
-        self.carried = probe(self.model, self.layer, self.shape, check=self.public[:16])
-        return weights, self.carried
+        if self._carrying is None:
+            if self.path is None:
+                through = cast(active.Trappable, self.model).PASS_THROUGH
+                pass_through_convs(weights, self.shape[0], through)
+                self.model.load_state_dict(weights)
+                values = {key: weights[key] for name, _ in through for key in (f"{name}.weight", f"{name}.bias")}
+            else:
+                self.model.load_state_dict(weights)
+                values = carry_convs(self.model, self.path, self.shape)
+            carried = probe(self.model, self.layer, self.shape, check=self.public[:16])
+            public_values = carried.values(layer_inputs(self.model, self.layer, self.public)).float()
+            self._carrying = values, fit_decoder(carried, public_values, self.public), public_values
+        carrying, self.carried, public_values = self._carrying
+        weights.update({key: value.clone() for key, value in carrying.items()})
+        return weights, self.carried, public_values
 
     def surgery(self, global_weights: Weights, settings: TrainingSettings) -> tuple[Weights, CarriedReadout]:
-        weights, carried = self.carry(global_weights)
+        weights, carried, values = self.carry(global_weights)
         honest = weights[f"{self.layer}.weight"]
-        inputs = layer_inputs(self.model, self.layer, self.public)
-        values = carried.values(inputs).float()
-        carried = self.carried = fit_decoder(carried, values, self.public)
         rows, bias = self.rows(values, honest.shape[0], settings)
         weight = torch.zeros(honest.shape, dtype=torch.float64)
         weight[:, carried.features] = rows.double() / carried.scale.double()
@@ -116,6 +126,15 @@ def layer_inputs(model: nn.Module, layer: str, images: torch.Tensor) -> torch.Te
     return torch.cat(seen).flatten(1)
 
 
+def column_quantile(matrix: torch.Tensor, q: float) -> torch.Tensor:
+    """Each column's q-quantile (linear interpolation, as torch.quantile, which refuses large inputs)."""
+    ordered = matrix.sort(dim=0).values
+    position = q * (len(matrix) - 1)
+    low = int(position)
+    high = min(low + 1, len(matrix) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
 class TrapAttack(CarriedRows, active.TrapAttack):
     """Trap weights on any model they reach (module docstring): fl-sim's own models as before, any other model
     through the carried path."""
@@ -142,7 +161,7 @@ class TrapAttack(CarriedRows, active.TrapAttack):
         positive, negative = draw.clamp(min=0), (-draw).clamp(min=0)
         ratio = (values @ positive.T) / (values @ negative.T).clamp_min(1e-12)  # a row fires while s < ratio
         rate = min(1.0, self.fire_share / settings.num_images)
-        scale = torch.quantile(ratio, 1 - rate, dim=0)
+        scale = column_quantile(ratio, 1 - rate)
         return positive - scale[:, None] * negative, torch.zeros(count)
 
 
@@ -156,5 +175,5 @@ class QbiAttack(CarriedRows):
         generator = torch.Generator().manual_seed(self.seed)
         draw = torch.randn(count, values.shape[1], generator=generator)
         rate = min(1.0, 1.0 / settings.num_images)
-        threshold = torch.quantile((values @ draw.T).double(), 1 - rate, dim=0)
+        threshold = column_quantile((values @ draw.T).double(), 1 - rate)
         return draw, -threshold.float()
