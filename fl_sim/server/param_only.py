@@ -18,12 +18,14 @@ the path attacker/carry.py finds from the image to the model's first linear laye
 
 Both read a row fired by one image alone as dW / db, the layer's input for that image, mapped back to an
 image in [0, 1] through the carrying (attacker.carry.CarriedReadout, whose `carried.description` says what it
-did). Their targets' replies are left out of the average: their whole model was not the global one. A model
+did; the server's log prints it at the first arming). Their targets' replies are left out of the average: their whole model was not the global one. A model
 they cannot reach gets one line naming the layer that stops the image and why.
 """
+from logging import INFO
 from typing import Self, cast
 
 import torch
+from flwr.common import log
 from torch import nn
 
 from attacker.carry import Carried, CarriedReadout, ImagePath, carry_convs, fit_decoder, image_path, probe
@@ -86,6 +88,7 @@ class CarriedRows(AnalyticAttack):
             carried = probe(self.model, self.layer, self.shape, check=self.public[:16])
             public_values = carried.values(layer_inputs(self.model, self.layer, self.public)).float()
             self._carrying = values, fit_decoder(carried, public_values, self.public), public_values
+            log(INFO, "%s: %s", self.name, self._carrying[1].description)
         carrying, self.carried, public_values = self._carrying
         weights.update({key: value.clone() for key, value in carrying.items()})
         return weights, self.carried, public_values
