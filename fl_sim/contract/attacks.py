@@ -18,7 +18,7 @@ from fl_sim.contract.presets import AttackConfig, LabelStrategy, Objective, Opti
 from fl_sim.contract.setting import ConfigError
 
 IMPRINT_BINS = 256  # the imprint block's rows for an attack that needs it, when --imprint-bins is 0
-TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
+TRAP_EVERYONE = ("--attack trap or qbi without --attack-clients traps every client, and a trapped client's reply is "
                  "left out of the average, so the global model will not change; name the targets with "
                  "--attack-clients (e.g. 0) to let the others train it")
 
