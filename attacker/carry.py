@@ -152,6 +152,9 @@ def image_path(model: nn.Module, image_shape: tuple[int, int, int]) -> ImagePath
         path = _hooked_path(model, image_shape, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
     else:
         path = _traced_path(model, graph)
+    if getattr(model.get_submodule(path.layer), "bias", None) is None:
+        raise ValueError(f"{path.layer} (Linear) has no bias: a row's bias change is what divides its weight change "
+                         "into the image")
     entering = _capture(model, path.layer, torch.zeros(2, *image_shape))
     if entering.ndim != 2:
         raise ValueError(f"{path.layer} (Linear) receives each image as a {tuple(entering.shape[1:])} tensor, not "

@@ -151,6 +151,8 @@ class Branchy(nn.Module):
     (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10)),
      ["1 (BatchNorm2d)", "batch"]),
     (nn.Sequential(nn.Flatten(), nn.Linear(3072, 10)), ["1 (Linear)", "no ReLU"]),
+    (nn.Sequential(nn.Flatten(), nn.Linear(3072, 64, bias=False), nn.ReLU(), nn.Linear(64, 10)),
+     ["1 (Linear)", "no bias"]),
     (nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Flatten(), nn.Linear(1536, 10)), ["0 (Linear)", "flat vector"]),
     (nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(8 * 30 * 30, 32), nn.ReLU()),
      ["1 (Sigmoid)"]),
