@@ -18,8 +18,9 @@ the path attacker/carry.py finds from the image to the model's first linear laye
 
 Both read a row fired by one image alone as dW / db, the layer's input for that image, mapped back to an
 image in [0, 1] through the carrying (attacker.carry.CarriedReadout, whose `carried.description` says what it
-did; the server's log prints it at the first arming). Their targets' replies are left out of the average: their whole model was not the global one. A model
-they cannot reach gets one line naming the layer that stops the image and why.
+did; the server's log prints it at the first arming). Their targets' replies are left out of the average:
+their whole model was not the global one. A model they cannot reach gets one line naming the layer that stops
+the image and why.
 """
 from logging import INFO
 from typing import Self, cast
