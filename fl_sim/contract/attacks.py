@@ -18,7 +18,7 @@ from fl_sim.contract.presets import AttackConfig, LabelStrategy, Objective, Opti
 from fl_sim.contract.setting import ConfigError
 
 IMPRINT_BINS = 256  # the imprint block's rows for an attack that needs it, when --imprint-bins is 0
-TRAP_EVERYONE = ("--attack trap without --attack-clients traps every client, and a trapped client's reply is "
+TRAP_EVERYONE = ("--attack trap or qbi without --attack-clients traps every client, and a trapped client's reply is "
                  "left out of the average, so the global model will not change; name the targets with "
                  "--attack-clients (e.g. 0) to let the others train it")
 
@@ -209,8 +209,14 @@ register(AttackSpec(
     "Robbing the Fed (Fowl et al. 2022): an imprint block of binning rows in front of the model",
     needs_imprint=True, options=("imprint_bins", "imprint_blocks")))
 register(AttackSpec(
-    "trap", AttackKind.ACTIVE, "fl_sim.server.active:TrapAttack",
-    "trap weights (Boenisch et al. 2023): rows of the first linear layer that fire for few images",
+    "trap", AttackKind.ACTIVE, "fl_sim.server.param_only:TrapAttack",
+    "trap weights (Boenisch et al. 2023): rows of the first linear layer that fire for few images; parameter "
+    "values only (a user's model: convolutions before it set to carry the image, LOKI-style)",
+    needs=ModelTrait.DENSE_SEES_IMAGE, averages_targets=False))
+register(AttackSpec(
+    "qbi", AttackKind.ACTIVE, "fl_sim.server.param_only:QbiAttack",
+    "quantile-based bias initialisation (Nowak et al. 2024): random rows of the first linear layer, each bias "
+    "at its pre-activation's 1 - 1/B quantile over the public images; parameter values only, the trap's reach",
     needs=ModelTrait.DENSE_SEES_IMAGE, averages_targets=False))
 register(AttackSpec(
     "trap-quiet", AttackKind.ACTIVE, "fl_sim.server.active:QuietTrapAttack",
