@@ -73,21 +73,27 @@ def flwr_run(app: Path, home: Path, supernodes: int, overrides: str) -> FlwrRun:
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+# The attack each end-to-end run audits with: a passive one on the CNN (2 iterations: its rows, not its quality), the
+# parameter-only trap on the MLP, whose first layer sees the whole image.
+E2E_ATTACKS = {"quickstart-pytorch": "ig", "mlp-pytorch": "trap"}
+
+
 @pytest.mark.parametrize("name", APPS)
 def test_the_audited_app_runs_under_flwr_run_with_a_row_and_images_for_every_client_and_round(name, shared_data,
                                                                                                tmp_path):
-    """`flwr run examples/APP` as its README says, made small through `-c` (2 SuperNodes of 16 training images, 2
-    rounds, a 2-iteration ig): Flower marks the run finished, every client trained every round, and the
-    malicious server wrote a scored row, the reconstruction and its nearest reference images for each of them,
-    and the gallery."""
-    rounds, clients, examples, out = 2, 2, 16, tmp_path / "audit"
+    """`flwr run examples/APP` as its README says, made small through `-c` (2 SuperNodes of 16 training images, one
+    step of 16 a round, 2 rounds): Flower marks the run finished, and the malicious server wrote a scored row, the
+    reconstruction and its nearest reference images for every client in every round, and the gallery; the trap
+    on the MLP recovers images exactly."""
+    rounds, clients, examples, out, attack = 2, 2, 16, tmp_path / "audit", E2E_ATTACKS[name]
     overrides = (f"num-server-rounds={rounds} fraction-train=1.0 data-path='{cifar(shared_data)}' "
-                 f"max-train-examples={examples} audit-out='{out}' audit-attack='ig' audit-iterations=2")
+                 f"max-train-examples={examples} batch-size={examples} audit-out='{out}' audit-attack='{attack}' "
+                 "audit-iterations=2")
     result = flwr_run(EXAMPLES / name, tmp_path / "flwr-home", clients, overrides)
-    print(f"{name}: flwr run took {result.seconds:.1f} s")
+    print(f"{name}: flwr run with {attack} took {result.seconds:.1f} s")
     log = result.done.stdout
     assert result.run["status"] == "finished:completed", (result.run, log[-3000:])
-    assert log.count(f"aggregate_train: Received {clients} results and 0 failures") == rounds, log[-3000:]
+    assert log.count(f"audit round {rounds}: {clients} client(s)") == 1, log[-3000:]
 
     rows = read_metrics(out / "metrics.jsonl")
     nodes = {row.client for row in rows}
@@ -101,6 +107,8 @@ def test_the_audited_app_runs_under_flwr_run_with_a_row_and_images_for_every_cli
         for image in ("reconstruction.png", "truth.png"):
             path = out / client_folder(row.round, row.client) / image
             assert path.read_bytes().startswith(PNG), f"{path} is not a PNG"
+        if attack == "trap":
+            assert max(row.psnr_images or []) >= 40, f"trap recovered no image exactly: {row}"
     gallery = (out / "gallery.html").read_text()
     missing = [row for row in rows if f"{client_folder(row.round, row.client)}/reconstruction.png" not in gallery]
     assert not missing, f"the gallery shows no reconstruction of {missing}"
@@ -218,11 +226,13 @@ def test_each_active_attack_refuses_the_net_in_one_line_or_sends_what_the_client
         except RunRefused as refusal:
             refused[attack] = str(refusal)
             continue
-        messages = list(strategy.configure_train(1, ArrayRecord(task.Net().state_dict()), ConfigRecord({"lr": 0.1}),
+        global_weights = task.Net().state_dict()
+        messages = list(strategy.configure_train(1, ArrayRecord(global_weights), ConfigRecord({"lr": 0.1}),
                                                  TwoNodes()))
         assert len(messages) == 2
-        for msg in messages:
-            client.received_model(msg)  # load_state_dict, strict
+        received = [client.received_model(msg).state_dict() for msg in messages]  # load_state_dict, strict
+        armed = any(not torch.equal(model[key], global_weights[key]) for model in received for key in model)
+        assert armed == (attack != "ig"), f"{attack} sent {'armed' if armed else 'the global'} weights"
         loaded.append(attack)
     print(f"{name}: loaded strictly {loaded}; refused {sorted(refused)}")
     assert "ig" in loaded
