@@ -238,3 +238,17 @@ def test_each_active_attack_refuses_the_net_in_one_line_or_sends_what_the_client
     assert "ig" in loaded
     for attack, message in refused.items():
         assert attack in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_the_readmes_diff_is_the_server_apps_code(name):
+    """The README's diff of the malicious server against the honest one: its added and kept lines are the server
+    app's, its removed line is gone from it."""
+    readme = (EXAMPLES / name / "README.md").read_text()
+    diff = readme.split("```diff\n")[1].split("```")[0].splitlines()
+    server = {line.strip() for line in (EXAMPLES / name / APPS[name] / "server_app.py").read_text().splitlines()}
+    kept = [line[1:].strip() for line in diff if line[:1] in "+ " and line[1:].strip() not in ("", "...")]
+    removed = [line[1:].strip() for line in diff if line.startswith("-")]
+    assert kept and removed, diff
+    assert [line for line in kept if line not in server] == [], "the README's diff is not the server app's code"
+    assert not set(removed) & server, "the README's removed line is still in the server app"
