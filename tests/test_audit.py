@@ -195,3 +195,21 @@ def test_nearest_finds_each_reconstruction_and_counts_each_reference_image_once(
     assert scores["recovered_at_40db"] == pytest.approx(3 / 5)  # image 7 twice counts once; the unrelated one not
     assert scores["psnr_images"][4] < 20 and min(scores["psnr_images"][:4]) > 40
     assert torch.equal(matched[0], reference.images(torch.tensor([7]))[0])
+
+
+def wide_net() -> nn.Module:
+    """A user's MLP wide enough for the parameter-only attacks' rows."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def test_a_parameter_only_attack_reads_a_users_mlp_that_loads_what_it_is_sent_strictly(cifar, tmp_path, monkeypatch):
+    """qbi sets values of the user's own first layer: the stock client loads them strictly, and one step of B images
+    gives most of them back exactly, scored against the nearest reference images."""
+    monkeypatch.setitem(globals(), "user_net", wide_net)  # the ClientApp builds this MLP
+    out = tmp_path / "audit"
+    audit(cifar, out, user_app(cifar), rounds=1, nodes=2, attack="qbi", model=wide_net(), public=cifar.parent / "test")
+
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row.status for row in rows] == ["ok", "ok"]
+    assert all((row.recovered_at_40db or 0) >= 0.5 for row in rows), [row.recovered_at_40db for row in rows]

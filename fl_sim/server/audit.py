@@ -150,7 +150,7 @@ class Audit:
         if spec.needs_imprint:
             raise AuditError(f"{self.attack} adds layers to the model (the imprint block): a client that loads what "
                              "it is sent strictly (load_state_dict's default) refuses it. Parameter-only attacks "
-                             "reach a user's model: trap, or a passive one (ig, fedavg, ...)")
+                             "reach a user's model: trap, qbi, or a passive one (ig, fedavg, ...)")
         if self.loss not in LOSSES:
             raise AuditError(f"loss {self.loss!r}: the attack replays {', '.join(LOSSES)} only")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.max_images < 1 or self.every < 1:
@@ -237,6 +237,7 @@ class AuditStrategy(InvertingStrategy):
         super().__init__(strategy, attack, recorder, partitions=NodeNames(), apps=apps,
                          max_shard=10**9)
         self.audit, self.audit_recorder, self.model, self.denormalize = audit, recorder, model, denormalize
+        self.seen_counts: list[int] = []  # the num-examples of the last round's replies
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -254,6 +255,13 @@ class AuditStrategy(InvertingStrategy):
         log(INFO, "fl-sim audit: the reconstructions of every client and round are in %s",
             Path(self.audit.out) / "gallery.html")
         return result
+
+    def design_images(self, settings: TrainingSettings) -> int:
+        """What an active attack arms for: the clients' median num-examples of the last round read (the server
+        learns them from the replies), before any reply one epoch's batches; never more than `max_images`."""
+        seen = sorted(self.seen_counts)
+        guess = seen[len(seen) // 2] if seen else settings.batch_size * settings.epochs
+        return max(1, min(self.audit.max_images, guess))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -273,6 +281,8 @@ class AuditStrategy(InvertingStrategy):
             count = metrics.get(self.weighted_by_key) if metrics is not None else None
             if isinstance(count, int | float):
                 counts[node] = int(count)
+        if counts:
+            self.seen_counts = list(counts.values())
         try:
             return super().aggregate_train(server_round, replies)
         finally:
@@ -426,7 +436,9 @@ def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: C
         built = build_attack(AttackContext(audit.attack, config, attack_model, (channels, height, width), classes,
                                            device, public_images if public_given is not None else no_public))
     except (ValueError, TypeError) as error:
-        raise AuditError(f"{audit.attack} cannot attack {type(model).__name__}: {error}") from None
+        said = str(error)
+        raise AuditError(said if said.startswith(audit.attack) else
+                         f"{audit.attack} cannot attack {type(model).__name__}: {said}") from None
     names = tuple(name for name, _ in model.named_parameters())
     server_attack = ServerAttack(built, names, AttackPlan(audit.every), audit.seed, audit.max_images)
     recorder = AuditRecorder(out, lambda: reference)

@@ -84,6 +84,7 @@ class LegacyAuditStrategy(LegacyStrategy):
         self.strategy, self.attack, self.recorder, self.names = strategy, attack, recorder, tuple(names)
         self.settings, self.out = settings, out
         self.sent: LegacyRound | None = None
+        self.seen_counts: list[int] = []  # the num-examples of the last round's replies: what the attack arms for
 
     def __repr__(self) -> str:
         return f"LegacyAuditStrategy({self.attack.name}, {self.strategy!r})"
@@ -101,7 +102,9 @@ class LegacyAuditStrategy(LegacyStrategy):
         nodes = tuple(proxy.node_id for proxy, _ in instructions)
         sent = LegacyRound(server_round, global_weights, settings, nodes)
         if self.attack.plan.round_attacked(server_round) and nodes:
-            design = settings.for_shard(self.attack.max_images)
+            seen = sorted(self.seen_counts)
+            guess = seen[len(seen) // 2] if seen else settings.batch_size * settings.epochs
+            design = settings.for_shard(max(1, min(self.attack.max_images, guess)))
             armed = arm_round(self.attack.attack, global_weights, design, len(nodes), nodes, secure_aggregation=True)
             sent.armed = armed
             serialised: dict[int, Parameters] = {}
@@ -124,6 +127,8 @@ class LegacyAuditStrategy(LegacyStrategy):
             raise RuntimeError(f"replies of round {server_round} arrived, but that round was not configured")
         try:
             counts = {proxy.node_id: int(fitres.num_examples) for proxy, fitres in results}
+            if counts:
+                self.seen_counts = list(counts.values())
             self.recorder.counts[server_round] = dict(counts)
             reasons = list(dict.fromkeys(failure_reason(failure) if isinstance(failure, BaseException)
                                          else failure[1].status.message for failure in failures))

@@ -210,7 +210,7 @@ class InvertingStrategy(Strategy):
         if attack and attack.plan.round_attacked(server_round):
             sampled = (self.partitions.get(msg.metadata.dst_node_id) for msg in messages)
             targets = attack.plan.targets(client for client in sampled if client is not None)  # this round's
-            design = settings.for_shard(attack.max_images)  # epochs mode: the largest shard it will read
+            design = settings.for_shard(self.design_images(settings))
             armed = arm_round(attack.attack, global_weights, design, len(messages), targets, self.secure_aggregation)
             sent_to = {client: armed.weights[client] if armed and client in armed.weights else global_weights
                        for client in targets}
@@ -226,6 +226,12 @@ class InvertingStrategy(Strategy):
         self._sent = SentRound(server_round, global_weights, settings, expected,
                                tuple(msg.metadata.dst_node_id for msg in messages), sent_to, armed)
         return messages
+
+    def design_images(self, settings: TrainingSettings) -> int:
+        """The images behind an update that an active attack arms for, in epochs mode (where they are the clients'
+        shards): the largest shard it will read."""
+        assert self.attack is not None
+        return self.attack.max_images
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
