@@ -155,7 +155,7 @@ def image_path(model: nn.Module, image_shape: tuple[int, int, int]) -> ImagePath
     if getattr(model.get_submodule(path.layer), "bias", None) is None:
         raise ValueError(f"{path.layer} (Linear) has no bias: a row's bias change is what divides its weight change "
                          "into the image")
-    entering = _capture(model, path.layer, torch.zeros(2, *image_shape))
+    entering = layer_input(model, path.layer, torch.zeros(2, *image_shape))
     if entering.ndim != 2:
         raise ValueError(f"{path.layer} (Linear) receives each image as a {tuple(entering.shape[1:])} tensor, not "
                          "one flat vector, so each of its rows sees only part of the image")
@@ -254,7 +254,7 @@ def _hooked_path(model: nn.Module, image_shape: tuple[int, int, int], why: str) 
     return ImagePath(linear, True, tuple(steps), traced=False)
 
 
-def _capture(model: nn.Module, name: str, images: torch.Tensor, output: bool = False) -> torch.Tensor:
+def layer_input(model: nn.Module, name: str, images: torch.Tensor, output: bool = False) -> torch.Tensor:
     """The input (or output) of module `name` when `model` runs `images` (its forward pre-hooks included)."""
     seen: list[torch.Tensor] = []
 
@@ -310,11 +310,11 @@ def carry_convs(model: nn.Module, path: ImagePath, image_shape: tuple[int, int, 
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
         kernel = (int(conv.kernel_size[0]), int(conv.kernel_size[1]))
-        entering = _capture(model, name, zeros)  # what enters it, black image: its carried values' least
+        entering = layer_input(model, name, zeros)  # what enters it, black image: its carried values' least
         if index < len(convs) - 1:
             taps = [(kernel[0] // 2, kernel[1] // 2)]
         else:
-            out = _capture(model, name, zeros, output=True)
+            out = layer_input(model, name, zeros, output=True)
             after = [step for step in path.steps[[s.name for s in path.steps].index(name) + 1:]]
             pooled = 1
             for step in after:
@@ -458,7 +458,7 @@ def probe(model: nn.Module, layer: str, image_shape: tuple[int, int, int],
     count = image_shape[0] * image_shape[1] * image_shape[2]
 
     def inputs(images: torch.Tensor) -> torch.Tensor:
-        return _capture(model, layer, images).flatten(1).double()
+        return layer_input(model, layer, images).flatten(1).double()
 
     base = inputs(torch.zeros(1, *image_shape))[0]
     response = torch.cat([inputs(torch.eye(count)[start: start + ProbeBatch].reshape(-1, *image_shape)) - base

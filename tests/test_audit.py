@@ -213,3 +213,14 @@ def test_a_parameter_only_attack_reads_a_users_mlp_that_loads_what_it_is_sent_st
     rows = read_metrics(out / "metrics.jsonl")
     assert [row.status for row in rows] == ["ok", "ok"]
     assert all((row.recovered_at_40db or 0) >= 0.5 for row in rows), [row.recovered_at_40db for row in rows]
+
+
+def test_spear_reads_a_users_mlp_exactly_without_changing_it(cifar, tmp_path):
+    """The passive exact attack on the user's own linear first layer: the batch back from the gradient's rank and the
+    ReLU's zeros, each layer input mapped back through the declared normalization into pixels."""
+    out = tmp_path / "audit"
+    audit(cifar, out, user_app(cifar), rounds=1, nodes=2, attack="spear")
+
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row.status for row in rows] == ["ok", "ok"], [row.reason for row in rows]
+    assert all((row.recovered_at_40db or 0) == 1.0 for row in rows), [row.recovered_at_40db for row in rows]

@@ -22,6 +22,7 @@ from torch import nn
 
 from attacker import Reconstruction, Status, recover_labels
 from attacker.analytic import CONFIRMED, UNRECOVERED
+from attacker.carry import image_path, layer_input
 from attacker.cocktail import cocktail
 from attacker.labels import mean_softmax
 from attacker.spear import BUDGET, spear
@@ -33,8 +34,11 @@ from fl_sim.server.attacks import Armed, Attack, AttackContext, Observed, Settin
 INVERSION_LR = 0.05  # Adam's step on the images' logits when the features are inverted through the convolutions
 
 
-def first_relu_layer(model: nn.Module) -> tuple[str, nn.Linear, nn.Module | None]:
-    """The first linear layer followed by a ReLU, and the convolutions before it (None: it sees the image)."""
+def first_relu_layer(model: nn.Module,
+                     image_shape: tuple[int, int, int] | None = None) -> tuple[str, nn.Linear, nn.Module | None]:
+    """The first linear layer followed by a ReLU, and the convolutions before it (None: it sees the image). fl-sim's
+    `mlp` and `cnn` name theirs; any other model (a user's own, with `image_shape`) is read by the image's path
+    (attacker/carry.py), and reached only where that layer sees the image itself (a linear first layer)."""
     if isinstance(model, MLP):
         layer = model.layers[1]
         assert isinstance(layer, nn.Linear)
@@ -43,7 +47,29 @@ def first_relu_layer(model: nn.Module) -> tuple[str, nn.Linear, nn.Module | None
         layer = model.classifier[0]
         assert isinstance(layer, nn.Linear)
         return "classifier.0", layer, model.features
+    if image_shape is not None:
+        path = image_path(model, image_shape)  # a path the image cannot take is refused in one line there
+        found = model.get_submodule(path.layer)
+        if not path.relu or path.convs or not isinstance(found, nn.Linear):
+            raise ValueError(f"the exact batch attacks read a linear layer that sees the image and is followed by a "
+                             f"ReLU; {type(model).__name__}'s first, {path.layer}, "
+                             f"{'sees it through ' + ', '.join(path.convs) if path.convs else 'has no ReLU after it'}")
+        return path.layer, found, None
     raise ValueError(f"the exact batch attacks read a ReLU linear layer (mlp, cnn), not {type(model).__name__}")
+
+
+def pixel_map(model: nn.Module, layer: str, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offset, scale) with the layer's input = offset + scale x the image's pixels, entry by entry, for a layer that
+    sees the image (a model's input normalization makes them other than 0 and 1); checked on a random image."""
+    zero = layer_input(model, layer, torch.zeros(1, *image_shape)).flatten().double()
+    scale = layer_input(model, layer, torch.ones(1, *image_shape)).flatten().double() - zero
+    probe = torch.rand(1, *image_shape, generator=torch.Generator().manual_seed(0))
+    seen = layer_input(model, layer, probe).flatten().double()
+    if len(seen) != probe.numel() or (scale.abs() < 1e-12).any() or \
+            not torch.allclose(seen, zero + scale * probe.flatten().double(), atol=1e-4):
+        raise ValueError(f"{layer}'s input is not the image's pixels, each scaled and shifted: the exact batch attacks "
+                         "cannot place it back into images")
+    return zero, scale
 
 
 class ExactBatchAttack(Attack):
@@ -53,7 +79,8 @@ class ExactBatchAttack(Attack):
                  iterations: int):
         self.model, self.public, self.image_shape = model, public.float(), image_shape
         self.num_classes, self.iterations = num_classes, iterations
-        self.layer, _, self.convolutions = first_relu_layer(model)
+        self.layer, _, self.convolutions = first_relu_layer(model, image_shape)
+        self.pixels = pixel_map(model, self.layer, image_shape) if self.convolutions is None else None
         self.features: list[torch.Tensor | None] = []  # the last round's recovered layer inputs, per victim
 
     @classmethod
@@ -92,8 +119,11 @@ class ExactBatchAttack(Attack):
             return Reconstruction.failure(Status.FAILED, f"{len(found)} inputs read off the layer, more than the "
                                                          f"{count} images the update holds")
         found = found.float()
-        images = (found.reshape(-1, *self.image_shape) if self.convolutions is None
-                  else self.invert(found)).clamp(0, 1)
+        if self.pixels is not None:  # the layer's inputs back into pixels
+            offset, scale = self.pixels
+            images = ((found.double() - offset) / scale).float().reshape(-1, *self.image_shape).clamp(0, 1)
+        else:
+            images = self.invert(found).clamp(0, 1)
         missing = count - len(images)
         status = [CONFIRMED] * len(images) + [UNRECOVERED] * missing
         images = torch.cat([images, torch.zeros(missing, *self.image_shape)])
@@ -128,9 +158,9 @@ class ExactBatchAttack(Attack):
 
     def off_rates(self) -> torch.Tensor:
         """Each unit's share of the server's public images that leave it off, at the sent weights."""
-        _, layer, convolutions = first_relu_layer(self.model)
+        _, layer, _ = first_relu_layer(self.model, self.image_shape)
         with torch.no_grad():
-            inputs = self.public if convolutions is None else convolutions(self.public)
+            inputs = layer_input(self.model, self.layer, self.public)
             return (layer(inputs.flatten(1)) <= 0).double().mean(0)
 
 
@@ -142,7 +172,7 @@ class SpearAttack(ExactBatchAttack):
 
     def recover(self, weight_changes: list[torch.Tensor], bias_changes: list[torch.Tensor],
                 observed: Sequence[Observed], seed: int) -> list[torch.Tensor | str]:
-        layer = first_relu_layer(self.model)[1]
+        layer = first_relu_layer(self.model, self.image_shape)[1]
         weights = (layer.weight.detach(), layer.bias.detach())
         rates = self.off_rates()
         found = spear(weight_changes, bias_changes, [weights] * len(observed), off_rates=[rates] * len(observed),
