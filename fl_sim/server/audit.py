@@ -61,6 +61,7 @@ from fl_sim.server.strategy import ClientApps, InvertingStrategy, NodeNames
 __all__ = ["Audit", "AuditError", "AuditStrategy", "malicious"]
 
 PREFIX = "audit-"  # the run-config keys that override `malicious`'s arguments
+OWN_MODELS_ONLY = ("trap-quiet",)  # attacks written against fl-sim's model classes (their declared trap layer)
 LOSSES = ("cross_entropy",)  # what the inversion engine replays (torch.nn.CrossEntropyLoss, mean over the batch)
 Images = str | Path | torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -147,6 +148,9 @@ class Audit:
         spec = find_attack(self.attack)
         if spec is None:
             raise AuditError(f"unknown attack {self.attack!r}: one of {', '.join(attack_names())}")
+        if self.attack in OWN_MODELS_ONLY:
+            raise AuditError(f"{self.attack} arms fl-sim's own models (mlp, cnn) only; on a user's model use trap or "
+                             "qbi")
         if spec.needs_imprint:
             raise AuditError(f"{self.attack} adds layers to the model (the imprint block): a client that loads what "
                              "it is sent strictly (load_state_dict's default) refuses it. Parameter-only attacks "
@@ -412,7 +416,10 @@ def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: C
     audit = Audit.resolved(arguments, run_config)
     normalize = given["normalize"]
     reference_given = run_config.get(PREFIX + "reference", given["reference"])
-    public_given = run_config.get(PREFIX + "public", given["public"]) or reference_given
+    reference_given = None if isinstance(reference_given, str) and not reference_given else reference_given
+    public_given = run_config.get(PREFIX + "public", given["public"])
+    public_given = reference_given if isinstance(public_given, str) and not public_given or public_given is None \
+        else public_given
     reference = load_images(reference_given, normalize, "reference") if reference_given is not None else None
     shape = given["image_shape"] or (tuple(reference.pixels.shape[1:]) if reference is not None else None)
     if shape is None:
@@ -426,6 +433,9 @@ def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: C
 
     def public_images() -> torch.Tensor:
         if not public_set:
+            if public_given is None:
+                raise AuditError("this attack places its rows by the server's own images: name them (public= or "
+                                 "reference=)")
             public_set.append(reference if public_given is reference_given and reference is not None
                               else load_images(public_given, normalize, "public"))
         return public_set[0].images(torch.arange(len(public_set[0])))
@@ -434,7 +444,7 @@ def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: C
     config = audit.run_config()
     try:
         built = build_attack(AttackContext(audit.attack, config, attack_model, (channels, height, width), classes,
-                                           device, public_images if public_given is not None else no_public))
+                                           device, public_images))
     except (ValueError, TypeError) as error:
         said = str(error)
         raise AuditError(said if said.startswith(audit.attack) else
@@ -449,10 +459,6 @@ def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: C
         return LegacyAuditStrategy(strategy, server_attack, recorder, list(model.state_dict()), apps.settings,
                                    audit.out)
     return AuditStrategy(strategy, server_attack, recorder, audit, model, apps, partial(denormalized, normalize))
-
-
-def no_public() -> torch.Tensor:
-    raise AuditError("this attack places its rows by the server's own images: name them (public= or reference=)")
 
 
 def denormalized(normalize: tuple[Sequence[float], Sequence[float]] | None, images: torch.Tensor) -> torch.Tensor:

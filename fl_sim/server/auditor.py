@@ -95,8 +95,9 @@ class AuditRecorder:
             images = torch.cat([found[0] for found in disclosed if found is not None])
             labels = torch.cat([found[1] for found in disclosed if found is not None])
             return {**score_and_save(result, images, labels, folder), "scored_against": "what the client disclosed"}
-        if not result.ok:
-            return {"status": failure_status(result), "reason": result.reason,
+        if not result.ok:  # a skip names fl-sim's flag: here the cap is malicious()'s argument
+            reason = result.reason.replace("--max-attack-images", "max_images (run config audit-max-images)")
+            return {"status": failure_status(result), "reason": reason,
                     **{recovered_key(db): 0.0 for db in RECOVERED_DB}}
         reference = self.reference()
         if reference is None:
