@@ -175,8 +175,8 @@ def attack_round(attack: Attack, updates: Mapping[int, Weights], sent: Mapping[i
 
     The victims are the clients, or with `secure_aggregation` one victim, their mean update, holding all their
     examples. Each client trained on `counts[client]` examples (epochs mode: its shard). An update of more than
-    `max_images` images (None: no cap) is not read, nor a secure aggregate of epochs-mode updates (no one
-    training to replay); their rows say so. Victims that share their training and sent weights are read in
+    `max_images` images (None: no cap) is not read, nor, by an attack that replays the training, a secure aggregate
+    of epochs-mode updates (no one training to replay); their rows say so. Victims that share their training and sent weights are read in
     one `attack.read` call; one that raises fails only its own victims (a failed attack must not stop the
     federation).
 
@@ -195,7 +195,12 @@ def attack_round(attack: Attack, updates: Mapping[int, Weights], sent: Mapping[i
             mean_sent = sent[clients[0]] if all(sent[c] is sent[clients[0]] for c in clients) else \
                 mean_update(sent[c] for c in clients)
             mean = mean_update(updates[c] for c in clients)
-        assumed = None if settings.mode == TrainMode.EPOCHS else settings.for_mean_of(len(clients))
+        assumed: TrainingSettings | None
+        if settings.mode != TrainMode.EPOCHS:
+            assumed = settings.for_mean_of(len(clients))
+        else:  # nothing to replay; an analytic readout reads the sum of every client's epochs as it is
+            replays = attack_spec(attack.name).preset is not None
+            assumed = None if replays else settings.for_shard(sum(counts[c] for c in clients))
         observed = [(Victim(tuple(clients), secure_aggregate=True), mean, mean_sent, assumed)]
     else:  # each client's own count of images: its shard in epochs mode
         observed = [(Victim((c,)), updates[c], sent[c], settings.for_shard(counts[c])) for c in clients]
