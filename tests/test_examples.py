@@ -252,3 +252,22 @@ def test_the_readmes_diff_is_the_server_apps_code(name):
     assert kept and removed, diff
     assert [line for line in kept if line not in server] == [], "the README's diff is not the server app's code"
     assert not set(removed) & server, "the README's removed line is still in the server app"
+
+
+def test_the_secagg_app_audited_through_flowers_secagg_plus_reads_its_aggregate(shared_data, tmp_path):
+    """`flwr run examples/secagg-pytorch`: Flower's LegacyContext + SecAggPlusWorkflow with the legacy FedAvg wrapped.
+    The server sees one aggregate a round; the trap armed every client's model, and the row names the clients behind
+    the aggregate and the images it holds. The Net's pooled first layer gives back blurs, not images."""
+    clients, examples, out = 3, 8, tmp_path / "audit"
+    overrides = (f"num-server-rounds=1 min-clients={clients} batch-size={examples} max-train-examples={examples} "
+                 f"data-path='{cifar(shared_data)}' audit-out='{out}' audit-attack='trap'")
+    result = flwr_run(EXAMPLES / "secagg-pytorch", tmp_path / "flwr-home", clients, overrides)
+    print(f"secagg-pytorch: flwr run took {result.seconds:.1f} s")
+    assert result.run["status"] == "finished:completed", (result.run, result.done.stdout[-3000:])
+    assert "Secure aggregation completed" in result.done.stdout
+
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert (row.round, row.client, row.secure_aggregation) == (1, "aggregate", "secagg+")
+    assert len(row.clients or []) == clients and row.num_examples == clients * examples, row
+    assert row.status == "ok" and row.psnr is not None and (row.recovered_at_30db or 0) < 0.5, row
+    assert (out / client_folder(1, "aggregate") / "reconstruction.png").read_bytes().startswith(PNG)
