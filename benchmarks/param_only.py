@@ -182,7 +182,7 @@ def table(rows: list[dict], honest: dict[str, list[bool]], seeds: int, victims: 
         pairs = np.array(flags).reshape(-1, 2).mean(0)
         lines.append(f"honest {model}: inspect flags {pairs[0]:.0%} of fresh models, {pairs[1]:.0%} after one honest "
                      "step (false positives)")
-    seen = {}
+    seen: dict[str, str] = {}
     for row in rows:
         seen.setdefault(row["model"], row["what"])
     lines += [f"what reaches the layer, {model}: {what}" for model, what in seen.items()]

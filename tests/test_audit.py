@@ -3,6 +3,7 @@ model, loaded strictly; its own metrics; no partition id, no truth), driven in t
 own `start`."""
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -47,10 +48,11 @@ def user_app(folder: Path, disclose: bool = False, failing: int | None = None) -
         if partition == failing:
             raise RuntimeError("this client's disk is full")
         model = user_net()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())  # strict, as users load
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())  # strict, as users load
         images, labels = data.tensors(range(50 * partition, 50 * partition + B))
         inputs = (images - 0.5) / 0.5
-        optimizer = torch.optim.SGD(model.parameters(), lr=float(msg.content["config"]["lr"]), momentum=0.9)
+        lr = float(cast(float, msg.content.config_records["config"]["lr"]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         loss = nn.functional.cross_entropy(model(inputs), labels)
         optimizer.zero_grad()
         loss.backward()

@@ -5,38 +5,17 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from flower_helpers import live_commands
+from flower_helpers import flwr_env, superlinks_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FL_SIM = Path(sys.executable).parent / "fl-sim"
 FLWR = Path(sys.executable).parent / "flwr"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def flwr_env(home: Path) -> dict[str, str]:
-    """The flwr CLI with its own FLWR_HOME (its own local SuperLink, on free ports)."""
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def superlinks_of(flwr_home: Path) -> list[int]:
-    """Pids of the local SuperLinks `flwr run` started for this FLWR_HOME (it leaves them running)."""
-    return [pid for pid, command in live_commands()
-            if "flower-superlink" in command and f"{flwr_home}/local-superlink/" in command]
 
 
 @pytest.mark.parametrize("override, message", [

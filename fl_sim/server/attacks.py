@@ -176,9 +176,9 @@ def attack_round(attack: Attack, updates: Mapping[int, Weights], sent: Mapping[i
     The victims are the clients, or with `secure_aggregation` one victim, their mean update, holding all their
     examples. Each client trained on `counts[client]` examples (epochs mode: its shard). An update of more than
     `max_images` images (None: no cap) is not read, nor, by an attack that replays the training, a secure aggregate
-    of epochs-mode updates (no one training to replay); their rows say so. Victims that share their training and sent weights are read in
-    one `attack.read` call; one that raises fails only its own victims (a failed attack must not stop the
-    federation).
+    of epochs-mode updates (no one training to replay); their rows say so. Victims that share their training and
+    sent weights are read in one `attack.read` call; one that raises fails only its own victims (a failed attack
+    must not stop the federation).
 
     `revealed`: (update, sent) of the secure aggregate that Flower's SecAgg+ revealed (fl_sim/server/secagg.py):
     its weighted mean of the replies against the same mean of what they were sent; `updates` is then empty and

@@ -27,7 +27,7 @@ from fl_sim.results.nearest import Reference, nearest_scores
 from fl_sim.results.outputs import append_jsonl, inside, save_images
 from fl_sim.results.rows import RECOVERED_DB, metrics_row, recovered_key
 from fl_sim.server.attacks import Victim
-from fl_sim.server.round import ReplyFault
+from fl_sim.server.round import ReplyFault, write_faults
 
 __all__ = ["AuditRecorder", "Disclosed"]
 
@@ -53,9 +53,7 @@ class AuditRecorder:
         self.disclosed: dict[tuple[int, int], Disclosed] = {}  # (round, node) -> what it said it trained on
 
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
-        for fault in faults:
-            append_jsonl(self.out / "metrics.jsonl", metrics_row(fault.status, round=server_round, client=fault.client,
-                                                                 reason=fault.reason).to_json())
+        write_faults(self.out / "metrics.jsonl", server_round, faults)
 
     def record_inspection(self, server_round: int, flags: dict[int, int], attacked: frozenset[int]) -> None:
         """A user's clients send no inspection flags: nothing to record."""

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -32,12 +33,14 @@ from attacker import Reconstruction
 from fl_sim.contract.protocol import ARRAYS, NUM_EXAMPLES, TrainingSettings
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.learning.updates import Weights
+from fl_sim.results.outputs import append_jsonl
+from fl_sim.results.rows import metrics_row
 from fl_sim.server.attacks import Armed, Attack, AttackedRound, Victim, attack_round
 from fl_sim.server.background import AttackQueue
 from fl_sim.server.validation import ExpectedReply
 
 __all__ = ["AttackPlan", "Reading", "ReplyFault", "RoundRecorder", "RoundServer", "SentRound", "ServerAttack",
-           "end_round", "in_sent_dtypes", "round_seed", "shared_record"]
+           "end_round", "in_sent_dtypes", "round_seed", "shared_record", "write_faults"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class ReplyFault:
     client: int
     status: ReplyStatus
     reason: str
+
+
+def write_faults(metrics: Path, server_round: int, faults: Sequence[ReplyFault]) -> None:
+    """A metrics row per client-round the strategy left out (neither attacked nor averaged), appended to `metrics`."""
+    for fault in faults:
+        append_jsonl(metrics, metrics_row(fault.status, round=server_round, client=fault.client,
+                                          reason=fault.reason).to_json())
 
 
 class RoundRecorder(Protocol):

@@ -65,6 +65,7 @@ from fl_sim.server.background import AttackQueue
 from fl_sim.server.mosaic import check_rows
 from fl_sim.server.refusal import in_flower_terms, refuse_run
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
+from fl_sim.server.round import write_faults
 from fl_sim.server.secagg import SecAggParameters, SecAggPlusFace, run_secagg
 from fl_sim.server.strategy import (
     AttackPlan,
@@ -173,9 +174,7 @@ class Scoreboard:
 
     def record_faults(self, server_round: int, faults: list[ReplyFault]) -> None:
         """A row per client-round the strategy left out: neither attacked nor averaged."""
-        for fault in faults:
-            append_jsonl(self.out / "metrics.jsonl", metrics_row(fault.status, round=server_round, client=fault.client,
-                                                                 reason=fault.reason).to_json())
+        write_faults(self.out / "metrics.jsonl", server_round, faults)
 
 
 def each_client(victims: list[Victim], results: list[Reconstruction],
