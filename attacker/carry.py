@@ -1,4 +1,5 @@
-"""What a malicious server can carry of an image to the first linear layer of a model it did not design.
+"""What a malicious server can carry of an image to the first linear layer of a model it did not design (one module
+over 450 lines: the path, the carrying, the probe and the readout are one chain whose steps share their types).
 
 A client that loads the server's weights with `load_state_dict(strict=True)` into its own `nn.Module` lets the
 server choose parameter VALUES only. This module finds, for any such model, the path an image takes to its

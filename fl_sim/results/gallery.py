@@ -1,4 +1,5 @@
-"""OUT/gallery.html: every attacked client's truth beside its reconstruction, round by round.
+"""OUT/gallery.html: every attacked client's truth beside its reconstruction, round by round (over 450 lines: one
+page's parts, the settings of fl-sim's runs and of audited apps, the rounds, the clients, the paging, drawn together).
 
 Built only from what the run already wrote (run.json, global.jsonl, metrics.jsonl and the PNGs), so it
 can be rebuilt after every round, or at any time later. Every value from those files is escaped, and

@@ -1,4 +1,5 @@
-"""The malicious server in a Flower app fl-sim did not write: `fl_sim.malicious(strategy, model=Net(), ...)`.
+"""The malicious server in a Flower app fl-sim did not write: `fl_sim.malicious(strategy, model=Net(), ...)` (over 450
+lines: the public call's signature stands three times, its two typed overloads and itself, with its full docstring).
 
 A user's ServerApp changes one line, the strategy's, and its server becomes a malicious one that attacks every
 client's reply before the user's strategy aggregates it:

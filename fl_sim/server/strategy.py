@@ -9,11 +9,10 @@ which alone may compare them with the truth. The wrapped strategy (FedAvg, FedPr
 Krum or a user's own) then aggregates the accepted replies exactly as it would without the wrapper, and
 its aggregate is cast back to the dtypes of the model it sent (`in_sent_dtypes`).
 
-A reply that is an error, missing, or would poison the average is neither attacked nor aggregated;
-the recorder gets its client and reason. A client that inspected the model it was sent and refused it
-(`--defense inspect`, clients/inspection.py) sent an error reply of code INSPECTION_REFUSED: it is recorded
-as refused. Under `inspect:flag` every reply carries `inspect-flags` (the checks the model it was sent
-failed, as a bit mask); the strategy takes it off the reply before aggregating and tells the recorder.
+A reply that is an error, missing, or would poison the average is neither attacked nor aggregated; the recorder
+gets its client and reason. A client that refused the model it was sent (`--defense inspect`) sent an error of code
+INSPECTION_REFUSED: it is recorded as refused. Under `inspect:flag` every reply carries `inspect-flags` (the failed
+checks, a bit mask); the strategy takes it off the reply before aggregating and tells the recorder.
 
 With `secure_aggregation` the server learns only the clients' mean update. Under `--defense secagg` that is
 Flower's real SecAgg+ (fl_sim/server/secagg.py: the protocol runs on the legacy hooks, and its face there passes
@@ -121,13 +120,11 @@ class ClientApps:
     Parameters
     ----------
     settings
-        The local training a train message's config asks for (fl-sim's own keys by default; a user's app:
-        fl_sim/server/audit.py reads its keys and run config).
+        The local training a train message's config asks for (a user's app: fl_sim/server/audit.py's reader).
     metrics
         The metrics every reply holds besides the example count (fl-sim's ClientApp: its train loss).
     named_by_partition
-        Each reply names its client by `partition-id` (fl-sim's ClientApp), which the strategy checks and takes
-        off before aggregating; False: a user's ClientApp, named by its Flower node id.
+        Replies name their client by `partition-id`, checked and taken off (False: by Flower node id).
     open_metrics
         Other metrics are allowed in a reply (a user's ClientApp reports what it likes).
     """
@@ -147,7 +144,7 @@ class NodeNames(Mapping[int, int]):
     def __contains__(self, node: object) -> bool:
         return isinstance(node, int)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int]:  # no node is known before it replies
         return iter(())
 
     def __len__(self) -> int:
@@ -189,8 +186,8 @@ class InvertingStrategy(Strategy):
         return self._sent
 
     def summary(self) -> None:
-        log(INFO, "\t├── InvertingStrategy: %s, secure aggregation %s, around:",
-            self.attack.name if self.attack else "no attack", self.secure_aggregation)
+        log(INFO, "\t├── InvertingStrategy: %s, secure aggregation %s, around:", self.attack.name if self.attack
+            else "no attack", self.secure_aggregation)
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -228,10 +225,8 @@ class InvertingStrategy(Strategy):
         return messages
 
     def design_images(self, settings: TrainingSettings) -> int:
-        """The images behind an update that an active attack arms for, in epochs mode (where they are the clients'
-        shards): the largest shard it will read."""
-        assert self.attack is not None
-        return self.attack.max_images
+        """What an active attack arms for in epochs mode (images behind an update): the largest shard it reads."""
+        return self.attack.max_images if self.attack is not None else 1
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
