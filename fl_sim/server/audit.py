@@ -53,7 +53,7 @@ from fl_sim.learning.data import DataNotFoundError, image_folder
 from fl_sim.results.nearest import Reference
 from fl_sim.results.outputs import write_json
 from fl_sim.server.attacks import AttackContext, build_attack
-from fl_sim.server.audit_legacy import LegacyAuditStrategy
+from fl_sim.server.audit_legacy import LegacyAuditStrategy, design_images
 from fl_sim.server.auditor import AuditRecorder
 from fl_sim.server.refusal import refuse_run
 from fl_sim.server.round import AttackPlan, ServerAttack
@@ -264,9 +264,7 @@ class AuditStrategy(InvertingStrategy):
     def design_images(self, settings: TrainingSettings) -> int:
         """What an active attack arms for: the clients' median num-examples of the last round read (the server
         learns them from the replies), before any reply one epoch's batches; never more than `max_images`."""
-        seen = sorted(self.seen_counts)
-        guess = seen[len(seen) // 2] if seen else settings.batch_size * settings.epochs
-        return max(1, min(self.audit.max_images, guess))
+        return design_images(self.seen_counts, settings, self.audit.max_images)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

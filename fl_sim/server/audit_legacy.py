@@ -44,7 +44,15 @@ from fl_sim.server.auditor import AuditRecorder
 from fl_sim.server.round import ReplyFault, ServerAttack, round_seed
 from fl_sim.server.secagg import failure_reason, revealed_update
 
-__all__ = ["LegacyAuditStrategy"]
+__all__ = ["LegacyAuditStrategy", "design_images"]
+
+
+def design_images(seen_counts: Sequence[int], settings: TrainingSettings, most: int) -> int:
+    """What an audit's active attack arms for: the clients' median num-examples of the last round read (the server
+    learns them from the replies), before any reply one epoch's batches; never more than `most` (max_images)."""
+    seen = sorted(seen_counts)
+    guess = seen[len(seen) // 2] if seen else settings.batch_size * settings.epochs
+    return max(1, min(most, guess))
 
 
 @dataclass
@@ -102,9 +110,7 @@ class LegacyAuditStrategy(LegacyStrategy):
         nodes = tuple(proxy.node_id for proxy, _ in instructions)
         sent = LegacyRound(server_round, global_weights, settings, nodes)
         if self.attack.plan.round_attacked(server_round) and nodes:
-            seen = sorted(self.seen_counts)
-            guess = seen[len(seen) // 2] if seen else settings.batch_size * settings.epochs
-            design = settings.for_shard(max(1, min(self.attack.max_images, guess)))
+            design = settings.for_shard(design_images(self.seen_counts, settings, self.attack.max_images))
             armed = arm_round(self.attack.attack, global_weights, design, len(nodes), nodes, secure_aggregation=True)
             sent.armed = armed
             serialised: dict[int, Parameters] = {}
