@@ -14,11 +14,15 @@ Learning", NeurIPS 2024):
 - scale: a candidate is a direction only; dc = U_b Q s fixes each column's scale (and sign) s = Q^{-1} U_b^T dc,
   so X^T = diag(s)^{-1} Q^{-1} S_b V_b^T.
 
-The b candidates are chosen greedily from the filtered ones (sparsest first, each linearly independent of
-those chosen). With the layer's weights, the last few need no sampling: the missing images' rows of Q^{-1} lie
-in the normal space of the known columns, and a point p there gives an input R^T p / (p . U_b^T dc) whose
-pre-activations say which units it leaves off, and so (from their rows of U_b) its direction: exactly when one
-is missing (`_complete`), by a search over that space when 2 or 3 are (`_normal_search`).
+Each filtered candidate is refit on all the rows it is zero on (attacker/spear_pool.py): an image's direction
+is then exact to the gradient's precision and counts all its zeros. Two images that leave many of the same
+units off make mixtures that are zero on nearly as many rows; the rows both leave off are orthogonal to a
+plane, not a line, so a mixture is told apart and split into the two images' own directions. The b candidates
+are chosen greedily from the refit ones (sparsest first, each linearly independent of those chosen). With the
+layer's weights, the last few need no sampling: the missing images' rows of Q^{-1} lie in the normal space
+of the known columns, and a point p there gives an input R^T p / (p . U_b^T dc) whose pre-activations say
+which units it leaves off, and so (from their rows of U_b) its direction: exactly when one is
+missing (`_complete`), by a search over that space when 2 or 3 are (`_normal_search`).
 
 A sample hits example j's zeros with probability about sparsity^(b-1), so the cost grows
 exponentially in b: `budget` caps the samples, and a rank above `max_rank`, a rank the gradient cannot show
@@ -31,16 +35,13 @@ from typing import Any
 
 import torch
 
+from attacker.spear_pool import MIN_EXTRA_ZEROS, ZERO_SHARE, Pool, distinct_rows
+
 RANK_GAP = 1e3  # a drop of the singular values by this factor ends the rank
 RANK_FLOOR = 1e-7  # singular values under this share of the largest are rounding, whatever the gap
-ZERO_SHARE = 1e-4  # |g_i| under this share of max |g| counts as a zero of the ReLU
-MIN_EXTRA_ZEROS = 2  # a candidate needs this many zeros beyond the b - 1 it was sampled on
-SAME_DIRECTION = 1e-4  # 1 - |cos| under which two candidates are one direction
-INDEPENDENT = 1e-3  # the smallest singular value of the chosen (unit) directions must stay above this
 MAX_RANK = 40  # beyond this the sampling cost (about 2^(b-1) draws per example) is out of reach
 BUDGET = 200_000  # candidate directions drawn per victim, at most
 CHUNK = 8192  # candidates drawn per victim per vectorised step
-POOL_EXTRA = 96  # candidates a victim's pool keeps beyond b, the sparsest
 SWAPS = 32  # pool candidates tried in each position when the sparsest batch fails the ReLU check
 SWAP_ROUNDS = 4  # rounds of swaps, each from the previous round's best set, while the contradictions fall
 RELU_SLACK = 1e-3  # the ReLU check's margin, in shares of the largest pre-activation
@@ -140,7 +141,7 @@ def spear(weight_grads: list[torch.Tensor], bias_grads: list[torch.Tensor],
         elif b < 1:
             results[index] = SpearResult(None, None, 0, "the gradient has rank 0")
         else:
-            distinct = _distinct_rows(u[:, :b])
+            distinct = distinct_rows(u[:, :b])
             rate = (off_rates[index].detach().double().cpu()[live][distinct] if off_rates is not None
                     else torch.full((len(distinct),), 0.5, dtype=torch.float64))
             prepared.setdefault(b, []).append((index, live, u[:, :b], s[:b, None] * vh[:b], dc[live], distinct,
@@ -174,7 +175,7 @@ def _solve(b: int, group, layers, budget: int, seed: int, sparsity_filter: bool,
     weightings = [rates, rates ** 2, odds, rates ** 4]
     chunk = 0
     generator = torch.Generator().manual_seed(seed)
-    pools = [_Pool(b) for _ in range(victims)]
+    pools = [Pool(b, item[2][item[5]] if sparsity_filter else None) for item in group]
     answers: list[SpearResult | None] = [None] * victims
     drawn = torch.zeros(victims, dtype=torch.long)
     while True:
@@ -221,52 +222,7 @@ def _solve(b: int, group, layers, budget: int, seed: int, sparsity_filter: bool,
             for v, (answer, pool) in enumerate(zip(answers, pools))]
 
 
-class _Pool:
-    """A victim's distinct filtered candidates (unit directions) with their zero counts."""
-
-    def __init__(self, b: int):
-        self.b = b
-        self.directions = torch.empty(0, b, dtype=torch.float64)
-        self.zeros = torch.empty(0, dtype=torch.long)
-
-    def add(self, candidates: torch.Tensor, zeros: torch.Tensor) -> None:
-        if not len(candidates):
-            return
-        order = torch.argsort(zeros, descending=True)
-        candidates = candidates[order] / candidates[order].norm(dim=1, keepdim=True)
-        zeros = zeros[order]
-        fresh = torch.ones(len(candidates), dtype=torch.bool)
-        if len(self.zeros):
-            fresh &= ((candidates @ self.directions.T).abs() < 1 - SAME_DIRECTION).all(1)
-        within = ((candidates @ candidates.T).abs() >= 1 - SAME_DIRECTION).tril(-1).any(1)  # a copy of an earlier one
-        fresh &= ~within
-        directions = torch.cat([self.directions, candidates[fresh]])
-        zeros = torch.cat([self.zeros, zeros[fresh]])
-        keep = torch.argsort(zeros, descending=True, stable=True)[:self.b + POOL_EXTRA]  # the sparsest only
-        self.directions, self.zeros = directions[keep], zeros[keep]
-
-    def independent(self) -> int:
-        """How many independent directions the pool holds."""
-        return int(torch.linalg.matrix_rank(self.directions, atol=INDEPENDENT)) if len(self.zeros) else 0
-
-    def select(self, count: int | None = None) -> list[int] | None:
-        """Greedy selection of `count` (default b) directions: sparsest first, each kept when linearly independent
-        of those kept; their indices, or None when the pool holds fewer independent ones."""
-        count = self.b if count is None else count
-        kept: list[int] = []
-        basis = torch.empty(0, self.b, dtype=torch.float64)
-        for index in torch.argsort(self.zeros, descending=True).tolist():
-            q = self.directions[index]
-            residual = q - basis.T @ (basis @ q)
-            if float(residual.norm()) > INDEPENDENT:
-                kept.append(index)
-                basis = torch.cat([basis, (residual / residual.norm())[None]])
-                if len(kept) == count:
-                    return kept
-        return None
-
-
-def _settle(pool: "_Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | None, bias_scale: bool,
+def _settle(pool: "Pool", prepared, layer: tuple[torch.Tensor, torch.Tensor] | None, bias_scale: bool,
             drawn: int, again: bool = True) -> SpearResult | None:
     """The batch a victim's pool gives, or None while it holds fewer than b independent directions.
 
@@ -410,18 +366,3 @@ def _batches(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.Tensor
         qs = each * s  # G = U_b Q diag(s)
         results.append(SpearResult(torch.linalg.solve(qs, r), u @ qs, b, "", drawn, b))  # X^T = (Q diag(s))^-1 R
     return results
-
-
-def _distinct_rows(u: torch.Tensor) -> torch.Tensor:
-    """The indices of U_b's rows that are distinct directions. Units that only one example switched on (or any
-    with proportional rows of G) give proportional rows, which are one constraint: counted apart, a wrong
-    candidate orthogonal to one of them would count every copy as a zero."""
-    unit = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cos = (unit @ unit.T).abs()
-    keep: list[int] = []
-    taken = torch.zeros(len(u), dtype=torch.bool)
-    for i in range(len(u)):
-        if not bool(taken[i]):
-            keep.append(i)
-            taken |= cos[i] > 1 - 1e-9
-    return torch.tensor(keep, dtype=torch.long)

@@ -8,6 +8,8 @@ same images, trained by the clients' own code from the untrained model of that s
 - `cnn`: spear on cnn, FedSGD, B = 8 (images inverted from the recovered features), and the features'
   relative error against the truth, computed here by the same attacker.spear on the same gradients;
 - `steps`: spear on mlp with K local steps of B (the update sums K gradients: rank K x B);
+- `seeds`: spear at B = 8, 16 and 24 and ig at B = 8 and 16, SEED_VICTIMS victims per seed, with each seed's
+  failures: the share over many batches, where `grid` has two per seed;
 - `budget`: attacker.spear alone, one victim per call, at b = 16, 24, 32: the samples each victim's search
   took, so the share recovered at any budget up to --max-budget reads off one run (the draws of a smaller
   budget are a prefix of a larger one's).
@@ -40,6 +42,7 @@ from fl_sim.results.outputs import read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 GRID = [(8, 2), (16, 2), (24, 2), (64, 1), (256, 1)]  # (B, victims per seed)
 SECAGG = (4, 16)  # clients x B behind one secure aggregate
+SEED_VICTIMS = 4  # victims per seed of the `seeds` part
 THRESHOLDS = (20, 30, 40)
 
 
@@ -207,6 +210,22 @@ def main() -> None:
                 print(f"- {key[0]} {key[1]} failed: {'; '.join(f['reasons'])}")
         plot(table, ROOT / args.plot, command)
         print(f"\nplot: {args.plot}\n")
+    if "seeds" in args.parts:
+        table = {}
+        for batch, attacks in ((8, ("spear", "ig")), (16, ("spear", "ig")), (24, ("spear",))):
+            for attack in attacks:
+                cells = [run_cell(args, f"seeds-b{batch}", attack, "mlp", batch, SEED_VICTIMS, seed, [])
+                         for seed in args.seeds]
+                table[(attack, f"B={batch}")] = figures(cells)
+                failed = {seed: sum(row["status"] != "ok" for row in cell["rows"])
+                          for seed, cell in zip(args.seeds, cells)}
+                table[(attack, f"B={batch}")]["per_seed"] = failed
+        print(f"## mlp, FedSGD, {SEED_VICTIMS} held-out CIFAR-10 victims per seed (seeds "
+              + ", ".join(map(str, args.seeds)) + f"; ig: {args.ig_iterations} iterations)\n")
+        print(markdown(table))
+        for (attack, batch), f in table.items():
+            print(f"- {attack} {batch}: failed victims per seed {f['per_seed']}"
+                  + (f"; {'; '.join(f['reasons'])}" if f["reasons"] else ""))
     if "cnn" in args.parts:
         cells = [run_cell(args, "cnn-b8", "spear", "cnn", 8, 2, seed, []) for seed in args.seeds]
         errors = feature_errors(args.seeds, 8, 2)

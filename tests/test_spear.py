@@ -12,6 +12,7 @@ from torch import nn
 
 from attacker.cocktail import cocktail, fast_ica
 from attacker.spear import _complete, _normal_search, spear
+from attacker.spear_pool import distinct_rows, refine
 from fl_sim.commands import cli
 from fl_sim.learning.data import load_dataset
 
@@ -112,6 +113,26 @@ def test_missing_directions_are_found_in_the_known_ones_normal_space(shared_data
     cosine = (found @ missing).abs().amax(0)
     # on this small layer one of the three images leaves too few units clearly off for the search
     assert int((cosine > 1 - 1e-9).sum()) >= 2, f"missing directions not among the candidates: |cos| {cosine}"
+
+
+def test_a_mixture_of_two_images_is_split_into_their_own_directions(shared_data):
+    """Two images that leave many of the same units off make mixtures that are zero on nearly as many rows as an
+    image's own direction; the pool refits each candidate on its zero rows and splits a mixture in two."""
+    _, u, _, truth = true_directions(shared_data, 8)
+    rows = u[distinct_rows(u)]
+    truth = truth / truth.norm(dim=0)
+    off = (rows @ truth).abs() < 1e-9  # (rows, images): the units each image leaves off
+    overlap = (off[:, :, None] & off[:, None, :]).sum(0).fill_diagonal_(-1)
+    i, j = divmod(int(overlap.argmax()), 8)
+    pin = int(((~off[:, i]) & (~off[:, j])).nonzero()[0])  # a row both images switch on
+    a, c = float(rows[pin] @ truth[:, i]), float(rows[pin] @ truth[:, j])
+    mixture = c * truth[:, i] - a * truth[:, j]  # zero on both images' off rows and on the pinned row
+    mixture = mixture / mixture.norm()
+    found, zeros = refine(torch.stack([mixture, truth[:, i]]), rows, 8)
+    cosine = (found @ truth[:, [i, j]]).abs()
+    assert bool((cosine.amax(0) > 1 - 1e-9).all()), f"images {i} and {j} not split out of their mixture: {cosine}"
+    assert bool((cosine.amax(1) > 1 - 1e-9).all()), "the mixture itself is still a candidate"
+    assert int(zeros.min()) >= int(off[:, [i, j]].sum(0).min()), "an image's direction counts all its zero rows"
 
 
 def test_a_rank_beyond_reach_fails_with_its_reason_never_a_wrong_batch(shared_data):
