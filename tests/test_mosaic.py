@@ -1,5 +1,7 @@
 """The mosaic attack: each client's images read apart from the sum of many clients' updates, named by client, and
 what survives SecAgg+'s quantization; the strategy sends per-client weights that share all but the rows' biases."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -229,3 +231,68 @@ def test_over_several_steps_the_twin_rows_leave_the_logits_to_the_base_model_and
     grad = model.imprint.bias.grad
     assert grad is not None and float(grad[rows].abs().max()) > 0
     assert torch.allclose(grad[rows], -grad[twins])
+
+
+def test_without_imprint_bins_a_ten_client_run_builds_the_rows_its_round_needs_and_reads_every_client(shared_data,
+                                                                                                     tmp_path):
+    """`fl-sim run --attack mosaic` with no --imprint-bins: the clients and the server build the block sized for the
+    round (10 clients x 4 images x 4 rows an image), and the secure aggregate is read client by client."""
+    from fl_sim.commands import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["run", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "mlp", "--num-clients",
+                     "10", "--rounds", "1", "--train-mode", "steps", "--batch-size", "4", "--attack", "mosaic",
+                     "--defense", "secagg-emulated", "--seed", "0", "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["imprint-bins"] == 0 and record["imprint_rows"] == 10 * 4 * 4, record
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["client"] for row in rows) == list(range(10))
+    psnr = np.concatenate([row["psnr_images"] for row in rows])
+    assert len(psnr) == 40 and float(np.mean(psnr >= 30)) >= 0.7, psnr
+
+
+@pytest.mark.parametrize(("training", "per_image"), [
+    (dict(train_mode="fedsgd", batch_size=8), 4),
+    (dict(train_mode="steps", local_steps=4, batch_size=4), 12),
+    (dict(train_mode="epochs", batch_size=8, min_shard=10, max_shard=14), 12),
+    (dict(train_mode="epochs", batch_size=16, min_shard=10, max_shard=14), 4)])
+def test_the_rows_built_without_imprint_bins_are_what_the_sampled_clients_shards_need(shared_data, training,
+                                                                                     per_image):
+    """The block is sized from the clients Flower samples (int(clients x fraction)), the most images any client
+    trains on in a round (against the shards themselves) and the rows an image of the training mode; each client's
+    slice holds that many rows for each of its images."""
+    from fl_sim.contract.run_config import RunConfig
+    from fl_sim.learning.partition import client_shards, training_examples
+
+    config = RunConfig(attack="mosaic", dataset="mnist", data_root=str(shared_data), num_clients=30,
+                       fraction_train=0.34, **training)
+    config.check()
+    shards = client_shards(load_dataset("mnist", shared_data, True).labels, config.num_clients, config.partition,
+                           config.alpha, config.seed, config.min_shard, config.max_shard)
+    most = max(len(training_examples(shard, config.training, config.seed, client, 1))
+               for client, shard in enumerate(shards))
+    sampled = 10  # int(30 x 0.34), as FedAvg samples
+    assert config.imprint_rows >= per_image * sampled * most
+    assert config.imprint_rows < per_image * sampled * most + sampled * config.imprint_blocks * 2  # bins rounded up
+    model = build_model("mlp", 1, 28, 10, imprint=config.imprint_rows)
+    attack = MosaicAttack(model, public_images(load_dataset("mnist", shared_data, False), count=256),
+                          blocks=config.imprint_blocks, client_images=config.client_images)
+    armed = attack.arm(weights(model), config.training, list(range(sampled)))
+    assert armed.mosaic is not None
+    copies = 1 if per_image == 4 else 2
+    for client in range(sampled):  # a client's rows (each read row, its twin over several steps)
+        assert armed.mosaic.rows[client].numel() * copies >= per_image * most
+
+
+def test_an_explicit_imprint_bins_wins_and_is_still_refused_when_too_small():
+    from fl_sim.contract.run_config import ConfigError, RunConfig
+
+    sized = RunConfig(attack="mosaic", num_clients=40, train_mode="steps", batch_size=8)
+    assert sized.imprint_rows == 40 * 8 * 4
+    assert RunConfig(attack="mosaic", num_clients=40, train_mode="steps", batch_size=8,
+                     imprint_bins=2 * 4 * 40).imprint_rows == 320
+    with pytest.raises(ConfigError, match=r"^--attack mosaic: 256 imprint rows cannot give 40 clients a round 4 "
+                                          r"blocks of 2 or more bins each: pass --imprint-bins 320 or more"):
+        RunConfig(attack="mosaic", num_clients=40, train_mode="steps", batch_size=8, imprint_bins=256).check()
+    with pytest.raises(ConfigError, match="pass --imprint-bins, or --max-shard"):  # epochs over whole partitions
+        RunConfig(attack="mosaic", num_clients=40, max_shard=0).check()

@@ -37,7 +37,12 @@ about 2g), and their gradient comes through the block's shortcut to the logits, 
 input: every row is sent twice, once with each shortcut sign, so the two cancel in the logits (the base model
 sees and trains on the image alone) while each row gets its image's gradient (models/imprint.py). The readout
 reads the first copy of each row; a client's slice is its rows, then their twins, so a client needs twice the
-rows (`--imprint-bins`) for as many bins.
+rows for as many bins.
+
+How many rows the block has is the run config's (`RunConfig.imprint_rows`: `--imprint-bins`, or without it the
+rows the round needs, `MOSAIC_ROWS` in fl_sim/contract/attacks.py), so the clients build the block the server arms.
+In epochs mode the server knows a client's shard only from its reply: it arms for one step only when the largest
+shard a client may hold (`--max-shard`) fits one batch.
 """
 import math
 from collections.abc import Mapping, Sequence
@@ -49,8 +54,8 @@ from torch import nn
 
 from attacker import Reconstruction
 from attacker.analytic import UNRECOVERED, MosaicReadout
+from fl_sim.contract.attacks import MOSAIC_ROWS
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import ConfigError, RunConfig
 from fl_sim.learning.models.imprint import Imprinted
 from fl_sim.learning.updates import Weights
 from fl_sim.server.active import (
@@ -87,11 +92,13 @@ class MosaicAttack(Attack):
     name = "mosaic"
 
     def __init__(self, model: nn.Module, public: torch.Tensor, blocks: int, drift_share: float = DRIFT_SHARE,
-                 bias_change: float = BIAS_CHANGE, protocol: SecAggParameters | None = None):
+                 bias_change: float = BIAS_CHANGE, protocol: SecAggParameters | None = None,
+                 client_images: int | None = None):
         if not isinstance(model, Imprinted):
             raise ValueError("the mosaic attack needs the imprint block in the clients' model (imprint-bins)")
         self.model, self.public, self.blocks = model, public.float(), blocks
         self.drift_share, self.bias_change, self.protocol = drift_share, bias_change, protocol
+        self.client_images = client_images  # epochs mode: the most a client holds (one step if within a batch)
         self.rows = model.imprint.out_features
         flat = self.public.flatten(1).double()
         mean = flat.mean(0)
@@ -108,7 +115,8 @@ class MosaicAttack(Attack):
     def build(cls, context: AttackContext) -> Self:
         config = context.config
         protocol = SecAggParameters.of(config) if config.defense.protocol else None
-        return cls(context.model, context.public(), config.imprint_blocks, protocol=protocol)
+        return cls(context.model, context.public(), config.imprint_blocks, protocol=protocol,
+                   client_images=config.client_images)
 
     def resolved(self) -> dict[str, SettingValue]:
         return {"imprint_blocks": self.blocks}
@@ -117,8 +125,8 @@ class MosaicAttack(Attack):
         """One client's slice (rows 0 ..) when `clients` share the rows, each row sent `copies` times, and a
         typical bin's width."""
         bins = self.rows // (clients * self.blocks * copies)
-        if bins < 2:
-            least = rows_needed(clients, self.blocks, copies)
+        if bins < MOSAIC_ROWS.least_bins:
+            least = MOSAIC_ROWS.least(clients, self.blocks, copies == 1)
             raise ValueError(f"mosaic: {self.rows} imprint rows cannot give {clients} clients {self.blocks} blocks of "
                              f"2 or more bins each{' (every row twice over several steps)' if copies > 1 else ''}: "
                              f"raise --imprint-bins to at least {least}")
@@ -129,8 +137,8 @@ class MosaicAttack(Attack):
     def arm(self, global_weights: Weights, settings: TrainingSettings, targets: Sequence[int]) -> MosaicArmed:
         """Every target gets the shared armed block with only its own slice of rows switched on."""
         targets = sorted(targets)
-        one_step = settings.local_steps * settings.epochs == 1
-        copies = 1 if one_step else 2  # several steps: every row and its twin of the opposite shortcut sign
+        one_step = settings.single_step(self.client_images)
+        copies = MOSAIC_ROWS.copies_for(one_step)  # several steps: every row and its twin of the opposite sign
         layout, gap = self.layout(len(targets), copies)
         slice_rows = layout.rows.numel()
         live = slice_rows * copies  # one client's rows
@@ -257,24 +265,3 @@ def read_clients(readout: MosaicReadout, update: Mapping[str, torch.Tensor],
     stacked = torch.cat(images) if images else torch.zeros(0, *readout.image_shape)
     return Reconstruction(stacked, torch.zeros(len(stacked), dtype=torch.long), float(status.count(UNRECOVERED)),
                           image_status=status, image_clients=clients)
-
-
-def rows_needed(clients: int, blocks: int, copies: int) -> int:
-    """The fewest imprint rows that give `clients` targets `blocks` blocks of 2 bins each, every row sent `copies`
-    times (2 when the clients take several local steps)."""
-    return 2 * blocks * clients * copies
-
-
-def check_rows(config: RunConfig) -> None:
-    """A mosaic whose imprint rows cannot be dealt out to a round's clients, refused before any round (ConfigError
-    naming the --imprint-bins that would do), as `MosaicAttack.layout` would refuse it in round 1."""
-    settings = config.training
-    copies = 1 if settings.local_steps * settings.epochs == 1 else 2
-    sampled = max(1, math.ceil(config.num_clients * config.fraction_train))
-    targets = min(sampled, len(config.attack_clients)) if config.attack_clients else sampled
-    least = rows_needed(targets, config.imprint_blocks, copies)
-    if config.imprint_rows // (targets * config.imprint_blocks * copies) < 2:
-        raise ConfigError(f"--attack mosaic: {config.imprint_rows} imprint rows cannot give {targets} clients a "
-                          f"round {config.imprint_blocks} blocks of 2 or more bins each"
-                          f"{' (every row twice over several steps)' if copies > 1 else ''}: pass --imprint-bins "
-                          f"{least} or more")
