@@ -4,8 +4,9 @@ For each case (clients x images a client, one step or several) it sizes the impr
 without `--imprint-bins` (`RunConfig.imprint_rows`), builds the clients' model, arms it for the round
 (`MosaicAttack.arm`, with the server's public images) and counts, for one client's armed state dict: its entries
 (every tensor the client is sent: parameters and the fixed buffers), those that are not zero, and the bytes of the
-Flower `ArrayRecord` that carries it (float32 arrays; its `Array.data` bytes). A reply has the same shape: the same
-float32 bytes without secure aggregation, and one int64 a summed entry through Flower's SecAgg+ (its masked vector).
+Flower `ArrayRecord` that carries it (its `Array.data` bytes: float32 arrays, the rows' weights float16 where the
+attack sends them so, `Armed.narrow`). A reply has the same shape in the model's float32: those bytes without secure
+aggregation, and one int64 a summed entry through Flower's SecAgg+ (its masked vector).
 "Added" is the armed model less the honest one (the same base model, no imprint block), the way the linear-layer
 leakage papers count a model's size overhead; "non-zero added" counts only the entries that are not zero.
 
@@ -14,6 +15,7 @@ leakage papers count a model's size overhead; "non-zero added" counts only the e
 A case is DATASET:MODEL:CLIENTS:IMAGES:STEPS (IMAGES a client a round, in STEPS local steps of IMAGES / STEPS).
 """
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,20 +43,23 @@ class Count:
     record_bytes: int
 
 
-def count(state: Weights) -> Count:
+def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}) -> Count:
     """The entries, non-zero entries and Flower ArrayRecord bytes of a state dict a client is sent.
 
     Parameters
     ----------
     state : Weights
-        Name -> tensor, as the server sends it.
+        Name -> tensor, as the server holds it.
+    narrow : Mapping[str, torch.dtype]
+        The tensors it sends in a narrower dtype (`Armed.narrow`).
 
     Returns
     -------
     Count
         Its figures.
     """
-    record = ArrayRecord({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()})
+    record = ArrayRecord({name: tensor.detach().cpu().to(narrow.get(name, tensor.dtype)).contiguous()
+                          for name, tensor in state.items()})
     return Count(entries=sum(t.numel() for t in state.values()),
                  nonzero=sum(int(torch.count_nonzero(t)) for t in state.values()),
                  record_bytes=sum(len(array.data) for array in record.values()))
@@ -79,7 +84,7 @@ def mosaic(case: str, data_root: str, seed: int) -> dict[str, object]:
     attack = MosaicAttack(model, public_images(test, seed=seed), config.imprint_blocks,
                           client_images=config.client_images)
     armed = attack.arm(weights(model), config.training, list(range(n)))
-    sent = count(armed.weights[0])
+    sent, reply = count(armed.weights[0], armed.narrow), count(armed.weights[0])  # the reply is all float32
     base = honest(dataset, model_name, data_root)
     del armed, attack, model
     return {"case": case, "dataset": dataset, "model": model_name, "clients": n, "images": int(images),
@@ -87,7 +92,7 @@ def mosaic(case: str, data_root: str, seed: int) -> dict[str, object]:
             "entries": sent.entries, "nonzero": sent.nonzero, "received_bytes": sent.record_bytes,
             "added": sent.entries - base.entries, "nonzero_added": sent.nonzero - base.nonzero,
             "times_honest": sent.record_bytes / base.record_bytes,
-            "reply_float32_bytes": sent.record_bytes, "reply_secagg_bytes": 8 * sent.entries}
+            "reply_float32_bytes": reply.record_bytes, "reply_secagg_bytes": 8 * sent.entries}
 
 
 def training_text(figures: dict) -> str:

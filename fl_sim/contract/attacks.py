@@ -27,34 +27,26 @@ TRAP_EVERYONE = ("--attack trap or qbi without --attack-clients traps every clie
 class RowSizing:
     """How an attack that deals the imprint rows out to a round's clients sizes the block when --imprint-bins is 0.
 
-    Each client of the round gets its own slice of `blocks` blocks of bins; a bin is one row, sent `copies` times
-    over several local steps (a row and its twins), once with one step. The block is built for `one_step` rows an
-    image with one local step and `several_steps` (the copies included) with more, over the images a client
-    trains on in a round; never fewer than `least_bins` bins a block.
+    Each client of the round gets its own slice of `blocks` blocks of bins, a bin one row. The block is built for
+    `one_step` rows an image with one local step and `several_steps` with more, over the images a client trains
+    on in a round; never fewer than `least_bins` bins a block.
 
     Parameters
     ----------
     one_step, several_steps : int
-        Rows an image of the round with one local step, and with several (every copy counted).
-    copies : int
-        How many times every row is sent when the clients take several steps.
+        Rows an image of the round with one local step, and with several.
     least_bins : int
         The fewest bins a block the attack can read at all.
     """
 
     one_step: int
     several_steps: int
-    copies: int = 1
     least_bins: int = 2
-
-    def copies_for(self, one_step: bool) -> int:
-        """How many times every row is sent: once with one local step, `copies` times with several."""
-        return 1 if one_step else self.copies
 
     def bins(self, images: int, blocks: int, one_step: bool) -> int:
         """The bins of each block in one client's slice for `images` images a client."""
         per_image = self.one_step if one_step else self.several_steps
-        return max(self.least_bins, -(-per_image * images // (blocks * self.copies_for(one_step))))
+        return max(self.least_bins, -(-per_image * images // blocks))
 
     def rows(self, clients: int, images: int, blocks: int, one_step: bool) -> int:
         """The imprint block's rows for `clients` clients a round of `images` images each.
@@ -73,13 +65,13 @@ class RowSizing:
         Returns
         -------
         int
-            clients x blocks x copies x bins: a multiple of `blocks`, every client's slice the same.
+            clients x blocks x bins: a multiple of `blocks`, every client's slice the same.
         """
-        return clients * blocks * self.copies_for(one_step) * self.bins(images, blocks, one_step)
+        return clients * blocks * self.bins(images, blocks, one_step)
 
-    def least(self, clients: int, blocks: int, one_step: bool) -> int:
+    def least(self, clients: int, blocks: int) -> int:
         """The fewest rows that give `clients` clients `blocks` blocks of `least_bins` bins each."""
-        return clients * blocks * self.copies_for(one_step) * self.least_bins
+        return clients * blocks * self.least_bins
 
 
 class AttackKind(StrEnum):
@@ -143,9 +135,9 @@ class AttackSpec:
         return self.models is None or model in self.models
 
 
-# the mosaic's rows an image (docs/threat-models.md: 4 read 86-88% of the round's images with one step; with several
-# steps every row is sent twice, and 12 read 89-97% where 8 read 73-91%)
-MOSAIC_ROWS = RowSizing(one_step=4, several_steps=12, copies=2)
+# the mosaic's rows an image (docs/threat-models.md: 4 read 86-88% of the round's images with one step; 6 with
+# several steps)
+MOSAIC_ROWS = RowSizing(one_step=4, several_steps=6)
 NO_ATTACK = "none"
 _PASSIVE_OPTIONS = ("iterations", "restarts", "label_deals", "bn_statistics", "tv_weight", "no_replay")
 _REGISTRY: dict[str, AttackSpec] = {}

@@ -159,7 +159,7 @@ class RunConfig:
         parse=parse_client_list))
     imprint_bins: int = setting(0, Setting(  # 0: 256 with --attack imprint, the round's need with mosaic
         "rows of the imprint block the clients build (default 256 with --attack imprint; with mosaic the rows the "
-        "round needs: clients sampled x images a client x 4 rows an image, 12 over several steps)", Group.ATTACK,
+        "round needs: clients sampled x images a client x 4 rows an image, 6 over several steps)", Group.ATTACK,
         least=0))
     imprint_blocks: int = setting(4, Setting(  # the server's choice only
         "statistics the imprint rows measure; more blocks, fewer images sharing every bin (default %(default)s)",
@@ -261,13 +261,12 @@ class RunConfig:
         spec = find_attack(self.attack)
         if not self.imprint_bins or spec is None or spec.sizes_rows is None:
             return
-        one_step, targets, blocks = self.one_local_step, self.round_targets, self.imprint_blocks
-        least = spec.sizes_rows.least(targets, blocks, one_step)
+        targets, blocks = self.round_targets, self.imprint_blocks
+        least = spec.sizes_rows.least(targets, blocks)
         if self.imprint_bins < least:
             raise ConfigError(f"--attack {self.attack}: {self.imprint_bins} imprint rows cannot give {targets} "
-                              f"clients a round {blocks} blocks of {spec.sizes_rows.least_bins} or more bins each"
-                              f"{'' if one_step else ' (every row twice over several steps)'}: pass --imprint-bins "
-                              f"{least} or more, or leave it out to size the block for the round")
+                              f"clients a round {blocks} blocks of {spec.sizes_rows.least_bins} or more bins each: "
+                              f"pass --imprint-bins {least} or more, or leave it out to size the block for the round")
 
     @property
     def training(self) -> TrainingSettings:
