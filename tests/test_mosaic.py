@@ -324,3 +324,20 @@ def test_the_rows_weights_travel_as_float16_holding_exactly_what_the_server_read
             assert torch.equal(protocol.on_grid(held), held)
     odd = SecAggParameters(3, 2, 3.0, 1000, 16.0)  # a grid float16 cannot hold: sent in float32
     assert in_half(torch.linspace(-1, 1, 101), odd) is None
+
+
+def test_under_flwr_run_the_clients_build_the_block_the_server_sizes_from_the_run_config(shared_data):
+    """`flwr run` hands both apps Flower's run config (imprint-bins 0 from pyproject.toml): the ServerApp's model
+    and the ClientApp's received model are the same sized block, so the armed weights load."""
+    from clients.app import received_model
+    from fl_sim.contract.run_config import RunConfig
+
+    config = RunConfig.from_flower({"attack": "mosaic", "dataset": "mnist", "data-root": str(shared_data),
+                                    "model": "mlp", "num-clients": 5, "fraction-train": 0.6, "train-mode": "steps",
+                                    "local-steps": 2, "batch-size": 4, "imprint-bins": 0})
+    assert config.imprint_rows == 3 * 8 * 6  # int(5 x 0.6) clients x 8 images x 6 rows an image (several steps)
+    server = build_model("mlp", 1, 28, 10, imprint=config.imprint_rows)
+    attack = MosaicAttack(server, torch.rand(64, 1, 28, 28), blocks=config.imprint_blocks)
+    armed = attack.arm(weights(server), config.training, [0, 1, 2])
+    client = received_model(armed.weights[1], config, load_dataset("mnist", shared_data, False))
+    assert client.state_dict()[IMPRINT_WEIGHT].shape == (3 * 8 * 6, 28 * 28)
