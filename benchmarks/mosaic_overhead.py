@@ -6,15 +6,17 @@ without `--imprint-bins` (`RunConfig.imprint_rows`), builds the clients' model, 
 (every tensor the client is sent: parameters and the fixed buffers), those that are not zero, and the bytes of the
 Flower `ArrayRecord` that carries it (its `Array.data` bytes: float32 arrays, the rows' weights float16 where the
 attack sends them so, `Armed.narrow`). A reply has the same shape in the model's float32: those bytes without secure
-aggregation, and one int64 a summed entry through Flower's SecAgg+ (its masked vector).
-"Added" is the armed model less the honest one (the same base model, no imprint block), the way the linear-layer
-leakage papers count a model's size overhead; "non-zero added" counts only the entries that are not zero.
+aggregation, and one int64 a summed entry through Flower's SecAgg+ (its masked vector). "Compressed": the received
+bytes through zlib at level 1, array by array (what a transport that compresses would carry; Flower 1.41 sets no
+gRPC compression). "Added" is the armed model less the honest one (the same base model, no imprint block), the way
+the linear-layer leakage papers count a model's size overhead; "non-zero added" counts only the entries not zero.
 
     python benchmarks/mosaic_overhead.py [--cases cifar10:cnn:10:16:1 ...] [--data-root DIR] [--json FILE]
 
 A case is DATASET:MODEL:CLIENTS:IMAGES:STEPS (IMAGES a client a round, in STEPS local steps of IMAGES / STEPS).
 """
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +38,13 @@ HONEST = ("cifar10:cnn", "mnist:cnn", "mnist:lenet")
 
 @dataclass(frozen=True)
 class Count:
-    """One state dict a client is sent: its entries, those not zero, and the ArrayRecord's bytes."""
+    """One state dict a client is sent: its entries, those not zero, the ArrayRecord's bytes and those bytes
+    compressed (zlib level 1, array by array)."""
 
     entries: int
     nonzero: int
     record_bytes: int
+    compressed_bytes: int
 
 
 def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}) -> Count:
@@ -62,7 +66,8 @@ def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}) -> Count:
                           for name, tensor in state.items()})
     return Count(entries=sum(t.numel() for t in state.values()),
                  nonzero=sum(int(torch.count_nonzero(t)) for t in state.values()),
-                 record_bytes=sum(len(array.data) for array in record.values()))
+                 record_bytes=sum(len(array.data) for array in record.values()),
+                 compressed_bytes=sum(len(zlib.compress(array.data, 1)) for array in record.values()))
 
 
 def honest(dataset: str, model: str, data_root: str) -> Count:
@@ -90,6 +95,7 @@ def mosaic(case: str, data_root: str, seed: int) -> dict[str, object]:
     return {"case": case, "dataset": dataset, "model": model_name, "clients": n, "images": int(images),
             "local_steps": k, "rows": config.imprint_rows, "rows_per_image": config.imprint_rows / (n * int(images)),
             "entries": sent.entries, "nonzero": sent.nonzero, "received_bytes": sent.record_bytes,
+            "compressed_bytes": sent.compressed_bytes, "honest_compressed_bytes": base.compressed_bytes,
             "added": sent.entries - base.entries, "nonzero_added": sent.nonzero - base.nonzero,
             "times_honest": sent.record_bytes / base.record_bytes,
             "reply_float32_bytes": reply.record_bytes, "reply_secagg_bytes": 8 * sent.entries}
@@ -109,17 +115,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| model a client receives | rows (an image) | entries | non-zero | added over honest | non-zero added "
-          "| received (ArrayRecord) | x honest | reply: float32 / SecAgg+ int64 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| received (ArrayRecord) | x honest | compressed | reply: float32 / SecAgg+ int64 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows: list[dict] = []
     for pair in HONEST:
         dataset, model_name = pair.split(":")
         base = honest(dataset, model_name, args.data_root)
         rows.append({"case": pair, "entries": base.entries, "nonzero": base.nonzero,
-                     "received_bytes": base.record_bytes})
+                     "received_bytes": base.record_bytes, "compressed_bytes": base.compressed_bytes})
         megabytes = base.record_bytes / 1e6
         print(f"| honest {model_name} ({dataset}) | | {base.entries:,} | {base.nonzero:,} | | | "
-              f"{megabytes:.2f} MB | 1 | {megabytes:.2f} / {8 * base.entries / 1e6:.2f} MB |")
+              f"{megabytes:.2f} MB | 1 | {base.compressed_bytes / 1e6:.2f} MB | "
+              f"{megabytes:.2f} / {8 * base.entries / 1e6:.2f} MB |")
     for case in args.cases:
         figures = mosaic(case, args.data_root, args.seed)
         rows.append(figures)
@@ -128,6 +135,7 @@ def main() -> None:
               f"{figures['entries']:,} | {figures['nonzero']:,} | {figures['added']:,} | "
               f"{figures['nonzero_added']:,} | "
               f"{figures['received_bytes'] / 1e6:,.1f} MB | {figures['times_honest']:,.0f} | "
+              f"{figures['compressed_bytes'] / 1e6:,.1f} MB | "
               f"{figures['reply_float32_bytes'] / 1e6:,.1f} / {figures['reply_secagg_bytes'] / 1e6:,.1f} MB |",
               flush=True)
     if args.json:
