@@ -95,8 +95,8 @@ COLUMNS: dict[str, Column] = {
     "ig": Column("ig", 1, 1, ("--iterations", "100", "--restarts", "1", "--attack-every", "2"), trained=False),
     "imprint": Column("imprint", 4, 8),
     "trap": Column("trap", 4, 8),
-    # the attack through secure aggregation: 12 rows an image of the round (clients x K x B), as its several-step
-    # arming sends every row twice (fl_sim/server/mosaic.py)
+    # the attack through secure aggregation: 12 rows an image of the round (clients x K x B), the block the matrix
+    # was measured with (the arming of then sent every row twice; today's sizing builds 6 an image for K > 1)
     "mosaic": Column("mosaic", 4, 8, ("--imprint-bins", str(12 * CLIENTS * 4 * 8)), targets=False),
 }
 

@@ -2,7 +2,8 @@
 
 For each count N it runs `fl-sim run` (a fresh process, under /usr/bin/time -v) with N clients sampled a round
 (out of a population of `--population` when given: `--fraction-train` = N / population), FedSGD or FedAvg as
-asked, the attack asked (mosaic: `--imprint-bins` = rows-per-image x N x images a client) and, by default,
+asked, the attack asked (mosaic: `--imprint-bins` = rows-per-image x N x images a client when `--rows-per-image`
+is given; without it the run sizes the block itself, 4 rows an image with one step and 6 with several) and, by default,
 `--defense secagg-emulated` (the server averages the replies; `--defense secagg` runs Flower's SecAgg+).
 It prints one line per run: clients, images a round, the share of them recovered at
 >= 30 and >= 40 dB, the run's seconds, its peak resident memory (the "Maximum resident set size" of
@@ -12,7 +13,7 @@ population it also prints the cumulative share of the population's images recove
 counts once, whichever round it was read in).
 
     python benchmarks/scale.py --clients 10 100 [--attack mosaic] [--dataset cifar10] [--model cnn]
-        [--images 16] [--local-steps 1] [--rows-per-image 4] [--rounds 1] [--population 1000]
+        [--images 16] [--local-steps 1] [--rows-per-image 0] [--rounds 1] [--population 1000]
         [--defense secagg-emulated|secagg|none] [--data-root DIR] [--out DIR] [--json FILE] [fl-sim run flags]
 
 Flags it does not know go to every `fl-sim run` as they are: the server's SecAgg+ settings, for one
@@ -46,12 +47,13 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
     images = args.images
     population = args.population or clients
     batch = images // args.local_steps
-    rows = args.rows_per_image * clients * images if args.attack == "mosaic" else args.imprint_bins
+    rows = (args.rows_per_image * clients * images if args.attack == "mosaic" else args.imprint_bins) or None
     command = [str(Path(sys.executable).parent / "fl-sim"), "run", "--dataset", args.dataset, "--data-root",
                args.data_root, "--model", args.model, "--num-clients", str(population),
                "--fraction-train", str(clients / population), "--rounds", str(args.rounds), "--train-mode", "steps",
                "--local-steps", str(args.local_steps), "--batch-size", str(batch), "--attack", args.attack,
-               "--imprint-bins", str(rows), "--defense", args.defense, "--seed", "0", "--out", str(out),
+               *(["--imprint-bins", str(rows)] if rows else []), "--defense", args.defense, "--seed", "0",
+               "--out", str(out),
                "--max-attack-images", str(images if args.attack == "mosaic" else clients * images), *extra]
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
@@ -63,7 +65,8 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
         raise SystemExit("/usr/bin/time -v printed no peak memory (is GNU time installed?)")
     peak = int(found.group(1)) * 1024
     shape, classes = image_spec(cached_dataset(args.dataset, args.data_root, False))
-    reply = guard.model_bytes(args.model, shape, classes, rows)
+    built = json.loads((out / "run.json").read_text()).get("imprint_rows", 0)  # the block the clients built
+    reply = guard.model_bytes(args.model, shape, classes, built)
     if DefenseSpec.parse(args.defense).protocol:  # SecAgg+ sends each parameter as a masked int64: twice float32's
         reply *= 2
     rows_read = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -144,7 +147,8 @@ def main() -> None:
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--images", type=int, default=16, help="images a client trains on a round")
     parser.add_argument("--local-steps", type=int, default=1)
-    parser.add_argument("--rows-per-image", type=int, default=4)
+    parser.add_argument("--rows-per-image", type=int, default=0,
+                        help="mosaic: --imprint-bins = this x clients x images (0, default: the run sizes the block)")
     parser.add_argument("--imprint-bins", type=int, default=2048, help="the imprint attack's rows")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--population", type=int, default=0, help="clients in all (0: every client, every round)")

@@ -241,24 +241,24 @@ def test_a_mosaic_too_small_for_its_clients_is_refused_before_ray_starts_naming_
                                                                                                  tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([str(FL_SIM), "run", "--data-root", str(shared_data), "--attack", "mosaic", "--num-clients",
-                           "100", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "100", "--train-mode", "fedsgd", "--imprint-bins", "256", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     said = ("fl-sim run: --attack mosaic: 256 imprint rows cannot give 100 clients a round 4 blocks of 2 or more bins "
-            "each: pass --imprint-bins 800 or more")
+            "each: pass --imprint-bins 800 or more, or leave it out to size the block for the round")
     assert done.stderr.strip() == said, done.stderr[-3000:]
     assert "Ray" not in done.stdout + done.stderr and not out.exists()
 
 
 def test_the_mosaic_refusal_names_rows_that_the_attack_then_accepts(shared_data):
     from fl_sim.contract.run_config import ConfigError, RunConfig
-    from fl_sim.server.mosaic import check_rows
 
-    for steps, copies in ((1, 1), (3, 2)):  # several steps: the attack sends every row twice
-        config = RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps)
-        with pytest.raises(ConfigError, match=f"pass --imprint-bins {2 * 4 * 40 * copies} or more"):
-            check_rows(config)
-        check_rows(RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps,
-                             imprint_bins=2 * 4 * 40 * copies))
+    for steps in (1, 3):
+        config = RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps, imprint_bins=8)
+        with pytest.raises(ConfigError, match=f"pass --imprint-bins {2 * 4 * 40} or more"):
+            config.check()
+        RunConfig(attack="mosaic", num_clients=40, train_mode="steps", local_steps=steps,
+                  imprint_bins=2 * 4 * 40).check()
 
 
 def test_a_second_sweep_into_the_same_folder_is_refused_naming_the_first(tmp_path, shared_data, monkeypatch,

@@ -1,5 +1,7 @@
 """The mosaic attack: each client's images read apart from the sum of many clients' updates, named by client, and
 what survives SecAgg+'s quantization; the strategy sends per-client weights that share all but the rows' biases."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,16 @@ from fl_sim.learning.updates import Weights, parameter_names, weights
 from fl_sim.results import metrics
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import Victim
-from fl_sim.server.mosaic import IMPRINT_BIAS, SPREAD, MosaicArmed, MosaicAttack, read_clients
+from fl_sim.server.mosaic import (
+    IMPRINT_BIAS,
+    IMPRINT_WEIGHT,
+    SHORTCUT,
+    SPREAD,
+    MosaicArmed,
+    MosaicAttack,
+    in_half,
+    read_clients,
+)
 from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 from fl_sim.server.server_app import each_client
 from fl_sim.server.strategy import InvertingStrategy, ServerAttack
@@ -122,7 +133,7 @@ def test_fedavg_four_steps_of_four_without_quantization(shared_data):
     plain mean (the emulated secure aggregation) it still gives most images."""
     armed, replies, truth = federation(shared_data, "mnist", "mlp", 3, TrainingSettings(lr=0.1, local_steps=4,
                                                                                        batch_size=4),
-                                       rows_per_image=8)  # every row twice: 4 bins an image
+                                       rows_per_image=8)  # 2 bins an image in each of the 4 blocks
     assert np.mean(shares(read_aggregate(armed, replies, 16), truth, 30)) >= 0.8
 
 
@@ -144,14 +155,13 @@ def test_weights_on_the_grid_pass_flowers_quantization_unrounded():
 def test_armed_for_the_protocol_several_steps_survive_its_quantization(shared_data):
     """FedAvg's 4 steps: each image may move its rows by a small share of a bin only; through SecAgg+'s
     quantization (Flower's quantize, 2^24 levels) the arming for the protocol (steeper rows, clipped at the
-    range, on its grid; the rows' twins and the centred, scaled input as for every multi-step arming) reads most
-    images, the plain arming half as many (measured, 3 seeds of 4 CIFAR-10 clients at 12 rows an image: 89-97%
-    at >= 30 dB armed for the protocol, 52-56% without; docs/findings.md)."""
+    range, on its grid; the shortcut and the centred, scaled input as for every multi-step arming) reads most
+    images, the plain arming far fewer (docs/threat-models.md)."""
     protocol = SecAggParameters(3, 2, 8.0, 2**24, 16.0)
     settings = TrainingSettings(lr=0.05, local_steps=4, batch_size=4)
     found = {}
     for aware in (False, True):
-        armed, replies, truth = federation(shared_data, "cifar10", "cnn", 4, settings, rows_per_image=12,
+        armed, replies, truth = federation(shared_data, "cifar10", "cnn", 4, settings, rows_per_image=6,
                                            protocol=protocol if aware else None)
         aggregate = protocol_aggregate(replies, [16] * 4, protocol)
         update, _ = revealed_update(aggregate, [armed.weights[client] for client in range(4)], [1.0] * 4,
@@ -202,6 +212,7 @@ def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(
     sent = [message.content["arrays"] for message in messages]
     assert sent[0]["base.layers.1.weight"].data is sent[1]["base.layers.1.weight"].data  # serialised once
     assert sent[0][IMPRINT_BIAS].data != sent[1][IMPRINT_BIAS].data
+    assert sent[0][IMPRINT_WEIGHT].dtype == "float16" and sent[0][IMPRINT_BIAS].dtype == "float32"  # Armed.narrow
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
     [(_, [victim], [result])] = sink
     assert victim == Victim((0, 1, 2), secure_aggregate=True)
@@ -212,20 +223,121 @@ def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(
     assert not torch.equal(average["base.layers.1.weight"], global_weights["base.layers.1.weight"])
 
 
-def test_over_several_steps_the_twin_rows_leave_the_logits_to_the_base_model_and_still_learn():
-    """Armed for several steps, every live row is sent twice with opposite shortcut signs: the logits are the
-    base model's own (no input shift either), yet each row and its twin get opposite, non-zero gradients."""
-    model = build_model("mlp", 1, 28, 10, imprint=2 * 2 * 2 * 8, seed=0)
+def test_over_several_steps_the_shortcut_leaves_the_logits_to_the_base_model_and_the_rows_still_learn():
+    """Armed for several steps, the rows reach the logits through the shortcut, whose value is nothing: the logits
+    are the base model's own (no input shift either), yet each live row gets its images' gradient."""
+    model = build_model("mlp", 1, 28, 10, imprint=2 * 2 * 8, seed=0)
     attack = MosaicAttack(model, torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0)), blocks=2)
     armed = attack.arm(weights(model), TrainingSettings(lr=0.1, local_steps=2, batch_size=4), [3, 7])
     model.load_state_dict(armed.weights[3])
     images = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(model(images), model.base(images), atol=1e-5)
+    assert float(armed.weights[3][SHORTCUT].abs().max()) > 0  # armed: the shortcut carries the rows' gradient
+    assert torch.equal(model(images), model.base(images))
     torch.nn.functional.cross_entropy(model(images), torch.arange(4)).backward()
     assert armed.mosaic is not None
     rows = armed.mosaic.rows[3].flatten()
-    twins = rows + rows.numel()  # the client's slice, then the same rows again (their shortcut sign -1)
-    assert torch.equal(armed.weights[3][IMPRINT_BIAS][rows], armed.weights[3][IMPRINT_BIAS][twins])
     grad = model.imprint.bias.grad
     assert grad is not None and float(grad[rows].abs().max()) > 0
-    assert torch.allclose(grad[rows], -grad[twins])
+    others = torch.ones(len(grad), dtype=torch.bool)
+    others[rows] = False
+    assert float(grad[others].abs().max()) == 0  # the other client's rows are switched off for this one
+
+
+def test_without_imprint_bins_a_ten_client_run_builds_the_rows_its_round_needs_and_reads_every_client(shared_data,
+                                                                                                     tmp_path):
+    """`fl-sim run --attack mosaic` with no --imprint-bins: the clients and the server build the block sized for the
+    round (10 clients x 4 images x 4 rows an image), and the secure aggregate is read client by client."""
+    from fl_sim.commands import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["run", "--dataset", "mnist", "--data-root", str(shared_data), "--model", "mlp", "--num-clients",
+                     "10", "--rounds", "1", "--train-mode", "steps", "--batch-size", "4", "--attack", "mosaic",
+                     "--defense", "secagg-emulated", "--seed", "0", "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["imprint-bins"] == 0 and record["imprint_rows"] == 10 * 4 * 4, record
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["client"] for row in rows) == list(range(10))
+    psnr = np.concatenate([row["psnr_images"] for row in rows])
+    assert len(psnr) == 40 and float(np.mean(psnr >= 30)) >= 0.7, psnr
+
+
+@pytest.mark.parametrize(("training", "per_image"), [
+    (dict(train_mode="fedsgd", batch_size=8), 4),
+    (dict(train_mode="steps", local_steps=4, batch_size=4), 6),
+    (dict(train_mode="epochs", batch_size=8, min_shard=10, max_shard=14), 6),
+    (dict(train_mode="epochs", batch_size=16, min_shard=10, max_shard=14), 4)])
+def test_the_rows_built_without_imprint_bins_are_what_the_sampled_clients_shards_need(shared_data, training,
+                                                                                     per_image):
+    """The block is sized from the clients Flower samples (int(clients x fraction)), the most images any client
+    trains on in a round (against the shards themselves) and the rows an image of the training mode; each client's
+    slice holds that many rows for each of its images."""
+    from fl_sim.contract.run_config import RunConfig
+    from fl_sim.learning.partition import client_shards, training_examples
+
+    config = RunConfig(attack="mosaic", dataset="mnist", data_root=str(shared_data), num_clients=30,
+                       fraction_train=0.34, **training)
+    config.check()
+    shards = client_shards(load_dataset("mnist", shared_data, True).labels, config.num_clients, config.partition,
+                           config.alpha, config.seed, config.min_shard, config.max_shard)
+    most = max(len(training_examples(shard, config.training, config.seed, client, 1))
+               for client, shard in enumerate(shards))
+    sampled = 10  # int(30 x 0.34), as FedAvg samples
+    assert config.imprint_rows >= per_image * sampled * most
+    assert config.imprint_rows < per_image * sampled * most + sampled * config.imprint_blocks  # bins rounded up
+    model = build_model("mlp", 1, 28, 10, imprint=config.imprint_rows)
+    attack = MosaicAttack(model, public_images(load_dataset("mnist", shared_data, False), count=256),
+                          blocks=config.imprint_blocks, client_images=config.client_images)
+    armed = attack.arm(weights(model), config.training, list(range(sampled)))
+    assert armed.mosaic is not None
+    for client in range(sampled):  # a client's rows
+        assert armed.mosaic.rows[client].numel() >= per_image * most
+
+
+def test_an_explicit_imprint_bins_wins_and_is_still_refused_when_too_small():
+    from fl_sim.contract.run_config import ConfigError, RunConfig
+
+    sized = RunConfig(attack="mosaic", num_clients=40, train_mode="steps", batch_size=8)
+    assert sized.imprint_rows == 40 * 8 * 4
+    assert RunConfig(attack="mosaic", num_clients=40, train_mode="steps", batch_size=8,
+                     imprint_bins=2 * 4 * 40).imprint_rows == 320
+    with pytest.raises(ConfigError, match=r"^--attack mosaic: 256 imprint rows cannot give 40 clients a round 4 "
+                                          r"blocks of 2 or more bins each: pass --imprint-bins 320 or more"):
+        RunConfig(attack="mosaic", num_clients=40, train_mode="steps", batch_size=8, imprint_bins=256).check()
+    with pytest.raises(ConfigError, match="pass --imprint-bins, or --max-shard"):  # epochs over whole partitions
+        RunConfig(attack="mosaic", num_clients=40, max_shard=0).check()
+
+
+@pytest.mark.parametrize("protocol", [None, SecAggParameters(3, 2, 8.0, 2**24, 16.0)])
+def test_the_rows_weights_travel_as_float16_holding_exactly_what_the_server_reads_against(protocol):
+    """The rows' weights, nearly all of the block, are sent as float16: the server rounds them to values float16
+    holds (and to SecAgg+'s grid when armed for it), so what a client loads is what the server reads against."""
+    model = build_model("mlp", 1, 28, 10, imprint=2 * 2 * 8, seed=0)
+    attack = MosaicAttack(model, torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0)), blocks=2,
+                          protocol=protocol)
+    for settings in (TrainingSettings(lr=0.1, batch_size=4), TrainingSettings(lr=0.1, local_steps=2, batch_size=4)):
+        armed = attack.arm(weights(model), settings, [3, 7])
+        assert dict(armed.narrow) == {IMPRINT_WEIGHT: torch.float16}
+        held = armed.weights[3][IMPRINT_WEIGHT]
+        assert held.dtype == torch.float32 and float(held.abs().max()) > 0
+        assert torch.equal(held.half().float(), held)
+        if protocol is not None:
+            assert torch.equal(protocol.on_grid(held), held)
+    odd = SecAggParameters(3, 2, 3.0, 1000, 16.0)  # a grid float16 cannot hold: sent in float32
+    assert in_half(torch.linspace(-1, 1, 101), odd) is None
+
+
+def test_under_flwr_run_the_clients_build_the_block_the_server_sizes_from_the_run_config(shared_data):
+    """`flwr run` hands both apps Flower's run config (imprint-bins 0 from pyproject.toml): the ServerApp's model
+    and the ClientApp's received model are the same sized block, so the armed weights load."""
+    from clients.app import received_model
+    from fl_sim.contract.run_config import RunConfig
+
+    config = RunConfig.from_flower({"attack": "mosaic", "dataset": "mnist", "data-root": str(shared_data),
+                                    "model": "mlp", "num-clients": 5, "fraction-train": 0.6, "train-mode": "steps",
+                                    "local-steps": 2, "batch-size": 4, "imprint-bins": 0})
+    assert config.imprint_rows == 3 * 8 * 6  # int(5 x 0.6) clients x 8 images x 6 rows an image (several steps)
+    server = build_model("mlp", 1, 28, 10, imprint=config.imprint_rows)
+    attack = MosaicAttack(server, torch.rand(64, 1, 28, 28), blocks=config.imprint_blocks)
+    armed = attack.arm(weights(server), config.training, [0, 1, 2])
+    client = received_model(armed.weights[1], config, load_dataset("mnist", shared_data, False))
+    assert client.state_dict()[IMPRINT_WEIGHT].shape == (3 * 8 * 6, 28 * 28)

@@ -163,6 +163,11 @@ def run(args) -> dict:
     armed = arm_round(attack, global_weights, settings, args.num_victims, victims, defense.secure_aggregation)
     sent_to: dict[int, Weights] = {victim: armed.weights[victim] if armed and victim in armed.weights
                                    else global_weights for victim in victims}
+    narrow = armed.narrow if armed else {}  # tensors the attack sends in a narrower dtype (Armed.narrow)
+
+    def narrowed(sent: Weights) -> Weights:
+        return {name: tensor.to(narrow.get(name, tensor.dtype)) for name, tensor in sent.items()}
+
     parameters = parameter_names(model)
     indices = victim_indices(len(dataset), args.num_victims, settings.num_images, args.seed)
 
@@ -188,7 +193,8 @@ def run(args) -> dict:
             context = Context(run_id=1, node_id=victim, node_config={"partition-id": victim,
                                                                        "num-partitions": args.num_victims},
                               state=RecordDict(), run_config={})
-            reply = client_side(Message(RecordDict({ARRAYS: ArrayRecord(sent_to[victim]), CONFIG: round_config}),
+            sent_record = ArrayRecord(narrowed(sent_to[victim]))
+            reply = client_side(Message(RecordDict({ARRAYS: sent_record, CONFIG: round_config}),
                                         dst_node_id=victim, message_type=MessageType.TRAIN), context)
             if reply.has_error():  # --defense inspect: the victim refused what it was sent
                 refused[victim] = reply.error.reason or ""

@@ -102,6 +102,8 @@ def task_config(args) -> RunConfig:
         values["data_root"] = args.data_root
     if getattr(args, "num_victims", None) is not None:  # the clients whose aggregate secure aggregation reveals
         values["num_clients"] = args.num_victims
+    if getattr(args, "shard_size", None) is not None:  # epochs mode: every victim's shard (the mosaic sizes by it)
+        values["min_shard"] = values["max_shard"] = args.shard_size
     return RunConfig.from_values(values, RunConfig(out=args.out, init=args.init))
 
 

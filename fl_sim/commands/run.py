@@ -103,10 +103,6 @@ def check(args) -> RunConfig:
     guard.check_outside_data(run_config.out, run_config.data_root, "--resume" if args.resume else "--out")
     for train in (True, False):  # DataNotFoundError says what to do; a damaged image file is named now
         check_images(cached_dataset(run_config.dataset, run_config.data_root, train))
-    if run_config.attack == "mosaic":  # before the memory estimate is printed (the ServerApp checks it too)
-        from fl_sim.server.mosaic import check_rows
-
-        check_rows(run_config)
     check_model(run_config, args.client_cpus)
     return run_config
 
@@ -127,9 +123,12 @@ def check_model(run_config: RunConfig, client_cpus: float = 1.0) -> None:
     # a round's replies come from the clients Flower samples (--fraction-train), not the whole population
     sampled = max(1, math.ceil(run_config.fraction_train * run_config.num_clients))
     workers = min(sampled, max(1, int(guard.cpu_cores() // client_cpus)))
-    need = guard.check_memory(copy_bytes, sampled, workers,
-                              "--imprint-bins" if run_config.imprint_rows else "--num-clients or --client-cpus, or "
-                              "use a smaller --model", summed=run_config.defense.protocol)
+    if run_config.imprint_rows and not run_config.imprint_bins:  # sized for the round: its clients and images
+        lower = "--num-clients, --fraction-train or the images a client trains on (the imprint rows grow with them)"
+    else:
+        lower = ("--imprint-bins" if run_config.imprint_rows
+                 else "--num-clients or --client-cpus, or use a smaller --model")
+    need = guard.check_memory(copy_bytes, sampled, workers, lower, summed=run_config.defense.protocol)
     guard.say_memory("run", need)
     if run_config.init not in ("default", "paper"):  # a file that is no checkpoint of this model: said now
         build_model(run_config.model, shape[0], shape[1], classes, init=run_config.init, seed=run_config.seed)

@@ -23,6 +23,57 @@ TRAP_EVERYONE = ("--attack trap or qbi without --attack-clients traps every clie
                  "--attack-clients (e.g. 0) to let the others train it")
 
 
+@dataclass(frozen=True)
+class RowSizing:
+    """How an attack that deals the imprint rows out to a round's clients sizes the block when --imprint-bins is 0.
+
+    Each client of the round gets its own slice of `blocks` blocks of bins, a bin one row. The block is built for
+    `one_step` rows an image with one local step and `several_steps` with more, over the images a client trains
+    on in a round; never fewer than `least_bins` bins a block.
+
+    Parameters
+    ----------
+    one_step, several_steps : int
+        Rows an image of the round with one local step, and with several.
+    least_bins : int
+        The fewest bins a block the attack can read at all.
+    """
+
+    one_step: int
+    several_steps: int
+    least_bins: int = 2
+
+    def bins(self, images: int, blocks: int, one_step: bool) -> int:
+        """The bins of each block in one client's slice for `images` images a client."""
+        per_image = self.one_step if one_step else self.several_steps
+        return max(self.least_bins, -(-per_image * images // blocks))
+
+    def rows(self, clients: int, images: int, blocks: int, one_step: bool) -> int:
+        """The imprint block's rows for `clients` clients a round of `images` images each.
+
+        Parameters
+        ----------
+        clients : int
+            The clients the round's rows are dealt out to.
+        images : int
+            The most images one of them trains on in the round.
+        blocks : int
+            --imprint-blocks.
+        one_step : bool
+            Whether a client's round is one SGD step.
+
+        Returns
+        -------
+        int
+            clients x blocks x bins: a multiple of `blocks`, every client's slice the same.
+        """
+        return clients * blocks * self.bins(images, blocks, one_step)
+
+    def least(self, clients: int, blocks: int) -> int:
+        """The fewest rows that give `clients` clients `blocks` blocks of `least_bins` bins each."""
+        return clients * blocks * self.least_bins
+
+
 class AttackKind(StrEnum):
     """What the server does beyond reading updates."""
 
@@ -44,6 +95,8 @@ class AttackSpec:
     `preset`: a passive attack's optimisation (objective, optimiser, labels, priors), run by attacker.invert.
     `reads_each_client`: it arms each client for its own update even under secure aggregation, and reads
     every client's images apart from their sum (so `--max-attack-images` caps one client's images, not the sum's).
+    `sizes_rows`: it deals the imprint rows out to the round's clients, and without --imprint-bins the block is
+    built for the round (RunConfig.imprint_rows): the clients sampled, the images each trains on, one step or more.
     """
 
     name: str
@@ -57,12 +110,15 @@ class AttackSpec:
     options: tuple[str, ...] = ()
     reads_each_client: bool = False
     preset: AttackConfig | None = None
+    sizes_rows: RowSizing | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.factory:
             raise ValueError(f"attack {self.name!r}: factory must be 'module:Class', got {self.factory!r}")
         if self.may_run_async and self.kind is not AttackKind.PASSIVE:
             raise ValueError(f"attack {self.name!r}: an active attack is part of the round, never in the background")
+        if self.sizes_rows is not None and not self.needs_imprint:
+            raise ValueError(f"attack {self.name!r}: only an attack on the imprint block sizes its rows")
         if self.preset is not None and self.preset.name != self.name:
             raise ValueError(f"attack {self.name!r}: its preset is named {self.preset.name!r}")
 
@@ -79,6 +135,9 @@ class AttackSpec:
         return self.models is None or model in self.models
 
 
+# the mosaic's rows an image (docs/threat-models.md: 4 read 86-88% of the round's images with one step; 6 with
+# several steps)
+MOSAIC_ROWS = RowSizing(one_step=4, several_steps=6)
 NO_ATTACK = "none"
 _PASSIVE_OPTIONS = ("iterations", "restarts", "label_deals", "bn_statistics", "tv_weight", "no_replay")
 _REGISTRY: dict[str, AttackSpec] = {}
@@ -226,7 +285,7 @@ register(AttackSpec(
     "mosaic", AttackKind.ACTIVE, "fl_sim.server.mosaic:MosaicAttack",
     "per-client imprint rows (after LOKI, MANDRAKE, Pasquini et al.): each client's images read apart, even "
     "from a secure aggregate", needs_imprint=True, options=("imprint_bins", "imprint_blocks"),
-    reads_each_client=True))
+    reads_each_client=True, sizes_rows=MOSAIC_ROWS))
 register(AttackSpec(
     "spear", AttackKind.PASSIVE, "fl_sim.server.exact:SpearAttack",
     "SPEAR (Dimitrov et al. 2024): a whole batch read exactly off the first ReLU linear layer's update (rank, "

@@ -140,6 +140,26 @@ class TrainingSettings:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
 
+    def single_step(self, images: int | None = None) -> bool:
+        """Whether a client's round is one SGD step: one step in steps mode (K = E = 1); in epochs mode one epoch
+        over a shard that fits one batch (its `shard_size`, else `images`, the most a client holds; neither known:
+        not one step).
+
+        Parameters
+        ----------
+        images : int, optional
+            Epochs mode without a shard size: the most examples a client holds.
+
+        Returns
+        -------
+        bool
+            True when the client takes exactly one step.
+        """
+        if self.mode != TrainMode.EPOCHS:
+            return self.local_steps * self.epochs == 1
+        shard = self.shard_size if self.shard_size is not None else images
+        return self.epochs == 1 and shard is not None and shard <= self.batch_size
+
     def batch_slices(self) -> list[slice]:
         """The positions of each step's batch among the num_images images of one epoch (the last may be short)."""
         size, count = self.batch_size, self.num_images

@@ -157,8 +157,10 @@ class RunConfig:
     attack_clients: tuple[int, ...] | None = setting(None, Setting(  # None: every client
         "partition ids to attack, e.g. 0,2 (default all)", Group.FEDERATION, flag_default="all",
         parse=parse_client_list))
-    imprint_bins: int = setting(0, Setting(  # 0: 256 with --attack imprint
-        "rows of the imprint block the clients build (default 256 with --attack imprint)", Group.ATTACK, least=0))
+    imprint_bins: int = setting(0, Setting(  # 0: 256 with --attack imprint, the round's need with mosaic
+        "rows of the imprint block the clients build (default 256 with --attack imprint; with mosaic the rows the "
+        "round needs: clients sampled x images a client x 4 rows an image, 6 over several steps)", Group.ATTACK,
+        least=0))
     imprint_blocks: int = setting(4, Setting(  # the server's choice only
         "statistics the imprint rows measure; more blocks, fewer images sharing every bin (default %(default)s)",
         Group.ATTACK, least=1))
@@ -203,9 +205,68 @@ class RunConfig:
 
     @property
     def imprint_rows(self) -> int:
-        """The imprint block's rows in the architecture every client builds (0: no block)."""
+        """The imprint block's rows in the architecture every client builds (0: no block): --imprint-bins when
+        given; else, for an attack that sizes its rows (the mosaic), the rows the round needs (`sized_rows`);
+        else the preset block of an attack that needs one."""
+        if self.imprint_bins:
+            return self.imprint_bins
         spec = find_attack(self.attack)  # None in a process that has not registered the attack (a test's, in Ray)
-        return self.imprint_bins or (IMPRINT_BINS if spec is not None and spec.needs_imprint else 0)
+        if spec is None or not spec.needs_imprint:
+            return 0
+        return self.sized_rows if spec.sizes_rows is not None else IMPRINT_BINS
+
+    @property
+    def sampled_clients(self) -> int:
+        """The clients Flower's strategy samples for a round: int(clients x fraction), at least 1 (as FedAvg)."""
+        return max(1, int(self.num_clients * self.fraction_train))
+
+    @property
+    def round_targets(self) -> int:
+        """The clients an active attack arms in a round: those sampled, at most the --attack-clients."""
+        sampled = self.sampled_clients
+        return min(sampled, len(self.attack_clients)) if self.attack_clients else sampled
+
+    @property
+    def client_images(self) -> int | None:
+        """The most images a client trains on in a round: K x B (fedsgd, steps), its shard in epochs mode (at
+        most --max-shard; None over whole partitions, which only the data set knows)."""
+        training = self.training
+        if training.mode == TrainMode.EPOCHS:
+            return self.max_shard or None
+        return training.num_images
+
+    @property
+    def one_local_step(self) -> bool:
+        """Whether every client's round is one SGD step (epochs mode: one epoch over a shard within one batch)."""
+        return self.training.single_step(self.client_images)
+
+    @property
+    def sized_rows(self) -> int:
+        """The rows an attack that sizes its block (its `AttackSpec.sizes_rows`) needs for this run's rounds: the
+        round's targets x the images each trains on x its rows an image, one local step or several. The clients
+        build the block from this number and the server arms it, both through `imprint_rows`."""
+        spec = find_attack(self.attack)
+        if spec is None or spec.sizes_rows is None:
+            raise ConfigError(f"--attack {self.attack} does not size its imprint rows: pass --imprint-bins")
+        images = self.client_images
+        if images is None:
+            raise ConfigError(f"--attack {self.attack} sizes its imprint rows from the images a client trains on, "
+                              "which in epochs mode over whole partitions (--max-shard 0) only the data set knows: "
+                              "pass --imprint-bins, or --max-shard")
+        return spec.sizes_rows.rows(self.round_targets, images, self.imprint_blocks, self.one_local_step)
+
+    def check_rows(self) -> None:
+        """An explicit --imprint-bins too small for the clients an attack that sizes its rows deals them out to,
+        refused (ConfigError naming the value that would do) before any round."""
+        spec = find_attack(self.attack)
+        if not self.imprint_bins or spec is None or spec.sizes_rows is None:
+            return
+        targets, blocks = self.round_targets, self.imprint_blocks
+        least = spec.sizes_rows.least(targets, blocks)
+        if self.imprint_bins < least:
+            raise ConfigError(f"--attack {self.attack}: {self.imprint_bins} imprint rows cannot give {targets} "
+                              f"clients a round {blocks} blocks of {spec.sizes_rows.least_bins} or more bins each: "
+                              f"pass --imprint-bins {least} or more, or leave it out to size the block for the round")
 
     @property
     def training(self) -> TrainingSettings:
@@ -228,12 +289,13 @@ class RunConfig:
             problem = None if value is None else declared.violation(flag_of(name), value)
             if problem:
                 raise ConfigError(problem)
-        check_attack(self.attack, self.model, self.attack_async, self.imprint_rows, self.imprint_blocks)
         if self.max_shard and self.max_shard < self.min_shard:
             raise ConfigError(f"--max-shard {self.max_shard} is below --min-shard {self.min_shard}")
+        self.training  # noqa: B018 (raises ConfigError for a bad training setting)
+        check_attack(self.attack, self.model, self.attack_async, self.imprint_rows, self.imprint_blocks)
+        self.check_rows()
         if self.proximal_mu and self.strategy != StrategyName.FEDPROX:
             raise ConfigError(f"--proximal-mu is FedProx's: use it with --strategy fedprox, not {self.strategy}")
-        self.training  # noqa: B018 (raises ConfigError for a bad training setting)
         outside = [c for c in self.attack_clients or () if not 0 <= c < self.num_clients]
         if outside:
             raise ConfigError(f"--attack-clients {outside} are not clients 0..{self.num_clients - 1}")

@@ -32,7 +32,7 @@ from numbers import Real
 from pathlib import Path
 from typing import TypeGuard
 
-from fl_sim.contract.attacks import IMPRINT_BINS, find_attack
+from fl_sim.contract.attacks import find_attack
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.results.outputs import atomic_write_bytes
 from fl_sim.results.plots import plot_rounds
@@ -272,8 +272,8 @@ def _attack(c: RunConfig) -> str:
         value = getattr(c, name, None)
         if value in (None, "", False, 0) and name != "imprint_bins":
             continue
-        if name == "imprint_bins":  # 0: the imprint block's preset rows
-            value = value or IMPRINT_BINS
+        if name == "imprint_bins":  # 0: the rows the attack builds (its preset block, or sized for the round)
+            value = c.imprint_rows
         parts.append(name.replace("_", " ") if value is True else f"{name.replace('_', ' ')} {value}")
     return f"{c.attack} ({spec.kind}{': ' + ', '.join(parts) if parts else ''})"
 

@@ -20,7 +20,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Self
 
@@ -54,10 +54,14 @@ class Victim:
 @dataclass(frozen=True)
 class Armed:
     """What an attack sends this round instead of the global model: each target's weights (by client), which
-    may differ per client, and the readout that recovers the images from the updates (analytic attacks)."""
+    may differ per client, and the readout that recovers the images from the updates (analytic attacks).
+    `narrow`: tensors sent in a narrower dtype (name -> dtype) that holds their values exactly (the attack rounded
+    them to it), so they travel in fewer bytes; the client trains them in its model's dtype and the server reads
+    against the same values."""
 
     weights: Mapping[int, Weights]
     readout: Readout | None = None
+    narrow: Mapping[str, torch.dtype] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,17 @@ a later image x' by g (x . x' + 1), and x . x' is large for any two natural imag
 drift rule kept g, and with it what the rows read, near SecAgg+'s quantization step. The rows instead see the
 image less the public mean, scaled by a power of two (`centre`: the drift is then g (s^2 (x - o).(x' - o) + 1),
 about 2g), and their gradient comes through the block's shortcut to the logits, not through the base model's
-input: every row is sent twice, once with each shortcut sign, so the two cancel in the logits (the base model
-sees and trains on the image alone) while each row gets its image's gradient (models/imprint.py). The readout
-reads the first copy of each row; a client's slice is its rows, then their twins, so a client needs twice the
-rows (`--imprint-bins`) for as many bins.
+input: the shortcut adds a - a.detach() of the rows' activations a, nothing in value (the base model sees and
+trains on the image alone), while each row gets its image's gradient (models/imprint.py).
+
+What a client receives is nearly all the rows' weights (rows x pixels), the same for every client: they travel as
+float16 (`Armed.narrow`), rounded by the server to values float16 holds and, armed for SecAgg+, to its grid, so the
+clients load exactly what the server reads against (`in_half`).
+
+How many rows the block has is the run config's (`RunConfig.imprint_rows`: `--imprint-bins`, or without it the
+rows the round needs, `MOSAIC_ROWS` in fl_sim/contract/attacks.py), so the clients build the block the server arms.
+In epochs mode the server knows a client's shard only from its reply: it arms for one step only when the largest
+shard a client may hold (`--max-shard`) fits one batch.
 """
 import math
 from collections.abc import Mapping, Sequence
@@ -49,8 +56,8 @@ from torch import nn
 
 from attacker import Reconstruction
 from attacker.analytic import UNRECOVERED, MosaicReadout
+from fl_sim.contract.attacks import MOSAIC_ROWS
 from fl_sim.contract.protocol import TrainingSettings
-from fl_sim.contract.run_config import ConfigError, RunConfig
 from fl_sim.learning.models.imprint import Imprinted
 from fl_sim.learning.updates import Weights
 from fl_sim.server.active import (
@@ -87,11 +94,13 @@ class MosaicAttack(Attack):
     name = "mosaic"
 
     def __init__(self, model: nn.Module, public: torch.Tensor, blocks: int, drift_share: float = DRIFT_SHARE,
-                 bias_change: float = BIAS_CHANGE, protocol: SecAggParameters | None = None):
+                 bias_change: float = BIAS_CHANGE, protocol: SecAggParameters | None = None,
+                 client_images: int | None = None):
         if not isinstance(model, Imprinted):
             raise ValueError("the mosaic attack needs the imprint block in the clients' model (imprint-bins)")
         self.model, self.public, self.blocks = model, public.float(), blocks
         self.drift_share, self.bias_change, self.protocol = drift_share, bias_change, protocol
+        self.client_images = client_images  # epochs mode: the most a client holds (one step if within a batch)
         self.rows = model.imprint.out_features
         flat = self.public.flatten(1).double()
         mean = flat.mean(0)
@@ -108,20 +117,19 @@ class MosaicAttack(Attack):
     def build(cls, context: AttackContext) -> Self:
         config = context.config
         protocol = SecAggParameters.of(config) if config.defense.protocol else None
-        return cls(context.model, context.public(), config.imprint_blocks, protocol=protocol)
+        return cls(context.model, context.public(), config.imprint_blocks, protocol=protocol,
+                   client_images=config.client_images)
 
     def resolved(self) -> dict[str, SettingValue]:
         return {"imprint_blocks": self.blocks}
 
-    def layout(self, clients: int, copies: int = 1) -> tuple[Imprint, float]:
-        """One client's slice (rows 0 ..) when `clients` share the rows, each row sent `copies` times, and a
-        typical bin's width."""
-        bins = self.rows // (clients * self.blocks * copies)
-        if bins < 2:
-            least = rows_needed(clients, self.blocks, copies)
+    def layout(self, clients: int) -> tuple[Imprint, float]:
+        """One client's slice (rows 0 ..) when `clients` share the rows, and a typical bin's width."""
+        bins = self.rows // (clients * self.blocks)
+        if bins < MOSAIC_ROWS.least_bins:
+            least = MOSAIC_ROWS.least(clients, self.blocks)
             raise ValueError(f"mosaic: {self.rows} imprint rows cannot give {clients} clients {self.blocks} blocks of "
-                             f"2 or more bins each{' (every row twice over several steps)' if copies > 1 else ''}: "
-                             f"raise --imprint-bins to at least {least}")
+                             f"{MOSAIC_ROWS.least_bins} or more bins each: raise --imprint-bins to at least {least}")
         if bins not in self._layouts:
             self._layouts[bins] = imprint_layout(self.public, self.blocks, bins)
         return self._layouts[bins]
@@ -129,11 +137,9 @@ class MosaicAttack(Attack):
     def arm(self, global_weights: Weights, settings: TrainingSettings, targets: Sequence[int]) -> MosaicArmed:
         """Every target gets the shared armed block with only its own slice of rows switched on."""
         targets = sorted(targets)
-        one_step = settings.local_steps * settings.epochs == 1
-        copies = 1 if one_step else 2  # several steps: every row and its twin of the opposite shortcut sign
-        layout, gap = self.layout(len(targets), copies)
-        slice_rows = layout.rows.numel()
-        live = slice_rows * copies  # one client's rows
+        one_step = settings.single_step(self.client_images)
+        layout, gap = self.layout(len(targets))
+        live = layout.rows.numel()  # one client's rows
         features = self.public[0].numel()
         reach = float(layout.thresholds.abs().max())  # the largest statistic a row compares with
         shared = dict(global_weights)  # the base model's tensors, shared, not copied
@@ -147,7 +153,7 @@ class MosaicAttack(Attack):
         else:  # one image's change g of its rows moves a later image's activation by g (s^2 (x-o).(x'-o) + 1),
             # which must stay drift_share of a bin (alpha * gap): the rows are as steep as the clipping range
             # allows, see the centred image scaled (`self.scale`), and take the largest change that keeps to that;
-            # the gradient comes through the shortcut to the logits, whose twin rows cancel (models/imprint.py)
+            # the gradient comes through the shortcut to the logits, which adds nothing to them (models/imprint.py)
             steep = STEEP_REACH if self.protocol is None else STEEP_OVER_RANGE * self.protocol.clipping_range
             alpha, scale, offset = steep / reach, self.scale, self.mean
             if self.protocol is not None:
@@ -159,21 +165,16 @@ class MosaicAttack(Attack):
             shared[SHORTCUT] = change / (settings.lr * gradient) * pattern
         weight = torch.zeros(self.rows, features)
         one = layout.directions.repeat_interleave(layout.rows.shape[1], 0) * (alpha / scale)  # (slice rows, features)
-        weight[: live * len(targets)] = one.repeat(copies * len(targets), 1)
+        weight[: live * len(targets)] = one.repeat(len(targets), 1)
         shared[IMPRINT_WEIGHT] = weight
         shared[CENTRE_SCALE] = torch.full((1,), scale)
         shared[CENTRE_OFFSET] = offset
-        signs = torch.ones(self.rows)
-        if copies > 1:  # each client's slice, then its twins
-            signs[: live * len(targets)] = torch.cat([torch.ones(slice_rows), -torch.ones(slice_rows)]).repeat(
-                len(targets))
-        shared[SIGNS] = signs
+        shared[SIGNS] = torch.ones(self.rows)
         # a row fires when its statistic d . x passes its threshold: d . (x - o) + d . o > threshold
         own = (-(layout.thresholds - (layout.directions @ offset)[:, None]) * alpha).flatten()
         if self.protocol is not None:  # a row whose bias the client's quantization would clip is set at the edge
             # instead: it then merges with its neighbour (an empty bin) rather than read a change that was cut off
             own = self.protocol.clipped(own)
-        own = own.repeat(copies)
         dead = -max(-DEAD_BIAS, 2.5 * alpha * reach)  # below every activation, inside SecAgg+'s range
         rows: dict[int, torch.Tensor] = {}
         sent: dict[int, Weights] = {}
@@ -182,6 +183,10 @@ class MosaicAttack(Attack):
             # their entries may be smaller than a level)
             shared = {name: tensor if name in (SPREAD, SHORTCUT) else self.protocol.on_grid(tensor)
                       for name, tensor in shared.items()}
+        narrow = {}  # the rows' weights (nearly all the block) travel as float16 where it holds them exactly
+        halved = in_half(shared[IMPRINT_WEIGHT], self.protocol)
+        if halved is not None:
+            shared[IMPRINT_WEIGHT], narrow[IMPRINT_WEIGHT] = halved, torch.float16
         for slot, client in enumerate(targets):
             bias = torch.full((self.rows,), dead)
             bias[slot * live:(slot + 1) * live] = own
@@ -189,8 +194,8 @@ class MosaicAttack(Attack):
             sent[client] = {**shared, IMPRINT_BIAS: bias if self.protocol is None else self.protocol.on_grid(bias)}
         readout = MosaicReadout(IMPRINT_WEIGHT, IMPRINT_BIAS, rows, layout.directions, layout.thresholds,
                                 image_shape(self.public), scale,
-                                shared[CENTRE_OFFSET] if copies > 1 else None)
-        return MosaicArmed(sent, None, readout)
+                                None if one_step else shared[CENTRE_OFFSET])
+        return MosaicArmed(sent, None, narrow, mosaic=readout)
 
     def _brightness(self) -> torch.Tensor:
         features = self.public[0].numel()
@@ -235,6 +240,28 @@ class MosaicAttack(Attack):
                 for name, tensor in reply.items()}
 
 
+def in_half(tensor: torch.Tensor, protocol: SecAggParameters | None) -> torch.Tensor | None:
+    """`tensor` rounded to values float16 holds (then to SecAgg+'s grid, when armed for it), kept in its dtype; None
+    when the grid's values are not all float16's (a clipping range or level count that is no power of two).
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        What the server would send in float32.
+    protocol : SecAggParameters or None
+        SecAgg+'s settings when the server arms for them.
+
+    Returns
+    -------
+    torch.Tensor or None
+        The rounded tensor, whose values the clients load from float16 exactly, or None.
+    """
+    rounded = tensor.half().to(tensor.dtype)
+    if protocol is not None:
+        rounded = protocol.on_grid(rounded)
+    return rounded if torch.equal(rounded.half().to(tensor.dtype), rounded) else None
+
+
 def read_clients(readout: MosaicReadout, update: Mapping[str, torch.Tensor],
                  counts: Mapping[int, int]) -> Reconstruction:
     """`readout.read` for the armed clients among `counts`, with placeholders for the others, in `counts`' order."""
@@ -257,24 +284,3 @@ def read_clients(readout: MosaicReadout, update: Mapping[str, torch.Tensor],
     stacked = torch.cat(images) if images else torch.zeros(0, *readout.image_shape)
     return Reconstruction(stacked, torch.zeros(len(stacked), dtype=torch.long), float(status.count(UNRECOVERED)),
                           image_status=status, image_clients=clients)
-
-
-def rows_needed(clients: int, blocks: int, copies: int) -> int:
-    """The fewest imprint rows that give `clients` targets `blocks` blocks of 2 bins each, every row sent `copies`
-    times (2 when the clients take several local steps)."""
-    return 2 * blocks * clients * copies
-
-
-def check_rows(config: RunConfig) -> None:
-    """A mosaic whose imprint rows cannot be dealt out to a round's clients, refused before any round (ConfigError
-    naming the --imprint-bins that would do), as `MosaicAttack.layout` would refuse it in round 1."""
-    settings = config.training
-    copies = 1 if settings.local_steps * settings.epochs == 1 else 2
-    sampled = max(1, math.ceil(config.num_clients * config.fraction_train))
-    targets = min(sampled, len(config.attack_clients)) if config.attack_clients else sampled
-    least = rows_needed(targets, config.imprint_blocks, copies)
-    if config.imprint_rows // (targets * config.imprint_blocks * copies) < 2:
-        raise ConfigError(f"--attack mosaic: {config.imprint_rows} imprint rows cannot give {targets} clients a "
-                          f"round {config.imprint_blocks} blocks of 2 or more bins each"
-                          f"{' (every row twice over several steps)' if copies > 1 else ''}: pass --imprint-bins "
-                          f"{least} or more")

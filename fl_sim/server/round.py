@@ -265,14 +265,15 @@ def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayR
 
 
 def shared_record(weights: Mapping[str, torch.Tensor], arrays: dict[int, Array], ready: Mapping[str, Array] = {},
-                  order: Iterable[str] | None = None) -> ArrayRecord:
+                  order: Iterable[str] | None = None, narrow: Mapping[str, torch.dtype] = {}) -> ArrayRecord:
     """`weights` as an ArrayRecord whose arrays are serialised once per distinct tensor (`arrays`, by the
     tensor's id, shared across calls): per-client weights that share most tensors share their bytes too.
-    `ready`: entries serialised already; `order`: the record's key order (default: `weights`')."""
+    `ready`: entries serialised already; `order`: the record's key order (default: `weights`'); `narrow`: entries
+    serialised in a narrower dtype that holds their values exactly (`Armed.narrow`)."""
     entries: dict[str, Array] = dict(ready)
     for name, tensor in weights.items():
         if id(tensor) not in arrays:
-            arrays[id(tensor)] = Array(tensor.detach().cpu().numpy())
+            arrays[id(tensor)] = Array(tensor.detach().cpu().to(narrow.get(name, tensor.dtype)).numpy())
         entries[name] = arrays[id(tensor)]
     record = ArrayRecord()  # item by item: ArrayRecord(dict) would wrap every Array anew
     for name in (order if order is not None else weights):

@@ -62,7 +62,6 @@ from fl_sim.server import lock
 from fl_sim.server.active import public_images
 from fl_sim.server.attacks import attack_context, build_attack
 from fl_sim.server.background import AttackQueue
-from fl_sim.server.mosaic import check_rows
 from fl_sim.server.refusal import in_flower_terms, refuse_run
 from fl_sim.server.resume import Checkpoint, load_checkpoint, rewind, round_rows, save_checkpoint
 from fl_sim.server.round import write_faults
@@ -255,8 +254,6 @@ class RoundEnd:
 def preflight(config: RunConfig, resume: bool = False) -> Scoreboard:
     """Every check of the config and its data that can fail before a round runs."""
     check_run(config)
-    if config.attack == "mosaic":  # the rows it deals out to a round's clients are known now, not in round 1
-        check_rows(config)
     holds_run = (Path(config.out) / "run.json").exists()
     if holds_run and not resume:  # appending to another run's rows would mix the two
         raise ConfigError(f"{config.out!r} already holds a run (run.json): choose another output folder, "
@@ -310,6 +307,8 @@ def federate(grid: Grid, config: RunConfig, resume: bool, scoreboard: "Scoreboar
     else:
         record = {"config": config.to_flower(), "seed": config.seed, "device": str(device), "started": now(),
                   "versions": versions()}
+        if config.imprint_rows:  # the block the clients build (the mosaic sizes it for the round without the flag)
+            record["imprint_rows"] = config.imprint_rows
     caveat = server_dp_caveat(config)
     if caveat is not None:
         log(WARNING, caveat)

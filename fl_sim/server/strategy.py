@@ -218,7 +218,7 @@ class InvertingStrategy(Strategy):
                 if armed is not None and client is not None and client in armed.weights:
                     weights = armed.weights[client]
                     if id(weights) not in records:
-                        records[id(weights)] = shared_record(weights, arrays_of)
+                        records[id(weights)] = shared_record(weights, arrays_of, narrow=armed.narrow)
                     messages[index] = with_arrays(msg, records[id(weights)])
         self._sent = SentRound(server_round, global_weights, settings, expected,
                                tuple(msg.metadata.dst_node_id for msg in messages), sent_to, armed)

@@ -10,11 +10,11 @@ train): were it trained, each row's column would drift apart within a round of s
 pass a slightly different gradient back, and bins would no longer difference to exact images (ResNet-20 at
 K=4 x B=8: 48-56% of images at 30 dB with a trained spread, 80-81% fixed).
 
-A second fixed path, `shortcut`, adds the rows' activations straight to the logits, each row with a sign
-(`shortcut.signs`) along one vector (`shortcut.weight`, zero disarmed). The mosaic attack over several local
-steps (fl_sim/server/mosaic.py) arms it with every row twice, once with each sign: the two cancel, so the
-logits are the base model's own, yet each row gets the gradient +-g of its image. Unlike the input shift, a
-gradient this way costs the base model nothing: however large g, the base model trains on the image alone.
+A second fixed path, `shortcut`, adds the rows' activations a to the logits as a - a.detach(), each row with a sign
+(`shortcut.signs`) along one vector (`shortcut.weight`, zero disarmed): its value is nothing, so the logits are
+always the base model's own, yet armed (the mosaic attack over several local steps, fl_sim/server/mosaic.py) each
+row gets the gradient g of its image through it. Unlike the input shift, a gradient this way costs the base model
+nothing: however large g, the base model trains on the image alone.
 The rows of `imprint` see their input as (x - `centre.offset`) x `centre.scale` (fixed; 0 and 1 disarmed): a
 row that image x switches on moves a later image x' by g (s^2 (x - o).(x' - o) + 1), so centred and scaled
 the rows may take a far larger change per image for the same drift of their bins (docs/findings.md).
@@ -60,7 +60,7 @@ class FixedCentre(nn.Module):
 
 class FixedShortcut(nn.Module):
     """The rows' activations added to the logits: (activations . `signs`) times `weight` (buffers, never trained
-    by the clients; `weight` zero disarmed)."""
+    by the clients; `weight` zero disarmed). `Imprinted` hands it a - a.detach(): zero in value, a's gradient."""
 
     def __init__(self, rows: int, classes: int):
         super().__init__()
@@ -86,4 +86,5 @@ class Imprinted(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activations = torch.relu(self.imprint(self.centre(x.flatten(1))))
-        return self.base(x + self.spread(activations).view_as(x)) + self.shortcut(activations)
+        # the shortcut adds a - a.detach() = 0 to the logits: its value is nothing, its gradient the rows' own
+        return self.base(x + self.spread(activations).view_as(x)) + self.shortcut(activations - activations.detach())
