@@ -98,5 +98,5 @@ register(DetectorSpec(
     "what it was sent (bytes, entries) over the model it agreed to", InspectionCheck.SIZE))
 register(DetectorSpec(
     "lone-units", "clients.detectors.lone_units:lone_units",
-    "the share of a hidden ReLU linear layer's units that exactly one example of the client's batch fires, the "
+    "of the units of a hidden ReLU linear layer the client's batch fires, the share one example alone fires, the "
     "largest over layers", InspectionCheck.LONE_UNITS, needs_batch=True))
