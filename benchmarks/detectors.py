@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=float, default=3.0, help="the trained federation's start")
     parser.add_argument("--trained-lr", type=float, default=0.005,
                         help="the clients' learning rate in the trained federation (0.05 undoes the start)")
-    parser.add_argument("--attack-rounds", type=int, default=10, help="rounds of each federation attacked")
+    parser.add_argument("--attack-rounds", type=int, default=10,
+                        help="rounds of each federation attacked (0: the honest federations alone)")
     parser.add_argument("--imprint-rows", type=int, default=256)
     parser.add_argument("--scores", help="write every score to this JSON file")
     parser.add_argument("--tables", nargs="+", metavar="JSON",
@@ -208,7 +209,7 @@ def measure(model: str, dataset: str, args: argparse.Namespace
               + (f"; honest flags: {', '.join(f'{what} {count}' for what, count in fired.most_common())}"
                  if fired else "") + " -->", flush=True)
     attacked: dict[str, dict[str, list[float]]] = {}
-    if dataset != "cifar10":
+    if dataset != "cifar10" or not args.attack_rounds:
         return dict(scores), attacked
     public = public_images(test)
     rounds = args.attack_rounds
