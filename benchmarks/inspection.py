@@ -91,14 +91,17 @@ def measure(model: str, dataset: str, args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def honest_federation(config: RunConfig, train, args: argparse.Namespace) -> tuple[list[list[int]], list[Weights]]:
-    """FedAvg with the real client code: who was sampled in each round, and the global model each round sent."""
+def honest_federation(config: RunConfig, train, args: argparse.Namespace,
+                      start: Weights | None = None) -> tuple[list[list[int]], list[Weights]]:
+    """FedAvg with the real client code: who was sampled in each round, and the global model each round sent
+    (from `start`, else the model's initialisation drawn from the seed)."""
     (channels, size, _), classes = image_spec(train)
     shards = client_shards(train.labels, config.num_clients, config.partition, config.alpha, config.seed,
                            config.min_shard, config.max_shard)
     generator = np.random.default_rng(args.seed)
     count = max(1, round(args.fraction * config.num_clients))
-    global_weights = weights(build_model(config.model, channels, size, classes, seed=config.seed))
+    global_weights = dict(start) if start is not None else weights(
+        build_model(config.model, channels, size, classes, seed=config.seed))
     sampled, history = [], []
     for server_round in range(1, args.rounds + 1):
         clients = sorted(generator.choice(config.num_clients, count, replace=False).tolist())

@@ -38,10 +38,10 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.accuracy import evaluate_model
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
-from fl_sim.learning.partition import client_shards, partition_indices, training_examples
+from fl_sim.learning.partition import partition_indices
 
-from .context import node_partition, run_config_of
-from .defenses import defense_seed
+from .context import node_partition, round_examples, run_config_of
+from .defenses import defense_seed, order_seed
 from .mods import mods_for
 from .privacy import DP_STREAM, spent
 from .training import local_train
@@ -57,10 +57,7 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         partition_id, num_partitions = node_partition(context)
         settings = TrainingSettings.from_config(msg.content.config_records[CONFIG])
         server_round = server_round_of(msg.content.config_records[CONFIG])
-        dataset = cached_dataset(config.dataset, config.data_root, True)
-        shards = client_shards(dataset.labels, num_partitions, config.partition, config.alpha, config.seed,
-                               config.min_shard, config.max_shard)
-        examples = training_examples(shards[partition_id], settings, config.seed, partition_id, server_round)
+        dataset, shard, examples = round_examples(config, partition_id, num_partitions, settings, server_round)
         images, labels = dataset.tensors(examples)
         model = received_model(msg.content.array_records[ARRAYS].to_torch_state_dict(), config, dataset)
         device = next(model.parameters()).device
@@ -72,8 +69,7 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
         metrics: dict[str, int | float | list[int] | list[float]] = {
             TRAIN_LOSS: loss, NUM_EXAMPLES: len(examples), PARTITION_ID: partition_id}
         if dp is not None:
-            metrics[DP_EPSILON_ROUND], metrics[DP_EPSILON] = spent(dp, settings, len(shards[partition_id]),
-                                                                   server_round)
+            metrics[DP_EPSILON_ROUND], metrics[DP_EPSILON] = spent(dp, settings, len(shard), server_round)
         return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.query()
@@ -96,13 +92,6 @@ def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
     return app
 
 
-def order_seed(seed: int, partition_id: int, server_round: int) -> int:
-    """The client's private shuffle of its shard in a round (in a simulation derived from the run's seed so
-    runs repeat; the server's attack never uses it)."""
-    return defense_seed(seed, partition_id, server_round, ORDER_STREAM)
-
-
-ORDER_STREAM = 2  # keeps the shuffle's draws apart from the defense's
 
 
 def received_model(global_weights: dict, config: RunConfig, dataset) -> torch.nn.Module:

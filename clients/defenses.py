@@ -93,3 +93,12 @@ def sent_weights(spec: DefenseSpec, global_weights: Change, trained: Change, par
 def defense_seed(*keys: int) -> int:
     """A seed for one update's defense, from the run's seed and whose update it is (client, round)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+ORDER_STREAM = 2  # keeps the shuffle's draws apart from the defense's
+
+
+def order_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """The client's private shuffle of its shard in a round (in a simulation derived from the run's seed so
+    runs repeat; the server's attack never uses it)."""
+    return defense_seed(seed, partition_id, server_round, ORDER_STREAM)

@@ -3,7 +3,9 @@
 A mod wraps the ClientApp's handling of a message (`mod(msg, context, call_next) -> reply`), as Flower's
 own LocalDpMod does; these act on train messages only and pass everything else through. `DefenseMod`
 changes the trained weights before they leave the client (clients/defenses.py); `InspectMod` checks the model
-the server sent before the client trains it, and refuses it or flags it (clients/inspection.py); `FaultMod`
+the server sent before the client trains it, and refuses it or flags it (clients/inspection.py); `DetectMod` runs
+the other detectors the run names (clients/detectors/) on it and the client's own batch, refusing or flagging
+each as the inspection does; `FaultMod`
 spoils the reply, or raises, on purpose (clients/faults.py). Each reads its setting from the run config (Flower's,
 over the defaults `fl-sim run` gives) and passes the reply through unchanged when the setting is off.
 
@@ -28,24 +30,37 @@ runs the same mods.
 """
 import functools
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from torch import nn
 
 from fl_sim.contract.defenses import InspectionMode, LocalDp, ServerDpSide
+from fl_sim.contract.detectors import detector_spec
 from fl_sim.contract.faults import Fault
-from fl_sim.contract.protocol import ARRAYS, CONFIG, INSPECT_FLAGS, INSPECTION_REFUSED, METRICS, server_round_of
+from fl_sim.contract.protocol import (
+    ARRAYS,
+    CONFIG,
+    INSPECT_FLAGS,
+    INSPECTION_REFUSED,
+    METRICS,
+    TrainingSettings,
+    server_round_of,
+)
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.updates import parameter_names
 
-from .context import node_partition, run_config_of
-from .defenses import defense_seed, sent_weights
+from .context import node_partition, round_examples, run_config_of
+from .defenses import defense_seed, order_seed, sent_weights
+from .detectors import Sent, run_detector
 from .faults import InjectedCrash, spoil_reply
 from .inspection import Architecture, inspect_model, mask_of
 from .secagg import SecAggPlusMod
+from .training import first_batch
 
 PASSED = "inspect.passed"  # the client's context.state: the last model it was sent that passed inspection
 
@@ -133,6 +148,82 @@ class InspectMod:
         return with_content(reply, reply.content.array_records[ARRAYS].to_torch_state_dict(), metrics)
 
 
+class DetectMod:
+    """Runs the run's detectors (`--defense dsnr`, `strict-load`, `size`, `lone-units`, each `:refuse` or
+    `:flag`; clients/detectors/) on the model a train message sends, before the client trains it.
+
+    Each detector sees the weights, the model the client agreed to (the registry's `--model`, without an
+    imprint block), the client's own model holding them (its run's architecture, as the ClientApp builds it) and
+    its first batch of the round (clients/training.py `first_batch`). A model a `refuse` detector flags is
+    refused with an error reply of code INSPECTION_REFUSED naming the detectors and their scores, as
+    `InspectMod` refuses; a model only `flag` detectors flag is trained, and the reply's `inspect-flags` mask
+    gets each flagging detector's bit (`InspectionCheck`; 0 when none flagged), ORed into the inspection's own
+    when both run (this mod is outside `InspectMod`). Train messages only; every other message passes by.
+    """
+
+    def __init__(self, defaults: RunConfig | None = None):
+        self.defaults = defaults
+
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        config = run_config_of(context, self.defaults)
+        named = config.defense.detectors
+        if msg.metadata.message_type != MessageType.TRAIN or not named:
+            return call_next(msg, context)
+        partition_id, num_partitions = node_partition(context)
+        sent = client_sent(config, msg, partition_id, num_partitions)
+        verdicts = [(name, mode, run_detector(name, sent)) for name, mode in named]
+        refused = [(name, verdict) for name, mode, verdict in verdicts
+                   if verdict.flagged and mode == InspectionMode.REFUSE]
+        if refused:
+            reason = f"client {partition_id} refused the model it was sent: " + \
+                "; ".join(f"{name}: {verdict}" for name, verdict in refused)
+            return Message(Error(INSPECTION_REFUSED, reason), reply_to=msg)
+        reply = call_next(msg, context)
+        if reply.has_error() or all(mode != InspectionMode.FLAG for _, mode, _ in verdicts):
+            return reply
+        metrics = dict(reply.content.metric_records[METRICS])
+        mask = int(cast(int, metrics.get(INSPECT_FLAGS, 0)))
+        for name, _, verdict in verdicts:
+            check = detector_spec(name).check
+            if verdict.flagged and check is not None:
+                mask |= check
+        metrics[INSPECT_FLAGS] = mask
+        return with_content(reply, reply.content.array_records[ARRAYS].to_torch_state_dict(), metrics)
+
+
+def client_sent(config: RunConfig, msg: Message, partition_id: int, num_partitions: int) -> Sent:
+    """What a client holds of a train message for its detectors: the weights, the agreed model, its own model
+    holding them (None when they do not load) and its first batch of the round.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's config.
+    msg : Message
+        The train message.
+    partition_id, num_partitions : int
+        This node's partition and the partition count.
+
+    Returns
+    -------
+    Sent
+        The detectors' input.
+    """
+    received = msg.content.array_records[ARRAYS].to_torch_state_dict()
+    settings = TrainingSettings.from_config(msg.content.config_records[CONFIG])
+    server_round = server_round_of(msg.content.config_records[CONFIG])
+    dataset, _, examples = round_examples(config, partition_id, num_partitions, settings, server_round)
+    (channels, size, _), classes = image_spec(dataset)
+    model: nn.Module | None = build_model(config.model, channels, size, classes, imprint=config.imprint_rows)
+    try:
+        cast(nn.Module, model).load_state_dict(received)
+    except RuntimeError:
+        model = None
+    images, labels = first_batch(*dataset.tensors(examples), settings,
+                                 order_seed(config.seed, partition_id, server_round))
+    return Sent(received, build_model(config.model, channels, size, classes), model, images, labels)
+
+
 class TrainOnly:
     """Runs `mod` (one of Flower's) on train messages only; every other message passes it by."""
 
@@ -185,16 +276,16 @@ def mods_for(config: RunConfig | None) -> list[Mod]:
     (clients/secagg.py) is outermost: the faults and the defenses act on what it then masks. Inspection comes
     before training, the defense's steps after it, and Flower's DP mods on what the steps leave."""
     if config is None:
-        return [SecAggPlusMod(), FaultMod(), InspectMod(), FlowerDpMods(), DefenseMod()]
+        return [SecAggPlusMod(), FaultMod(), DetectMod(), InspectMod(), FlowerDpMods(), DefenseMod()]
     outer: list[Mod] = [mod for mod, on in ((SecAggPlusMod(config), config.defense.protocol),
                                             (FaultMod(config), bool(config.inject_faults))) if on]
     return outer + defense_mods(config)
 
 
 def defense_mods(config: RunConfig, seed_of: SeedOf = defense_seed) -> list[Mod]:
-    """The mods of the config's `--defense` on a client, outermost first: inspection (before training), Flower's
-    DP mods, then the defense's steps (`seed_of`: DefenseMod's). A ClientApp runs them inside SecAgg+ and the
-    faults (`mods_for`); `fl-sim attack` runs them around each victim's training (`chained`).
+    """The mods of the config's `--defense` on a client, outermost first: the detectors and the inspection (before
+    training), Flower's DP mods, then the defense's steps (`seed_of`: DefenseMod's). A ClientApp runs them inside
+    SecAgg+ and the faults (`mods_for`); `fl-sim attack` runs them around each victim's training (`chained`).
 
     Parameters
     ----------
@@ -208,7 +299,8 @@ def defense_mods(config: RunConfig, seed_of: SeedOf = defense_seed) -> list[Mod]
     list
         The mods the config turns on.
     """
-    inspect: list[Mod] = [InspectMod(config)] if config.defense.inspection is not None else []
+    inspect: list[Mod] = [DetectMod(config)] if config.defense.detectors else []
+    inspect += [InspectMod(config)] if config.defense.inspection is not None else []
     steps: list[Mod] = [DefenseMod(config, seed_of)] if config.defense.steps else []
     return inspect + flower_mods(config) + steps
 

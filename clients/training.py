@@ -83,3 +83,29 @@ def _train(forward: nn.Module, model: nn.Module, images: torch.Tensor, labels: t
             loss.backward()
             optimizer.step()
     return sum(losses) / len(losses)
+
+
+def first_batch(images: torch.Tensor, labels: torch.Tensor, settings: TrainingSettings,
+                order_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first batch `local_train` steps on (its first epoch's shuffle in epochs mode, else the first B examples):
+    what the detectors that run the sent model (clients/detectors/) run it on.
+
+    Parameters
+    ----------
+    images, labels : torch.Tensor
+        The round's examples, as `local_train` receives them.
+    settings : TrainingSettings
+        The round's training (its mode and batch size).
+    order_seed : int or None
+        The client's private shuffle, as given to `local_train`.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The batch's images and labels.
+    """
+    shuffle = torch.Generator().manual_seed(order_seed) if settings.mode == TrainMode.EPOCHS and \
+        order_seed is not None else None
+    order = torch.randperm(len(images), generator=shuffle) if shuffle else torch.arange(len(images))
+    batch = order[:settings.batch_size]
+    return images[batch], labels[batch]

@@ -28,7 +28,8 @@ LAYERS = {
 }
 CONTRACT = {"fl_sim.contract.protocol", "fl_sim.contract.run_config", "fl_sim.contract.records",
             "fl_sim.contract.attacks", "fl_sim.contract.setting", "fl_sim.contract.names", "fl_sim.contract.faults",
-            "fl_sim.contract.defenses", "fl_sim.contract.models", "fl_sim.contract.presets"}
+            "fl_sim.contract.defenses", "fl_sim.contract.models", "fl_sim.contract.presets",
+            "fl_sim.contract.detectors"}
 
 
 def layer_of(module: str) -> str:

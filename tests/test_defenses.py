@@ -197,10 +197,11 @@ def test_a_flower_run_carries_the_defense_to_the_server_and_secagg_shows_it_only
 def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(shared_data):
     """`flwr run` loads clients.app:app, built before any run config exists: its mods read `defense` per message."""
     from clients.app import app
-    from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod
+    from clients.mods import DefenseMod, DetectMod, FaultMod, FlowerDpMods, InspectMod
     from clients.secagg import SecAggPlusMod
 
-    assert [type(mod) for mod in app._mods] == [SecAggPlusMod, FaultMod, InspectMod, FlowerDpMods, DefenseMod]
+    assert [type(mod) for mod in app._mods] == [SecAggPlusMod, FaultMod, DetectMod, InspectMod, FlowerDpMods,
+                                                DefenseMod]
     weights = lenet().state_dict()
     base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet", "attack": "idlg"}
     replies = {spec: app(train_message(weights, TRAINING, server_round=1),

@@ -19,7 +19,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from attacker import TrainingSettings
 from clients.app import make_client_app
-from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod, TrainOnly, mods_for
+from clients.mods import DefenseMod, DetectMod, FaultMod, FlowerDpMods, InspectMod, TrainOnly, mods_for
 from clients.privacy import spent
 from clients.secagg import SecAggPlusMod
 from clients.training import local_train
@@ -180,7 +180,8 @@ def test_each_flag_value_that_names_flowers_code_runs_flowers_mod(config):
     assert [type(mod) for mod in clipping] == [FaultMod, TrainOnly] and clipping[1].mod is fixedclipping_mod
     assert [type(mod) for mod in mods_for(dataclasses.replace(config, defense="clip:1+noise:0.1"))] == [DefenseMod]
     assert mods_for(dataclasses.replace(config, defense="dpsgd:noise=1", server_dp="server:noise=1:clip=1")) == []
-    assert [type(mod) for mod in mods_for(None)] == [SecAggPlusMod, FaultMod, InspectMod, FlowerDpMods, DefenseMod]
+    assert [type(mod) for mod in mods_for(None)] == [SecAggPlusMod, FaultMod, DetectMod, InspectMod, FlowerDpMods,
+                                                     DefenseMod]
 
 
 @pytest.mark.usefixtures("server_identity")

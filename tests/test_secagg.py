@@ -11,7 +11,7 @@ from flwr.common import FitIns, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_
 from flwr.compat.common import recorddict_compat as compat
 
 from clients.app import make_client_app
-from clients.mods import DefenseMod, FaultMod, FlowerDpMods, InspectMod
+from clients.mods import DefenseMod, DetectMod, FaultMod, FlowerDpMods, InspectMod
 from clients.secagg import SecAggPlusMod, legacy_fit, state_names
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_command
@@ -122,8 +122,8 @@ def test_the_client_answers_the_legacy_fit_instruction_with_a_legacy_fitres(shar
 
 
 def test_flowers_client_app_puts_secaggplus_outermost_and_fl_sim_runs_only_what_it_needs():
-    assert [type(mod) for mod in make_client_app()._mods] == [SecAggPlusMod, FaultMod, InspectMod, FlowerDpMods,
-                                                               DefenseMod]
+    assert [type(mod) for mod in make_client_app()._mods] == [SecAggPlusMod, FaultMod, DetectMod, InspectMod,
+                                                               FlowerDpMods, DefenseMod]
     assert [type(mod) for mod in make_client_app(RunConfig(defense="secagg", inject_faults="1=crash"))._mods] == \
         [SecAggPlusMod, FaultMod]
     assert make_client_app(RunConfig(defense="secagg-emulated"))._mods == []

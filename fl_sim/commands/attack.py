@@ -230,7 +230,8 @@ def run(args) -> dict:
         privacy: dict[str, Any] = {}
         if defense.dpsgd is not None:  # a victim holds its K x B examples only, and trains one round
             privacy[EPSILON_ROUND], privacy[EPSILON] = spent(defense.dpsgd, settings, settings.num_images, 1)
-        inspected = flags[victim] if defense.inspection is not None and not defense.secure_aggregation else None
+        inspected = flags[victim] if (defense.inspection is not None or defense.detectors) and \
+            not defense.secure_aggregation else None
         rows.append(metrics_row(victim=victim, **score_and_save(result, images, labels, out / f"victim-{victim:03d}"),
                                 update_norm=norm, inspect_flags=inspected, **privacy))
     for victim, reason in sorted(refused.items()):

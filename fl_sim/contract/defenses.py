@@ -1,9 +1,10 @@
 """The `--defense` and `--server-dp` grammar: what a client does to its update, and the server's central DP.
 
 `DefenseSpec.parse` reads `--defense` (steps joined by '+': noise, clip, prune, fp16, DP-SGD, Flower's
-LocalDpMod, secure aggregation, inspection) into one typed value; `ServerDp.parse` reads `--server-dp`. The
-steps' code is keyed by `DefenseKind` in clients/defenses.py (`STEPS`); the checks of a defense against the
-rest of the run (`check_privacy`, `check_secagg`) live here beside it. Standard library only.
+LocalDpMod, secure aggregation, inspection, the detectors of fl_sim/contract/detectors.py) into one typed value;
+`ServerDp.parse` reads `--server-dp`. The steps' code is keyed by `DefenseKind` in clients/defenses.py (`STEPS`);
+the checks of a defense against the rest of the run (`check_privacy`, `check_secagg`) live here beside it.
+Standard library only.
 """
 import math
 import typing
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fl_sim.contract.detectors import detector_names
 from fl_sim.contract.models import ModelTrait, model_spec, model_specs
 from fl_sim.contract.setting import ConfigError, positive
 
@@ -38,7 +40,8 @@ INSPECT = "inspect"
 DPSGD, LOCAL_DP = "dpsgd", "ldp"  # DP-SGD in the client's training (Opacus); Flower's LocalDpMod on its reply
 DEFENSE_KINDS = (NO_DEFENSE, "noise:SIGMA", "clip:C", "prune:P", "fp16", "dpsgd:noise=Z:clip=C:delta=D",
                  "ldp:clip=C:eps=E:delta=D", SECURE_AGGREGATION, SECURE_AGGREGATION_EMULATED,
-                 f"{INSPECT}[:{'|'.join(InspectionMode)}]")
+                 f"{INSPECT}[:{'|'.join(InspectionMode)}]",
+                 f"{'|'.join(detector_names())}[:{'|'.join(InspectionMode)}]")
 # kind -> (what its number means, the check it must pass); None: the kind takes no number.
 DEFENSE_NUMBERS = {
     DefenseKind.NOISE: ("SIGMA, a positive number", lambda value: 0 < value < math.inf),
@@ -148,7 +151,9 @@ class DefenseSpec:
     aggregation): through Flower's SecAgg+ protocol (`secagg`, fl_sim/server/secagg.py), or, with `emulated`
     (`secagg-emulated`), by averaging the replies itself, which is faster at many clients but shows neither the
     protocol's quantization nor its dropouts; and whether clients inspect the model they are sent before
-    training, refusing it or flagging it when it fails (`inspect`, clients/inspection.py; None: no)."""
+    training, refusing it or flagging it when it fails (`inspect`, clients/inspection.py; None: no); and the
+    other detectors each client runs on the model it is sent, each refusing or flagging (`detectors`: (name,
+    mode) in the order written; fl_sim/contract/detectors.py, clients/detectors/)."""
 
     steps: tuple[tuple[DefenseKind, float | None], ...] = ()
     secure_aggregation: bool = False
@@ -156,6 +161,7 @@ class DefenseSpec:
     inspection: InspectionMode | None = None
     dpsgd: DpSgd | None = None
     local_dp: LocalDp | None = None
+    detectors: tuple[tuple[str, InspectionMode], ...] = ()
 
     @property
     def protocol(self) -> bool:
@@ -172,8 +178,15 @@ class DefenseSpec:
         inspection: InspectionMode | None = None
         dpsgd: DpSgd | None = None
         local_dp: LocalDp | None = None
+        detectors: list[tuple[str, InspectionMode]] = []
         for part in (part.strip() for part in text.split("+")):
             kind, colon, number = part.partition(":")
+            if kind in detector_names():
+                if kind in dict(detectors) or (colon and number not in set(InspectionMode)):
+                    raise ConfigError(f"--defense {text!r}: {kind} comes once, as {kind} (refuse) or "
+                                      f"{kind}:{f' or {kind}:'.join(InspectionMode)}")
+                detectors.append((kind, InspectionMode(number) if colon else InspectionMode.REFUSE))
+                continue
             if kind == INSPECT:
                 if inspection is not None or (colon and number not in set(InspectionMode)):
                     raise ConfigError(f"--defense {text!r}: inspect comes once, as inspect (refuse) or "
@@ -221,10 +234,11 @@ class DefenseSpec:
             if not valid(value):
                 raise ConfigError(f"--defense {text!r}: {kind} needs {meaning}, got {number!r}")
             steps.append((kind, value))
-        return cls(tuple(steps), secure, emulated, inspection, dpsgd, local_dp)
+        return cls(tuple(steps), secure, emulated, inspection, dpsgd, local_dp, tuple(detectors))
 
     def __str__(self) -> str:
         parts = [f"{INSPECT}:{self.inspection}"] if self.inspection is not None else []
+        parts += [f"{name}:{mode}" for name, mode in self.detectors]
         parts += [str(self.dpsgd)] if self.dpsgd else []
         parts += [kind if value is None else f"{kind}:{value:g}" for kind, value in self.steps]
         parts += [str(self.local_dp)] if self.local_dp else []

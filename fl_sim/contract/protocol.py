@@ -30,8 +30,8 @@ INSPECTION_REFUSED = 4024  # an Error code of the ClientApp's own (Flower's run 
 
 
 class InspectionCheck(IntFlag):
-    """The checks of a received model a client may fail (clients/inspection.py says what each looks at);
-    a reply's `inspect-flags` metric is their bit mask."""
+    """The checks of a received model a client may fail (clients/inspection.py says what each of the inspection's
+    looks at, clients/detectors/ the other detectors'); a reply's `inspect-flags` metric is their bit mask."""
 
     ARCHITECTURE = 1
     NON_FINITE = 2
@@ -41,6 +41,11 @@ class InspectionCheck(IntFlag):
     JUMP = 32
     FROZEN = 64
     PEAKED = 128
+    # the detectors of their own (fl_sim/contract/detectors.py, clients/detectors/), each one bit
+    DSNR = 256
+    STRICT_LOAD = 512
+    SIZE = 1024
+    LONE_UNITS = 2048
 
     @property
     def label(self) -> str:
