@@ -184,8 +184,8 @@ def test_the_mod_refuses_or_flags_and_passes_an_honest_model(shared_data, cifar)
         return _reply(msg)
 
     def config(defense: str) -> RunConfig:
-        return RunConfig(out="unused", data_root=str(shared_data), model="cnn", dataset="cifar10", num_clients=2,
-                         defense=defense, attack="none")
+        return RunConfig.from_values({"out": "unused", "data_root": str(shared_data), "model": "cnn",
+                                      "dataset": "cifar10", "num_clients": 2, "defense": defense, "attack": "none"})
 
     refused = DetectMod(config("lone-units+size"))(train_message(armed, DECLARED, 1), node_context(0, 2), train)
     assert refused.has_error() and refused.error.code == INSPECTION_REFUSED and not trained
