@@ -34,7 +34,7 @@ from fl_sim.server.mosaic import (
 )
 from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 from fl_sim.server.server_app import each_client
-from fl_sim.server.strategy import InvertingStrategy, ServerAttack
+from fl_sim.server.strategy import ClientApps, InvertingStrategy, ServerAttack
 
 CLIP, LEVELS = 8.0, 2**22  # Flower's SecAgg+ defaults: every parameter clipped to +-8, 2^22 levels
 
@@ -228,6 +228,29 @@ def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(
     average = arrays.to_torch_state_dict()  # the imprint block stays the global (disarmed) one
     torch.testing.assert_close(average[IMPRINT_BIAS], global_weights[IMPRINT_BIAS])  # FedAvg rounds a little
     assert not torch.equal(average["base.layers.1.weight"], global_weights["base.layers.1.weight"])
+
+
+def test_a_users_client_app_is_sent_the_block_whole(shared_data, server_identity):
+    """Only fl-sim's own ClientApp expands the distinct rows: a strategy around a user's ClientApp sends the full
+    block (float16, its own shape), which any ClientApp loads."""
+    clients, rows = 2, 2 * 4 * 4
+    config = plain_config(num_clients=clients, data_root=str(shared_data), train_mode="steps", batch_size=4,
+                          model="mlp", attack="mosaic", imprint_bins=rows, imprint_blocks=2)
+    model = build_model("mlp", 1, 28, 10, imprint=rows, seed=0)
+    attack = MosaicAttack(build_model("mlp", 1, 28, 10, imprint=rows), torch.rand(64, 1, 28, 28), blocks=2)
+    sent = {}
+    for expands in (True, False):
+        strategy = InvertingStrategy(FedAvg(min_train_nodes=clients, min_available_nodes=clients),
+                                     ServerAttack(attack, tuple(parameter_names(model))), Recorder(),
+                                     partitions={100 + p: p for p in range(clients)}, secure_aggregation=True,
+                                     apps=ClientApps(expands_rows=expands))
+        [message, _] = strategy.configure_train(1, ArrayRecord(weights(model)),
+                                                ConfigRecord(TrainingSettings(lr=0.1, batch_size=4).to_config()),
+                                                LocalGrid(make_client_app(config), clients))
+        sent[expands] = message.content["arrays"][IMPRINT_WEIGHT]
+    assert is_encoding(sent[True]) and not is_encoding(sent[False])
+    assert sent[False].dtype == "float16" and tuple(sent[False].shape) == (rows, 784)
+    assert np.array_equal(expanded(ArrayRecord({"w": sent[True]}))["w"].numpy(), sent[False].numpy())
 
 
 def test_over_several_steps_the_shortcut_leaves_the_logits_to_the_base_model_and_the_rows_still_learn():
