@@ -8,8 +8,11 @@ Flower `ArrayRecord` that carries it (its `Array.data` bytes: float32 arrays, th
 attack sends them so, `Armed.narrow`). A reply has the same shape in the model's float32: those bytes without secure
 aggregation, and one int64 a summed entry through Flower's SecAgg+ (its masked vector). "Compressed": the received
 bytes through zlib at level 1, array by array (what a transport that compresses would carry; Flower 1.41 sets no
-gRPC compression). "Added" is the armed model less the honest one (the same base model, no imprint block), the way
-the linear-layer leakage papers count a model's size overhead; "non-zero added" counts only the entries not zero.
+gRPC compression). "Distinct rows": the received bytes as fl-sim's server sends them to its own ClientApp, the rows'
+weights as their distinct rows and each row's index (`Armed.distinct_rows`, fl_sim/learning/transport.py, a
+transport encoding the ClientApp expands before it reads the model). "Added" is the armed model less the honest one
+(the same base model, no imprint block), the way the linear-layer leakage papers count a model's size overhead;
+"non-zero added" counts only the entries not zero.
 
     python benchmarks/mosaic_overhead.py [--cases cifar10:cnn:10:16:1 ...] [--data-root DIR] [--json FILE]
 
@@ -17,17 +20,19 @@ A case is DATASET:MODEL:CLIENTS:IMAGES:STEPS (IMAGES a client a round, in STEPS 
 """
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import common
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
+from fl_sim.learning.transport import packed_smaller
 from fl_sim.learning.updates import Weights, weights
 from fl_sim.server.active import public_images
 from fl_sim.server.mosaic import MosaicAttack
@@ -38,16 +43,17 @@ HONEST = ("cifar10:cnn", "mnist:cnn", "mnist:lenet")
 
 @dataclass(frozen=True)
 class Count:
-    """One state dict a client is sent: its entries, those not zero, the ArrayRecord's bytes and those bytes
-    compressed (zlib level 1, array by array)."""
+    """One state dict a client is sent: its entries, those not zero, the ArrayRecord's bytes, those bytes
+    compressed (zlib level 1, array by array) and with the distinct-rows encoding."""
 
     entries: int
     nonzero: int
     record_bytes: int
     compressed_bytes: int
+    distinct_bytes: int
 
 
-def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}) -> Count:
+def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}, distinct_rows: Collection[str] = ()) -> Count:
     """The entries, non-zero entries and Flower ArrayRecord bytes of a state dict a client is sent.
 
     Parameters
@@ -56,6 +62,8 @@ def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}) -> Count:
         Name -> tensor, as the server holds it.
     narrow : Mapping[str, torch.dtype]
         The tensors it sends in a narrower dtype (`Armed.narrow`).
+    distinct_rows : Collection[str]
+        The tensors it sends as their distinct rows where that is smaller (`Armed.distinct_rows`).
 
     Returns
     -------
@@ -64,10 +72,16 @@ def count(state: Weights, narrow: Mapping[str, torch.dtype] = {}) -> Count:
     """
     record = ArrayRecord({name: tensor.detach().cpu().to(narrow.get(name, tensor.dtype)).contiguous()
                           for name, tensor in state.items()})
+    packed = {name: packed_smaller(record[name].numpy()) for name in distinct_rows}
+    encoded = ArrayRecord()
+    for name, array in record.items():
+        smaller = packed.get(name)
+        encoded[name] = Array(smaller) if smaller is not None else array
     return Count(entries=sum(t.numel() for t in state.values()),
                  nonzero=sum(int(torch.count_nonzero(t)) for t in state.values()),
                  record_bytes=sum(len(array.data) for array in record.values()),
-                 compressed_bytes=sum(len(zlib.compress(array.data, 1)) for array in record.values()))
+                 compressed_bytes=sum(len(zlib.compress(array.data, 1)) for array in record.values()),
+                 distinct_bytes=sum(len(array.data) for array in encoded.values()))
 
 
 def honest(dataset: str, model: str, data_root: str) -> Count:
@@ -76,12 +90,13 @@ def honest(dataset: str, model: str, data_root: str) -> Count:
     return count(weights(build_model(model, channels, size, classes, seed=0)))
 
 
-def mosaic(case: str, data_root: str, seed: int) -> dict[str, object]:
+def mosaic(case: str, data_root: str, seed: int) -> dict[str, Any]:
     """One case's figures: the sized block, what client 0 is sent (every client is sent as much), the overhead."""
     dataset, model_name, clients, images, steps = case.split(":")
     n, k, b = int(clients), int(steps), int(images) // int(steps)
-    config = RunConfig(attack="mosaic", dataset=dataset, data_root=data_root, model=model_name, num_clients=n,
-                       train_mode="steps", local_steps=k, batch_size=b, seed=seed)
+    config = RunConfig.from_values({"attack": "mosaic", "dataset": dataset, "data_root": data_root, "model": model_name,
+                                    "num_clients": n, "train_mode": "steps", "local_steps": k, "batch_size": b,
+                                    "seed": seed})
     config.check()
     test = cached_dataset(dataset, data_root, False)
     (channels, size, _), classes = image_spec(test)
@@ -89,13 +104,15 @@ def mosaic(case: str, data_root: str, seed: int) -> dict[str, object]:
     attack = MosaicAttack(model, public_images(test, seed=seed), config.imprint_blocks,
                           client_images=config.client_images)
     armed = attack.arm(weights(model), config.training, list(range(n)))
-    sent, reply = count(armed.weights[0], armed.narrow), count(armed.weights[0])  # the reply is all float32
+    sent = count(armed.weights[0], armed.narrow, armed.distinct_rows)
+    reply = count(armed.weights[0])  # the reply is all float32
     base = honest(dataset, model_name, data_root)
     del armed, attack, model
     return {"case": case, "dataset": dataset, "model": model_name, "clients": n, "images": int(images),
             "local_steps": k, "rows": config.imprint_rows, "rows_per_image": config.imprint_rows / (n * int(images)),
             "entries": sent.entries, "nonzero": sent.nonzero, "received_bytes": sent.record_bytes,
             "compressed_bytes": sent.compressed_bytes, "honest_compressed_bytes": base.compressed_bytes,
+            "distinct_bytes": sent.distinct_bytes, "distinct_times_honest": sent.distinct_bytes / base.record_bytes,
             "added": sent.entries - base.entries, "nonzero_added": sent.nonzero - base.nonzero,
             "times_honest": sent.record_bytes / base.record_bytes,
             "reply_float32_bytes": reply.record_bytes, "reply_secagg_bytes": 8 * sent.entries}
@@ -115,17 +132,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| model a client receives | rows (an image) | entries | non-zero | added over honest | non-zero added "
-          "| received (ArrayRecord) | x honest | compressed | reply: float32 / SecAgg+ int64 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| received (ArrayRecord) | x honest | compressed | distinct rows | x honest | "
+          "reply: float32 / SecAgg+ int64 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows: list[dict] = []
     for pair in HONEST:
         dataset, model_name = pair.split(":")
         base = honest(dataset, model_name, args.data_root)
         rows.append({"case": pair, "entries": base.entries, "nonzero": base.nonzero,
-                     "received_bytes": base.record_bytes, "compressed_bytes": base.compressed_bytes})
+                     "received_bytes": base.record_bytes, "compressed_bytes": base.compressed_bytes,
+                     "distinct_bytes": base.distinct_bytes})
         megabytes = base.record_bytes / 1e6
         print(f"| honest {model_name} ({dataset}) | | {base.entries:,} | {base.nonzero:,} | | | "
-              f"{megabytes:.2f} MB | 1 | {base.compressed_bytes / 1e6:.2f} MB | "
+              f"{megabytes:.2f} MB | 1 | {base.compressed_bytes / 1e6:.2f} MB | {megabytes:.2f} MB | 1 | "
               f"{megabytes:.2f} / {8 * base.entries / 1e6:.2f} MB |")
     for case in args.cases:
         figures = mosaic(case, args.data_root, args.seed)
@@ -135,7 +154,8 @@ def main() -> None:
               f"{figures['entries']:,} | {figures['nonzero']:,} | {figures['added']:,} | "
               f"{figures['nonzero_added']:,} | "
               f"{figures['received_bytes'] / 1e6:,.1f} MB | {figures['times_honest']:,.0f} | "
-              f"{figures['compressed_bytes'] / 1e6:,.1f} MB | "
+              f"{figures['compressed_bytes'] / 1e6:,.1f} MB | {figures['distinct_bytes'] / 1e6:,.2f} MB | "
+              f"{figures['distinct_times_honest']:,.2f} | "
               f"{figures['reply_float32_bytes'] / 1e6:,.1f} / {figures['reply_secagg_bytes'] / 1e6:,.1f} MB |",
               flush=True)
     if args.json:

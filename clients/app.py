@@ -6,7 +6,8 @@ trains with clients/training.py and replies as any Flower client does: its new w
 count (plus its training loss). With `--defense dpsgd:...` it trains with DP-SGD and also reports the epsilon
 it spent in the round and in the run so far (`dp-epsilon-round`, `dp-epsilon`; clients/privacy.py). In
 epochs mode it shuffles with a seed of its own (`order_seed`), which the server never learns.
-The run's `--defense` and `--inject-faults` are Flower mods around it (clients/mods.py), not part of it.
+The run's `--defense` and `--inject-faults` are Flower mods around it (clients/mods.py), not part of it; outside
+them all, `ExpandRowsMod` (clients/transport.py) expands a tensor the server sent as its distinct rows.
 
 One addition a real deployment would not need: the client says its `partition-id`, once when the server
 asks (a query message, before round 1) and in every train reply's MetricRecord. In simulation the server
@@ -45,11 +46,12 @@ from .defenses import defense_seed, order_seed
 from .mods import mods_for
 from .privacy import DP_STREAM, spent
 from .training import local_train
+from .transport import ExpandRowsMod
 
 
 def make_client_app(defaults: RunConfig | None = None) -> ClientApp:
     """A ClientApp whose run config is Flower's (if any) over `defaults`, with the mods the run needs."""
-    app = ClientApp(mods=mods_for(defaults))
+    app = ClientApp(mods=[ExpandRowsMod(), *mods_for(defaults)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -199,9 +199,10 @@ def test_flowers_client_app_runs_the_defense_as_a_mod_read_from_the_run_config(s
     from clients.app import app
     from clients.mods import DefenseMod, DetectMod, FaultMod, FlowerDpMods, InspectMod
     from clients.secagg import SecAggPlusMod
+    from clients.transport import ExpandRowsMod
 
-    assert [type(mod) for mod in app._mods] == [SecAggPlusMod, FaultMod, DetectMod, InspectMod, FlowerDpMods,
-                                                DefenseMod]
+    assert [type(mod) for mod in app._mods] == [ExpandRowsMod, SecAggPlusMod, FaultMod, DetectMod, InspectMod,
+                                                FlowerDpMods, DefenseMod]
     weights = lenet().state_dict()
     base = {"data-root": str(shared_data), "num-clients": 2, "model": "lenet", "attack": "idlg"}
     replies = {spec: app(train_message(weights, TRAINING, server_round=1),

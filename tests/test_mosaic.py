@@ -13,9 +13,11 @@ from attacker import Reconstruction
 from attacker.analytic import UNRECOVERED
 from clients.app import make_client_app
 from clients.training import local_train
+from clients.transport import expanded, is_encoding
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
+from fl_sim.learning.transport import pack_rows, packed_smaller, unpack_rows
 from fl_sim.learning.updates import Weights, parameter_names, weights
 from fl_sim.results import metrics
 from fl_sim.server.active import public_images
@@ -32,7 +34,7 @@ from fl_sim.server.mosaic import (
 )
 from fl_sim.server.secagg import SecAggParameters, protocol_aggregate, revealed_update
 from fl_sim.server.server_app import each_client
-from fl_sim.server.strategy import InvertingStrategy, ServerAttack
+from fl_sim.server.strategy import ClientApps, InvertingStrategy, ServerAttack
 
 CLIP, LEVELS = 8.0, 2**22  # Flower's SecAgg+ defaults: every parameter clipped to +-8, 2^22 levels
 
@@ -212,7 +214,12 @@ def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(
     sent = [message.content["arrays"] for message in messages]
     assert sent[0]["base.layers.1.weight"].data is sent[1]["base.layers.1.weight"].data  # serialised once
     assert sent[0][IMPRINT_BIAS].data != sent[1][IMPRINT_BIAS].data
-    assert sent[0][IMPRINT_WEIGHT].dtype == "float16" and sent[0][IMPRINT_BIAS].dtype == "float32"  # Armed.narrow
+    assert sent[0][IMPRINT_BIAS].dtype == "float32"
+    packed = sent[0][IMPRINT_WEIGHT]  # the rows' weights: float16 (Armed.narrow), as their distinct rows
+    assert packed is sent[1][IMPRINT_WEIGHT] and is_encoding(packed) and len(packed.data) < rows * 784 * 2 // 4
+    full = expanded(sent[0])[IMPRINT_WEIGHT].numpy()  # what the ClientApp's outermost mod hands the rest
+    assert full.dtype == np.float16 and np.array_equal(full, strategy.sent_round.sent_to[0][IMPRINT_WEIGHT].numpy()
+                                                       .astype(np.float16))
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
     [(_, [victim], [result])] = sink
     assert victim == Victim((0, 1, 2), secure_aggregate=True)
@@ -221,6 +228,29 @@ def test_the_strategy_sends_each_client_its_rows_and_reads_the_secure_aggregate(
     average = arrays.to_torch_state_dict()  # the imprint block stays the global (disarmed) one
     torch.testing.assert_close(average[IMPRINT_BIAS], global_weights[IMPRINT_BIAS])  # FedAvg rounds a little
     assert not torch.equal(average["base.layers.1.weight"], global_weights["base.layers.1.weight"])
+
+
+def test_a_users_client_app_is_sent_the_block_whole(shared_data, server_identity):
+    """Only fl-sim's own ClientApp expands the distinct rows: a strategy around a user's ClientApp sends the full
+    block (float16, its own shape), which any ClientApp loads."""
+    clients, rows = 2, 2 * 4 * 4
+    config = plain_config(num_clients=clients, data_root=str(shared_data), train_mode="steps", batch_size=4,
+                          model="mlp", attack="mosaic", imprint_bins=rows, imprint_blocks=2)
+    model = build_model("mlp", 1, 28, 10, imprint=rows, seed=0)
+    attack = MosaicAttack(build_model("mlp", 1, 28, 10, imprint=rows), torch.rand(64, 1, 28, 28), blocks=2)
+    sent = {}
+    for expands in (True, False):
+        strategy = InvertingStrategy(FedAvg(min_train_nodes=clients, min_available_nodes=clients),
+                                     ServerAttack(attack, tuple(parameter_names(model))), Recorder(),
+                                     partitions={100 + p: p for p in range(clients)}, secure_aggregation=True,
+                                     apps=ClientApps(expands_rows=expands))
+        [message, _] = strategy.configure_train(1, ArrayRecord(weights(model)),
+                                                ConfigRecord(TrainingSettings(lr=0.1, batch_size=4).to_config()),
+                                                LocalGrid(make_client_app(config), clients))
+        sent[expands] = message.content["arrays"][IMPRINT_WEIGHT]
+    assert is_encoding(sent[True]) and not is_encoding(sent[False])
+    assert sent[False].dtype == "float16" and tuple(sent[False].shape) == (rows, 784)
+    assert np.array_equal(expanded(ArrayRecord({"w": sent[True]}))["w"].numpy(), sent[False].numpy())
 
 
 def test_over_several_steps_the_shortcut_leaves_the_logits_to_the_base_model_and_the_rows_still_learn():
@@ -341,3 +371,33 @@ def test_under_flwr_run_the_clients_build_the_block_the_server_sizes_from_the_ru
     armed = attack.arm(weights(server), config.training, [0, 1, 2])
     client = received_model(armed.weights[1], config, load_dataset("mnist", shared_data, False))
     assert client.state_dict()[IMPRINT_WEIGHT].shape == (3 * 8 * 6, 28 * 28)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_the_block_sent_as_its_distinct_rows_expands_to_exactly_the_armed_block(steps):
+    """The rows' weights travel as their distinct rows and each row's index: a few rows (one per block, and the
+    unused rows' zeros) for thousands, and what the client expands is the armed block bit for bit."""
+    rows = 4 * 16 * 6
+    model = build_model("mlp", 3, 32, 10, imprint=rows, seed=0)
+    attack = MosaicAttack(model, torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)), blocks=4,
+                          protocol=SecAggParameters(3, 2, 8.0, 2**22, 16.0))
+    armed = attack.arm(weights(model), TrainingSettings(lr=0.1, local_steps=steps, batch_size=16 // steps), [0, 1, 2])
+    assert armed.distinct_rows == {IMPRINT_WEIGHT}
+    sent = armed.weights[2][IMPRINT_WEIGHT].half().numpy()
+    packed = packed_smaller(sent)
+    assert packed is not None and packed.nbytes < sent.nbytes / 50, packed.nbytes if packed is not None else None
+    back = unpack_rows(packed)
+    assert back.dtype == sent.dtype and back.shape == sent.shape
+    assert back.tobytes() == sent.tobytes()  # bit for bit
+    assert torch.equal(torch.from_numpy(back).float(), armed.weights[2][IMPRINT_WEIGHT])
+
+
+def test_the_distinct_rows_encoding_is_bitwise_and_refuses_an_encoding_that_is_not_whole():
+    matrix = np.array([[0.0, 1.5], [-0.0, 1.5], [np.nan, 2.0], [0.0, 1.5]], dtype=np.float32)
+    back = unpack_rows(pack_rows(matrix))
+    assert back.tobytes() == matrix.tobytes()  # -0.0 is its own row, NaN comes back
+    assert packed_smaller(np.eye(3, dtype=np.float32)) is None  # all rows distinct: sent plain
+    with pytest.raises(ValueError, match="bytes, not"):
+        unpack_rows(pack_rows(matrix)[:-1])
+    with pytest.raises(ValueError, match="2-D numeric"):
+        pack_rows(np.zeros(3))

@@ -1,6 +1,7 @@
 """Flower's real SecAgg+ behind `--defense secagg` (fl_sim/server/secagg.py, clients/secagg.py), its emulation
 (`--defense secagg-emulated`), and `fl-sim run --ray-address` attaching a simulation to a running Ray cluster."""
 import argparse
+import functools
 import json
 
 import numpy as np
@@ -13,12 +14,14 @@ from flwr.compat.common import recorddict_compat as compat
 from clients.app import make_client_app
 from clients.mods import DefenseMod, DetectMod, FaultMod, FlowerDpMods, InspectMod
 from clients.secagg import SecAggPlusMod, legacy_fit, state_names
+from clients.transport import ExpandRowsMod
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_command
 from fl_sim.contract.defenses import SECAGG_MODULUS, DefenseSpec
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.models import build_model
+from fl_sim.learning.transport import pack_rows
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.flower_private import SECAGG_CONFIGS, SecAggKey
 from fl_sim.server.resume import load_checkpoint
@@ -122,11 +125,57 @@ def test_the_client_answers_the_legacy_fit_instruction_with_a_legacy_fitres(shar
 
 
 def test_flowers_client_app_puts_secaggplus_outermost_and_fl_sim_runs_only_what_it_needs():
-    assert [type(mod) for mod in make_client_app()._mods] == [SecAggPlusMod, FaultMod, DetectMod, InspectMod,
-                                                               FlowerDpMods, DefenseMod]
+    assert [type(mod) for mod in make_client_app()._mods] == [ExpandRowsMod, SecAggPlusMod, FaultMod, DetectMod,
+                                                              InspectMod, FlowerDpMods, DefenseMod]
     assert [type(mod) for mod in make_client_app(RunConfig(defense="secagg", inject_faults="1=crash"))._mods] == \
-        [SecAggPlusMod, FaultMod]
-    assert make_client_app(RunConfig(defense="secagg-emulated"))._mods == []
+        [ExpandRowsMod, SecAggPlusMod, FaultMod]
+    assert [type(mod) for mod in make_client_app(RunConfig(defense="secagg-emulated"))._mods] == [ExpandRowsMod]
+
+
+def test_a_block_sent_as_its_distinct_rows_reaches_the_legacy_path_expanded_with_the_count_of_arrays_kept(
+        shared_data, server_identity):
+    """On SecAgg+'s legacy path the parameters are an unnamed list: the encoded block is one array in the block's
+    place, expanded by the ClientApp's outermost mod before the legacy translation names the arrays."""
+    config = RunConfig(model="mlp", data_root=str(shared_data), attack="mosaic", defense="secagg", num_clients=2,
+                       train_mode="steps", batch_size=2, imprint_bins=64)
+    names = state_names(config)
+    model = build_model("mlp", 1, 28, 10, seed=0, imprint=64).state_dict()
+    block = torch.zeros(64, 784, dtype=torch.float16)
+    block[::2] = torch.linspace(-1, 1, 784, dtype=torch.float16)
+    model["imprint.weight"] = block
+    packed = pack_rows(block.numpy())
+    arrays = [packed if name == "imprint.weight" else tensor.numpy() for name, tensor in model.items()]
+    parameters = ndarrays_to_parameters(arrays)
+    assert len(parameters.tensors) == len(names)
+    msg = Message(compat.fitins_to_recorddict(FitIns(parameters, dict(config.training.to_config())), True),
+                  dst_node_id=100, message_type=MessageType.TRAIN)
+    seen = {}
+
+    def train(message: Message, context) -> Message:
+        seen.update(message.content.array_records["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"arrays": ArrayRecord(seen),
+                                   "metrics": MetricRecord({"num-examples": 2, "train-loss": 0.5})}),
+                       reply_to=message)
+
+    ExpandRowsMod()(msg, None, functools.partial(legacy_fit, call_next=train, names=names))
+    assert all(torch.equal(seen[name], model[name]) for name in names), [n for n in names
+                                                                         if not torch.equal(seen[n], model[n])]
+
+
+def test_the_mosaic_through_flowers_secagg_plus_reads_every_client_with_its_block_sent_as_distinct_rows(
+        shared_data, tmp_path):
+    """A real SecAgg+ round of the mosaic: the block travels as its distinct rows on the legacy path, every
+    ClientApp expands it, trains the full block, and each client's images are read from the revealed sum."""
+    out = tmp_path / "run"
+    assert cli.main(["run", "--out", str(out), "--data-root", str(shared_data), "--num-clients", "4", "--rounds", "1",
+                     "--model", "mlp", "--train-mode", "steps", "--batch-size", "4", "--attack", "mosaic",
+                     "--defense", "secagg", "--secagg-max-weight", "4", "--secagg-quantization-range", "16777216",
+                     "--secagg-clipping-range", "8", "--min-shard", "4", "--max-shard", "4", "--device", "cpu",
+                     "--seed", "0"]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert sorted(row["client"] for row in rows) == [0, 1, 2, 3]
+    psnr = np.concatenate([row["psnr_images"] for row in rows])
+    assert len(psnr) == 16 and float(np.mean(psnr >= 30)) >= 0.75, psnr
 
 
 def secagg_run(shared_data, out, defense: str, *extra: str) -> int:

@@ -57,11 +57,14 @@ class Armed:
     may differ per client, and the readout that recovers the images from the updates (analytic attacks).
     `narrow`: tensors sent in a narrower dtype (name -> dtype) that holds their values exactly (the attack rounded
     them to it), so they travel in fewer bytes; the client trains them in its model's dtype and the server reads
-    against the same values."""
+    against the same values. `distinct_rows`: 2-D tensors that are a few distinct rows repeated, which travel to
+    fl-sim's ClientApp as those rows and each row's index (fl_sim/learning/transport.py), a transport encoding:
+    the ClientApp expands them before anything reads the model, so the client holds the full tensor."""
 
     weights: Mapping[int, Weights]
     readout: Readout | None = None
     narrow: Mapping[str, torch.dtype] = field(default_factory=dict)
+    distinct_rows: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -452,7 +452,7 @@ def _malicious(strategy: Strategy | LegacyStrategy, model: nn.Module, context: C
     server_attack = ServerAttack(built, names, AttackPlan(audit.every), audit.seed, audit.max_images)
     recorder = AuditRecorder(out, lambda: reference)
     apps = ClientApps(settings=training_reader(audit, run_config), metrics=(), named_by_partition=False,
-                      open_metrics=True)
+                      open_metrics=True, expands_rows=False)
     write_run(out, audit, strategy, model, normalize, reference)
     if isinstance(strategy, LegacyStrategy):
         return LegacyAuditStrategy(strategy, server_attack, recorder, list(model.state_dict()), apps.settings,

@@ -39,7 +39,11 @@ trains on the image alone), while each row gets its image's gradient (models/imp
 
 What a client receives is nearly all the rows' weights (rows x pixels), the same for every client: they travel as
 float16 (`Armed.narrow`), rounded by the server to values float16 holds and, armed for SecAgg+, to its grid, so the
-clients load exactly what the server reads against (`in_half`).
+clients load exactly what the server reads against (`in_half`). They are also a few distinct rows repeated (every
+bin of a block points the same way, every client's slice is the same): to fl-sim's ClientApp they travel as those
+rows and each row's index (`Armed.distinct_rows`, fl_sim/learning/transport.py), a transport encoding the ClientApp
+expands before anything reads the model (clients/transport.py), so what a client trains, inspects and sends back
+is the full block.
 
 How many rows the block has is the run config's (`RunConfig.imprint_rows`: `--imprint-bins`, or without it the
 rows the round needs, `MOSAIC_ROWS` in fl_sim/contract/attacks.py), so the clients build the block the server arms.
@@ -195,7 +199,7 @@ class MosaicAttack(Attack):
         readout = MosaicReadout(IMPRINT_WEIGHT, IMPRINT_BIAS, rows, layout.directions, layout.thresholds,
                                 image_shape(self.public), scale,
                                 None if one_step else shared[CENTRE_OFFSET])
-        return MosaicArmed(sent, None, narrow, mosaic=readout)
+        return MosaicArmed(sent, None, narrow, frozenset({IMPRINT_WEIGHT}), mosaic=readout)
 
     def _brightness(self) -> torch.Tensor:
         features = self.public[0].numel()

@@ -16,7 +16,7 @@ hand it what they saw of the round; it then takes the same steps in the same ord
 What a path needs of the server is one `RoundServer`, given to it explicitly: the Flower strategy that
 aggregates, the attack, the recorder, which client each node is, the background queue.
 """
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Strategy
 from attacker import Reconstruction
 from fl_sim.contract.protocol import ARRAYS, NUM_EXAMPLES, TrainingSettings
 from fl_sim.contract.records import ReplyStatus
+from fl_sim.learning.transport import packed_smaller
 from fl_sim.learning.updates import Weights
 from fl_sim.results.outputs import append_jsonl
 from fl_sim.results.rows import metrics_row
@@ -265,15 +266,20 @@ def in_sent_dtypes(arrays: ArrayRecord, sent: dict[str, torch.Tensor]) -> ArrayR
 
 
 def shared_record(weights: Mapping[str, torch.Tensor], arrays: dict[int, Array], ready: Mapping[str, Array] = {},
-                  order: Iterable[str] | None = None, narrow: Mapping[str, torch.dtype] = {}) -> ArrayRecord:
+                  order: Iterable[str] | None = None, narrow: Mapping[str, torch.dtype] = {},
+                  distinct_rows: Collection[str] = ()) -> ArrayRecord:
     """`weights` as an ArrayRecord whose arrays are serialised once per distinct tensor (`arrays`, by the
     tensor's id, shared across calls): per-client weights that share most tensors share their bytes too.
     `ready`: entries serialised already; `order`: the record's key order (default: `weights`'); `narrow`: entries
-    serialised in a narrower dtype that holds their values exactly (`Armed.narrow`)."""
+    serialised in a narrower dtype that holds their values exactly (`Armed.narrow`); `distinct_rows`: entries sent
+    as their distinct rows and each row's index where that is smaller (`Armed.distinct_rows`, a transport encoding
+    fl-sim's ClientApp expands: clients/transport.py)."""
     entries: dict[str, Array] = dict(ready)
     for name, tensor in weights.items():
         if id(tensor) not in arrays:
-            arrays[id(tensor)] = Array(tensor.detach().cpu().to(narrow.get(name, tensor.dtype)).numpy())
+            plain = tensor.detach().cpu().to(narrow.get(name, tensor.dtype)).numpy()
+            packed = packed_smaller(plain) if name in distinct_rows else None
+            arrays[id(tensor)] = Array(packed if packed is not None else plain)
         entries[name] = arrays[id(tensor)]
     record = ArrayRecord()  # item by item: ArrayRecord(dict) would wrap every Array anew
     for name in (order if order is not None else weights):

@@ -127,12 +127,16 @@ class ClientApps:
         Replies name their client by `partition-id`, checked and taken off (False: by Flower node id).
     open_metrics
         Other metrics are allowed in a reply (a user's ClientApp reports what it likes).
+    expands_rows
+        The ClientApp expands a tensor sent as its distinct rows (fl-sim's own: clients/transport.py), so the attack's
+        `Armed.distinct_rows` travel so; a user's ClientApp is sent every tensor whole.
     """
 
     settings: Callable[[Any], TrainingSettings] = TrainingSettings.from_config
     metrics: tuple[str, ...] = (TRAIN_LOSS,)
     named_by_partition: bool = True
     open_metrics: bool = False
+    expands_rows: bool = True
 
 
 class NodeNames(Mapping[int, int]):
@@ -218,7 +222,9 @@ class InvertingStrategy(Strategy):
                 if armed is not None and client is not None and client in armed.weights:
                     weights = armed.weights[client]
                     if id(weights) not in records:
-                        records[id(weights)] = shared_record(weights, arrays_of, narrow=armed.narrow)
+                        records[id(weights)] = shared_record(
+                            weights, arrays_of, narrow=armed.narrow,
+                            distinct_rows=armed.distinct_rows if self.apps.expands_rows else ())
                     messages[index] = with_arrays(msg, records[id(weights)])
         self._sent = SentRound(server_round, global_weights, settings, expected,
                                tuple(msg.metadata.dst_node_id for msg in messages), sent_to, armed)
