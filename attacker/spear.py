@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from attacker.spear_pool import MIN_EXTRA_ZEROS, ZERO_SHARE, Pool, distinct_rows
+from attacker.spear_pool import MIN_EXTRA_ZEROS, ZERO_SHARE, Pool, distinct_rows, zero_rows
 
 RANK_GAP = 1e3  # a drop of the singular values by this factor ends the rank
 RANK_FLOOR = 1e-7  # singular values under this share of the largest are rounding, whatever the gap
@@ -345,8 +345,7 @@ def _normal_search(q: torch.Tensor, u: torch.Tensor, r: torch.Tensor, dc: torch.
     _, sv, vh = torch.linalg.svd(u[rows])
     candidates = vh[:, -1]
     flat = sv[:, -1] < 1e-4 * sv[:, 0]  # the rows share a null vector: all lie in one image's zeros
-    g = candidates[flat] @ u.T
-    zeros = (g.abs() < ZERO_SHARE * g.abs().amax(1, keepdim=True)).sum(1)
+    zeros = zero_rows(candidates[flat], u).sum(1)
     keep = zeros >= b - 1 + MIN_EXTRA_ZEROS
     return candidates[flat][keep], zeros[keep]
 

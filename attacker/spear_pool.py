@@ -80,6 +80,11 @@ def zero_rows(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return g < ZERO_SHARE * g.amax(1, keepdim=True).clamp_min(1e-300)
 
 
+def null_fit(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each direction q (n, b) refit as the common null vector (least squares) of all the rows it is zero on."""
+    return torch.linalg.svd(rows[None] * zero_rows(q, rows)[..., None], full_matrices=False)[2][:, -1]
+
+
 def refine(q: torch.Tensor, rows: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates q (n, b) refit on all their zero rows, mixtures split; the results and their zero counts.
 
@@ -92,7 +97,7 @@ def refine(q: torch.Tensor, rows: torch.Tensor, b: int) -> tuple[torch.Tensor, t
     mask = zero_rows(q, rows)
     a = rows[None] * mask[..., None]  # (n, rows, b): each candidate's zero rows, the others zeroed
     sv, vh = torch.linalg.svd(a, full_matrices=False)[1:]
-    refit, tolerance, enough = vh[:, -1], MIXTURE_NULL * sv[:, 0], b + MIN_EXTRA_ZEROS
+    refit, tolerance, enough = vh[:, -1], MIXTURE_NULL * sv[:, 0], b + MIN_EXTRA_ZEROS  # the common null vectors
     count = mask.sum(1)
     mixed = (sv[:, -2] <= tolerance) & (count >= enough)  # more rows than span b - 1 dimensions, yet they leave a plane
     several = mixed & (sv[:, -3] <= tolerance)  # three images or more: left out
@@ -111,7 +116,7 @@ def refine(q: torch.Tensor, rows: torch.Tensor, b: int) -> tuple[torch.Tensor, t
         mixed |= flat
     parts = split_mixtures(plane[mixed & ~several], rows, b)
     if len(parts):  # each image's direction refit on all its zero rows, as the others are
-        parts = torch.linalg.svd(rows[None] * zero_rows(parts, rows)[..., None], full_matrices=False)[2][:, -1]
+        parts = null_fit(parts, rows)
     out = torch.cat([refit[~mixed], parts])
     if not len(out):
         return out, torch.empty(0, dtype=torch.long)
