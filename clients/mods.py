@@ -221,7 +221,7 @@ def client_sent(config: RunConfig, msg: Message, partition_id: int, num_partitio
         model = None
     images, labels = first_batch(*dataset.tensors(examples), settings,
                                  order_seed(config.seed, partition_id, server_round))
-    return Sent(received, build_model(config.model, channels, size, classes), model, images, labels)
+    return Sent(received, agreed_model(config), model, images, labels)
 
 
 class TrainOnly:
@@ -339,14 +339,25 @@ def _parameter_names(model: str, dataset: str, data_root: str | None, imprint: i
 
 
 @functools.lru_cache(maxsize=8)
-def _architecture(model: str, dataset: str, data_root: str | None) -> Architecture:
+def _agreed_model(model: str, dataset: str, data_root: str | None) -> nn.Module:
     (channels, size, _), classes = image_spec(cached_dataset(dataset, data_root, True))
-    return Architecture.of(build_model(model, channels, size, classes))
+    return build_model(model, channels, size, classes)
+
+
+def agreed_model(config: RunConfig) -> nn.Module:
+    """The model an honest client agreed to train: the registry's `--model` for the data set, without an imprint
+    block (no registered model has one; only a server that reads images out of the updates needs it). Built once
+    and shared: its readers (the inspection, the detectors) take its entries' names, shapes and dtypes, or a copy."""
+    return _agreed_model(config.model, config.dataset, config.data_root)
+
+
+@functools.lru_cache(maxsize=8)
+def _architecture(model: str, dataset: str, data_root: str | None) -> Architecture:
+    return Architecture.of(_agreed_model(model, dataset, data_root))
 
 
 def honest_architecture(config: RunConfig) -> Architecture:
-    """What an honest client knows it trains: the registry's `--model` for the data set, without an imprint block
-    (no registered model has one; only a server that reads images out of the updates needs it)."""
+    """What an honest client knows it trains: the entries of `agreed_model`."""
     return _architecture(config.model, config.dataset, config.data_root)
 
 

@@ -15,6 +15,7 @@ torch.optim.SGD step follows (momentum and weight decay as configured). The batc
 size). Models with batch norm cannot be trained so (RunConfig.check_privacy says which can).
 """
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,6 @@ def _dp_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sett
 def _train(forward: nn.Module, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
            settings: TrainingSettings, order_seed: int | None, optimizer: torch.optim.Optimizer) -> float:
     """The loop of local_train: `forward` computes the outputs (`model`, or Opacus' wrapper of it)."""
-    shuffle = torch.Generator().manual_seed(order_seed) if settings.mode == TrainMode.EPOCHS and \
-        order_seed is not None else None
     start = [parameter.detach().clone() for parameter in model.parameters()]
     model.train()
     if settings.batchnorm == BatchNormMode.FROZEN:
@@ -71,8 +70,7 @@ def _train(forward: nn.Module, model: nn.Module, images: torch.Tensor, labels: t
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     losses = []
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(images), generator=shuffle) if shuffle else torch.arange(len(images))
+    for order in epoch_orders(len(images), settings, order_seed):
         for batch in settings.batch_slices():
             optimizer.zero_grad()
             loss = F.cross_entropy(forward(images[order[batch]]), labels[order[batch]])
@@ -104,8 +102,14 @@ def first_batch(images: torch.Tensor, labels: torch.Tensor, settings: TrainingSe
     tuple of torch.Tensor
         The batch's images and labels.
     """
+    batch = next(epoch_orders(len(images), settings, order_seed))[:settings.batch_size]
+    return images[batch], labels[batch]
+
+
+def epoch_orders(count: int, settings: TrainingSettings, order_seed: int | None) -> Iterator[torch.Tensor]:
+    """The order of the `count` examples in each epoch of `local_train`: in epochs mode with `order_seed` a fresh
+    permutation every epoch from the client's private generator, else the given order every epoch."""
     shuffle = torch.Generator().manual_seed(order_seed) if settings.mode == TrainMode.EPOCHS and \
         order_seed is not None else None
-    order = torch.randperm(len(images), generator=shuffle) if shuffle else torch.arange(len(images))
-    batch = order[:settings.batch_size]
-    return images[batch], labels[batch]
+    for _ in range(settings.epochs):
+        yield torch.randperm(count, generator=shuffle) if shuffle else torch.arange(count)
