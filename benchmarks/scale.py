@@ -7,7 +7,9 @@ is given; without it the run sizes the block itself, 4 rows an image with one st
 `--defense secagg-emulated` (the server averages the replies; `--defense secagg` runs Flower's SecAgg+).
 It prints one line per run: clients, images a round, the share of them recovered at
 >= 30 and >= 40 dB, the run's seconds, its peak resident memory (the "Maximum resident set size" of
-/usr/bin/time: the server process; Ray's workers are other processes) and the size of one round's replies
+/usr/bin/time: the largest single process, the server's), the peak memory of all the processes the run starts
+together (the server, Ray's GCS, raylet and workers: their proportional set sizes summed, sampled every 5 seconds
+from /proc, so memory two processes share, Ray's object store among it, counts once) and the size of one round's replies
 (sampled clients x the model's bytes, what the server must at least hold). With several rounds and a
 population it also prints the cumulative share of the population's images recovered at >= 30 dB (an image
 counts once, whichever round it was read in).
@@ -24,9 +26,11 @@ Runs of ~3 GB peak or more belong under the machine's big-run lock: `flock /work
 """
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +43,59 @@ from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.partition import client_shards, training_examples
+
+
+class TreeMemory:
+    """The peak of the summed proportional set size (Pss, /proc/PID/smaps_rollup) of a process and all its
+    descendants, sampled every `every` seconds on a thread: the memory a run holds in all its processes together,
+    shared pages counted once."""
+
+    def __init__(self, root: int, every: float = 5.0):
+        self.root, self.every, self.peak = root, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        """Stops sampling; the peak in bytes."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(pss(pid) for pid in descendants(self.root)))
+            self._stop.wait(self.every)
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it, from each process's parent in /proc/PID/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def pss(pid: int) -> int:
+    """A process's proportional set size in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def run_one(args: argparse.Namespace, clients: int, out: Path,
@@ -56,8 +113,13 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
                "--out", str(out),
                "--max-attack-images", str(images if args.attack == "mosaic" else clients * images), *extra]
     started = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    process = subprocess.Popen(["/usr/bin/time", "-v", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    memory = TreeMemory(process.pid)
+    stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
+    total = memory.stop()
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if done.returncode:
         raise SystemExit(f"fl-sim run failed ({done.returncode}):\n{done.stderr[-3000:]}")
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
@@ -77,7 +139,8 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
         "attack": args.attack, "clients": clients, "population": population, "rounds": args.rounds,
         "images": int(len(psnr)), "share_30db": float(np.mean(psnr >= 30)) if len(psnr) else None,
         "share_40db": float(np.mean(psnr >= 40)) if len(psnr) else None, "seconds": round(seconds, 1),
-        "peak_rss_gb": round(peak / 1e9, 2), "replies_gb": round(clients * reply / 1e9, 2), "defense": args.defense,
+        "peak_rss_gb": round(peak / 1e9, 2), "peak_total_gb": round(total / 1e9, 2),
+        "replies_gb": round(clients * reply / 1e9, 2), "defense": args.defense,
         "local_steps": args.local_steps, "dataset": args.dataset}
     by_round: dict[int, list[np.ndarray]] = {}
     for row, values in zip(rows_read, row_psnr, strict=True):
@@ -89,35 +152,45 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
     return figures
 
 
+PANELS = (("share_40db", "share of the round's images at >= 40 dB"), ("seconds", "seconds the run took"),
+          ("peak_total_gb", "peak memory, all processes (GB)"), ("replies_gb", "replies of the round (GB)"))
+
+
 def plot(files: list[str], path: str) -> None:
-    """Share of the round's images recovered at >= 40 dB against the clients of a round, one line per attack
-    (and defense), from the --json files of earlier runs."""
+    """Share at >= 40 dB, seconds, peak memory of all the run's processes and the round's replies against the
+    clients of a round, one line per attack, data set, defense, images a client and local steps, from the --json
+    files of earlier runs (a figure a run lacks, e.g. the all-process peak of a run measured before it was
+    sampled, leaves its point out of that panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[int, float]]] = {}
+    lines: dict[str, list[dict]] = {}
     for file in files:
         for figures in json.loads(Path(file).read_text()):
             per_client = figures["images"] // figures["clients"] // figures["rounds"]
             steps = figures.get("local_steps", 1)
             label = (f"{figures['attack']} ({figures.get('dataset', 'cifar10')}, {figures.get('defense', '?')}, "
-                     f"{per_client} images a client"
-                     f"{f', {steps} steps' if steps > 1 else ''})")
-            lines.setdefault(label, []).append((int(figures["clients"]), float(figures["share_40db"] or 0.0)))
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    for label, points in sorted(lines.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    axes.set_xscale("log")
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("clients in the round (all through the secure aggregate)")
-    axes.set_ylabel("share of the round's images at >= 40 dB")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+                     f"{per_client} images a client, {f'{steps} steps' if steps > 1 else 'FedSGD'})")
+            lines.setdefault(label, []).append(figures)
+    figure, grid = plt.subplots(2, 2, figsize=(11, 7.5))
+    for axes, (key, title) in zip(grid.flat, PANELS, strict=True):
+        for label, runs in sorted(lines.items()):
+            points = sorted((int(run["clients"]), float(run[key])) for run in runs if run.get(key) is not None)
+            if points:
+                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axes.set_xscale("log")
+        if key == "share_40db":
+            axes.set_ylim(0, 1)
+        else:
+            axes.set_yscale("log")
+        axes.set_xlabel("clients in the round (all through the secure aggregate)")
+        axes.set_title(title, fontsize=10)
+        axes.grid(alpha=0.3)
+    grid.flat[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -157,12 +230,14 @@ def main() -> None:
     common.add_out(parser, "out/scale", "the runs' folders")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON",
-                        help="run nothing: draw the share vs clients of these --json files into --out (a .png)")
+                        help="run nothing: draw share, seconds, memory and replies against clients of these --json "
+                        "files into --out (a .png)")
     args, extra = parser.parse_known_args()  # any other flag goes to `fl-sim run` as it is (--secagg-max-weight 16)
     if args.plot:
         plot(args.plot, args.out)
         return
-    print("attack  clients  images  >=30dB  >=40dB  worst round >=40dB  seconds  peak RSS GB  replies GB" +
+    print("attack  clients  images  >=30dB  >=40dB  worst round >=40dB  seconds  peak RSS GB  all processes GB  "
+          "replies GB" +
           ("  cumulative >=30dB" if args.population else ""))
     found = []
     for clients in args.clients:
@@ -170,7 +245,7 @@ def main() -> None:
         found.append(figures)
         line = (f"{figures['attack']:<7} {clients:>7} {figures['images']:>7} {figures['share_30db'] or 0:>7.1%} "
                 f"{figures['share_40db'] or 0:>7.1%} {figures['worst_round_40db'] or 0:>19.1%} {figures['seconds']:>8} "
-                f"{figures['peak_rss_gb']:>12} "
+                f"{figures['peak_rss_gb']:>12} {figures['peak_total_gb']:>17} "
                 f"{figures['replies_gb']:>11}")
         if args.population:
             line += f"  {figures['cumulative_share_30db']:>18.1%}"
