@@ -25,7 +25,7 @@ from fl_sim.learning.transport import pack_rows
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.flower_private import SECAGG_CONFIGS, SecAggKey
 from fl_sim.server.resume import load_checkpoint
-from fl_sim.server.secagg import SecAggParameters, SummingGrid, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import SecAggParameters, SummingGrid, fold, protocol_aggregate, revealed_update
 
 # The malicious server's choice of SecAgg+ settings for 4 clients of 8 images: every weight 1 (max weight = the
 # round's count), the most levels 4 clients allow (4 x levels < 2^32) over +-1. Under Flower's defaults (+-8, 2^22
@@ -317,3 +317,15 @@ def test_the_summing_grid_hands_flowers_workflow_the_same_sum_one_vector_at_a_ti
         total = [a + b for a, b in zip(total, arrays)]
     for got, want in zip(total, [sum(vectors[node][i] for node in vectors) for i in range(2)]):
         assert np.array_equal(got % SECAGG_MODULUS, want % SECAGG_MODULUS)
+
+
+def test_a_folded_vector_is_the_sum_modulo_the_modulus_in_place():
+    """`fold` adds a masked vector into the running sum in place, modulo a power of two (a bit mask) or any other
+    modulus; values near the modulus wrap, none overflows."""
+    generator = np.random.default_rng(1)
+    for modulus in (SECAGG_MODULUS, 1000):
+        running, added = generator.integers(0, modulus, 4096), generator.integers(0, modulus, 4096)
+        running[:2], added[:2] = modulus - 1, modulus - 1
+        want, held = (running + added) % modulus, running
+        fold(running, added, modulus)
+        assert running is held and np.array_equal(running, want)

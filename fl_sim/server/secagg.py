@@ -325,6 +325,16 @@ def failure_reason(failure: BaseException) -> str:
     return short_error(error.reason or "") if isinstance(error, Error) else short_error(str(failure))
 
 
+def fold(running: np.ndarray, added: np.ndarray, modulus: int) -> None:
+    """running <- (running + added) mod `modulus`, in place (both int64 in [0, modulus), so the sum cannot
+    overflow): no temporary the size of a masked vector, and a bit mask where the modulus is a power of two."""
+    np.add(running, added, out=running)
+    if modulus & (modulus - 1) == 0:
+        np.bitwise_and(running, modulus - 1, out=running)
+    else:
+        np.remainder(running, modulus, out=running)
+
+
 class SummingGrid(Grid):
     """The grid SecAggPlusWorkflow talks through, summing the masked vectors as they arrive (server memory).
 
@@ -376,8 +386,11 @@ class SummingGrid(Grid):
                 vector = self._masked(reply)
                 if vector is not None:
                     arrays = [bytes_to_ndarray(entry) for entry in vector]
-                    total = arrays if total is None else [(a + b) % self.modulus for a, b in zip(total, arrays,
-                                                                                                  strict=True)]
+                    if total is None:
+                        total = arrays
+                    else:
+                        for running, added in zip(total, arrays, strict=True):
+                            fold(running, added, self.modulus)
                     self._replace(reply, [np.zeros((), dtype=np.int64)] * len(arrays))
                     carrier = carrier or reply
                 replies.append(reply)
