@@ -5,7 +5,8 @@ For each count N it runs `fl-sim run` (a fresh process, under /usr/bin/time -v) 
 asked, the attack asked (mosaic: `--imprint-bins` = rows-per-image x N x images a client when `--rows-per-image`
 is given; without it the run sizes the block itself, 4 rows an image with one step and 6 with several) and, by default,
 `--defense secagg-emulated` (the server averages the replies; `--defense secagg` runs Flower's SecAgg+).
-It prints one line per run: clients, images a round, the share of them recovered at
+Each run's log (the server's, with the time each SecAgg+ stage began) is kept as OUT/run.log. It prints one line
+per run: clients, images a round, the share of them recovered at
 >= 30 and >= 40 dB, the run's seconds, its peak resident memory (the "Maximum resident set size" of
 /usr/bin/time: the largest single process, the server's), the peak memory of all the processes the run starts
 together (the server, Ray's GCS, raylet and workers, sampled every 2 seconds from /proc/PID/status: every process's
@@ -126,6 +127,7 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
     seconds = time.perf_counter() - started
     total = memory.stop()
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    (out / "run.log").write_text(stdout + stderr)  # the server's log: when each SecAgg+ stage began
     if done.returncode:
         raise SystemExit(f"fl-sim run failed ({done.returncode}):\n{done.stderr[-3000:]}")
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
