@@ -127,6 +127,7 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
     seconds = time.perf_counter() - started
     total = memory.stop()
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "run.log").write_text(stdout + stderr)  # the server's log: when each SecAgg+ stage began
     if done.returncode:
         raise SystemExit(f"fl-sim run failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -3,6 +3,7 @@
 import argparse
 import functools
 import json
+from typing import cast
 
 import numpy as np
 import pytest
@@ -279,10 +280,12 @@ class TrickleGrid:
 
     def __init__(self, vectors: dict[int, list[np.ndarray]]):
         self.vectors, self.queue = vectors, list[Message]()
+        self.pushed = self.most_held = 0  # messages pushed, and the most held unanswered at once
 
     def push_messages(self, messages):
         ids = []
-        for number, message in enumerate(messages):
+        for message in messages:
+            number, self.pushed = self.pushed, self.pushed + 1
             node = message.metadata.dst_node_id
             if node == 103:
                 reply = Message(Error(code=0, reason="crashed"), reply_to=message)
@@ -292,6 +295,7 @@ class TrickleGrid:
             reply.metadata.__dict__["_reply_to_message_id"] = f"m{number}"  # as a SuperLink stamps it
             self.queue.append(reply)
             ids.append(f"m{number}")
+        self.most_held = max(self.most_held, len(self.queue))
         return ids
 
     def pull_messages(self, ids):
@@ -308,10 +312,30 @@ def test_the_summing_grid_hands_flowers_workflow_the_same_sum_one_vector_at_a_ti
                for node in (100, 101, 102, 104)}
     messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) for node in range(100, 105)]
     replies = list(SummingGrid(TrickleGrid(vectors)).send_and_receive(messages))
-    assert len(replies) == 5 and sum(reply.has_error() for reply in replies) == 1
-    held = [[bytes_to_ndarray(entry) for entry in reply.content.config_records[SECAGG_CONFIGS][
-        SecAggKey.MASKED_PARAMETERS]] for reply in replies if not reply.has_error()]
-    assert sorted(array.size for arrays in held for array in arrays) == [1] * 6 + [5, 12]
+    assert_summed(replies, vectors)
+
+
+def test_the_summing_grid_holds_at_most_its_window_of_messages_with_flower_and_sums_all(server_identity):
+    """With an in-flight window (Flower's simulation: its engine scans every stored message for every node), the
+    grid hands the wrapped grid the next message only as a reply comes back, and still returns every reply, summed;
+    with a timeout it pushes all at once (a client left unsent would count as dropped)."""
+    generator = np.random.default_rng(2)
+    vectors = {node: [generator.integers(0, 2**32, size=(3, 4)), generator.integers(0, 2**32, size=(5,))]
+               for node in (100, 101, 102, 104, 105, 106, 107)}
+    for in_flight, timeout, most in ((3, None, 3), (1, None, 1), (3, 60.0, 8)):
+        messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) for node in range(100, 108)]
+        wrapped = TrickleGrid(vectors)
+        replies = list(SummingGrid(wrapped, in_flight=in_flight).send_and_receive(messages, timeout=timeout))
+        assert wrapped.most_held == most
+        assert_summed(replies, vectors)
+
+
+def assert_summed(replies: list[Message], vectors: dict[int, list[np.ndarray]]) -> None:
+    """Every node's reply came back (103's an error), one of them carries the sum of all the masked vectors."""
+    assert len(replies) == len(vectors) + 1 and sum(reply.has_error() for reply in replies) == 1
+    held = [[bytes_to_ndarray(entry) for entry in cast(list[bytes], reply.content.config_records[SECAGG_CONFIGS][
+        SecAggKey.MASKED_PARAMETERS])] for reply in replies if not reply.has_error()]
+    assert sorted(array.size for arrays in held for array in arrays) == [1] * (2 * len(vectors) - 2) + [5, 12]
     total = held[0]
     for arrays in held[1:]:
         total = [a + b for a, b in zip(total, arrays)]

@@ -102,7 +102,8 @@ def test_the_declared_bounds_cover_the_counts():
     assert {"rounds", "num_clients", "iterations", "attack_every", "seed", "min_shard", "max_shard",
             "max_attack_images", "imprint_bins", "imprint_blocks", "restarts", "label_deals", "tv_weight",
             "bn_statistics", "alpha", "server_lr", "fraction_train", "secagg_shares", "secagg_threshold",
-            "secagg_clipping_range", "secagg_quantization_range", "secagg_max_weight", "secagg_timeout"} == bounded
+            "secagg_clipping_range", "secagg_quantization_range", "secagg_max_weight", "secagg_timeout",
+            "secagg_in_flight"} == bounded
 
 
 def test_a_value_outside_the_bounds_is_one_line_and_exit_2_before_any_work(tmp_path, capsys):

@@ -123,6 +123,10 @@ class RunConfig:
     secagg_timeout: float = setting(0.0, Setting(  # 0: wait for every reply (a simulation's crash is a reply)
         "SecAgg+: seconds each of the protocol's four stages waits for replies; a client that misses it has "
         "dropped out (default 0: wait for all)", Group.SECAGG, least=0))
+    secagg_in_flight: int = setting(0, Setting(  # SummingGrid's window (fl_sim/server/secagg.py)
+        "SecAgg+: the most of a stage's messages handed to Flower at once when the stage waits for every reply "
+        "(default 0: in a simulation 4 a core of the server's machine, a deployment all at once)", Group.SECAGG,
+        least=0))
     server_dp: ServerDp = setting(ServerDp(), Setting(
         f"Flower's central DP wrapper around the strategy: none (default), {ServerDp.EXAMPLE} (the server clips "
         "and noises) or client:noise=Z:clip=C (Flower's fixedclipping_mod clips on the clients); the attack reads "

@@ -28,8 +28,10 @@ from flwr.serverapp.strategy.strategy_utils import (  # FedAvg's own averaging a
 from flwr.supercore.exit import ExitCode, add_exit_handler  # the exit codes and the last words of a run's process
 from flwr.supercore.run import Run  # the Grid interface's run (fl_sim/server/secagg.py's SummingGrid forwards it)
 from flwr.supercore.task_identity import TaskIdentity  # who creates a Message: set by the runtime's process
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's grid (SummingGrid's window)
 
-__all__ = ["AppExitException", "BackendConfig", "ErrorCode", "ExitCode", "GridClientProxy", "SECAGG_CONFIGS", "Run",
+__all__ = ["AppExitException", "BackendConfig", "ErrorCode", "ExitCode", "GridClientProxy", "InMemoryGrid",
+           "SECAGG_CONFIGS", "Run",
            "SUPERLINK_NODE_ID", "SecAggKey", "TaskIdentity", "add_exit_handler", "aggregate_arrayrecords",
            "as_message_task", "daemon_flag_parsers", "dequantize", "load_and_validate", "quantize", "recorddict_compat",
            "validate_message_reply_consistency"]

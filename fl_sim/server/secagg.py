@@ -30,6 +30,7 @@ the example-weighted mean of the survivors' parameters, to within len(survivors)
 survivors were sent; a dropped client (an error reply, or no reply within --secagg-timeout) is in neither.
 The server cannot check a survivor's weights (it never sees them), only its metrics.
 """
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,15 @@ from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights
 from fl_sim.server import round as rounds
-from fl_sim.server.flower_private import SECAGG_CONFIGS, GridClientProxy, Run, SecAggKey, dequantize, quantize
+from fl_sim.server.flower_private import (
+    SECAGG_CONFIGS,
+    GridClientProxy,
+    InMemoryGrid,
+    Run,
+    SecAggKey,
+    dequantize,
+    quantize,
+)
 from fl_sim.server.flower_private import recorddict_compat as compat
 from fl_sim.server.round import Reading, ReplyFault, RoundServer
 from fl_sim.server.strategy import InvertingStrategy, short_error
@@ -84,6 +93,7 @@ class SecAggParameters:
     quantization_range: int = 2**22
     max_weight: float = 1000.0
     timeout: float | None = None
+    in_flight: int | None = None  # the stages' messages with Flower's simulation at once (SummingGrid; None: all)
 
     @classmethod
     def of(cls, config: RunConfig) -> "SecAggParameters":
@@ -93,7 +103,7 @@ class SecAggParameters:
 
         return cls(count_or_share(config.secagg_shares), count_or_share(config.secagg_threshold),
                    config.secagg_clipping_range, config.secagg_quantization_range, config.secagg_max_weight,
-                   config.secagg_timeout or None)
+                   config.secagg_timeout or None, config.secagg_in_flight or None)
 
     def workflow(self) -> SecAggPlusWorkflow:
         return SecAggPlusWorkflow(self.shares, self.threshold, max_weight=self.max_weight,
@@ -325,6 +335,9 @@ def failure_reason(failure: BaseException) -> str:
     return short_error(error.reason or "") if isinstance(error, Error) else short_error(str(failure))
 
 
+IN_FLIGHT_PER_CORE = 4  # Flower's simulation: the SecAgg+ stage messages with its engine at once, a core
+
+
 def fold(running: np.ndarray, added: np.ndarray, modulus: int) -> None:
     """running <- (running + added) mod `modulus`, in place (both int64 in [0, modulus), so the sum cannot
     overflow): no temporary the size of a masked vector, and a bit mask where the modulus is a power of two."""
@@ -346,10 +359,19 @@ class SummingGrid(Grid):
     workflow's own code runs unchanged on these replies and computes the same sum (the zeros add nothing), so
     the protocol, its masks and its unmasking are Flower's; only the order of the additions differs.
     Everything else goes to the wrapped grid.
+
+    When a stage waits for every reply (no timeout), the grid also keeps at most `in_flight` of the stage's
+    messages with the wrapped grid at once, handing it the next as each reply comes back. Flower's simulation
+    engine looks, every 0.1 s, for each node's next instruction among all the instructions stored, so 1000
+    messages pushed at once cost it 1000 x 1000 checks a sweep, one core of a 1000-client round (docs/benchmarks.md,
+    "At 1000 clients"); a few more messages in flight than ClientApps running keeps them busy at a fraction of it.
+    With a timeout every message goes out at once: a client counts as dropped only if it did not answer in time.
     """
 
-    def __init__(self, grid: Grid, modulus: int = SECAGG_MODULUS):
-        self.grid, self.modulus = grid, modulus
+    def __init__(self, grid: Grid, modulus: int = SECAGG_MODULUS, in_flight: int | None = None):
+        if in_flight is not None and in_flight < 1:
+            raise ValueError(f"in_flight must be a positive count of messages, not {in_flight}")
+        self.grid, self.modulus, self.in_flight = grid, modulus, in_flight
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -373,7 +395,18 @@ class SummingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """The replies to `messages` (those that came within `timeout` seconds; None: all), masked vectors summed."""
-        waiting = set(self.grid.push_messages(messages))
+        queued = list(messages)
+        window = len(queued) if timeout is not None or self.in_flight is None else self.in_flight
+        waiting: set[str] = set()
+
+        def push() -> None:  # up to the window's worth of messages with the wrapped grid (one it refuses is lost)
+            nonlocal queued
+            while queued and len(waiting) < window:
+                room = window - len(waiting)
+                waiting.update(self.grid.push_messages(queued[:room]))
+                queued = queued[room:]
+
+        push()
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = float(getattr(self.grid, "pull_interval", 0.1))
         replies: list[Message] = []
@@ -394,6 +427,7 @@ class SummingGrid(Grid):
                     self._replace(reply, [np.zeros((), dtype=np.int64)] * len(arrays))
                     carrier = carrier or reply
                 replies.append(reply)
+            push()
             if waiting and not arrived:
                 time.sleep(interval)
         if carrier is not None and total is not None:
@@ -420,7 +454,10 @@ def run_secagg(grid: Grid, face: SecAggPlusFace, rounds: int) -> None:
     log(INFO, "SecAgg+: %s shares, threshold %s, clipping +-%s, %s levels, max weight %s", face.protocol.shares,
         face.protocol.threshold, face.protocol.clipping_range, face.protocol.quantization_range,
         face.protocol.max_weight)
-    DefaultWorkflow(fit_workflow=face.protocol.workflow())(SummingGrid(grid), context)
+    in_flight = face.protocol.in_flight
+    if in_flight is None and isinstance(grid, InMemoryGrid):  # Flower's simulation: a few messages a core at once
+        in_flight = IN_FLIGHT_PER_CORE * (os.cpu_count() or 1)
+    DefaultWorkflow(fit_workflow=face.protocol.workflow())(SummingGrid(grid, in_flight=in_flight), context)
 
 
 def protocol_aggregate(replies: Sequence[Weights], counts: Sequence[int], protocol: SecAggParameters) -> Weights:
