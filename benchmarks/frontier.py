@@ -405,7 +405,7 @@ def main() -> None:
     parser.add_argument("--scores", nargs="+", metavar="JSON", help="benchmarks/detectors.py --scores files")
     parser.add_argument("--disguise", default=str(common.ROOT / "docs" / "data" / "disguise.json"),
                         help="the disguised attack's figures, added when the file exists (default %(default)s)")
-    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--json", help="write the figures to this file (with --plot: the files' figures merged)")
     parser.add_argument("--png", help="draw the frontier into this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON",
                         help="run nothing: the table and plot of these --json files (a later file's attacks replace "
@@ -422,13 +422,13 @@ def main() -> None:
             if args.passive_victims < 1 or args.passive_victims > CLIENTS:
                 raise FrontierError(f"--passive-victims must be 1 to {CLIENTS}")
             figures = measure(args)
+        if args.json:  # the attacks measured (or merged from --plot files); the disguised one is added when drawn
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
         figures = add_disguise(figures, Path(args.disguise))
     except FrontierError as error:
         print(f"frontier: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.json and not args.plot:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     print(table(figures))
     if args.png:
         plot(figures, args.png)

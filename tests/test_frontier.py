@@ -98,3 +98,21 @@ def test_bad_files_end_in_one_line(frontier, tmp_path, capsys, monkeypatch):
         assert stopped.value.code == 2
         error = capsys.readouterr().err
         assert error.startswith("frontier: ") and error.count("\n") == 1
+
+
+def test_plot_files_merge_a_later_files_attacks_over_an_earliers(frontier, tmp_path, monkeypatch, capsys):
+    def figures(*attacks: tuple[str, float]) -> dict:
+        return {"detectors": ["dsnr"], "false_positives": {"cnn:cifar10": {"dsnr": [0, 600]}}, "attacks": [
+            {"attack": name, "kind": "active", "model": "cnn", "images": 16, "share_20db": share,
+             "share_30db": share, "psnr_median": 50.0, "flagged": {"dsnr": 0.0}} for name, share in attacks]}
+
+    (tmp_path / "a.json").write_text(json.dumps(figures(("trap", 0.5), ("qbi", 0.25))))
+    (tmp_path / "b.json").write_text(json.dumps(figures(("qbi", 0.75), ("mosaic", 1.0))))
+    merged = tmp_path / "merged.json"
+    monkeypatch.setattr("sys.argv", ["frontier.py", "--plot", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                     "--json", str(merged), "--disguise", str(tmp_path / "none.json")])
+    frontier.main()
+    written = json.loads(merged.read_text())
+    assert [(e["attack"], e["share_30db"]) for e in written["attacks"]] == [("trap", 0.5), ("qbi", 0.75),
+                                                                          ("mosaic", 1.0)]
+    assert "| qbi (cnn) | active | 16 | 75% | 75% | 50.0 dB | 0% |" in capsys.readouterr().out
