@@ -46,6 +46,7 @@ DETECTION_MODEL = "cnn:cifar10"
 SUITE = "suite"  # flagged by at least one detector
 CLIENTS, BATCH = 10, 16
 THRESHOLDS_DB = (20, 30)
+RETRIES = 1  # a run whose Ray start timed out or whose workers died under it (a loaded machine) is run once more
 NOTHING_WORKED = 3  # fl-sim run's exit code when no attack succeeded or no round aggregated (trap on every client)
 MARKERS = {"inspect": "o", "dsnr": "s", "strict-load": "^", "size": "D", "lone-units": "v", SUITE: "*"}
 
@@ -356,11 +357,14 @@ def run_attack(attack: str, seed: int, args: argparse.Namespace) -> np.ndarray:
     cell = folder / "cell.json"
     if cell.is_file() and json.loads(cell.read_text()).get("command") == command:
         return image_values(read_metrics(folder / "run" / "metrics.jsonl"))
-    shutil.rmtree(folder / "run", ignore_errors=True)  # a run of another command, or one that stopped part way
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    rows = read_metrics(folder / "run" / "metrics.jsonl")
-    if done.returncode not in (0, NOTHING_WORKED) or not rows:
+    for _ in range(1 + RETRIES):
+        shutil.rmtree(folder / "run", ignore_errors=True)  # a run of another command, or one that stopped part way
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        rows = read_metrics(folder / "run" / "metrics.jsonl")
+        if done.returncode in (0, NOTHING_WORKED) and rows:
+            break
+    else:
         raise SystemExit(f"fl-sim run --attack {attack} --seed {seed} failed ({done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
     cell.write_text(json.dumps({"command": command, "returncode": done.returncode,
