@@ -238,7 +238,7 @@ def percent(share: float | None, of: list[int] | None = None) -> str:
     """A share as a table cell: 100%, 2% (3/200); n/m when not measured."""
     if share is None:
         return "n/m"
-    text = f"{share:.0%}" if share in (0.0, 1.0) or share >= 0.01 else f"{share:.1%}"
+    text = f"{share:.0%}" if share in (0.0, 1.0) or 0.01 <= share <= 0.99 else f"{share:.1%}"  # never 100% for 99.7%
     return text + (f" ({of[0]}/{of[1]})" if of is not None and 0 < of[0] < of[1] else "")
 
 
