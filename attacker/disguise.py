@@ -297,8 +297,8 @@ def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, image
     return loss, StepLosses(classify.item(), calibrate.item(), autoencode.item(), attack_value, fired_one)
 
 
-def decode_round(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor,
-                 bias: torch.Tensor) -> tuple[torch.Tensor, int]:
+def decode_round(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor, bias: torch.Tensor,
+                 lr: float | None = None) -> tuple[torch.Tensor, int]:
     """The image the decoder reads off a round's mean gradient of the units.
 
     Parameters
@@ -309,13 +309,17 @@ def decode_round(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor,
         Its units and the aggregation noise (a bias gradient within 4 noise deviations of zero is no unit fired).
     rows, bias : torch.Tensor
         (K, F), (K,) the units' mean gradient.
+    lr : float or None
+        The clients' learning rate the gradient was divided by (None: the training's); the aggregation's rounding
+        in gradient units grows as it shrinks.
 
     Returns
     -------
     tuple
         ((C, H, W) image in [0, 1] (grey when no unit fired), the unit read or -1).
     """
-    features, unit = disaggregate(rows.float(), bias.float(), tolerance=4 * config.noise)
+    noise = config.noise * (config.lr / lr if lr else 1.0)
+    features, unit = disaggregate(rows.float(), bias.float(), tolerance=4 * noise)
     if unit < 0:
         return torch.full(tuple(config.image_shape), 0.5), unit
     with torch.no_grad():

@@ -18,6 +18,7 @@ docs/attacks.md):
   aggregate is read as above; the test accuracy of both federations' last models.
 
     OMP_NUM_THREADS=1 python benchmarks/disguise.py --checkpoint out/disguise/cnn.pt --json docs/data/disguise.json
+    # or one process a seed, then: python benchmarks/disguise.py --merge S0.json S1.json S2.json --json OUT.json
 """
 import argparse
 import copy
@@ -39,13 +40,17 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
+from fl_sim.results.gallery import client_folder
 from fl_sim.results.metrics import psnr, ssim
 from fl_sim.server.disguise import load_checkpoint
 
 
 def main() -> None:
     parser = common.make_parser(__doc__)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge runs written with --json into --json")
+    parser.add_argument("--flower", nargs="+", metavar="OUT", default=[],
+                        help="with --merge: fl-sim run output folders of the attack (--defense secagg) and honest runs")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sim-rounds", type=int, default=100, help="aggregate-only rounds a seed")
     parser.add_argument("--rounds", type=int, default=10, help="federation rounds a seed")
@@ -55,6 +60,11 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     common.add_data_root(parser)
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json, args.flower)
+        return
+    if not args.checkpoint:
+        parser.error("--checkpoint is needed (or --merge)")
     torch.set_num_threads(1)
     started = time.perf_counter()
     train = cached_dataset("cifar10", args.data_root, True)
@@ -89,6 +99,7 @@ def main() -> None:
     result["detectors"] = {name: detector_figures(attack_scores[name], name) for name in attack_scores}
     result["accuracy"] = {"rounds": args.rounds, "lr": args.lr, "seeds": seeds, **{k: [round(v, 4) for v in vs]
                                                                      for k, vs in accuracy.items()}}
+    result["values"] = {"simulation": dict(sim), "federation": dict(federation), "detectors": dict(attack_scores)}
     result["command"] = ("OMP_NUM_THREADS=1 python benchmarks/disguise.py --checkpoint CHECKPOINT "
                          f"--seeds {args.seeds} --sim-rounds {args.sim_rounds} --rounds {args.rounds} --lr {args.lr}")
     for name, fig in result["detectors"].items():
@@ -99,6 +110,83 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def strip(path: Path, count: int, side: int) -> torch.Tensor:
+    """The `count` images of a strip fl-sim wrote (fl_sim/results/outputs.py `image_strip`, upscaled 2x)."""
+    from PIL import Image
+    pixels = np.asarray(Image.open(path).convert("RGB"))[::2, ::2]
+    images = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(255)
+    return torch.stack(images.split(side, dim=2)[:count])
+
+
+def flower_runs(folders: list[str], property_name: str) -> dict:
+    """The disguise's reads in fl-sim runs (--defense secagg): each round's decoded image (the one its metrics row
+    marks unconfirmed, in the reconstruction strip) against the round's image with the property (truth strip), and
+    the scoreboard's own figure (its best match among the round's images); each run's global accuracy per round."""
+    reads: dict[str, list[float]] = defaultdict(list)
+    accuracy = {}
+    for folder in map(Path, folders):
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row.get("client") != "aggregate" or row.get("status") != "ok":
+                continue
+            statuses = row["image_status"]
+            count = len(statuses)
+            place = next((i for i, state in enumerate(statuses) if state != "unrecovered"), None)
+            images = folder / client_folder(row["round"], "aggregate") / "truth.png"
+            truth = strip(images, count, 32)
+            chosen = int(property_scores(truth, property_name).argmax())
+            if place is None:
+                reads["psnr"].append(0.0)
+                continue
+            decoded = strip(images.with_name("reconstruction.png"), count, 32)[place]
+            reads["psnr"].append(psnr(decoded, truth[chosen]))
+            reads["ssim"].append(ssim(decoded, truth[chosen]))
+            reads["scoreboard_psnr"].append(psnr(decoded, truth[place]))  # its best match, as fl-sim scores it
+        accuracy[folder.name] = [json.loads(line)["accuracy"] for line in
+                                 (folder / "global.jsonl").read_text().splitlines()]
+    p = np.array(reads["psnr"])
+    return {"rounds": len(p), "psnr_median": round(float(np.median(p)), 2), "psnr_worst": round(float(p.min()), 2),
+            "share_20db": round(float((p >= 20).mean()), 3), "share_30db": round(float((p >= 30).mean()), 3),
+            "ssim_median": round(float(np.median(reads["ssim"])), 3) if reads["ssim"] else None,
+            "psnr_each": [round(v, 2) for v in p],
+            "scoreboard_psnr_each": [round(v, 2) for v in reads["scoreboard_psnr"]], "accuracy_by_round": accuracy}
+
+
+def merge(paths: list[str], out: str | None, flower: list[str]) -> None:
+    """The figures of several runs of this benchmark (e.g. one a seed, run side by side) as one, from their values."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    values: dict[str, dict[str, list[float]]] = {part: defaultdict(list) for part in
+                                                 ("simulation", "federation", "detectors")}
+    first_round: dict[str, dict[str, list[float]]] = {part: defaultdict(list) for part in ("federation", "detectors")}
+    for run in runs:
+        for part, found in run["values"].items():
+            for key, listed in found.items():
+                values[part][key].extend(listed)
+                if part in first_round:  # round 1: the checkpoint as sent (values are round after round)
+                    first_round[part][key].extend(listed[:1] if part == "federation" else listed[:run["clients"]])
+        THRESHOLDS.update({name: figures["threshold"] for name, figures in run["detectors"].items()})
+    first = runs[0]
+    seeds = [seed for run in runs for seed in run["accuracy"]["seeds"]]
+    result = {key: first[key] for key in ("attack", "model", "property", "clients", "batch_size", "training_steps",
+                                          "training_minutes")}
+    result["simulation"] = summary(values["simulation"])
+    result["federation"] = summary(values["federation"])
+    result["detectors"] = {name: detector_figures(scores, name) for name, scores in values["detectors"].items()}
+    result["first_round"] = {
+        "psnr": [round(v, 2) for v in first_round["federation"]["psnr"]],
+        "detectors": {name: detector_figures(scores, name) for name, scores in first_round["detectors"].items()}}
+    result["accuracy"] = {"rounds": first["accuracy"]["rounds"], "lr": first["accuracy"]["lr"], "seeds": seeds,
+                          **{label: [v for run in runs for v in run["accuracy"][label]]
+                             for label in ("disguise", "honest")}}
+    result["command"] = first["command"].replace(f"--seeds {first['accuracy']['seeds'][0]}",
+                                                 f"--seeds {','.join(map(str, seeds))}")
+    if flower:
+        result["flower_secagg"] = flower_runs(flower, first["property"])
+    print(json.dumps(result, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 THRESHOLDS: dict[str, float] = {}
@@ -114,11 +202,14 @@ def detector_figures(scores: list[float], name: str) -> dict:
 
 
 def read(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor, bias: torch.Tensor, images: torch.Tensor,
-         model: torch.nn.Module, generator: torch.Generator, out: dict[str, list[float]]) -> None:
-    """Reads one round's units' mean gradient (SecAgg+'s rounding added) and scores it against the chosen image."""
-    rows = rows + config.noise * torch.randn(rows.shape, generator=generator, dtype=rows.dtype)
-    bias = bias + config.noise * torch.randn(bias.shape, generator=generator, dtype=bias.dtype)
-    image, unit = decode_round(decoder, config, rows, bias)
+         model: torch.nn.Module, generator: torch.Generator, out: dict[str, list[float]],
+         lr: float | None = None) -> None:
+    """Reads one round's units' mean gradient (SecAgg+'s rounding at the clients' `lr` added, None: the training's)
+    and scores it against the chosen image."""
+    noise = config.noise * (config.lr / lr if lr else 1.0)
+    rows = rows + noise * torch.randn(rows.shape, generator=generator, dtype=rows.dtype)
+    bias = bias + noise * torch.randn(bias.shape, generator=generator, dtype=bias.dtype)
+    image, unit = decode_round(decoder, config, rows, bias, lr)
     scores = property_scores(images, config.property)
     chosen = int(scores.argmax())
     out["psnr"].append(psnr(image, images[chosen]))
@@ -188,7 +279,7 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
             rows = -update[f"{config.layer}.weight"][index] / settings.lr
             bias = -update[f"{config.layer}.bias"][index] / settings.lr
             model.load_state_dict(global_weights)
-            read(decoder, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads)
+            read(decoder, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads, settings.lr)
         global_weights = {k: mean[k].to(v.dtype) for k, v in global_weights.items()}
     model.load_state_dict(global_weights)
     model.eval()

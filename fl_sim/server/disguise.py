@@ -5,7 +5,8 @@ registry's model: strict load and size pass) whose values were trained together 
 (benchmarks/disguise_train.py). In its first round the attack sends the checkpoint's weights; the federation
 then trains them (the replies are averaged as usual), and later rounds send the global model. From each
 round's update (one client's, or secure aggregation's mean over the round's clients) the decoder reads the one
-image of the round with the chosen property: one `Reconstruction` of one image per update.
+image of the round with the chosen property: one image per update (its `Reconstruction` holds it first, then
+black placeholders marked unrecovered for the update's other images).
 
 The checkpoint is a torch file holding the model's and the decoder's state dicts, with its `DisguiseConfig` as
 JSON beside it (same name, `.json`); `--disguise-checkpoint` names it. A missing checkpoint, or one trained for
@@ -146,7 +147,8 @@ class DisguiseAttack(Attack):
         return Armed({target: weights for target in targets})
 
     def read(self, observed: Sequence[Observed], armed: Armed | None, seed: int) -> list[Reconstruction]:
-        """Each update's chosen image: the units' gradient (-update / (lr x steps)) through the decoder."""
+        """Each update's chosen image: the units' gradient (-update / (lr x steps)) through the decoder; first of
+        the update's images, the rest black placeholders marked unrecovered."""
         del armed, seed
         layer, units = self.config.layer, torch.as_tensor(self.config.units)
         found = []
@@ -154,12 +156,17 @@ class DisguiseAttack(Attack):
             scale = -1.0 / (each.settings.lr * each.settings.total_steps)
             rows = each.update[f"{layer}.weight"].double()[units] * scale
             bias = each.update[f"{layer}.bias"].double()[units] * scale
-            image, unit = decode_round(self.decoder, self.config, rows, bias)
+            image, unit = decode_round(self.decoder, self.config, rows, bias, each.settings.lr)
             self.model.load_state_dict(each.sent, strict=True)
             with torch.no_grad():
                 label = self.model(image[None]).argmax(1)
-            found.append(Reconstruction(image[None], label, float(unit),
-                                        image_status=["unconfirmed" if unit >= 0 else "unrecovered"]))
+            # one image of the update's n; the others are black placeholders, marked unrecovered (the scoreboard
+            # matches the n true images to n reconstructions)
+            others = each.settings.num_images - 1
+            images = torch.cat([image[None], torch.zeros(others, *image.shape)])
+            labels = torch.cat([label, torch.zeros(others, dtype=label.dtype)])
+            status = ["unconfirmed" if unit >= 0 else "unrecovered"] + ["unrecovered"] * others
+            found.append(Reconstruction(images, labels, float(unit), image_status=status))
         return found
 
     def resolved(self) -> dict[str, int | float | None]:
