@@ -296,3 +296,9 @@ register(AttackSpec(
     "Cocktail Party Attack (Kariyappa et al. 2023): FastICA un-mixes the first linear layer's update into the "
     "batch's images, also a secure aggregate's mean",
     may_run_async=True, needs=ModelTrait.LINEAR_FIRST))
+register(AttackSpec(
+    "disguise", AttackKind.ACTIVE, "fl_sim.server.disguise:DisguiseAttack",
+    "a SEER-class disguised model (after Garov et al. 2024): the model sent is trained with a secret decoder that "
+    "reads the round's image with a chosen property (e.g. the brightest) off the (secure) aggregate; parameter "
+    "values only, of the agreed architecture (its checkpoint: --disguise-checkpoint)",
+    needs=ModelTrait.DENSE_SEES_IMAGE, options=("disguise_checkpoint",)))

@@ -168,6 +168,9 @@ class RunConfig:
     imprint_blocks: int = setting(4, Setting(  # the server's choice only
         "statistics the imprint rows measure; more blocks, fewer images sharing every bin (default %(default)s)",
         Group.ATTACK, least=1))
+    disguise_checkpoint: str = setting("", Setting(  # benchmarks/disguise_train.py writes it
+        "--attack disguise: the model and secret decoder trained together (benchmarks/disguise_train.py --out)",
+        Group.ATTACK, metavar="PATH"))
     client_eval: bool = setting(False, Setting(
         "also have clients evaluate the global model on their share of the test split", Group.FEDERATION))
     device: str = setting(Device.AUTO, Setting(f"{', '.join(Device)}", Group.ATTACK, resumable=True))

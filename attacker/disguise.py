@@ -1,0 +1,326 @@
+"""A disguised attack of the SEER class (Garov et al., "Hiding in Plain Sight", ICLR 2024): the model the server
+sends is trained together with a secret decoder that the server keeps, so that the round's aggregate gradient
+decodes to the one image of the round with a chosen property (the brightest, the reddest, ...). Pure torch.
+
+How the parts fit (fl-sim's own design of the method, not SEER's code):
+
+- The property: `property_scores`, a linear statistic of an image (mean brightness, or one colour over the
+  others), and its ranking: the round's chosen image is the one with the largest score.
+- The disaggregation, in the model's own parameters: `units` (K) units of a hidden ReLU linear layer are trained
+  to have pre-activations that grow with the property, each crossing zero at its own threshold (ascending: the
+  property's (1 - m_k / n) quantile of the training images, m_k the images of an n-image round expected above
+  it). Unit k then fires for the images above its threshold only, and its weight gradient is the sum of
+  g_i h_i over those images (h_i: the layer's input, g_i: the gradient passed back to the unit), its bias
+  gradient the sum of g_i. The highest unit whose bias gradient is not zero is fired by the round's brightest
+  images only; when it is one image, weight / bias gradient is that image's h exactly (`disaggregate`).
+- The reconstructor (`Decoder`, never sent): a small convolutional network that maps the layer's input h back
+  to the image. It is trained with the model's convolutions, so that h keeps what the decoder needs.
+- Training (`train_step`): one step of the server's joint objective on a simulated round of n images: the
+  model's classification loss (the federation still trains), the units' calibration against their thresholds
+  (exact near and above each, kept below zero far under it), the decoder on the images' h, and the attack
+  itself: the decoder applied to what `disaggregate` reads off the round's mean gradient (computed with
+  create_graph, so its loss is backpropagated through the gradient into the model: double backprop), against
+  the round's chosen image. Secure aggregation's rounding may be
+  simulated as Gaussian noise on the mean gradient (`noise`).
+
+The decoder reads only the K rows and biases of one layer of the aggregate update: the gradient of a few
+thousand parameters, never the rest of the model.
+"""
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROPERTIES = ("bright", "dark", "red", "green", "blue")
+
+
+def property_scores(images: torch.Tensor, name: str) -> torch.Tensor:
+    """Each image's property score (larger: more of the property), a linear statistic of its pixels.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, C, H, W) in [0, 1].
+    name : str
+        One of PROPERTIES: bright (mean pixel), dark (minus it), red / green / blue (that colour's mean minus the
+        mean of the other two; a one-channel image has only bright and dark).
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) scores.
+    """
+    if name == "bright":
+        return images.mean((1, 2, 3))
+    if name == "dark":
+        return -images.mean((1, 2, 3))
+    colours = {"red": 0, "green": 1, "blue": 2}
+    if name not in colours:
+        raise ValueError(f"unknown property {name!r}: choose one of {', '.join(PROPERTIES)}")
+    if images.shape[1] != 3:
+        raise ValueError(f"property {name!r} needs colour images, not {images.shape[1]} channel(s)")
+    channel = images.mean((2, 3))
+    own = channel[:, colours[name]]
+    return own - (channel.sum(1) - own) / 2
+
+
+@dataclass(frozen=True)
+class DisguiseConfig:
+    """What the model and decoder were trained for; saved beside the checkpoint as JSON.
+
+    Parameters
+    ----------
+    model : str
+        The registered model (its parameter names and shapes are what is sent).
+    property : str
+        The chosen property (PROPERTIES).
+    layer : str
+        The hidden ReLU linear layer whose units disaggregate (its input h is what the decoder inverts).
+    units : list of int
+        The layer's units used, thresholds ascending.
+    expected : list of float
+        For each unit, the images of a round of `round_images` expected above its threshold.
+    thresholds : list of float
+        Each unit's property threshold (the training images' quantile).
+    feature_shape : list of int
+        h reshaped for the decoder (C, S, S).
+    image_shape : list of int
+        (C, H, W) of the images.
+    round_images : int
+        The images behind the aggregate the decoder was trained on (clients x B).
+    clients, batch_size : int
+        How the round was simulated.
+    lr : float
+        The clients' learning rate the readout assumes (FedSGD: the update is -lr x the mean gradient).
+    noise : float
+        The standard deviation of the noise added to the simulated mean gradient (secure aggregation's
+        rounding, in gradient units).
+    steps, seed : int
+        The training's length and seed.
+    width : int
+        The decoder's width.
+    """
+
+    model: str
+    property: str
+    layer: str
+    units: list[int]
+    expected: list[float]
+    thresholds: list[float]
+    feature_shape: list[int]
+    image_shape: list[int]
+    round_images: int = 160
+    clients: int = 10
+    batch_size: int = 16
+    lr: float = 0.05
+    noise: float = 0.0
+    steps: int = 0
+    seed: int = 0
+    width: int = 64
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Decoder(nn.Module):
+    """The server's secret reconstructor: the layer input h (reshaped to `feature_shape`) back to an image.
+
+    Parameters
+    ----------
+    feature_shape : sequence of int
+        (C, S, S): h as the convolutions left it.
+    image_shape : sequence of int
+        (C, H, W) of the images; H must be S times a power of two.
+    width : int
+        Channels of its hidden layers.
+    """
+
+    def __init__(self, feature_shape: Sequence[int], image_shape: Sequence[int], width: int = 64):
+        super().__init__()
+        channels, side = feature_shape[0], feature_shape[1]
+        layers: list[nn.Module] = [nn.Conv2d(channels, 2 * width, 3, padding=1), nn.ReLU()]
+        current = 2 * width
+        while side < image_shape[1]:  # each doubling of the side halves the channels
+            layers += [nn.ConvTranspose2d(current, current // 2, 4, stride=2, padding=1), nn.ReLU(),
+                       nn.Conv2d(current // 2, current // 2, 3, padding=1), nn.ReLU()]
+            current, side = current // 2, side * 2
+        if side != image_shape[1]:
+            raise ValueError(f"features of side {feature_shape[1]} do not double up to images of side {image_shape[1]}")
+        layers.append(nn.Conv2d(current, image_shape[0], 3, padding=1))
+        self.body = nn.Sequential(*layers)
+        self.feature_shape = tuple(feature_shape)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, F) layer inputs -> (N, C, H, W) images in [0, 1]."""
+        return torch.sigmoid(self.body(features.reshape(len(features), *self.feature_shape)))
+
+
+def disaggregate(weight_rows: torch.Tensor, bias: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, int]:
+    """The layer input of the round's chosen image, read off the units' gradient.
+
+    Parameters
+    ----------
+    weight_rows : torch.Tensor
+        (K, F) the units' weight gradient (thresholds ascending).
+    bias : torch.Tensor
+        (K,) their bias gradient.
+    tolerance : float
+        A bias gradient at most this large (in magnitude) is a unit no image fired (noise of the aggregation).
+
+    Returns
+    -------
+    tuple
+        (h (F,), the unit read; -1 when none fired, and h is then zeros).
+    """
+    fired = (bias.abs() > tolerance).nonzero().flatten()
+    if not len(fired):
+        return torch.zeros_like(weight_rows[0]), -1
+    unit = int(fired[-1])
+    return weight_rows[unit] / bias[unit], unit
+
+
+def unit_gradients(model: nn.Module, layer: str, units: Sequence[int], images: torch.Tensor, labels: torch.Tensor,
+                   clients: int, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The round's mean gradient of the units' weight rows and biases: FedSGD of `clients` clients, each one step
+    on its equal share of `images` (batch statistics per client, as each client trains).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model in training mode.
+    layer : str
+        The linear layer.
+    units : sequence of int
+        Its units read.
+    images, labels : torch.Tensor
+        The round's images, client after client.
+    clients : int
+        How many clients share them (1: one batch; a model without batch norm gives the same mean).
+    create_graph : bool
+        Keep the graph, to backpropagate through the gradient.
+
+    Returns
+    -------
+    tuple
+        ((K, F) weight rows, (K,) biases) of the mean gradient.
+    """
+    module = cast(nn.Linear, model.get_submodule(layer))
+    index = torch.as_tensor(list(units))
+    rows, biases = [], []
+    for chunk, chunk_labels in zip(images.chunk(clients), labels.chunk(clients), strict=True):
+        loss = F.cross_entropy(model(chunk), chunk_labels)
+        weight, bias = torch.autograd.grad(loss, (module.weight, module.bias), create_graph=create_graph)
+        rows.append(weight[index])
+        biases.append(bias[index])
+    return torch.stack(rows).mean(0), torch.stack(biases).mean(0)
+
+
+def layer_inputs_of(model: nn.Module, layer: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the layer's input h (N, F)) of one forward pass."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    return logits, seen[0].flatten(1)
+
+
+@dataclass
+class StepLosses:
+    """One training step's losses (each the mean squared error or cross-entropy it names)."""
+
+    classify: float
+    calibrate: float
+    autoencode: float
+    attack: float  # NaN when no unit fired
+    fired_one: float  # 1 when the unit read was fired by the chosen image alone, else 0
+
+
+def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, images: torch.Tensor,
+               labels: torch.Tensor, weights: tuple[float, float, float, float] = (1.0, 10.0, 1.0, 1.0),
+               generator: torch.Generator | None = None, autoencoded: int = 32) -> tuple[torch.Tensor, StepLosses]:
+    """The joint loss of one simulated round (module docstring); the caller steps the optimiser.
+
+    Parameters
+    ----------
+    model, decoder : nn.Module
+        The model sent and the secret decoder, in training mode.
+    config : DisguiseConfig
+        The layer, units, thresholds, property, clients and noise.
+    images, labels : torch.Tensor
+        The round's `config.round_images` images, client after client.
+    weights : tuple of float
+        Weights of the classification, calibration, auto-encoding and attack losses.
+    generator : torch.Generator or None
+        Draws the aggregation noise.
+    autoencoded : int
+        The first this many images train the decoder on their own h.
+
+    Returns
+    -------
+    tuple
+        (the loss to backpropagate, its parts).
+    """
+    classify_w, calibrate_w, autoencode_w, attack_w = weights
+    module = cast(nn.Linear, model.get_submodule(config.layer))
+    index = torch.as_tensor(config.units)
+    logits, h = layer_inputs_of(model, config.layer, images)
+    classify = F.cross_entropy(logits, labels)
+    scores = property_scores(images, config.property)
+    thresholds = torch.as_tensor(config.thresholds, dtype=scores.dtype)
+    pre = h @ module.weight[index].T + module.bias[index]  # (N, K)
+    spread = scores.std().clamp_min(1e-6)
+    target = (scores[:, None] - thresholds[None, :]) / spread  # a unit crosses zero at its threshold
+    # exact near and above each threshold (where the ranking is decided); far below it, only kept from firing
+    near = target > -1
+    calibrate = torch.where(near, (pre - target) ** 2, F.relu(pre + 1) ** 2).mean()
+    autoencode = F.mse_loss(decoder(h[:autoencoded]), images[:autoencoded])
+    rows, bias = unit_gradients(model, config.layer, config.units, images, labels, config.clients, create_graph=True)
+    if config.noise > 0:
+        rows = rows + config.noise * torch.randn(rows.shape, generator=generator)
+        bias = bias + config.noise * torch.randn(bias.shape, generator=generator)
+    chosen = int(scores.argmax())
+    features, unit = disaggregate(rows, bias, tolerance=4 * config.noise)
+    fired_one, attack_value = 0.0, float("nan")
+    if unit >= 0:
+        attack = F.mse_loss(decoder(features[None])[0], images[chosen])
+        fired_one = float(int((scores > thresholds[unit]).sum()) == 1)
+        attack_value = attack.item()
+    else:
+        attack = torch.zeros(())
+    loss = classify_w * classify + calibrate_w * calibrate + autoencode_w * autoencode + attack_w * attack
+    return loss, StepLosses(classify.item(), calibrate.item(), autoencode.item(), attack_value, fired_one)
+
+
+def decode_round(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor, bias: torch.Tensor,
+                 lr: float | None = None) -> tuple[torch.Tensor, int]:
+    """The image the decoder reads off a round's mean gradient of the units.
+
+    Parameters
+    ----------
+    decoder : Decoder
+        The secret decoder.
+    config : DisguiseConfig
+        Its units and the aggregation noise (a bias gradient within 4 noise deviations of zero is no unit fired).
+    rows, bias : torch.Tensor
+        (K, F), (K,) the units' mean gradient.
+    lr : float or None
+        The clients' learning rate the gradient was divided by (None: the training's); the aggregation's rounding
+        in gradient units grows as it shrinks.
+
+    Returns
+    -------
+    tuple
+        ((C, H, W) image in [0, 1] (grey when no unit fired), the unit read or -1).
+    """
+    noise = config.noise * (config.lr / lr if lr else 1.0)
+    features, unit = disaggregate(rows.float(), bias.float(), tolerance=4 * noise)
+    if unit < 0:
+        return torch.full(tuple(config.image_shape), 0.5), unit
+    with torch.no_grad():
+        return decoder(features[None])[0], unit

@@ -1,0 +1,150 @@
+"""The disguised attack (attacker/disguise.py, fl_sim/server/disguise.py): its training lowers the decoder's loss, its
+readout recovers the one image a unit fired for, its checkpoint loads into an attack whose model strict-loads into
+the agreed architecture and reads an aggregate, and a missing or mismatched checkpoint is a one-line error."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from attacker.disguise import (
+    Decoder,
+    DisguiseConfig,
+    disaggregate,
+    layer_inputs_of,
+    property_scores,
+    train_step,
+    unit_gradients,
+)
+from fl_sim.contract.attacks import attack_spec
+from fl_sim.contract.protocol import TrainingSettings
+from fl_sim.contract.run_config import RunConfig
+from fl_sim.contract.setting import ConfigError
+from fl_sim.learning.data import load_dataset
+from fl_sim.learning.models import build_model
+from fl_sim.results.preflight import check_run
+from fl_sim.server.attacks import AttackContext, Observed, Victim, build_attack
+from fl_sim.server.disguise import DisguiseAttack, feature_shape, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+    images, labels = load_dataset("cifar10", shared_data, train=False).tensors(np.arange(64))
+    return images, labels
+
+
+def config_for(model, images: torch.Tensor, units=(0, 1, 2, 3), expected=(8.0, 4.0, 2.0, 1.0), **changes):
+    """A config whose units' thresholds are the images' own property quantiles."""
+    scores = property_scores(images, "bright")
+    thresholds = [float(torch.quantile(scores, 1 - m / len(images))) for m in expected]
+    return DisguiseConfig("cnn", "bright", "classifier.0", list(units), list(expected), thresholds,
+                          list(feature_shape(model, "cnn", (3, 32, 32))), [3, 32, 32], round_images=len(images),
+                          clients=1, width=8, **changes)
+
+
+def test_property_scores_rank_the_brightest_and_the_reddest():
+    images = torch.full((3, 3, 4, 4), 0.5)
+    images[1] += 0.2
+    images[2, 0] = 1.0
+    assert int(property_scores(images, "bright").argmax()) == 1
+    assert int(property_scores(images, "dark").argmax()) == 0
+    assert int(property_scores(images, "red").argmax()) == 2
+    with pytest.raises(ValueError, match="unknown property"):
+        property_scores(images, "shiny")
+
+
+def test_disaggregate_reads_the_one_image_the_highest_unit_fired_for():
+    h = torch.rand(3, 20, dtype=torch.float64)
+    g = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    fired = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 1, 0], [0, 0, 0]], dtype=torch.float64)  # units x images
+    rows, bias = (fired * g) @ h, fired @ g
+    features, unit = disaggregate(rows, bias, tolerance=1e-12)
+    assert unit == 2
+    torch.testing.assert_close(features, h[1])
+    assert disaggregate(rows * 0, bias * 0, 1e-12)[1] == -1
+
+
+def test_a_few_training_steps_lower_the_decoders_loss(cifar):
+    images, labels = cifar
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, 32, 10)
+    config = config_for(model, images)
+    decoder = Decoder(config.feature_shape, config.image_shape, config.width)
+    optimizer = torch.optim.Adam([*model.parameters(), *decoder.parameters()], lr=2e-3)
+
+    def losses():
+        _, parts = train_step(model, decoder, config, images, labels, autoencoded=64)
+        return parts
+
+    before = losses()
+    for _ in range(30):
+        loss, _ = train_step(model, decoder, config, images, labels, autoencoded=64)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = losses()
+    assert after.autoencode < 0.9 * before.autoencode, (before, after)
+    assert after.calibrate < 0.5 * before.calibrate, (before, after)
+
+
+def test_the_attack_sends_the_agreed_architecture_and_reads_an_aggregate(tmp_path, cifar):
+    images, labels = cifar
+    model = build_model("cnn", 3, 32, 10, seed=1)
+    config = config_for(model, images)
+    decoder = Decoder(config.feature_shape, config.image_shape, config.width)
+    path = tmp_path / "disguise.pt"
+    save_checkpoint(path, model, decoder, config)
+    run = RunConfig(attack="disguise", model="cnn", disguise_checkpoint=str(path))
+    agreed = build_model("cnn", 3, 32, 10)
+    attack = build_attack(AttackContext("disguise", run, copy.deepcopy(agreed), (3, 32, 32), 10, torch.device("cpu"),
+                                        lambda: images))
+    assert isinstance(attack, DisguiseAttack) and attack_spec("disguise").active
+    honest = {k: v.clone() for k, v in agreed.state_dict().items()}
+    armed = attack.arm(honest, TrainingSettings(lr=0.05, batch_size=16), [0, 1])
+    sent = armed.weights[0]
+    assert {k: (v.shape, v.dtype) for k, v in sent.items()} == {k: (v.shape, v.dtype) for k, v in honest.items()}
+    agreed.load_state_dict(sent, strict=True)  # the agreed architecture holds it exactly
+    assert all(torch.equal(sent[k], model.state_dict()[k]) for k in sent)  # the checkpoint's values, first round
+    assert attack.arm(honest, TrainingSettings(lr=0.05, batch_size=16), [0]).weights[0] is not sent  # then the global
+
+    # the round's update of one FedSGD step (lr 0.05) on the images: the decoder reads the one image the top unit fires
+    lr = 0.05
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    update = {name: -lr * grads[name] if name in grads else torch.zeros_like(t) for name, t in sent.items()}
+    settings = TrainingSettings(lr=lr, batch_size=len(images))
+    found = attack.read([Observed(Victim((0, 1), True), update, sent, settings)], armed, seed=0)
+    assert len(found) == 1 and found[0].ok and found[0].images.shape == (len(images), 3, 32, 32)
+    assert found[0].image_status == ["unconfirmed"] + ["unrecovered"] * (len(images) - 1)
+    rows, bias = unit_gradients(model, "classifier.0", config.units, images, labels, 1)
+    unit = disaggregate(rows.double(), bias.double(), 4 * config.noise)[1]
+    assert unit >= 0
+    fired = ((layer_inputs_of(model, "classifier.0", images)[1] @ model.classifier[0].weight[config.units[unit]]
+              + model.classifier[0].bias[config.units[unit]]) > 0).nonzero().flatten()
+    if len(fired) == 1:  # one image alone: the decoder saw its features exactly
+        with torch.no_grad():
+            expected = decoder(layer_inputs_of(model, "classifier.0", images[fired])[1])[0]
+        torch.testing.assert_close(found[0].images[0], expected, atol=1e-4, rtol=1e-3)
+
+
+def test_a_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path, cifar):
+    images, _ = cifar
+    with pytest.raises(ConfigError, match="does not exist: train one with") as missing:
+        check_run(RunConfig(attack="disguise", model="cnn", disguise_checkpoint=str(tmp_path / "none.pt"),
+                            out=str(tmp_path / "out")))
+    assert "\n" not in str(missing.value)
+    with pytest.raises(ConfigError, match="needs --disguise-checkpoint"):
+        check_run(RunConfig(attack="disguise", model="cnn", out=str(tmp_path / "out")))
+    model = build_model("cnn", 3, 32, 10)
+    config = config_for(model, images)
+    path = tmp_path / "disguise.pt"
+    save_checkpoint(path, model, Decoder(config.feature_shape, config.image_shape, config.width), config)
+    with pytest.raises(ConfigError, match="trained for --model cnn, not mlp") as other:
+        check_run(RunConfig(attack="disguise", model="mlp", disguise_checkpoint=str(path), out=str(tmp_path / "o")))
+    assert "\n" not in str(other.value)
+    with pytest.raises(ConfigError, match=r"trained for images \(3, 32, 32\), not \(1, 28, 28\)"):
+        load_checkpoint(path, "cnn", (1, 28, 28))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_checkpoint(path, "cnn", (3, 32, 32))
