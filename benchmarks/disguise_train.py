@@ -93,7 +93,9 @@ def main() -> None:
     expected = np.geomspace(args.most, args.least, args.units)  # thresholds ascending
     thresholds = [float(torch.quantile(scores, 1 - m / round_images)) for m in expected]
     layer = LAYERS[args.model][0]
-    width = model.get_submodule(layer).out_features
+    dense = model.get_submodule(layer)
+    assert isinstance(dense, torch.nn.Linear), f"{layer} of {args.model} is not a linear layer"
+    width = dense.out_features
     units = [int(u) for u in torch.randperm(width, generator=torch.Generator().manual_seed(args.seed))[:args.units]]
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     noise = secagg_noise(args.clients, args.lr) if args.noise is None else args.noise
