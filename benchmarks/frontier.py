@@ -18,7 +18,8 @@ share of client-rounds at least one detector flags. False positives: every hones
 model.
 
 A disguised attack's figures are read from --disguise (docs/data/disguise.json) when that file exists, as given:
-{attack, model, psnr_median, share_20db, share_30db, flagged: {detector: share}}.
+{attack, model, psnr_median, share_20db, share_30db, flagged: {detector: share}}, or as benchmarks/disguise.py
+writes them (each detector's flagged share of the round the disguised model is sent in, `detectors_first_round`).
 
     D="python benchmarks/detectors.py"
     $D --models lenet:mnist cnn:cifar10 --scores out/det/lenet-cnn.json
@@ -223,11 +224,21 @@ def add_disguise(figures: dict, path: Path) -> dict:
         return figures
     try:
         found = json.loads(path.read_text())
+        images = found.get("images", found.get("simulation", {}).get("rounds"))  # disguise.py: one image a round
         entry = {"attack": str(found["attack"]), "kind": "disguised", "model": str(found.get("model", "?")),
-                 "images": found.get("images"), "share_20db": float(found["share_20db"]),
+                 "images": images, "share_20db": float(found["share_20db"]),
                  "share_30db": float(found["share_30db"]), "psnr_median": float(found["psnr_median"]),
-                 "flagged": {str(name): float(share) for name, share in found["flagged"].items()},
                  "source": str(path)}
+        if "flagged" in found:
+            entry["flagged"] = {str(name): float(share) for name, share in found["flagged"].items()}
+        else:  # benchmarks/disguise.py's file: each detector's share of the round the model is sent in
+            sent = found["detectors_first_round"]
+            entry["flagged"] = {str(name): float(d["flagged_share"]) for name, d in sent.items()}
+            entry["flagged_of"] = {str(name): [round(d["flagged_share"] * d["client_rounds"]), d["client_rounds"]]
+                                   for name, d in sent.items()}
+            if not any(entry["flagged"].values()):  # none flagged by any detector: none by the suite either
+                rounds = max(d["client_rounds"] for d in sent.values())
+                entry["flagged"][SUITE], entry["flagged_of"][SUITE] = 0.0, [0, rounds]
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise FrontierError(f"{path}: not the disguised attack's figures ({error!r})") from None
     kept = [other for other in figures["attacks"] if other["attack"] != entry["attack"]]

@@ -116,3 +116,20 @@ def test_plot_files_merge_a_later_files_attacks_over_an_earliers(frontier, tmp_p
     assert [(e["attack"], e["share_30db"]) for e in written["attacks"]] == [("trap", 0.5), ("qbi", 0.75),
                                                                           ("mosaic", 1.0)]
     assert "| qbi (cnn) | active | 16 | 75% | 75% | 50.0 dB | 0% |" in capsys.readouterr().out
+
+
+def test_the_disguised_attacks_own_file_gives_the_round_it_is_sent_in(frontier, tmp_path):
+    """benchmarks/disguise.py's file (each detector's flagged share of the round the model is sent in, and the
+    simulated rounds' reads) becomes one frontier entry: its shares, counts, images, and the suite at 0 when no
+    detector flagged anything; a detector that flagged some leaves the suite unmeasured."""
+    sent = {"inspect": {"flagged_share": 0.0, "client_rounds": 30}, "dsnr": {"flagged_share": 0.0, "client_rounds": 30}}
+    written = {"attack": "disguise", "model": "cnn", "psnr_median": 19.2, "share_20db": 0.4, "share_30db": 0.0,
+               "simulation": {"rounds": 90}, "detectors_first_round": sent}
+    (tmp_path / "disguise.json").write_text(json.dumps(written))
+    entry = frontier.add_disguise({"attacks": []}, tmp_path / "disguise.json")["attacks"][-1]
+    assert entry["images"] == 90 and entry["flagged"] == {"inspect": 0.0, "dsnr": 0.0, "suite": 0.0}
+    assert entry["flagged_of"]["suite"] == [0, 30]
+    sent["dsnr"]["flagged_share"] = 0.1
+    (tmp_path / "disguise.json").write_text(json.dumps(written))
+    entry = frontier.add_disguise({"attacks": []}, tmp_path / "disguise.json")["attacks"][-1]
+    assert "suite" not in entry["flagged"] and entry["flagged_of"]["dsnr"] == [3, 30]
