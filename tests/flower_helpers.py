@@ -17,7 +17,7 @@ from fl_sim.learning.updates import parameter_names
 from fl_sim.server.flower_private import SUPERLINK_NODE_ID, ErrorCode, TaskIdentity
 from fl_sim.server.passive import PassiveInversion
 from fl_sim.server.resume import CHECKPOINT
-from fl_sim.server.strategy import InvertingStrategy, ServerAttack
+from fl_sim.server.strategy import AttackPlan, InvertingStrategy, ServerAttack
 
 
 @pytest.fixture
@@ -99,6 +99,25 @@ class Recorder(list):
 
     def record_inspection(self, server_round, flags, attacked):
         self.inspections.append((server_round, dict(flags), attacked))
+
+
+def trap_round(config, model_of, public):
+    """Round 1 of a federation of 2 clients running fl-sim's ClientApp as `config` sets it, in this process: the
+    server arms client 0 with trap weights (from `public` images) for a model `model_of()` builds, client 1 gets
+    the global model (another `model_of()`); the strategy, its recorder and the replies, not yet aggregated."""
+    from clients.app import make_client_app
+    from fl_sim.server.active import TrapAttack
+
+    grid = LocalGrid(make_client_app(config), num_clients=2)
+    model = model_of()
+    attack = ServerAttack(TrapAttack(model_of(), public, 10), tuple(parameter_names(model)),
+                          plan=AttackPlan(clients=frozenset({0})))
+    recorder = Recorder()
+    strategy = InvertingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), attack,
+                                 recorder, partitions={100: 0, 101: 1})
+    messages = strategy.configure_train(1, ArrayRecord(model.state_dict()),
+                                        ConfigRecord(config.training.to_config()), grid)
+    return strategy, recorder, list(grid.send_and_receive(messages))
 
 
 def live_commands() -> list[tuple[int, str]]:

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flower_helpers import LocalGrid, Recorder, node_context, train_message
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flower_helpers import node_context, train_message, trap_round
+from flwr.app import Message, MetricRecord, RecordDict
 
-from clients.app import make_client_app
 from clients.detectors import Sent, run_detector
 from clients.detectors.dsnr import example_gradient_norms, layer_dsnr
 from clients.detectors.lone_units import lone_unit_shares
@@ -30,10 +28,9 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import cached_dataset
 from fl_sim.learning.models import build_model
-from fl_sim.learning.updates import parameter_names, weights
+from fl_sim.learning.updates import weights
 from fl_sim.server.active import ImprintAttack, public_images
 from fl_sim.server.param_only import TrapAttack
-from fl_sim.server.strategy import AttackPlan, InvertingStrategy, ServerAttack
 
 DECLARED = TrainingSettings(lr=0.05, batch_size=16, momentum=0.9)
 NAMES = [spec.name for spec in detector_specs()]
@@ -205,16 +202,7 @@ def test_a_refusal_in_a_round_of_a_federation(shared_data, cifar):
     config = RunConfig(out="unused", data_root=str(shared_data), model="cnn", dataset="cifar10", num_clients=2,
                        defense="lone-units+dsnr", attack="trap", train_mode="steps", batch_size=16, lr=0.05,
                        momentum=0.0)
-    grid = LocalGrid(make_client_app(config), num_clients=2)
-    model = cnn()
-    attack = ServerAttack(TrapAttack(cnn(), public, 10), tuple(parameter_names(model)),
-                          plan=AttackPlan(clients=frozenset({0})))
-    recorder = Recorder()
-    strategy = InvertingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), attack,
-                                 recorder, partitions={100: 0, 101: 1})
-    messages = strategy.configure_train(1, ArrayRecord(model.state_dict()),
-                                        ConfigRecord(config.training.to_config()), grid)
-    replies = grid.send_and_receive(messages)
+    strategy, recorder, replies = trap_round(config, cnn, public)
     arrays, _ = strategy.aggregate_train(1, replies)
     [(server_round, fault)] = recorder.faults
     assert (server_round, fault.client, fault.status) == (1, 0, ReplyStatus.REFUSED)

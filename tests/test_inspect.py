@@ -6,11 +6,9 @@ context.state across rounds of a real simulation; the quiet trap (the evader) pa
 """
 import pytest
 import torch
-from flower_helpers import LocalGrid, Recorder, node_context, train_message
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flower_helpers import node_context, train_message, trap_round
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from clients.app import make_client_app
 from clients.inspection import Architecture, inspect_model, mask_of
 from clients.mods import PASSED, InspectMod
 from clients.training import local_train
@@ -29,10 +27,9 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import cached_dataset
 from fl_sim.learning.models import build_model
-from fl_sim.learning.updates import parameter_names, weights
+from fl_sim.learning.updates import weights
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.active import ImprintAttack, QuietTrapAttack, TrapAttack, public_images
-from fl_sim.server.strategy import AttackPlan, InvertingStrategy, ServerAttack
 
 DECLARED = TrainingSettings(lr=0.05, batch_size=16, momentum=0.9)
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -160,17 +157,8 @@ def test_a_refusal_is_recorded_and_the_round_goes_on(shared_data):
     """Client 0 is sent trap weights and refuses; client 1 trains; FedAvg averages client 1 alone."""
     config = RunConfig(out="unused", data_root=str(shared_data), model="cnn", num_clients=2, defense="inspect",
                        attack="trap", train_mode="steps", batch_size=4, lr=0.05, momentum=0.0)
-    grid = LocalGrid(make_client_app(config), num_clients=2)
     test = cached_dataset("mnist", str(shared_data), False)
-    model = cnn_mnist()
-    attack = ServerAttack(TrapAttack(cnn_mnist(), public_images(test, 256), 10), tuple(parameter_names(model)),
-                          plan=AttackPlan(clients=frozenset({0})))
-    recorder = Recorder()
-    strategy = InvertingStrategy(FedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0), attack,
-                                 recorder, partitions={100: 0, 101: 1})
-    messages = strategy.configure_train(1, ArrayRecord(model.state_dict()),
-                                        ConfigRecord(config.training.to_config()), grid)
-    replies = grid.send_and_receive(messages)
+    strategy, recorder, replies = trap_round(config, cnn_mnist, public_images(test, 256))
     refused = next(reply for reply in replies if reply.metadata.src_node_id == 100)
     assert refused.has_error() and refused.error.code == INSPECTION_REFUSED
     assert "client 0 refused the model it was sent (inspect): zero-entries" in refused.error.reason
