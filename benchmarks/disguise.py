@@ -42,6 +42,7 @@ from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards, training_examples
 from fl_sim.results.gallery import client_folder
 from fl_sim.results.metrics import psnr, ssim
+from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.disguise import load_checkpoint
 
 
@@ -127,8 +128,7 @@ def flower_runs(folders: list[str], property_name: str) -> dict:
     reads: dict[str, list[float]] = defaultdict(list)
     accuracy = {}
     for folder in map(Path, folders):
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
+        for row in read_jsonl(folder / "metrics.jsonl"):
             if row.get("client") != "aggregate" or row.get("status") != "ok":
                 continue
             statuses = row["image_status"]
@@ -144,8 +144,7 @@ def flower_runs(folders: list[str], property_name: str) -> dict:
             reads["psnr"].append(psnr(decoded, truth[chosen]))
             reads["ssim"].append(ssim(decoded, truth[chosen]))
             reads["scoreboard_psnr"].append(psnr(decoded, truth[place]))  # its best match, as fl-sim scores it
-        accuracy[folder.name] = [json.loads(line)["accuracy"] for line in
-                                 (folder / "global.jsonl").read_text().splitlines()]
+        accuracy[folder.name] = [row["accuracy"] for row in read_jsonl(folder / "global.jsonl")]
     p = np.array(reads["psnr"])
     return {"rounds": len(p), "psnr_median": round(float(np.median(p)), 2), "psnr_worst": round(float(p.min()), 2),
             "share_20db": round(float((p >= 20).mean()), 3), "share_30db": round(float((p >= 30).mean()), 3),
