@@ -45,6 +45,7 @@ from fl_sim.contract.defenses import DefenseSpec
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.partition import client_shards, training_examples
+from fl_sim.results.outputs import read_jsonl
 
 
 class TreeMemory:
@@ -140,7 +141,7 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
     reply = guard.model_bytes(args.model, shape, classes, built)
     if DefenseSpec.parse(args.defense).protocol:  # SecAgg+ sends each parameter as a masked int64: twice float32's
         reply *= 2
-    rows_read = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows_read = read_jsonl(out / "metrics.jsonl")
     # each row's per-image PSNRs (a row without them, e.g. a failed read: every image unrecovered)
     row_psnr = [np.asarray(row.get("psnr_images") or [0.0] * len(row.get("true_labels", []))) for row in rows_read]
     psnr = np.concatenate(row_psnr) if row_psnr else np.zeros(0)
