@@ -26,7 +26,7 @@ from fl_sim.learning.transport import pack_rows
 from fl_sim.results.outputs import read_jsonl
 from fl_sim.server.flower_private import SECAGG_CONFIGS, SecAggKey
 from fl_sim.server.resume import load_checkpoint
-from fl_sim.server.secagg import SecAggParameters, SummingGrid, fold, protocol_aggregate, revealed_update
+from fl_sim.server.secagg import SecAggParameters, SummingGrid, fold, protocol_aggregate, protocol_mean, revealed_update
 
 # The malicious server's choice of SecAgg+ settings for 4 clients of 8 images: every weight 1 (max weight = the
 # round's count), the most levels 4 clients allow (4 x levels < 2^32) over +-1. Under Flower's defaults (+-8, 2^22
@@ -75,6 +75,22 @@ def test_the_revealed_update_is_the_aggregate_against_the_same_weighted_mean_of_
                           atol=protocol.resolution(counts))
     assert update["w"].dtype == torch.float32
     assert torch.allclose(mean_sent["b"], (16 * sent[0]["b"] + 16 * sent[1]["b"] + 8 * sent[2]["b"]) / 40)
+
+
+def test_the_weighted_mean_of_what_was_sent_counts_a_tensor_shared_by_several_clients_once_per_client():
+    # an attack sends every client the same block object and its own bias; the mean must weigh the shared block by
+    # all of its clients' factors, as it weighs separate copies of it
+    block = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    biases = [torch.full((6,), float(index)) for index in range(4)]
+    factors = [1.0, 2.0, 0.5, 4.0]
+    shared = [{"w": block, "b": bias} for bias in biases]
+    copies = [{"w": block.clone(), "b": bias} for bias in biases]
+    together, apart = protocol_mean(shared, factors), protocol_mean(copies, factors)
+    assert torch.allclose(together["w"], block.double(), atol=1e-12)  # one tensor, whatever its weights
+    assert torch.allclose(together["w"], apart["w"], atol=1e-12)
+    assert torch.allclose(together["b"], torch.full((6,), (0 * 1 + 1 * 2 + 2 * 0.5 + 3 * 4) / 7.5, dtype=torch.float64))
+    half = protocol_mean([{"w": block}, {"w": torch.zeros(6, 5)}, {"w": block}], [1.0, 2.0, 1.0])
+    assert torch.allclose(half["w"], block.double() / 2)  # the shared block's two factors, against the zeros' 2
 
 
 def test_secagg_and_its_emulation_are_named_apart_and_the_protocols_settings_are_checked():

@@ -148,11 +148,18 @@ class SecAggParameters:
 
 
 def protocol_mean(weights: Sequence[Weights], factors: Sequence[float]) -> Weights:
-    """sum_i factors_i weights_i / sum_i factors_i, in float64 (one pass, no stack of copies)."""
+    """sum_i factors_i weights_i / sum_i factors_i, in float64 (one pass, no stack of copies). A tensor that several
+    entries share (the same object: an attack's base model, sent to every client) is scaled and added once, with
+    its entries' factors summed: at 1000 clients sharing a 25-million-entry block that is one pass, not 1000."""
     total = sum(factors)
-    mean: Weights = {}
+    shared: dict[str, dict[int, tuple[torch.Tensor, float]]] = {}  # by name, by tensor: (tensor, its factors)
     for entry, factor in zip(weights, factors, strict=True):
         for name, tensor in entry.items():
+            held = shared.setdefault(name, {}).get(id(tensor))
+            shared[name][id(tensor)] = (tensor, factor + (held[1] if held is not None else 0.0))
+    mean: Weights = {}
+    for name, tensors in shared.items():
+        for tensor, factor in tensors.values():
             term = tensor.double() * (factor / total)
             mean[name] = term if name not in mean else mean[name].add_(term)
     return mean
