@@ -5,7 +5,8 @@ For each count N it runs `fl-sim run` (a fresh process, under /usr/bin/time -v) 
 asked, the attack asked (mosaic: `--imprint-bins` = rows-per-image x N x images a client when `--rows-per-image`
 is given; without it the run sizes the block itself, 4 rows an image with one step and 6 with several) and, by default,
 `--defense secagg-emulated` (the server averages the replies; `--defense secagg` runs Flower's SecAgg+).
-Each run's log (the server's, with the time each SecAgg+ stage began) is kept as OUT/run.log. It prints one line
+Each run's log (the server's, with the time each SecAgg+ stage began) is written to OUT.log as the run goes (`tail
+-f` it to follow a long run) and kept as OUT/run.log. It prints one line
 per run: clients, images a round, the share of them recovered at
 >= 30 and >= 40 dB, the run's seconds, its peak resident memory (the "Maximum resident set size" of
 /usr/bin/time: the largest single process, the server's), the peak memory of all the processes the run starts
@@ -121,18 +122,22 @@ def run_one(args: argparse.Namespace, clients: int, out: Path,
                "--out", str(out),
                "--max-attack-images", str(images if args.attack == "mosaic" else clients * images), *extra]
     started = time.perf_counter()
-    process = subprocess.Popen(["/usr/bin/time", "-v", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    memory = TreeMemory(process.pid)
-    stdout, stderr = process.communicate()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the server's log as it runs (when each SecAgg+ stage began), then /usr/bin/time's figures; beside OUT while
+    # the run goes (fl-sim run writes only into a new folder), moved into it after
+    log = out.with_name(out.name + ".log")
+    with log.open("w") as sink:
+        process = subprocess.Popen(["/usr/bin/time", "-v", *command], stdout=sink, stderr=subprocess.STDOUT)
+        memory = TreeMemory(process.pid)
+        returncode = process.wait()
     seconds = time.perf_counter() - started
     total = memory.stop()
-    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.log").write_text(stdout + stderr)  # the server's log: when each SecAgg+ stage began
-    if done.returncode:
-        raise SystemExit(f"fl-sim run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    text = log.read_text(errors="replace")
+    if out.is_dir():
+        log = log.rename(out / "run.log")
+    if returncode:
+        raise SystemExit(f"fl-sim run failed ({returncode}); the end of {log}:\n{text[-3000:]}")
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     if found is None:
         raise SystemExit("/usr/bin/time -v printed no peak memory (is GNU time installed?)")
     peak = int(found.group(1)) * 1024
