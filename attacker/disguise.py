@@ -21,11 +21,15 @@ How the parts fit (fl-sim's own design of the method, not SEER's code):
   itself: the decoder applied to what `disaggregate` reads off the round's mean gradient (computed with
   create_graph, so its loss is backpropagated through the gradient into the model: double backprop), against
   the round's chosen image. Secure aggregation's rounding may be
-  simulated as Gaussian noise on the mean gradient (`noise`).
+  simulated as Gaussian noise on the mean gradient (`noise`). A stability term keeps the model trainable by the
+  federation: the classification loss of the model after the round's own FedSGD step (-lr x its mean gradient,
+  again with create_graph), so that the clients' own step at their learning rate does not break the model it
+  is sent (trained without it, the model lost its accuracy in one FedSGD round at lr 0.05: docs/findings.md).
 
 The decoder reads only the K rows and biases of one layer of the aggregate update: the gradient of a few
 thousand parameters, never the rest of the model.
 """
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import cast
@@ -239,11 +243,13 @@ class StepLosses:
     autoencode: float
     attack: float  # NaN when no unit fired
     fired_one: float  # 1 when the unit read was fired by the chosen image alone, else 0
+    stable: float = float("nan")  # the classification loss after the round's FedSGD step (NaN: not computed)
 
 
 def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, images: torch.Tensor,
                labels: torch.Tensor, weights: tuple[float, float, float, float] = (1.0, 10.0, 1.0, 1.0),
-               generator: torch.Generator | None = None, autoencoded: int = 32) -> tuple[torch.Tensor, StepLosses]:
+               generator: torch.Generator | None = None, autoencoded: int = 32,
+               stable: float = 0.0) -> tuple[torch.Tensor, StepLosses]:
     """The joint loss of one simulated round (module docstring); the caller steps the optimiser.
 
     Parameters
@@ -260,6 +266,9 @@ def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, image
         Draws the aggregation noise.
     autoencoded : int
         The first this many images train the decoder on their own h.
+    stable : float
+        Weight of the stability term: the classification loss, on the same images, of the model after the round's
+        FedSGD step at `config.lr` (0: not computed; it costs about one more double backprop).
 
     Returns
     -------
@@ -294,7 +303,63 @@ def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, image
     else:
         attack = torch.zeros(())
     loss = classify_w * classify + calibrate_w * calibrate + autoencode_w * autoencode + attack_w * attack
-    return loss, StepLosses(classify.item(), calibrate.item(), autoencode.item(), attack_value, fired_one)
+    stable_value = float("nan")
+    if stable > 0:
+        after = stepped_loss(model, config, images, labels)
+        loss = loss + stable * after
+        stable_value = after.item()
+    return loss, StepLosses(classify.item(), calibrate.item(), autoencode.item(), attack_value, fired_one,
+                            stable_value)
+
+
+def stepped_loss(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The classification loss on `images` of the model after the round's FedSGD step: each of `config.clients`
+    clients' gradient on its share, their mean times `config.lr` subtracted from every parameter; differentiable
+    in the model's parameters (the gradient is taken with create_graph)."""
+    named = dict(model.named_parameters())
+    grads = [torch.zeros_like(p) for p in named.values()]
+    for chunk, chunk_labels in zip(images.chunk(config.clients), labels.chunk(config.clients), strict=True):
+        each = torch.autograd.grad(F.cross_entropy(model(chunk), chunk_labels), list(named.values()),
+                                   create_graph=True)
+        grads = [total + g / config.clients for total, g in zip(grads, each, strict=True)]
+    stepped = {name: p - config.lr * g for (name, p), g in zip(named.items(), grads, strict=True)}
+    return F.cross_entropy(torch.func.functional_call(model, stepped, (images,)), labels)
+
+
+def refit_decoder(decoder: Decoder, model: nn.Module, layer: str, public: torch.Tensor, steps: int,
+                  batch: int = 64, lr: float = 1e-3, seed: int = 0) -> Decoder:
+    """A copy of the decoder fitted again to the layer inputs of the model as it is now (the federation trains the
+    convolutions, and the decoder was trained for the features of the model first sent), on the server's own
+    public images: `steps` Adam steps of `batch` images, the mean squared error of the decoder on their h.
+
+    Parameters
+    ----------
+    decoder : Decoder
+        The decoder as it is (left unchanged).
+    model : nn.Module
+        The model whose layer input the decoder will read (the one the round's update was taken against).
+    layer : str
+        The disaggregating layer.
+    public, steps, batch, lr, seed
+        The server's images (N, C, H, W) in [0, 1] and the fit's length, batch, Adam's rate and its draws.
+
+    Returns
+    -------
+    Decoder
+        The refitted copy, in evaluation mode.
+    """
+    fitted = copy.deepcopy(decoder).train()
+    with torch.no_grad():
+        _, features = layer_inputs_of(model, layer, public)
+    optimizer = torch.optim.Adam(fitted.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        pick = torch.randint(len(public), (min(batch, len(public)),), generator=generator)
+        loss = F.mse_loss(fitted(features[pick]), public[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return fitted.eval()
 
 
 def decode_round(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor, bias: torch.Tensor,

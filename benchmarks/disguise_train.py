@@ -4,10 +4,11 @@
 Each step simulates one FedSGD round of --clients clients x --batch-size images drawn from the training split
 (horizontal flips at random), minus the shards of the --holdout-clients clients of an fl-sim run with the seeds of
 --holdout-seeds (so those clients' images are never trained on), and takes one Adam step on the joint loss: the
-model's classification, the property units' calibration, the decoder on every image, and the decoder on what the
-units' mean gradient gives (backpropagated through the gradient into the model). Secure aggregation's rounding
-is simulated as Gaussian noise on the mean gradient (--noise; by default that of Flower's SecAgg+ at its
-clipping range 8 and 2^22 levels, over --clients clients, at the clients' --lr).
+model's classification, the property units' calibration, the decoder on every image, the decoder on what the
+units' mean gradient gives (backpropagated through the gradient into the model), and the classification after the
+round's own FedSGD step at --lr (--stable: so the federation can go on training the model it is sent). Secure
+aggregation's rounding is simulated as Gaussian noise on the mean gradient (--noise; by default that of Flower's
+SecAgg+ at its clipping range 8 and 2^22 levels, over --clients clients, at the clients' --lr).
 
 It stops after --minutes of wall time or --steps steps, whichever comes first, and writes a snapshot at each of
 --snapshots minutes (OUT with the minutes in its name) for the curve of PSNR against training time.
@@ -31,7 +32,7 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
 from fl_sim.learning.partition import client_shards
-from fl_sim.server.disguise import LAYERS, feature_shape, save_checkpoint
+from fl_sim.server.disguise import LAYERS, feature_shape, load_checkpoint, save_checkpoint
 
 SECAGG_CLIPPING, SECAGG_LEVELS = 8.0, 2 ** 22  # Flower's SecAgg+ defaults as fl-sim runs them
 
@@ -67,6 +68,11 @@ def main() -> None:
     parser.add_argument("--noise", type=float, help="aggregation noise in gradient units (default: SecAgg+'s)")
     parser.add_argument("--train-lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--width", type=int, default=64, help="the decoder's width")
+    parser.add_argument("--weights", default="1,10,1,1",
+                        help="weights of the classification, calibration, auto-encoding and attack losses")
+    parser.add_argument("--init", help="start from this checkpoint's model and decoder (trained for the same units)")
+    parser.add_argument("--stable", type=float, default=1.0,
+                        help="weight of the loss after the round's own FedSGD step at --lr (0: off)")
     parser.add_argument("--minutes", type=float, default=50.0)
     parser.add_argument("--steps", type=int, default=10 ** 9)
     parser.add_argument("--snapshots", default="", help="minutes at which to write a snapshot, e.g. 10,20,40")
@@ -104,6 +110,15 @@ def main() -> None:
                             round_images, args.clients if has_bn else 1, args.batch_size, args.lr, noise, 0,
                             args.seed, args.width)
     decoder = Decoder(config.feature_shape, config.image_shape, args.width)
+    if args.init:  # the model, decoder and units of an earlier checkpoint; its thresholds are this run's too
+        state, decoder, earlier = load_checkpoint(args.init, args.model, config.image_shape)
+        model.load_state_dict(state)
+        config = replace(config, units=earlier.units, expected=earlier.expected, thresholds=earlier.thresholds,
+                         width=earlier.width)
+    given = [float(w) for w in args.weights.split(",")]
+    if len(given) != 4:
+        parser.error(f"--weights takes 4 numbers, not {args.weights!r}")
+    weights = (given[0], given[1], given[2], given[3])
     model.to(device).train()
     decoder.to(device).train()
     optimizer = torch.optim.Adam([*model.parameters(), *decoder.parameters()], lr=args.train_lr)
@@ -119,7 +134,8 @@ def main() -> None:
         images, labels = images_all[pick], labels_all[pick]
         flip = torch.rand(len(images), generator=generator).to(device) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        loss, parts = train_step(model, decoder, config, images, labels, generator=generator)
+        loss, parts = train_step(model, decoder, config, images, labels, weights, generator=generator,
+                                 stable=args.stable)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

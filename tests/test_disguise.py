@@ -13,6 +13,8 @@ from attacker.disguise import (
     disaggregate,
     layer_inputs_of,
     property_scores,
+    refit_decoder,
+    stepped_loss,
     train_step,
     unit_gradients,
 )
@@ -39,7 +41,7 @@ def config_for(model, images: torch.Tensor, units=(0, 1, 2, 3), expected=(8.0, 4
     thresholds = [float(torch.quantile(scores, 1 - m / len(images))) for m in expected]
     return DisguiseConfig("cnn", "bright", "classifier.0", list(units), list(expected), thresholds,
                           list(feature_shape(model, "cnn", (3, 32, 32))), [3, 32, 32], round_images=len(images),
-                          clients=1, width=8, **changes)
+                          **{"clients": 1, "width": 8, **changes})
 
 
 def test_property_scores_rank_the_brightest_and_the_reddest():
@@ -62,6 +64,30 @@ def test_disaggregate_reads_the_one_image_the_highest_unit_fired_for():
     assert unit == 2
     torch.testing.assert_close(features, h[1])
     assert disaggregate(rows * 0, bias * 0, 1e-12)[1] == -1
+
+
+def test_the_stability_term_is_the_loss_after_the_clients_own_fedsgd_step_and_trains_the_model(cifar):
+    images, labels = cifar
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, 32, 10)
+    config = config_for(model, images, clients=2, lr=0.05)
+    after = stepped_loss(model, config, images, labels)
+    stepped = copy.deepcopy(model)  # the FedSGD round by hand: two clients' gradients averaged, one step at lr
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(stepped(x), y), list(stepped.parameters()))
+             for x, y in zip(images.chunk(2), labels.chunk(2), strict=True)]
+    with torch.no_grad():
+        for index, parameter in enumerate(stepped.parameters()):
+            parameter -= 0.05 * (grads[0][index] + grads[1][index]) / 2
+        expected = torch.nn.functional.cross_entropy(stepped(images), labels)
+    torch.testing.assert_close(after.detach(), expected, rtol=1e-5, atol=1e-6)
+    first_conv = next(model.parameters())
+    (gradient,) = torch.autograd.grad(after, first_conv)  # differentiable in the model sent (through the step)
+    assert gradient.abs().sum() > 0
+    decoder = Decoder(config.feature_shape, config.image_shape, config.width)
+    _, parts = train_step(model, decoder, config, images, labels, stable=1.0)
+    assert parts.stable == pytest.approx(float(expected), rel=1e-4)
+    _, off = train_step(model, decoder, config, images, labels)
+    assert np.isnan(off.stable)
 
 
 def test_a_few_training_steps_lower_the_decoders_loss(cifar):
@@ -126,6 +152,34 @@ def test_the_attack_sends_the_agreed_architecture_and_reads_an_aggregate(tmp_pat
         with torch.no_grad():
             expected = decoder(layer_inputs_of(model, "classifier.0", images[fired])[1])[0]
         torch.testing.assert_close(found[0].images[0], expected, atol=1e-4, rtol=1e-3)
+
+
+def test_the_decoder_is_refit_to_a_model_the_federation_trained_and_kept_for_the_checkpoints_own(cifar):
+    images, _ = cifar
+    model = build_model("cnn", 3, 32, 10, seed=1)
+    config = config_for(model, images)
+    torch.manual_seed(0)
+    decoder = Decoder(config.feature_shape, config.image_shape, config.width).eval()
+    kept = {name: tensor.clone() for name, tensor in decoder.state_dict().items()}
+    features = layer_inputs_of(model, config.layer, images)[1].detach()
+
+    def error(reader):
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(reader(features), images))
+
+    fitted = refit_decoder(decoder, model, config.layer, images, steps=40, batch=32, lr=3e-3)
+    assert error(fitted) < 0.7 * error(decoder)
+    assert all(torch.equal(kept[name], tensor) for name, tensor in decoder.state_dict().items())  # a copy was fit
+
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attack = DisguiseAttack(build_model("cnn", 3, 32, 10), state, decoder, config, lambda: images)
+    attack.model.load_state_dict(state)
+    assert attack.reader(state) is decoder  # the checkpoint's model: its own decoder
+    trained = {name: tensor + 0.01 for name, tensor in state.items()}
+    attack.model.load_state_dict(trained)
+    refit = attack.reader(trained)
+    assert refit is not decoder and attack.reader(trained) is refit  # one fit per model sent
+    assert DisguiseAttack(build_model("cnn", 3, 32, 10), state, decoder, config).reader(trained) is decoder
 
 
 def test_a_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path, cifar):
