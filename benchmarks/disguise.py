@@ -15,7 +15,7 @@ docs/attacks.md):
   own initialisation. Every client-round of the disguised federation runs every registered detector
   (clients/detectors/; their honest rates: benchmarks/detectors.py) on the model it is sent and its own batch,
   against the registered thresholds (the inspection against the last model that client passed); every round's
-  aggregate is read as above; the test accuracy of both federations' last models.
+  aggregate is read as above; the test accuracy of the checkpoint as sent and of both federations' last models.
 
     OMP_NUM_THREADS=1 python benchmarks/disguise.py --checkpoint out/disguise/cnn.pt --json docs/data/disguise.json
     # or one process a seed, then: python benchmarks/disguise.py --merge S0.json S1.json S2.json --json OUT.json
@@ -31,7 +31,15 @@ import common
 import numpy as np
 import torch
 
-from attacker.disguise import Decoder, DisguiseConfig, decode_round, layer_inputs_of, property_scores, unit_gradients
+from attacker.disguise import (
+    Decoder,
+    DisguiseConfig,
+    decode_round,
+    layer_inputs_of,
+    property_scores,
+    refit_decoder,
+    unit_gradients,
+)
 from clients.detectors import Sent, run_detector
 from clients.training import local_train
 from fl_sim.contract.detectors import INSPECT, detector_specs
@@ -58,6 +66,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05, help="the federation's client learning rate (fl-sim run's)")
+    parser.add_argument("--refit", type=int, default=0,
+                        help="each round after the first, refit the decoder to the global model's features on the "
+                             "test split's images (the server's public images) for this many steps (0: off)")
     parser.add_argument("--json", help="write the figures here")
     common.add_data_root(parser)
     args = parser.parse_args()
@@ -75,6 +86,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     model = build_model(config.model, channels, size, classes)
     model.load_state_dict(state)
+    sent_accuracy = test_accuracy(model, test)  # the checkpoint as it is sent, before any client trains it
     sim = aggregate_rounds(model, decoder, config, test, seeds, args)
     print(f"aggregate simulation ({len(sim['psnr'])} rounds): " + figures(sim), flush=True)
     result: dict = {"attack": "disguise", "model": config.model, "property": config.property,
@@ -99,14 +111,16 @@ def main() -> None:
     result["federation"] = summary(federation)
     result["detectors"] = {name: detector_figures(attack_scores[name], name) for name in attack_scores}
     result["accuracy"] = {"rounds": args.rounds, "lr": args.lr, "seeds": seeds, **{k: [round(v, 4) for v in vs]
-                                                                     for k, vs in accuracy.items()}}
+                                                                     for k, vs in accuracy.items()},
+                          "disguise_sent": round(sent_accuracy, 4)}
     result["values"] = {"simulation": dict(sim), "federation": dict(federation), "detectors": dict(attack_scores)}
     result["command"] = ("OMP_NUM_THREADS=1 python benchmarks/disguise.py --checkpoint CHECKPOINT "
                          f"--seeds {args.seeds} --sim-rounds {args.sim_rounds} --rounds {args.rounds} --lr {args.lr}")
     for name, fig in result["detectors"].items():
         print(f"{name}: flagged {fig['flagged']}/{fig['client_rounds']} ({fig['flagged_share']:.1%}), median "
               f"{fig['median']:.4g}, max {fig['max']:.4g}, threshold {fig['threshold']:g}")
-    print(f"accuracy after {args.rounds} rounds: disguise {accuracy['disguise']}, honest {accuracy['honest']}")
+    print(f"accuracy after {args.rounds} rounds: disguise {accuracy['disguise']} (as sent: {sent_accuracy:.1%}), "
+          f"honest {accuracy['honest']}")
     print(f"{time.perf_counter() - started:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +192,8 @@ def merge(paths: list[str], out: str | None, flower: list[str]) -> None:
         "detectors": {name: detector_figures(scores, name) for name, scores in first_round["detectors"].items()}}
     result["accuracy"] = {"rounds": first["accuracy"]["rounds"], "lr": first["accuracy"]["lr"], "seeds": seeds,
                           **{label: [v for run in runs for v in run["accuracy"][label]]
-                             for label in ("disguise", "honest")}}
+                             for label in ("disguise", "honest")},
+                          "disguise_sent": first["accuracy"].get("disguise_sent")}
     result["command"] = first["command"].replace(f"--seeds {first['accuracy']['seeds'][0]}",
                                                  f"--seeds {','.join(map(str, seeds))}")
     if flower:
@@ -278,14 +293,22 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
             rows = -update[f"{config.layer}.weight"][index] / settings.lr
             bias = -update[f"{config.layer}.bias"][index] / settings.lr
             model.load_state_dict(global_weights)
-            read(decoder, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads, settings.lr)
+            reader = decoder
+            if args.refit and server_round > 1:
+                public, _ = test.tensors(np.arange(len(test)))
+                reader = refit_decoder(decoder, model, config.layer, public, args.refit, seed=server_round)
+            read(reader, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads, settings.lr)
         global_weights = {k: mean[k].to(v.dtype) for k, v in global_weights.items()}
     model.load_state_dict(global_weights)
+    return scores, reads, test_accuracy(model, test)
+
+
+def test_accuracy(model: torch.nn.Module, test) -> float:
+    """The model's accuracy on the whole test split (evaluation mode)."""
     model.eval()
     with torch.no_grad():
         images, labels = test.tensors(np.arange(len(test)))
-        accuracy = float((model(images).argmax(1) == labels).double().mean())
-    return scores, reads, accuracy
+        return float((model(images).argmax(1) == labels).double().mean())
 
 
 def summary(values: dict[str, list[float]]) -> dict:
