@@ -174,11 +174,16 @@ def merge(paths: list[str], out: str | None, flower: list[str]) -> None:
                                                  ("simulation", "federation", "detectors")}
     first_round: dict[str, dict[str, list[float]]] = {part: defaultdict(list) for part in ("federation", "detectors")}
     for run in runs:
+        seeds, rounds = len(run["accuracy"]["seeds"]), run["accuracy"]["rounds"]
         for part, found in run["values"].items():
             for key, listed in found.items():
                 values[part][key].extend(listed)
-                if part in first_round:  # round 1: the checkpoint as sent (values are round after round)
-                    first_round[part][key].extend(listed[:1] if part == "federation" else listed[:run["clients"]])
+                if part in first_round:  # round 1 of each seed: the checkpoint as sent (seed after seed, round
+                    # after round, client after client)
+                    each = len(listed) // seeds  # one seed's values: its rounds (x clients for the detectors)
+                    step = 1 if part == "federation" else each // rounds
+                    for seed in range(seeds):
+                        first_round[part][key].extend(listed[seed * each:seed * each + step])
         THRESHOLDS.update({name: figures["threshold"] for name, figures in run["detectors"].items()})
     first = runs[0]
     seeds = [seed for run in runs for seed in run["accuracy"]["seeds"]]
@@ -196,6 +201,10 @@ def merge(paths: list[str], out: str | None, flower: list[str]) -> None:
                           "disguise_sent": first["accuracy"].get("disguise_sent")}
     result["command"] = first["command"].replace(f"--seeds {first['accuracy']['seeds'][0]}",
                                                  f"--seeds {','.join(map(str, seeds))}")
+    # the frontier's figures (benchmarks/frontier.py `add_disguise`): the simulation's reads of the checkpoint as sent
+    # and each detector's share of the round it is sent in
+    result.update({key: result["simulation"][key] for key in ("psnr_median", "psnr_worst", "share_20db", "share_30db")})
+    result["detectors_first_round"] = result["first_round"]["detectors"]
     if flower:
         result["flower_secagg"] = flower_runs(flower, first["property"])
     print(json.dumps(result, indent=1))
