@@ -174,15 +174,15 @@ def merge(paths: list[str], out: str | None, flower: list[str]) -> None:
                                                  ("simulation", "federation", "detectors")}
     first_round: dict[str, dict[str, list[float]]] = {part: defaultdict(list) for part in ("federation", "detectors")}
     for run in runs:
-        seeds, rounds = len(run["accuracy"]["seeds"]), run["accuracy"]["rounds"]
+        run_seeds, rounds = len(run["accuracy"]["seeds"]), run["accuracy"]["rounds"]
         for part, found in run["values"].items():
             for key, listed in found.items():
                 values[part][key].extend(listed)
                 if part in first_round:  # round 1 of each seed: the checkpoint as sent (seed after seed, round
                     # after round, client after client)
-                    each = len(listed) // seeds  # one seed's values: its rounds (x clients for the detectors)
+                    each = len(listed) // run_seeds  # one seed's values: its rounds (x clients for the detectors)
                     step = 1 if part == "federation" else each // rounds
-                    for seed in range(seeds):
+                    for seed in range(run_seeds):
                         first_round[part][key].extend(listed[seed * each:seed * each + step])
         THRESHOLDS.update({name: figures["threshold"] for name, figures in run["detectors"].items()})
     first = runs[0]
