@@ -289,7 +289,13 @@ def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, image
     near = target > -1
     calibrate = torch.where(near, (pre - target) ** 2, F.relu(pre + 1) ** 2).mean()
     autoencode = F.mse_loss(decoder(h[:autoencoded]), images[:autoencoded])
-    rows, bias = unit_gradients(model, config.layer, config.units, images, labels, config.clients, create_graph=True)
+    grads = None
+    if stable > 0:  # the whole round's gradient, taken once: the units' rows read off it, and the step taken with it
+        grads = round_gradients(model, images, labels, config.clients, create_graph=True)
+        rows, bias = grads[f"{config.layer}.weight"][index], grads[f"{config.layer}.bias"][index]
+    else:
+        rows, bias = unit_gradients(model, config.layer, config.units, images, labels, config.clients,
+                                    create_graph=True)
     if config.noise > 0:
         rows = rows + config.noise * torch.randn(rows.shape, generator=generator)
         bias = bias + config.noise * torch.randn(bias.shape, generator=generator)
@@ -304,25 +310,35 @@ def train_step(model: nn.Module, decoder: Decoder, config: DisguiseConfig, image
         attack = torch.zeros(())
     loss = classify_w * classify + calibrate_w * calibrate + autoencode_w * autoencode + attack_w * attack
     stable_value = float("nan")
-    if stable > 0:
-        after = stepped_loss(model, config, images, labels)
+    if grads is not None:
+        after = stepped_loss(model, config, images, labels, grads)
         loss = loss + stable * after
         stable_value = after.item()
     return loss, StepLosses(classify.item(), calibrate.item(), autoencode.item(), attack_value, fired_one,
                             stable_value)
 
 
-def stepped_loss(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The classification loss on `images` of the model after the round's FedSGD step: each of `config.clients`
-    clients' gradient on its share, their mean times `config.lr` subtracted from every parameter; differentiable
-    in the model's parameters (the gradient is taken with create_graph)."""
+def round_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clients: int,
+                    create_graph: bool = False) -> dict[str, torch.Tensor]:
+    """The round's mean gradient of every parameter: each of `clients` clients' gradient on its equal share of
+    `images` (client after client), averaged; with `create_graph`, differentiable in the parameters."""
     named = dict(model.named_parameters())
     grads = [torch.zeros_like(p) for p in named.values()]
-    for chunk, chunk_labels in zip(images.chunk(config.clients), labels.chunk(config.clients), strict=True):
+    for chunk, chunk_labels in zip(images.chunk(clients), labels.chunk(clients), strict=True):
         each = torch.autograd.grad(F.cross_entropy(model(chunk), chunk_labels), list(named.values()),
-                                   create_graph=True)
-        grads = [total + g / config.clients for total, g in zip(grads, each, strict=True)]
-    stepped = {name: p - config.lr * g for (name, p), g in zip(named.items(), grads, strict=True)}
+                                   create_graph=create_graph)
+        grads = [total + g / clients for total, g in zip(grads, each, strict=True)]
+    return dict(zip(named, grads, strict=True))
+
+
+def stepped_loss(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, labels: torch.Tensor,
+                 grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The classification loss on `images` of the model after the round's FedSGD step: the round's mean gradient
+    (`grads`, else `round_gradients` with create_graph) times `config.lr` subtracted from every parameter;
+    differentiable in the model's parameters."""
+    if grads is None:
+        grads = round_gradients(model, images, labels, config.clients, create_graph=True)
+    stepped = {name: p - config.lr * grads[name] for name, p in model.named_parameters()}
     return F.cross_entropy(torch.func.functional_call(model, stepped, (images,)), labels)
 
 
