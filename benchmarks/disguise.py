@@ -277,6 +277,7 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
     reads: dict[str, list[float]] = defaultdict(list)
     names = [spec.name for spec in detector_specs()]
     generator = torch.Generator().manual_seed(seed)
+    public = test.tensors(np.arange(len(test)))[0] if args.refit else None  # the server's images for the refit
     for server_round in range(1, args.rounds + 1):
         news, batches = [], []
         for client in range(args.clients):
@@ -303,8 +304,7 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
             bias = -update[f"{config.layer}.bias"][index] / settings.lr
             model.load_state_dict(global_weights)
             reader = decoder
-            if args.refit and server_round > 1:
-                public, _ = test.tensors(np.arange(len(test)))
+            if public is not None and server_round > 1:
                 reader = refit_decoder(decoder, model, config.layer, public, args.refit, seed=server_round)
             read(reader, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads, settings.lr)
         global_weights = {k: mean[k].to(v.dtype) for k, v in global_weights.items()}
