@@ -7,8 +7,9 @@ docs/attacks.md):
 - The aggregate alone: --sim-rounds rounds a seed, each of --clients x --batch-size images drawn from the test
   split (never trained on by the server), the checkpoint's model, the units' mean gradient over the clients
   (each client one step on its own batch) with SecAgg+'s rounding as Gaussian noise (its training's level),
-  read by the decoder and scored against the round's image with the property (PSNR, SSIM). `oracle` is the
-  decoder on that image's own features: the reconstructor's ceiling.
+  read by the decoder (--match: then matched to the features read, as the attack does) and scored against the
+  round's image with the property (PSNR, SSIM). `oracle` is the decoder on that image's own features: the
+  reconstructor's ceiling.
 - A FedSGD federation (fl-sim run's clients: 10 clients holding the shards fl-sim run deals with each seed, never
   trained on by the server; one step of B = 16 a round, lr and momentum as fl-sim run) for --rounds rounds a seed,
   started from the checkpoint (the attack's first round) and, beside it, an honest one started from the model's
@@ -16,6 +17,8 @@ docs/attacks.md):
   (clients/detectors/; their honest rates: benchmarks/detectors.py) on the model it is sent and its own batch,
   against the registered thresholds (the inspection against the last model that client passed); every round's
   aggregate is read as above; the test accuracy of the checkpoint as sent and of both federations' last models.
+  What the attack does in fl-sim run between rounds is asked for: --fit-units (the units' rows fitted again on
+  the test split's images before a later round is sent) and --refit (the decoder refit to the sent model).
 
     OMP_NUM_THREADS=1 python benchmarks/disguise.py --checkpoint out/disguise/cnn.pt --json docs/data/disguise.json
     # or one process a seed, then: python benchmarks/disguise.py --merge S0.json S1.json S2.json --json OUT.json
@@ -35,6 +38,7 @@ from attacker.disguise import (
     Decoder,
     DisguiseConfig,
     decode_round,
+    fit_units,
     layer_inputs_of,
     property_scores,
     refit_decoder,
@@ -51,7 +55,7 @@ from fl_sim.learning.partition import client_shards, training_examples
 from fl_sim.results.gallery import client_folder
 from fl_sim.results.metrics import psnr, ssim
 from fl_sim.results.outputs import read_jsonl
-from fl_sim.server.disguise import load_checkpoint
+from fl_sim.server.disguise import PEAK, load_checkpoint
 
 
 def main() -> None:
@@ -62,13 +66,18 @@ def main() -> None:
                         help="with --merge: fl-sim run output folders of the attack (--defense secagg) and honest runs")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sim-rounds", type=int, default=100, help="aggregate-only rounds a seed")
-    parser.add_argument("--rounds", type=int, default=10, help="federation rounds a seed")
+    parser.add_argument("--rounds", type=int, default=10, help="federation rounds a seed (0: the simulation alone)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05, help="the federation's client learning rate (fl-sim run's)")
     parser.add_argument("--refit", type=int, default=0,
                         help="each round after the first, refit the decoder to the global model's features on the "
                              "test split's images (the server's public images) for this many steps (0: off)")
+    parser.add_argument("--fit-units", action="store_true",
+                        help="each round after the first, fit the units' rows again to their thresholds on the test "
+                             "split's images (attacker/disguise.py `fit_units`) before the model is sent")
+    parser.add_argument("--match", type=int, default=0,
+                        help="refine each read by this many steps matching its layer input (`match_features`; 0: off)")
     parser.add_argument("--json", help="write the figures here")
     common.add_data_root(parser)
     args = parser.parse_args()
@@ -93,6 +102,9 @@ def main() -> None:
                     "clients": args.clients, "batch_size": args.batch_size, "training_steps": config.steps,
                     "training_minutes": config.history[-1]["minutes"] if config.history else None,
                     "simulation": summary(sim)}
+    if args.rounds == 0:  # the aggregate simulation alone
+        print(f"test accuracy as sent {sent_accuracy:.1%}; {time.perf_counter() - started:.0f} s")
+        return
     attack_scores: dict[str, list[float]] = defaultdict(list)
     federation: dict[str, list[float]] = defaultdict(list)
     accuracy: dict[str, list[float]] = defaultdict(list)
@@ -115,7 +127,9 @@ def main() -> None:
                           "disguise_sent": round(sent_accuracy, 4)}
     result["values"] = {"simulation": dict(sim), "federation": dict(federation), "detectors": dict(attack_scores)}
     result["command"] = ("OMP_NUM_THREADS=1 python benchmarks/disguise.py --checkpoint CHECKPOINT "
-                         f"--seeds {args.seeds} --sim-rounds {args.sim_rounds} --rounds {args.rounds} --lr {args.lr}")
+                         f"--seeds {args.seeds} --sim-rounds {args.sim_rounds} --rounds {args.rounds} --lr {args.lr}"
+                         + (f" --refit {args.refit}" if args.refit else "") + (" --fit-units" if args.fit_units else "")
+                         + (f" --match {args.match}" if args.match else ""))
     for name, fig in result["detectors"].items():
         print(f"{name}: flagged {fig['flagged']}/{fig['client_rounds']} ({fig['flagged_share']:.1%}), median "
               f"{fig['median']:.4g}, max {fig['max']:.4g}, threshold {fig['threshold']:g}")
@@ -226,13 +240,14 @@ def detector_figures(scores: list[float], name: str) -> dict:
 
 def read(decoder: Decoder, config: DisguiseConfig, rows: torch.Tensor, bias: torch.Tensor, images: torch.Tensor,
          model: torch.nn.Module, generator: torch.Generator, out: dict[str, list[float]],
-         lr: float | None = None) -> None:
-    """Reads one round's units' mean gradient (SecAgg+'s rounding at the clients' `lr` added, None: the training's)
-    and scores it against the chosen image."""
+         lr: float | None = None, match: int = 0) -> None:
+    """Reads one round's units' mean gradient (SecAgg+'s rounding at the clients' `lr` added, None: the training's;
+    `match` steps of `match_features`) and scores it against the chosen image."""
     noise = config.noise * (config.lr / lr if lr else 1.0)
     rows = rows + noise * torch.randn(rows.shape, generator=generator, dtype=rows.dtype)
     bias = bias + noise * torch.randn(bias.shape, generator=generator, dtype=bias.dtype)
-    image, unit = decode_round(decoder, config, rows, bias, lr)
+    model.eval()
+    image, unit = decode_round(decoder, config, rows, bias, lr, model, match)
     scores = property_scores(images, config.property)
     chosen = int(scores.argmax())
     out["psnr"].append(psnr(image, images[chosen]))
@@ -255,7 +270,9 @@ def aggregate_rounds(model: torch.nn.Module, decoder: Decoder, config: DisguiseC
             pick = torch.randperm(len(test), generator=generator)[:count].numpy()
             images, labels = test.tensors(pick)
             rows, bias = unit_gradients(model, config.layer, config.units, images, labels, args.clients)
-            read(decoder, config, rows.detach().double(), bias.detach().double(), images, model, generator, out)
+            read(decoder, config, rows.detach().double(), bias.detach().double(), images, model, generator, out,
+                 match=args.match)
+            model.train()
     return out
 
 
@@ -277,8 +294,12 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
     reads: dict[str, list[float]] = defaultdict(list)
     names = [spec.name for spec in detector_specs()]
     generator = torch.Generator().manual_seed(seed)
-    public = test.tensors(np.arange(len(test)))[0] if args.refit else None  # the server's images for the refit
+    public = test.tensors(np.arange(len(test)))[0]  # the server's images, for the refits of the decoder and units
     for server_round in range(1, args.rounds + 1):
+        if start is not None and args.fit_units and server_round > 1:  # the server's change to what it sends
+            model.load_state_dict(global_weights)
+            weight, bias = fit_units(model, config, public, peak=PEAK)
+            global_weights[f"{config.layer}.weight"], global_weights[f"{config.layer}.bias"] = weight, bias
         news, batches = [], []
         for client in range(args.clients):
             examples = training_examples(shards[client], settings, seed, client, server_round)
@@ -304,9 +325,10 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
             bias = -update[f"{config.layer}.bias"][index] / settings.lr
             model.load_state_dict(global_weights)
             reader = decoder
-            if public is not None and server_round > 1:
+            if args.refit and server_round > 1:
                 reader = refit_decoder(decoder, model, config.layer, public, args.refit, seed=server_round)
-            read(reader, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads, settings.lr)
+            read(reader, config, rows, bias, torch.cat([b[0] for b in batches]), model, generator, reads, settings.lr,
+                 args.match)
         global_weights = {k: mean[k].to(v.dtype) for k, v in global_weights.items()}
     model.load_state_dict(global_weights)
     return scores, reads, test_accuracy(model, test)

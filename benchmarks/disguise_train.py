@@ -27,7 +27,7 @@ import common
 import numpy as np
 import torch
 
-from attacker.disguise import PROPERTIES, Decoder, DisguiseConfig, property_scores, train_step
+from attacker.disguise import PROPERTIES, Decoder, DisguiseConfig, fit_units, property_scores, train_step
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--init", help="start from this checkpoint's model and decoder (trained for the same units)")
     parser.add_argument("--stable", type=float, default=1.0,
                         help="weight of the loss after the round's own FedSGD step at --lr (0: off)")
+    parser.add_argument("--fit-ridge", type=float, default=10.0,
+                        help="at the end, fit the units' rows again to their thresholds on the training images "
+                             "(shifted and mirrored), with this ridge (attacker/disguise.py `fit_units`; 0: off)")
     parser.add_argument("--minutes", type=float, default=50.0)
     parser.add_argument("--steps", type=int, default=10 ** 9)
     parser.add_argument("--snapshots", default="", help="minutes at which to write a snapshot, e.g. 10,20,40")
@@ -114,7 +117,7 @@ def main() -> None:
         state, decoder, earlier = load_checkpoint(args.init, args.model, config.image_shape)
         model.load_state_dict(state)
         config = replace(config, units=earlier.units, expected=earlier.expected, thresholds=earlier.thresholds,
-                         width=earlier.width)
+                         width=earlier.width, steps=earlier.steps, history=list(earlier.history))
     given = [float(w) for w in args.weights.split(",")]
     if len(given) != 4:
         parser.error(f"--weights takes 4 numbers, not {args.weights!r}")
@@ -128,7 +131,8 @@ def main() -> None:
     started = time.perf_counter()
     window: list = []
     step = 0
-    history = []
+    history = list(config.history)  # an --init checkpoint's own, then this run's (steps and minutes go on from it)
+    earlier_minutes = history[-1]["minutes"] if history else 0.0
     while step < args.steps and (elapsed := (time.perf_counter() - started) / 60) < args.minutes:
         pick = torch.randperm(len(pool), generator=generator)[:round_images].to(device)
         images, labels = images_all[pick], labels_all[pick]
@@ -143,7 +147,8 @@ def main() -> None:
         window.append(parts)
         if step % 50 == 0:
             mean = {key: float(np.nanmean([getattr(p, key) for p in window])) for key in vars(window[0])}
-            history.append({"step": step, "minutes": round(elapsed, 2), **{k: round(v, 5) for k, v in mean.items()}})
+            history.append({"step": config.steps + step, "minutes": round(earlier_minutes + elapsed, 2),
+                            **{k: round(v, 5) for k, v in mean.items()}})
             print(f"step {step} ({elapsed:.1f} min): " + ", ".join(f"{k} {v:.4g}" for k, v in mean.items())
                   + f", attack PSNR ~{-10 * math.log10(max(mean['attack'], 1e-10)):.1f} dB", flush=True)
             window = []
@@ -151,6 +156,12 @@ def main() -> None:
             minutes = snapshots.pop(0)
             out = Path(args.out)
             write(out.with_name(f"{out.stem}-{minutes:g}min{out.suffix}"), model, decoder, config, step, history)
+    if args.fit_ridge > 0:
+        model = model.cpu().eval()
+        weight, bias = fit_units(model, config, images_all.cpu(), args.fit_ridge)
+        model.load_state_dict({f"{config.layer}.weight": weight, f"{config.layer}.bias": bias}, strict=False)
+        print(f"fitted the {len(config.units)} units' rows on {len(images_all)} images, shifted and mirrored",
+              flush=True)
     write(Path(args.out), model, decoder, config, step, history)
     print(f"{step} steps in {(time.perf_counter() - started) / 60:.1f} min: {args.out}")
 
@@ -158,7 +169,7 @@ def main() -> None:
 def write(path: Path, model, decoder, config: DisguiseConfig, step: int, history: list) -> None:
     """The checkpoint as it is now (copies on the CPU; training goes on where it was)."""
     save_checkpoint(path, copy.deepcopy(model).cpu(), copy.deepcopy(decoder).cpu(),
-                    replace(config, steps=step, history=list(history)))
+                    replace(config, steps=config.steps + step, history=list(history)))
     print(f"wrote {path} at step {step}", flush=True)
 
 

@@ -11,7 +11,10 @@ from attacker.disguise import (
     Decoder,
     DisguiseConfig,
     disaggregate,
+    fit_units,
+    kurtosis,
     layer_inputs_of,
+    match_features,
     property_scores,
     refit_decoder,
     stepped_loss,
@@ -24,6 +27,7 @@ from fl_sim.contract.run_config import RunConfig
 from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.data import load_dataset
 from fl_sim.learning.models import build_model
+from fl_sim.results.metrics import psnr
 from fl_sim.results.preflight import check_run
 from fl_sim.server.attacks import AttackContext, Observed, Victim, build_attack
 from fl_sim.server.disguise import DisguiseAttack, feature_shape, load_checkpoint, save_checkpoint
@@ -131,7 +135,11 @@ def test_the_attack_sends_the_agreed_architecture_and_reads_an_aggregate(tmp_pat
     assert {k: (v.shape, v.dtype) for k, v in sent.items()} == {k: (v.shape, v.dtype) for k, v in honest.items()}
     agreed.load_state_dict(sent, strict=True)  # the agreed architecture holds it exactly
     assert all(torch.equal(sent[k], model.state_dict()[k]) for k in sent)  # the checkpoint's values, first round
-    assert attack.arm(honest, TrainingSettings(lr=0.05, batch_size=16), [0]).weights[0] is not sent  # then the global
+    later = attack.arm(honest, TrainingSettings(lr=0.05, batch_size=16), [0]).weights[0]  # then the global model,
+    changed = sorted(name for name in later if not torch.equal(later[name], honest[name]))  # its units' rows refit
+    assert changed == ["classifier.0.bias", "classifier.0.weight"]
+    moved = (later["classifier.0.weight"] != honest["classifier.0.weight"]).any(1).nonzero().flatten().tolist()
+    assert moved == sorted(config.units)
 
     # the round's update of one FedSGD step (lr 0.05) on the images: the decoder reads the one image the top unit fires
     lr = 0.05
@@ -148,10 +156,52 @@ def test_the_attack_sends_the_agreed_architecture_and_reads_an_aggregate(tmp_pat
     assert unit >= 0
     fired = ((layer_inputs_of(model, "classifier.0", images)[1] @ model.classifier[0].weight[config.units[unit]]
               + model.classifier[0].bias[config.units[unit]]) > 0).nonzero().flatten()
-    if len(fired) == 1:  # one image alone: the decoder saw its features exactly
+    if len(fired) == 1:  # one image alone: its features exactly, the decoder's image matched to them
         with torch.no_grad():
-            expected = decoder(layer_inputs_of(model, "classifier.0", images[fired])[1])[0]
-        torch.testing.assert_close(found[0].images[0], expected, atol=1e-4, rtol=1e-3)
+            decoded = decoder(layer_inputs_of(model, "classifier.0", images[fired])[1])[0]
+        assert psnr(found[0].images[0], images[fired][0]) >= psnr(decoded, images[fired][0])
+
+
+def test_matching_the_layer_input_sharpens_an_image_and_says_how_far_it_is(cifar):
+    images, _ = cifar
+    model = build_model("cnn", 3, 32, 10, seed=1).eval()
+    features = layer_inputs_of(model, "classifier.0", images[:2])[1].detach()
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images[:2], 4), scale_factor=4,
+                                              mode="bilinear").clamp(0, 1)
+    for image, h, start in zip(images[:2], features, blurred, strict=True):
+        matched, error = match_features(model, "classifier.0", h, start, steps=200)
+        _, unmoved = match_features(model, "classifier.0", h, start, steps=0)
+        assert psnr(matched, image) > psnr(start, image) + 2  # the features pin down what the blur lost
+        assert error < 0.05 * unmoved and matched.min() >= 0 and matched.max() <= 1
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fitting_the_units_puts_their_crossings_back_on_the_thresholds_and_changes_nothing_else(cifar):
+    images, labels = cifar
+    model = build_model("cnn", 3, 32, 10, seed=1).eval()
+    config = config_for(model, images, units=(3, 7, 11, 40), expected=(24.0, 12.0, 6.0, 3.0))
+    kept = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    index = torch.as_tensor(config.units)
+
+    def error(weight, bias):  # each unit's pre-activation against its target, where it is fitted
+        h = layer_inputs_of(model, config.layer, images)[1].detach().double()
+        pre = h @ weight[index].double().T + bias[index].double()
+        scores = property_scores(images, config.property).double()
+        target = (scores[:, None] - torch.tensor(config.thresholds, dtype=torch.float64)) / scores.std()
+        return float((pre - target)[target > -1.5].square().mean().sqrt())
+
+    layer = model.classifier[0]
+    weight, bias = fit_units(model, config, images, ridge=1e-3, shifts=((0, 0),), peak=1e9)
+    assert error(weight, bias) < 0.1 * error(layer.weight, layer.bias)
+    bounded, _ = fit_units(model, config, images, ridge=1e-3, shifts=((0, 0),))  # no row above the layer's peak
+    assert float(kurtosis(bounded[index]).max()) <= float(kurtosis(layer.weight).max()) + 1e-9
+    assert float(kurtosis(weight[index]).max()) > float(kurtosis(layer.weight).max())  # which the free fit passes
+    others = torch.ones(len(bias), dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(weight[others], layer.weight[others]) and torch.equal(bias[others], layer.bias[others])
+    assert all(torch.equal(kept[name], tensor) for name, tensor in model.state_dict().items())  # a copy changed
+    shifted, _ = fit_units(model, config, images, ridge=1e-3, shifts=((0, 0), (0, 2)), peak=1e9)
+    assert not torch.equal(shifted, weight)  # the shifted images are fitted too
 
 
 def test_the_decoder_is_refit_to_a_model_the_federation_trained_and_kept_for_the_checkpoints_own(cifar):
