@@ -481,6 +481,7 @@ def fit_units(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, ri
     weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
     size = module.in_features + 1
     gram = torch.zeros(size, size, dtype=torch.float64)
+    identity = torch.eye(size, dtype=torch.float64)
     peak = float(kurtosis(weight).max()) if peak is None else peak
     moment = torch.zeros(size, len(index), dtype=torch.float64)  # each unit's inputs x targets so far
     targets = (scores[:, None] - torch.as_tensor(config.thresholds, dtype=torch.float64)[None]) / spread
@@ -490,8 +491,8 @@ def fit_units(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, ri
         for end in sorted({int(e) for e in ends}):  # the units with the fewest images first
             for at in range(begin, end, chunk):
                 part = images[at:min(at + chunk, end)]
-                views = torch.cat([view for dy, dx in shifts for view in
-                                   (torch.roll(part, (dy, dx), (2, 3)), torch.roll(part, (dy, dx), (2, 3)).flip(3))])
+                rolled = [torch.roll(part, shift, (2, 3)) for shift in shifts]
+                views = torch.cat([view for each in rolled for view in (each, each.flip(3))])
                 _, h = layer_inputs_of(model, config.layer, views)
                 inputs = torch.cat([h.double(), torch.ones(len(h), 1, dtype=torch.float64)], 1)
                 gram += inputs.T @ inputs
@@ -501,8 +502,7 @@ def fit_units(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, ri
                 row = torch.cat([weight[index[j]].double(), bias[index[j]].double()[None]])
                 taps = row[:-1]
                 for penalty in ridge * 10.0 ** torch.arange(5):
-                    fitted = torch.linalg.solve(gram + penalty * torch.eye(size, dtype=torch.float64),
-                                                moment[:, j] + penalty * row)
+                    fitted = torch.linalg.solve(gram + penalty * identity, moment[:, j] + penalty * row)
                     if float(kurtosis(fitted[None, :-1])[0]) <= peak:
                         taps = fitted[:-1]
                         break

@@ -38,7 +38,6 @@ from attacker.disguise import (
     Decoder,
     DisguiseConfig,
     decode_round,
-    fit_units,
     layer_inputs_of,
     property_scores,
     refit_decoder,
@@ -55,7 +54,7 @@ from fl_sim.learning.partition import client_shards, training_examples
 from fl_sim.results.gallery import client_folder
 from fl_sim.results.metrics import psnr, ssim
 from fl_sim.results.outputs import read_jsonl
-from fl_sim.server.disguise import PEAK, load_checkpoint
+from fl_sim.server.disguise import load_checkpoint, units_fitted
 
 
 def main() -> None:
@@ -297,9 +296,7 @@ def federate(label: str, start: dict[str, torch.Tensor] | None, decoder: Decoder
     public = test.tensors(np.arange(len(test)))[0]  # the server's images, for the refits of the decoder and units
     for server_round in range(1, args.rounds + 1):
         if start is not None and args.fit_units and server_round > 1:  # the server's change to what it sends
-            model.load_state_dict(global_weights)
-            weight, bias = fit_units(model, config, public, peak=PEAK)
-            global_weights[f"{config.layer}.weight"], global_weights[f"{config.layer}.bias"] = weight, bias
+            global_weights = dict(units_fitted(model, config, global_weights, public))
         news, batches = [], []
         for client in range(args.clients):
             examples = training_examples(shards[client], settings, seed, client, server_round)

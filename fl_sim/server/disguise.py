@@ -132,6 +132,32 @@ def load_checkpoint(path: str | Path, model_name: str, image_shape: Sequence[int
     return state, decoder.eval(), config
 
 
+def units_fitted(model: nn.Module, config: DisguiseConfig, weights: Weights, public: torch.Tensor) -> Weights:
+    """`weights` with the units' rows fitted again to their thresholds on the server's images (attacker/disguise.py
+    `fit_units`, no row above PEAK), as the server sends them after the first round.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The run's model (it is loaded with `weights`).
+    config : DisguiseConfig
+        The checkpoint's config: the layer, units and thresholds.
+    weights : Weights
+        The global model.
+    public : torch.Tensor
+        (N, C, H, W) the server's images.
+
+    Returns
+    -------
+    Weights
+        A copy of `weights` whose layer weight and bias are refit (in their own dtypes); every other entry as given.
+    """
+    model.load_state_dict(weights, strict=True)
+    weight, bias = fit_units(model, config, public, peak=PEAK)
+    names = f"{config.layer}.weight", f"{config.layer}.bias"
+    return {**weights, names[0]: weight.to(weights[names[0]].dtype), names[1]: bias.to(weights[names[1]].dtype)}
+
+
 class DisguiseAttack(Attack):
     """The disguised attack (module docstring): the checkpoint's model sent first, the decoder reads every update."""
 
@@ -164,11 +190,7 @@ class DisguiseAttack(Attack):
         else:
             weights = dict(global_weights)
             if self.public is not None:
-                self.model.load_state_dict(weights, strict=True)
-                weight, bias = fit_units(self.model, self.config, self.public(), peak=PEAK)
-                layer = self.config.layer
-                weights[f"{layer}.weight"] = weight.to(weights[f"{layer}.weight"].dtype)
-                weights[f"{layer}.bias"] = bias.to(weights[f"{layer}.bias"].dtype)
+                weights = units_fitted(self.model, self.config, weights, self.public())
         return Armed({target: weights for target in targets})
 
     def read(self, observed: Sequence[Observed], armed: Armed | None, seed: int) -> list[Reconstruction]:
