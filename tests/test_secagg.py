@@ -19,6 +19,7 @@ from clients.transport import ExpandRowsMod
 from fl_sim.commands import cli
 from fl_sim.commands import run as run_command
 from fl_sim.contract.defenses import SECAGG_MODULUS, DefenseSpec
+from fl_sim.contract.records import FLAGGED
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.contract.setting import ConfigError
 from fl_sim.learning.models import build_model
@@ -238,6 +239,18 @@ def test_a_round_through_flowers_secagg_plus_survives_a_dropout_and_leaks_as_muc
     assert "secagg-emulated" in (emulated / "gallery.html").read_text()
     assert "secure aggregate (emulated)" in (emulated / "gallery.html").read_text()
     assert "secure aggregate (emulated)" not in (real / "gallery.html").read_text()
+
+
+def test_clients_that_flag_their_model_through_flowers_secagg_plus_each_get_a_row(shared_data, tmp_path):
+    """inspect:flag under SecAgg+: the server reads only the aggregate, and each survivor's flags (its FitRes
+    metrics) still reach metrics.jsonl, a row for each client (the imprint's block is not the agreed model)."""
+    out = tmp_path / "run"
+    assert secagg_run(shared_data, out, "inspect:flag+secagg") == 0
+    rows = {row["client"]: row for row in read_jsonl(out / "metrics.jsonl")}
+    assert sorted(rows, key=str) == [0, 1, 2, 3, "aggregate"]
+    assert rows[1]["status"] == "client-error" and rows["aggregate"]["clients"] == [0, 2, 3]
+    for client in (0, 2, 3):
+        assert rows[client]["status"] == FLAGGED and "architecture" in rows[client]["inspect_flags"], rows[client]
 
 
 def test_ray_address_comes_from_the_flag_or_ray_address(monkeypatch):

@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from logging import INFO, WARNING
 from typing import cast
 
@@ -61,7 +62,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fl_sim.contract.defenses import SECAGG_MODULUS
-from fl_sim.contract.protocol import ARRAYS, CONFIG, METRICS, PARTITION_ID, TRAIN_LOSS
+from fl_sim.contract.protocol import ARRAYS, CONFIG, INSPECT_FLAGS, METRICS, PARTITION_ID, TRAIN_LOSS
 from fl_sim.contract.records import ReplyStatus
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.updates import Weights
@@ -281,7 +282,16 @@ class SecAggPlusFace(LegacyStrategy):
         reply = Message(RecordDict({ARRAYS: ArrayRecord(kept), METRICS: MetricRecord({
             TRAIN_LOSS: sum(loss * count for loss, count in zip(losses, counts.values(), strict=True)) / total,
             server.weighted_by_key: total})}), dst_node_id=0, message_type=MessageType.TRAIN)
-        return rounds.end_round(server, sent, [(reply, mean_sent)], faults=faults, reading=reading)
+        # inspect:flag: each survivor's flags (its FitRes metrics); the attack reads only the aggregate, so every
+        # flagging client gets a row of its own
+        flags = {clients[node]: int(cast(float, fitres.metrics[INSPECT_FLAGS])) for node, fitres in survivors.items()
+                 if INSPECT_FLAGS in fitres.metrics}
+        for client, mask in sorted(flags.items()):
+            if mask:
+                log(WARNING, "round %s: client %s flagged the model it was sent (inspect-flags %s)", run_round,
+                    client, mask)
+        heard = [partial(server.recorder.record_inspection, run_round, flags, frozenset())] if flags else []
+        return rounds.end_round(server, sent, [(reply, mean_sent)], faults=faults, reading=reading, first=heard)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
