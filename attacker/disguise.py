@@ -513,6 +513,64 @@ def fit_units(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, ri
     return weight, bias
 
 
+def revive_rows(model: nn.Module, config: DisguiseConfig, images: torch.Tensor, below: float = 0.05,
+                scale: float = 0.1, firing: float = 0.99) -> dict[str, torch.Tensor]:
+    """The layer's rows that fire for almost none of the server's images (dead or nearly: the units excepted),
+    made to fire for almost all of them, with the next linear layer's bias taking up the change at the mean.
+
+    A ReLU layer trained on few images leaves many rows that fire for no image or one in a hundred; in a client's
+    batch such a row fires for one image alone when at all, and so does each unit above the batch's second
+    brightest image: the `lone-units` check (clients/detectors/lone_units.py) counts those over the rows that fire.
+    Each such row keeps its direction (its kurtosis and cosines unchanged) at `scale` of its length, and its bias
+    is set so that it fires for `firing` of the images; its outputs then vary by `scale` of what its inputs give,
+    and the next layer's bias is shifted by its column times the change of the row's mean output, which keeps the
+    logits' mean over the images.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model as the server would send it (left unchanged).
+    config : DisguiseConfig
+        The layer and its units.
+    images : torch.Tensor
+        (N, C, H, W) the server's images.
+    below : float
+        Rows firing for fewer than this share of the images are revived.
+    scale : float
+        The revived rows' length, as a share of what it was.
+    firing : float
+        The share of the images a revived row fires for.
+
+    Returns
+    -------
+    dict
+        The changed entries (the layer's weight and bias, the next linear layer's bias), by name; empty when no row
+        is revived.
+    """
+    module = cast(nn.Linear, model.get_submodule(config.layer))
+    names = [name for name, each in model.named_modules() if isinstance(each, nn.Linear)]
+    after = names[names.index(config.layer) + 1]
+    following = cast(nn.Linear, model.get_submodule(after))
+    with torch.no_grad():
+        _, h = layer_inputs_of(model, config.layer, images)
+        pre = h.double() @ module.weight.double().T + module.bias.double()
+        rates = (pre > 0).double().mean(0)
+        rates[torch.as_tensor(config.units)] = 1.0
+        rows = (rates < below).nonzero().flatten()
+        if len(rows) == 0:
+            return {}
+        weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
+        shifted = following.bias.detach().clone().double()
+        taps = weight[rows].double() * scale
+        inputs = h.double() @ taps.T
+        raised = -torch.quantile(inputs, 1.0 - firing, dim=0)
+        change = (inputs + raised).clamp_min(0).mean(0) - pre[:, rows].clamp_min(0).mean(0)
+        shifted -= following.weight.detach().double()[:, rows] @ change
+        weight[rows], bias[rows] = taps.to(weight.dtype), raised.to(bias.dtype)
+    return {f"{config.layer}.weight": weight, f"{config.layer}.bias": bias,
+            f"{after}.bias": shifted.to(following.bias.dtype)}
+
+
 def kurtosis(rows: torch.Tensor) -> torch.Tensor:
     """Each row's kurtosis: its fourth central moment over its variance squared (0 for a constant row)."""
     centred = rows.double() - rows.double().mean(1, keepdim=True)

@@ -11,7 +11,9 @@ aggregation's rounding is simulated as Gaussian noise on the mean gradient (--no
 SecAgg+ at its clipping range 8 and 2^22 levels, over --clients clients, at the clients' --lr).
 
 It stops after --minutes of wall time or --steps steps, whichever comes first, and writes a snapshot at each of
---snapshots minutes (OUT with the minutes in its name) for the curve of PSNR against training time.
+--snapshots minutes (OUT with the minutes in its name) for the curve of PSNR against training time. The checkpoint
+it writes at the end has the units' rows fitted to their thresholds on the training images (--fit-ridge) and the
+layer's dead rows revived (--revive; docs/attacks.md has the recipe measured, in three stages).
 
     OMP_NUM_THREADS=1 python benchmarks/disguise_train.py --model cnn --minutes 50 --out out/disguise/cnn.pt
     # on a GPU: --device cuda (the same steps in a fraction of the time)
@@ -27,7 +29,15 @@ import common
 import numpy as np
 import torch
 
-from attacker.disguise import PROPERTIES, Decoder, DisguiseConfig, fit_units, property_scores, train_step
+from attacker.disguise import (
+    PROPERTIES,
+    Decoder,
+    DisguiseConfig,
+    fit_units,
+    property_scores,
+    revive_rows,
+    train_step,
+)
 from fl_sim.contract.run_config import RunConfig
 from fl_sim.learning.data import cached_dataset, image_spec
 from fl_sim.learning.models import build_model
@@ -76,6 +86,9 @@ def main() -> None:
     parser.add_argument("--fit-ridge", type=float, default=10.0,
                         help="at the end, fit the units' rows again to their thresholds on the training images "
                              "(shifted and mirrored), with this ridge (attacker/disguise.py `fit_units`; 0: off)")
+    parser.add_argument("--revive", type=float, default=0.05,
+                        help="at the end, make the layer's rows that fire for fewer than this share of the training "
+                             "images fire for almost all (attacker/disguise.py `revive_rows`; 0: off)")
     parser.add_argument("--minutes", type=float, default=50.0)
     parser.add_argument("--steps", type=int, default=10 ** 9)
     parser.add_argument("--snapshots", default="", help="minutes at which to write a snapshot, e.g. 10,20,40")
@@ -161,6 +174,14 @@ def main() -> None:
         weight, bias = fit_units(model, config, images_all.cpu(), args.fit_ridge)
         model.load_state_dict({f"{config.layer}.weight": weight, f"{config.layer}.bias": bias}, strict=False)
         print(f"fitted the {len(config.units)} units' rows on {len(images_all)} images, shifted and mirrored",
+              flush=True)
+    if args.revive > 0:
+        model = model.cpu().eval()
+        changed = revive_rows(model, config, images_all.cpu(), args.revive)
+        name = f"{config.layer}.weight"
+        count = int((changed[name] != model.state_dict()[name]).any(1).sum()) if changed else 0
+        model.load_state_dict(changed, strict=False)
+        print(f"revived {count} rows of {config.layer} that fired for under {args.revive:.0%} of the training images",
               flush=True)
     write(Path(args.out), model, decoder, config, step, history)
     print(f"{step} steps in {(time.perf_counter() - started) / 60:.1f} min: {args.out}")

@@ -17,10 +17,12 @@ from attacker.disguise import (
     match_features,
     property_scores,
     refit_decoder,
+    revive_rows,
     stepped_loss,
     train_step,
     unit_gradients,
 )
+from clients.detectors.lone_units import lone_unit_shares
 from fl_sim.contract.attacks import attack_spec
 from fl_sim.contract.protocol import TrainingSettings
 from fl_sim.contract.run_config import RunConfig
@@ -30,7 +32,7 @@ from fl_sim.learning.models import build_model
 from fl_sim.results.metrics import psnr
 from fl_sim.results.preflight import check_run
 from fl_sim.server.attacks import AttackContext, Observed, Victim, build_attack
-from fl_sim.server.disguise import DisguiseAttack, feature_shape, load_checkpoint, save_checkpoint
+from fl_sim.server.disguise import BACKBONE_RATE, DisguiseAttack, feature_shape, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +137,20 @@ def test_the_attack_sends_the_agreed_architecture_and_reads_an_aggregate(tmp_pat
     assert {k: (v.shape, v.dtype) for k, v in sent.items()} == {k: (v.shape, v.dtype) for k, v in honest.items()}
     agreed.load_state_dict(sent, strict=True)  # the agreed architecture holds it exactly
     assert all(torch.equal(sent[k], model.state_dict()[k]) for k in sent)  # the checkpoint's values, first round
-    later = attack.arm(honest, TrainingSettings(lr=0.05, batch_size=16), [0]).weights[0]  # then the global model,
-    changed = sorted(name for name in later if not torch.equal(later[name], honest[name]))  # its units' rows refit
-    assert changed == ["classifier.0.bias", "classifier.0.weight"]
-    moved = (later["classifier.0.weight"] != honest["classifier.0.weight"]).any(1).nonzero().flatten().tolist()
-    assert moved == sorted(config.units)
+    # then the global model, with the round's step (here: from the checkpoint to `honest`) taken at BACKBONE_RATE on
+    # the convolutions and the units' rows, in full on the rest
+    later = attack.arm(honest, TrainingSettings(lr=0.05, batch_size=16), [0]).weights[0]
+    units = torch.zeros(len(honest["classifier.0.bias"]), dtype=torch.bool)
+    units[config.units] = True
+    for name, value in later.items():
+        slowed = sent[name] + BACKBONE_RATE * (honest[name] - sent[name])
+        if name.startswith("features."):
+            assert torch.allclose(value, slowed) and not torch.equal(value, sent[name]), name
+        elif name.startswith("classifier.0."):
+            assert torch.allclose(value[units], slowed[units]) and torch.equal(value[~units], honest[name][~units])
+        else:
+            assert torch.equal(value, honest[name]), name
+    assert attack.reader(later) is attack.decoder  # the convolutions moved by 1% of the way: the decoder as trained
 
     # the round's update of one FedSGD step (lr 0.05) on the images: the decoder reads the one image the top unit fires
     lr = 0.05
@@ -252,3 +263,40 @@ def test_a_missing_or_mismatched_checkpoint_is_a_one_line_error(tmp_path, cifar)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be read"):
         load_checkpoint(path, "cnn", (3, 32, 32))
+
+
+def test_reviving_the_dead_rows_makes_them_fire_for_every_batch_and_keeps_the_logits(cifar):
+    """Rows that fire for (almost) no image (here: 40 rows killed by their bias, and the fresh model's rarest) fire
+    for almost every image after `revive_rows`, so a batch's lone units (lone-units' statistic) are a smaller share
+    of those firing; the units and the other rows are untouched, the rows keep their direction, and the logits' mean
+    is kept."""
+    images, _ = cifar
+    model = build_model("cnn", 3, 32, 10, seed=1).eval()
+    config = config_for(model, images, units=(3, 7, 11, 40))
+    dead = torch.arange(60, 100)
+    with torch.no_grad():
+        model.classifier[0].bias[dead] = -1e3
+        logits = model(images)
+    before = lone_unit_shares(model, images[:16])["classifier.0"]
+    rows = model.classifier[0].weight.detach().clone()
+    changed = revive_rows(model, config, images)
+    assert sorted(changed) == ["classifier.0.bias", "classifier.0.weight", "classifier.2.bias"]
+    revived = copy.deepcopy(model)
+    revived.load_state_dict(changed, strict=False)
+    pre = layer_inputs_of(revived, "classifier.0", images)[1] @ revived.classifier[0].weight.T
+    fired = ((pre + revived.classifier[0].bias) > 0).double().mean(0)
+    assert float(fired[dead].min()) >= 0.95
+    with torch.no_grad():  # the rows revived: those firing for under 5% of the images, the units excepted
+        rare = ((layer_inputs_of(model, "classifier.0", images)[1] @ rows.T + model.classifier[0].bias) > 0
+                ).double().mean(0) < 0.05
+    rare[list(config.units)] = False
+    moved = (revived.classifier[0].weight != rows).any(1)
+    assert torch.equal(moved, rare) and bool(rare[dead].all())
+    assert torch.allclose(torch.nn.functional.cosine_similarity(revived.classifier[0].weight[dead], rows[dead]),
+                          torch.ones(len(dead)), atol=1e-5)
+    after = lone_unit_shares(revived, images[:16])["classifier.0"]
+    assert after < before or before == 0
+    with torch.no_grad():
+        shift = revived(images) - logits
+    assert float(shift.mean(0).abs().max()) < 1e-4 and float(shift.abs().max()) < 0.1 * float(logits.std())
+    assert revive_rows(revived, config, images) == {}  # nothing left to revive
