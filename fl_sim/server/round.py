@@ -182,6 +182,29 @@ class Reading:
     what: str = ""
 
 
+def flags_heard(recorder: RoundRecorder, server_round: int, flags: Mapping[int, int],
+                attacked: frozenset[int]) -> list[Callable[[], None]]:
+    """inspect:flag: each client that flagged the model it was sent is logged, and the recorder is to hear every
+    reported mask (end_round's `first`; none when no client reported one).
+
+    Parameters
+    ----------
+    recorder
+        The round's recorder.
+    server_round
+        The round.
+    flags
+        Each reporting client's (partition id) mask of failed checks (0: passed).
+    attacked
+        The clients with attack rows of their own, where their flags go (the others get rows of their own).
+    """
+    for client, mask in sorted(flags.items()):
+        if mask:
+            log(WARNING, "round %s: client %s flagged the model it was sent (inspect-flags %s)", server_round, client,
+                mask)
+    return [partial(recorder.record_inspection, server_round, dict(flags), attacked)] if flags else []
+
+
 def end_round(server: RoundServer, sent: SentRound, replies: Sequence[tuple[Message, Weights | None]], *,
               faults: Sequence[ReplyFault] = (), reading: Reading | None = None,
               first: Sequence[Callable[[], None]] = ()) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -34,7 +34,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from logging import INFO, WARNING
 from typing import cast
 
@@ -286,12 +285,8 @@ class SecAggPlusFace(LegacyStrategy):
         # flagging client gets a row of its own
         flags = {clients[node]: int(cast(float, fitres.metrics[INSPECT_FLAGS])) for node, fitres in survivors.items()
                  if INSPECT_FLAGS in fitres.metrics}
-        for client, mask in sorted(flags.items()):
-            if mask:
-                log(WARNING, "round %s: client %s flagged the model it was sent (inspect-flags %s)", run_round,
-                    client, mask)
-        heard = [partial(server.recorder.record_inspection, run_round, flags, frozenset())] if flags else []
-        return rounds.end_round(server, sent, [(reply, mean_sent)], faults=faults, reading=reading, first=heard)
+        return rounds.end_round(server, sent, [(reply, mean_sent)], faults=faults, reading=reading,
+                                first=rounds.flags_heard(server.recorder, run_round, flags, frozenset()))
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:

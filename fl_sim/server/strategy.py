@@ -254,13 +254,7 @@ class InvertingStrategy(Strategy):
         # one copy of the replies the server holds (100 clients' armed replies are gigabytes)
         replied = LazyWeights({client: accepted[client].content.array_records[ARRAYS]
                                for client in sorted(accepted) if client in sent.sent_to})
-        if flags:
-            for client, mask in sorted(flags.items()):
-                if mask:
-                    log(WARNING, "round %s: client %s flagged the model it was sent (inspect-flags %s)",
-                        server_round, client, mask)
-            first.append(partial(self.recorder.record_inspection, server_round, flags,
-                                 frozenset(replied) if attack else frozenset()))
+        first += rounds.flags_heard(self.recorder, server_round, flags, frozenset(replied) if attack else frozenset())
         reading = None
         if attack and replied:
             emulated = (" as their EMULATED secure aggregate (the server's own mean of the replies, not SecAgg+)"
